@@ -1,0 +1,1 @@
+"""Storage layer: table catalog and schemas, staged writes, idempotent Delta commits, locks, SQL."""

@@ -1,0 +1,201 @@
+"""The table catalog: every table's Arrow schema, key and purpose, and where things live in a lake.
+
+A lake root holds ``tables/<name>`` (Delta tables), ``artifacts/`` (index shards, map tiles; each
+build in its own folder with a manifest), ``_staging/<run_id>/<table>/part-NNNNN.parquet`` (files
+tasks write before the driver commits) and ``_locks/``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow as pa
+
+from lake.errors import BadInput, NotFound
+
+__all__ = ["TableSpec", "TABLES", "Lake", "table_spec"]
+
+_TS = pa.timestamp("us", tz="UTC")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    schema: pa.Schema
+    key: tuple[str, ...]
+    description: str
+    sort_by: tuple[str, ...] = ()
+    row_group_rows: int | None = None
+
+
+def _spec(name, key, description, fields, sort_by=(), row_group_rows=None) -> TableSpec:
+    return TableSpec(name, pa.schema(fields), tuple(key), description, tuple(sort_by), row_group_rows)
+
+
+TABLES: dict[str, TableSpec] = {t.name: t for t in (
+    _spec("images", ["image_id"], "One row per distinct image content; seq is the dense int64 id FAISS uses.", [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("seq", pa.int64(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("collection", pa.string()),
+        pa.field("format", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("bytes", pa.int64()),
+        pa.field("mtime", _TS),
+        pa.field("run_id", pa.string()),
+        pa.field("ingested_at", _TS),
+    ], sort_by=["image_id"], row_group_rows=8192),
+    _spec("sources", ["uri", "image_id"], "Every path seen at ingest and the content it held (duplicates keep all paths).", [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("collection", pa.string()),
+        pa.field("bytes", pa.int64()),
+        pa.field("mtime", _TS),
+        pa.field("run_id", pa.string()),
+        pa.field("ingested_at", _TS),
+    ], sort_by=["uri"]),
+    _spec("thumbnails", ["image_id", "size"], "JPEG thumbnails (longest side = size px), EXIF orientation applied.", [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("size", pa.int32(), nullable=False),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("jpeg", pa.binary()),
+    ], sort_by=["image_id", "size"], row_group_rows=512),
+    _spec("rejects", ["uri", "bytes", "mtime", "stage"], "Inputs that could not be used, with the reason; a bad file never stops a run.", [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("collection", pa.string()),
+        pa.field("bytes", pa.int64()),
+        pa.field("mtime", _TS),
+        pa.field("stage", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("detail", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("rejected_at", _TS),
+    ]),
+    _spec("features", ["image_id", "model"], "Embeddings and top-k concept probabilities per image and model version.", [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("embedding", pa.list_(pa.float32())),
+        pa.field("concept_ids", pa.list_(pa.int16())),
+        pa.field("concept_probs", pa.list_(pa.float32())),
+        pa.field("run_id", pa.string()),
+        pa.field("created_at", _TS),
+    ], sort_by=["image_id"]),
+    _spec("index_builds", ["build_id"], "FAISS index builds; a build is served only once published here.", [
+        pa.field("build_id", pa.string(), nullable=False),
+        pa.field("model", pa.string()),
+        pa.field("factory", pa.string()),
+        pa.field("d", pa.int32()),
+        pa.field("ntotal", pa.int64()),
+        pa.field("faiss_version", pa.string()),
+        pa.field("source_version", pa.int64()),
+        pa.field("path", pa.string()),
+        pa.field("shards", pa.list_(pa.struct([("file", pa.string()), ("sha256", pa.string()), ("ntotal", pa.int64())]))),
+        pa.field("state", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("created_at", _TS),
+    ]),
+    _spec("clusters", ["run_id", "image_id", "kind"], "Near-duplicate groups (kind=dup) and topic clusters (kind=topic).", [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("cluster_id", pa.string()),
+        pa.field("level", pa.int32()),
+        pa.field("score", pa.float32()),
+        pa.field("created_at", _TS),
+    ]),
+    _spec("tags", ["image_id", "tag", "source"], "Model tags and user tags with scores.", [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("tag", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("score", pa.float32()),
+        pa.field("model", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("created_at", _TS),
+    ]),
+    _spec("bucket_events", ["event_id"], "Append-only log of curation actions; current bucket state is a query.", [
+        pa.field("event_id", pa.string(), nullable=False),
+        pa.field("bucket_id", pa.string()),
+        pa.field("action", pa.string(), nullable=False),
+        pa.field("image_ids", pa.list_(pa.string())),
+        pa.field("payload", pa.string()),
+        pa.field("actor", pa.string()),
+        pa.field("at", _TS),
+    ]),
+    _spec("grid", ["layout_id", "image_id"], "2D projection coordinates and grid cell per image and layout.", [
+        pa.field("layout_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("x", pa.float32()),
+        pa.field("y", pa.float32()),
+        pa.field("gx", pa.int32()),
+        pa.field("gy", pa.int32()),
+        pa.field("created_at", _TS),
+    ]),
+    _spec("job_runs", ["run_id", "state"], "One row when a job run starts and one when it ends (state running, then succeeded or failed).", [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("job", pa.string(), nullable=False),
+        pa.field("state", pa.string(), nullable=False),
+        pa.field("started_at", _TS),
+        pa.field("ended_at", _TS),
+        pa.field("rows_in", pa.int64()),
+        pa.field("rows_out", pa.int64()),
+        pa.field("metrics", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("args", pa.string()),
+    ]),
+)}
+
+
+def table_spec(name: str) -> TableSpec:
+    try:
+        return TABLES[name]
+    except KeyError:
+        raise NotFound(f"no table {name!r}; tables are: {', '.join(TABLES)}") from None
+
+
+@dataclass(frozen=True)
+class Lake:
+    """Where a lake's parts live. ``root`` is a local path or a URI (s3://, gs://, az://, file://)."""
+
+    root: str
+
+    @classmethod
+    def at(cls, root: str | os.PathLike) -> "Lake":
+        root = str(root)
+        if not root:
+            raise BadInput("the lake root is empty; pass --lake PATH")
+        if "://" not in root:
+            root = str(Path(root).expanduser().absolute())
+        elif root.startswith("file://"):
+            root = urlparse(root).path
+        return cls(root.rstrip("/") or "/")
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.root
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def table_uri(self, name: str) -> str:
+        table_spec(name)
+        return self.path("tables", name)
+
+    def staging_dir(self, run_id: str) -> str:
+        return self.path("_staging", run_id)
+
+    def artifacts_dir(self, *parts: str) -> str:
+        return self.path("artifacts", *parts)
+
+    def locks_dir(self) -> str:
+        return self.path("_locks")
+
+    def ensure(self) -> "Lake":
+        if self.is_local:
+            for sub in ("tables", "artifacts", "_staging", "_locks"):
+                os.makedirs(self.path(sub), exist_ok=True)
+        return self

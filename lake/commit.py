@@ -1,0 +1,177 @@
+"""Driver-side commits to Delta tables: once per job run and table, idempotent.
+
+Two guarantees hold whatever happens to tasks or to the driver:
+
+* **Once per run.** Each commit records a Delta transaction (``txn``) whose app id is the run id; a
+  repeated commit of the same run and table finds it and writes nothing.
+* **Insert if absent.** Rows whose key is already in the table, or that repeat within the commit,
+  are dropped, so a re-run after a crash (new run id, same inputs) adds only what is missing.
+
+``images.seq`` is assigned here, densely, continuing from the table's current maximum; commits hold
+the lake's commit lock so two writers never hand out the same seq.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as pads
+from deltalake import CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
+from deltalake.exceptions import TableNotFoundError
+
+from lake.catalog import TABLES, Lake, TableSpec, table_spec
+from lake.lock import LakeLock
+from lake.staging import filesystem_for
+
+__all__ = ["CommitResult", "ensure_tables", "open_table", "commit_staged", "commit_rows", "now_utc"]
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    table: str
+    rows: int
+    version: int | None
+    skipped: bool = False
+
+
+def now_utc() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def ensure_tables(lake: Lake, names: Iterable[str] | None = None) -> None:
+    """Create every catalog table that does not exist yet (empty, with its schema)."""
+    lake.ensure()
+    for name in names or TABLES:
+        spec = table_spec(name)
+        DeltaTable.create(lake.table_uri(name), spec.schema, mode="ignore", name=name,
+                          description=spec.description)
+
+
+def open_table(lake: Lake, name: str) -> DeltaTable:
+    try:
+        return DeltaTable(lake.table_uri(name))
+    except TableNotFoundError:
+        ensure_tables(lake, [name])
+        return DeltaTable(lake.table_uri(name))
+
+
+def _sources_dataset(paths: list[str]) -> pads.Dataset:
+    fs, first = filesystem_for(paths[0])
+    return pads.dataset([filesystem_for(p)[1] for p in paths], format="parquet", filesystem=fs)
+
+
+def _commit_query(con: duckdb.DuckDBPyConnection, spec: TableSpec, dedupe: bool, assign_seq: bool,
+                  has_existing: bool) -> str:
+    cols = [c for c in spec.schema.names]
+    key = ", ".join(f"s.{k}" for k in spec.key)
+    where = ""
+    if dedupe and has_existing:
+        match = " AND ".join(f"e.{k} IS NOT DISTINCT FROM s.{k}" for k in spec.key)
+        where = f"WHERE NOT EXISTS (SELECT 1 FROM existing e WHERE {match})"
+    qualify = f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY s.{cols[0]}, s.{cols[-1]}) = 1" if dedupe else ""
+    select = ", ".join(f"s.{c}" for c in cols if c != "seq")
+    inner = f"SELECT {select} FROM staged s {where} {qualify}"
+    order = ", ".join(spec.sort_by) if spec.sort_by else ""
+    if assign_seq:
+        start = "(SELECT coalesce(max(seq), -1) FROM existing)" if has_existing else "-1"
+        seq_expr = f"{start} + row_number() OVER (ORDER BY n.image_id)"
+        outer = ", ".join(f"{seq_expr} AS seq" if c == "seq" else f"n.{c}" for c in cols)
+        return f"SELECT {outer} FROM ({inner}) n" + (f" ORDER BY {order}" if order else "")
+    return inner + (f" ORDER BY {order}" if order else "")
+
+
+def commit_staged(lake: Lake, table: str, files: list[str], *, run_id: str, dedupe: bool = True,
+                  assign_seq: bool = False) -> CommitResult:
+    """Commit the staged Parquet ``files`` (written by tasks of run ``run_id``) to ``table``.
+
+    Args:
+        files: exactly the files the tasks reported; orphans of failed attempts are never globbed in.
+        dedupe: drop rows whose key is already in the table or repeats among ``files``.
+        assign_seq: fill the ``seq`` column densely (the ``images`` table).
+    Returns:
+        How many rows were committed and the new table version (``skipped`` if this run's commit to
+        this table had already happened).
+    """
+    spec = table_spec(table)
+    files = sorted(set(f for f in files if f))
+    with LakeLock(lake, "commit", timeout=600, holder=f"commit {table} {run_id}"):
+        dt_ = open_table(lake, table)
+        if dt_.transaction_version(run_id) is not None:
+            return CommitResult(table, 0, dt_.version(), skipped=True)
+        if not files:
+            return CommitResult(table, 0, dt_.version())
+        con = duckdb.connect()
+        try:
+            con.execute("SET threads=2")
+            con.register("staged", _sources_dataset(files))
+            has_existing = bool(dt_.file_uris())
+            if has_existing:
+                con.register("existing", dt_.to_pyarrow_dataset())
+            sql = _commit_query(con, spec, dedupe, assign_seq, has_existing)
+            reader = con.sql(sql).to_arrow_reader(65536)
+            return _write(lake, dt_, spec, reader, run_id)
+        finally:
+            con.close()
+
+
+def commit_rows(lake: Lake, table: str, rows: pa.Table | list[dict], *, run_id: str,
+                dedupe: bool = False) -> CommitResult:
+    """Commit rows built on the driver (job runs, curation events, builds): one commit, once per run id.
+
+    With ``dedupe`` the rows whose key is already present are dropped first.
+    """
+    spec = table_spec(table)
+    if isinstance(rows, list):
+        rows = pa.Table.from_pylist(rows, schema=spec.schema)
+    rows = rows.select(spec.schema.names).cast(spec.schema)
+    with LakeLock(lake, "commit", timeout=600, holder=f"commit {table} {run_id}"):
+        dt_ = open_table(lake, table)
+        if dt_.transaction_version(run_id) is not None:
+            return CommitResult(table, 0, dt_.version(), skipped=True)
+        if dedupe and dt_.file_uris() and rows.num_rows:
+            con = duckdb.connect()
+            try:
+                con.register("staged", rows)
+                con.register("existing", dt_.to_pyarrow_dataset())
+                rows = con.sql(_commit_query(con, spec, True, False, True)).to_arrow_table()
+            finally:
+                con.close()
+        if rows.num_rows == 0:
+            return CommitResult(table, 0, dt_.version())
+        return _write(lake, dt_, spec, rows.to_reader(), run_id)
+
+
+def _write(lake: Lake, dt_: DeltaTable, spec: TableSpec, reader: pa.RecordBatchReader,
+           run_id: str) -> CommitResult:
+    counted = _Counter(reader, spec)
+    write_deltalake(
+        dt_, counted.reader(), mode="append",
+        writer_properties=WriterProperties(compression="ZSTD", max_row_group_size=spec.row_group_rows),
+        commit_properties=CommitProperties(
+            custom_metadata={"imagelake.run_id": run_id, "imagelake.table": spec.name},
+            app_transactions=[Transaction(app_id=run_id, version=1,
+                                          last_updated=int(now_utc().timestamp() * 1000))],
+        ),
+    )
+    dt_.update_incremental()
+    return CommitResult(spec.name, counted.rows, dt_.version())
+
+
+class _Counter:
+    """Counts rows as the writer pulls them, casting each batch to the table's schema."""
+
+    def __init__(self, reader: pa.RecordBatchReader, spec: TableSpec):
+        self._reader, self._spec, self.rows = reader, spec, 0
+
+    def reader(self) -> pa.RecordBatchReader:
+        def batches() -> Iterator[pa.RecordBatch]:
+            for b in self._reader:
+                if b.num_rows == 0:
+                    continue
+                self.rows += b.num_rows
+                yield pa.Table.from_batches([b]).select(self._spec.schema.names).cast(self._spec.schema).combine_chunks().to_batches()[0]
+        return pa.RecordBatchReader.from_batches(self._spec.schema, batches())

@@ -1,0 +1,159 @@
+"""One typed, frozen settings object for every layer.
+
+Load order, later wins: built-in defaults → ``imagelake.toml`` (the working directory's, or the
+file named by ``--config`` / ``IMAGELAKE_CONFIG``) → ``IMAGELAKE_<NAME>`` environment variables →
+CLI flags. Every setting is declared once in :data:`SETTINGS` with its type, default and help; the
+README's settings table is checked against this registry by a test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from lake.errors import BadInput
+
+__all__ = ["Setting", "SETTINGS", "Settings", "load_settings"]
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective configuration. Build it with :func:`load_settings`, change it with ``replace``."""
+
+    lake: str = _opt("./lakehouse", "Lake root: a local path or a deltalake-supported URI.")
+    master: str = _opt("local[*]", "Spark master URL (local[N], spark://host:7077, k8s://..., yarn).")
+    runner: str = _opt("spark", "Where partition functions run: 'spark', or 'local' (in-process, tiny data).")
+    partition_files: int = _opt(512, "Files per ingest partition (one Spark task, one staged file per table).")
+    spark_driver_memory: str = _opt("2g", "spark.driver.memory for the sessions the CLI starts.")
+    spark_ui: bool = _opt(False, "Start the Spark web UI (off by default: it needs a free port).")
+    max_image_bytes: int = _opt(64 * 1024 * 1024, "Larger files are rejected at ingest (reason too_large).")
+    max_image_pixels: int = _opt(100_000_000, "Images with more pixels are rejected (decompression-bomb guard).")
+    thumbnail_sizes: tuple = _opt((64, 256), "Longest side in px of the JPEG thumbnails made at ingest.")
+    thumbnail_quality: int = _opt(85, "JPEG quality of thumbnails.")
+    sql_timeout_s: float = _opt(10.0, "Read-only SQL is interrupted after this many seconds.")
+    sql_max_rows: int = _opt(10_000, "Rows one SQL query returns at most; more sets truncated=true.")
+    sql_memory_limit: str = _opt("2GB", "DuckDB memory_limit for SQL queries.")
+    sql_threads: int = _opt(2, "DuckDB threads for SQL queries.")
+    host: str = _opt("127.0.0.1", "Address `imagelake serve` binds to.")
+    port: int = _opt(8000, "Port `imagelake serve` listens on.")
+    workers: int = _opt(2, "Server worker processes for `imagelake serve`.")
+    threads: int = _opt(8, "Threads per server worker.")
+    upload_max_bytes: int = _opt(20 * 1024 * 1024, "Largest accepted upload in bytes (HTTP 413 above).")
+    upload_max_pixels: int = _opt(40_000_000, "Most pixels in an uploaded image (HTTP 413 above).")
+    refresh_s: float = _opt(2.0, "How often the API re-checks table versions for new commits.")
+    staging_retention_h: float = _opt(24.0, "The janitor keeps staging files of unfinished runs this long.")
+    log_level: str = _opt("INFO", "Python log level for jobs and the server.")
+    sources: tuple = field(default=(), compare=False, metadata={"internal": True})
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **{k: _coerce(k, v) for k, v in changes.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {s.name: getattr(self, s.name) for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    type: type
+    default: Any
+    help: str
+
+
+_TYPES = {"str": str, "int": int, "bool": bool, "float": float, "tuple": tuple}
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(f.name, _TYPES[f.type], f.default, f.metadata["help"])
+    for f in dataclasses.fields(Settings) if not f.metadata.get("internal")
+)
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name == "sources":
+        return value
+    spec = _BY_NAME.get(name)
+    if spec is None:
+        raise BadInput(f"unknown setting {name!r}; known settings: {', '.join(sorted(_BY_NAME))}")
+    try:
+        if spec.type is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                    raise ValueError(value)
+                return low in {"1", "true", "yes", "on"}
+            return bool(value)
+        if spec.type is tuple:
+            if isinstance(value, str):
+                value = [v for v in value.replace(" ", "").split(",") if v]
+            return tuple(int(v) for v in value)
+        if spec.type is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return spec.type(value)
+    except (TypeError, ValueError):
+        raise BadInput(f"setting {name!r} must be of type {spec.type.__name__}, got {value!r}") from None
+
+
+def _validate(s: Settings) -> Settings:
+    if s.runner not in {"spark", "local"}:
+        raise BadInput(f"runner must be 'spark' or 'local', got {s.runner!r}")
+    for name in ("partition_files", "max_image_bytes", "max_image_pixels", "sql_max_rows", "workers",
+                 "threads", "upload_max_bytes", "upload_max_pixels", "sql_threads"):
+        if getattr(s, name) <= 0:
+            raise BadInput(f"setting {name!r} must be positive, got {getattr(s, name)!r}")
+    if not s.thumbnail_sizes or any(not 16 <= v <= 1024 for v in s.thumbnail_sizes):
+        raise BadInput(f"thumbnail_sizes must be sizes between 16 and 1024 px, got {s.thumbnail_sizes!r}")
+    if s.sql_timeout_s <= 0:
+        raise BadInput("sql_timeout_s must be positive")
+    return s
+
+
+def load_settings(
+    config: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Defaults → TOML file → ``IMAGELAKE_*`` environment → ``overrides`` (CLI flags; ``None`` values skipped).
+
+    Raises:
+        BadInput: an unknown key, a value of the wrong type, or a missing/invalid config file.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    sources: list[str] = ["defaults"]
+
+    path = config or env.get("IMAGELAKE_CONFIG")
+    if path is None and Path("imagelake.toml").is_file():
+        path = "imagelake.toml"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise BadInput(f"config file {str(p)!r} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise BadInput(f"config file {str(p)!r} is not valid TOML: {e}") from None
+        data = data.get("imagelake", data)
+        for k, v in data.items():
+            values[k] = _coerce(k, v)
+        sources.append(str(p))
+
+    for s in SETTINGS:
+        key = f"IMAGELAKE_{s.name.upper()}"
+        if key in env:
+            values[s.name] = _coerce(s.name, env[key])
+            sources.append(key)
+
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            values[k] = _coerce(k, v)
+            sources.append(f"--{k}")
+
+    return _validate(Settings(**values, sources=tuple(sources)))

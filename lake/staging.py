@@ -1,0 +1,82 @@
+"""Staged writes: what tasks do instead of committing.
+
+A task writes each table's rows for its partition to one Parquet file with a deterministic name,
+``_staging/<run_id>/<table>/part-<partition>.parquet``: first to a temporary name, then renamed. A
+retried or speculative attempt of the same partition overwrites the same name, so the driver, which
+commits only the files named in the task results, can never see a row twice. This module must not
+import deltalake: it runs inside Spark workers, which fork.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+
+__all__ = ["StagedWriter", "staged_path", "filesystem_for"]
+
+
+def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and in-filesystem path for a local path or URI."""
+    if "://" not in path:
+        return pafs.LocalFileSystem(), path
+    return pafs.FileSystem.from_uri(path)
+
+
+def staged_path(staging_dir: str, table: str, partition: int) -> str:
+    return f"{staging_dir}/{table}/part-{partition:05d}.parquet"
+
+
+class StagedWriter:
+    """Streams one table's rows of one partition into its staged Parquet file.
+
+    ``close()`` renames the finished file into place and returns its path, or ``None`` when no row
+    was written (no file is left behind). ``abort()`` removes the temporary file.
+    """
+
+    def __init__(self, staging_dir: str, table: str, partition: int, schema: pa.Schema):
+        self.final = staged_path(staging_dir, table, partition)
+        self.schema = schema
+        self.rows = 0
+        self._fs, self._final_in_fs = filesystem_for(self.final)
+        parent = self._final_in_fs.rsplit("/", 1)[0]
+        self._tmp = f"{parent}/.{os.path.basename(self._final_in_fs)}.{uuid.uuid4().hex}.tmp"
+        self._fs.create_dir(parent, recursive=True)
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, rows: pa.Table | pa.RecordBatch | list[dict]) -> None:
+        if isinstance(rows, list):
+            if not rows:
+                return
+            rows = pa.Table.from_pylist(rows, schema=self.schema)
+        if rows.num_rows == 0:
+            return
+        if isinstance(rows, pa.RecordBatch):
+            rows = pa.Table.from_batches([rows])
+        rows = rows.select(self.schema.names).cast(self.schema)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._tmp, self.schema, filesystem=self._fs, compression="zstd")
+        self._writer.write_table(rows)
+        self.rows += rows.num_rows
+
+    def close(self) -> str | None:
+        if self._writer is None:
+            return None
+        self._writer.close()
+        self._writer = None
+        self._fs.move(self._tmp, self._final_in_fs)
+        return self.final
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            finally:
+                self._writer = None
+                try:
+                    self._fs.delete_file(self._tmp)
+                except (FileNotFoundError, OSError):
+                    pass
