@@ -1,0 +1,1 @@
+"""Batch compute: pure partition functions plus drivers; local and Spark runners."""

@@ -1,0 +1,181 @@
+"""Runners: the same partition function, in process (tests, tiny data) or on Spark (production).
+
+A *partition function* is pure compute over one partition of rows::
+
+    def fn(batches: Iterator[pa.RecordBatch], ctx: PartitionContext) -> Iterator[pa.RecordBatch]
+
+It receives the partition's input rows as Arrow batches and yields result rows (usually one small
+batch of stats naming the files it staged). It must be picklable (a module-level function, or a
+``functools.partial`` of one) because Spark ships it to executors.
+
+Partitions are contiguous slices of the input, computed the same way by both runners, so a
+partition id names the same rows in a retry, in a re-run and under either runner.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
+
+import pyarrow as pa
+
+from lake.settings import Settings
+
+__all__ = ["PartitionContext", "PartitionFn", "Runner", "LocalRunner", "SparkRunner", "make_runner",
+           "partition_bounds"]
+
+
+@dataclass(frozen=True)
+class PartitionContext:
+    partition_id: int
+    attempt: int = 0
+    num_partitions: int = 1
+
+
+PartitionFn = Callable[[Iterator[pa.RecordBatch], PartitionContext], Iterator[pa.RecordBatch]]
+
+
+def partition_bounds(n_rows: int, n_parts: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) slices, the way Spark's ``parallelize`` cuts a local collection."""
+    return [((i * n_rows) // n_parts, ((i + 1) * n_rows) // n_parts) for i in range(n_parts)]
+
+
+class Runner(Protocol):
+    def map_partitions(self, fn: PartitionFn, rows: pa.Table, num_partitions: int,
+                       out_schema: pa.Schema, desc: str = "") -> pa.Table: ...
+
+    def close(self) -> None: ...
+
+
+class LocalRunner:
+    """Runs partitions one after another in this process; the reference semantics for tests."""
+
+    def __init__(self, progress: bool = False):
+        self.progress = progress
+
+    def map_partitions(self, fn: PartitionFn, rows: pa.Table, num_partitions: int,
+                       out_schema: pa.Schema, desc: str = "") -> pa.Table:
+        num_partitions = max(1, min(num_partitions, rows.num_rows or 1))
+        out: list[pa.RecordBatch] = []
+        bounds = partition_bounds(rows.num_rows, num_partitions)
+        for pid, (start, end) in enumerate(_progress(bounds, self.progress, desc)):
+            ctx = PartitionContext(pid, 0, num_partitions)
+            part = rows.slice(start, end - start)
+            out.extend(fn(iter(part.to_batches()), ctx))
+        return pa.Table.from_batches(out, schema=out_schema) if out else out_schema.empty_table()
+
+    def close(self) -> None:
+        pass
+
+
+class SparkRunner:
+    """Runs partitions as Spark tasks with ``mapInArrow``; one task per partition.
+
+    The session is created on first use (``master`` from settings: ``local[*]`` by default, a
+    standalone/Kubernetes/YARN master otherwise) and reused until ``close()``.
+    """
+
+    def __init__(self, settings: Settings, spark=None, progress: bool = False):
+        self.settings = settings
+        self._spark = spark
+        self._owns = spark is None
+        self.progress = progress
+
+    @property
+    def spark(self):
+        if self._spark is None:
+            from jobs.spark import spark_session
+            self._spark = spark_session(self.settings)
+        return self._spark
+
+    def map_partitions(self, fn: PartitionFn, rows: pa.Table, num_partitions: int,
+                       out_schema: pa.Schema, desc: str = "") -> pa.Table:
+        from pyspark.sql.pandas.types import from_arrow_schema
+
+        num_partitions = max(1, min(num_partitions, rows.num_rows or 1))
+        spark = self.spark
+        # parallelize() slices a local list exactly like partition_bounds, deterministically.
+        rdd = spark.sparkContext.parallelize(rows.to_pylist(), num_partitions)
+        in_schema = from_arrow_schema(rows.schema)
+        df = spark.createDataFrame(rdd.map(lambda d: tuple(d.values())), in_schema)
+        wrapped = _SparkPartition(fn, rows.schema, num_partitions)
+        result = df.mapInArrow(wrapped, from_arrow_schema(out_schema))
+        stop = threading.Event()
+        watcher = None
+        if self.progress:
+            watcher = threading.Thread(target=_watch_stages, args=(spark, num_partitions, desc, stop),
+                                       daemon=True)
+            watcher.start()
+        try:
+            table = result.toArrow()
+        finally:
+            stop.set()
+            if watcher is not None:
+                watcher.join(timeout=2)
+        return table.select(out_schema.names).cast(out_schema)
+
+    def close(self) -> None:
+        if self._spark is not None and self._owns:
+            self._spark.stop()
+            self._spark = None
+
+
+class _SparkPartition:
+    """The picklable adapter Spark calls: builds the context from ``TaskContext``."""
+
+    def __init__(self, fn: PartitionFn, in_schema: pa.Schema, num_partitions: int):
+        self.fn, self.in_schema, self.num_partitions = fn, in_schema, num_partitions
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
+        tc = TaskContext.get()
+        ctx = PartitionContext(tc.partitionId(), tc.attemptNumber(), self.num_partitions)
+        typed = (pa.Table.from_batches([b]).cast(self.in_schema).to_batches()[0] for b in batches if b.num_rows)
+        yield from self.fn(typed, ctx)
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc or "partitions", unit="part", file=sys.stderr)
+
+
+def _watch_stages(spark, total: int, desc: str, stop: threading.Event) -> None:
+    from tqdm import tqdm
+
+    tracker = spark.sparkContext.statusTracker()
+    bar = tqdm(total=total, desc=desc or "tasks", unit="task", file=sys.stderr)
+    done = 0
+    try:
+        while not stop.wait(0.5):
+            now = 0
+            for sid in tracker.getActiveStageIds():
+                info = tracker.getStageInfo(sid)
+                if info is not None:
+                    now = max(now, info.numCompletedTasks)
+            if now > done:
+                bar.update(now - done)
+                done = now
+        bar.update(total - done)
+    finally:
+        bar.close()
+
+
+def make_runner(settings: Settings, progress: bool = False) -> Runner:
+    if settings.runner == "local":
+        return LocalRunner(progress=progress)
+    return SparkRunner(settings, progress=progress)
+
+
+def default_parallelism(settings: Settings) -> int:
+    """Cores a local master will use; on a cluster Spark decides and this is only a hint."""
+    master = settings.master
+    if master.startswith("local["):
+        inner = master[6:-1].split(",")[0]
+        return (os.cpu_count() or 2) if inner == "*" else max(1, int(inner))
+    return max(2, os.cpu_count() or 2)
