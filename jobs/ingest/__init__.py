@@ -1,0 +1,1 @@
+"""Ingest: list, hash, validate, thumbnail, reject bad input; incremental."""

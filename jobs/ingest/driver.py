@@ -1,0 +1,128 @@
+"""The ingest driver: list, keep only new files, run partitions, commit once per table.
+
+Commit order is part of the crash story: thumbnails and images first, then rejects, and
+``sources`` last. ``sources`` (with ``rejects``) is what the next run's listing is compared with,
+so a run killed before its last commit re-reads those files next time; every commit drops keys
+already present, so nothing is duplicated either way.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from functools import partial
+
+import duckdb
+import pyarrow as pa
+
+from jobs.ingest.listing import default_collection, list_source
+from jobs.ingest.partition import STATS_SCHEMA, IngestJob, ingest_partition
+from jobs.runner import Runner, default_parallelism, make_runner
+from jobs.runs import job_run
+from lake.catalog import Lake
+from lake.commit import commit_staged, ensure_tables, open_table
+from lake.lock import LakeLock
+from lake.settings import Settings
+
+__all__ = ["IngestSummary", "run_ingest", "new_files"]
+
+log = logging.getLogger("imagelake.ingest")
+
+COMMIT_ORDER = (("thumbnails", False), ("images", True), ("rejects", False), ("sources", False))
+
+
+@dataclass
+class IngestSummary:
+    run_id: str
+    listed: int = 0
+    new: int = 0
+    ok: int = 0
+    rejected: int = 0
+    committed: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        c = self.committed
+        return (f"ingest {self.run_id}: {self.listed} files listed, {self.new} new, {self.ok} read, "
+                f"{self.rejected} rejected; committed {c.get('images', 0)} images, "
+                f"{c.get('sources', 0)} paths, {c.get('thumbnails', 0)} thumbnails, "
+                f"{c.get('rejects', 0)} rejects in {self.seconds:.1f} s")
+
+
+def new_files(lake: Lake, listing: pa.Table) -> pa.Table:
+    """The rows of ``listing`` not yet recorded in ``sources`` or ``rejects`` with the same size and mtime."""
+    known = [open_table(lake, t) for t in ("sources", "rejects")]
+    con = duckdb.connect()
+    try:
+        con.register("listing", listing)
+        parts = []
+        for i, t in enumerate(known):
+            if t.file_uris():
+                con.register(f"known{i}", t.to_pyarrow_dataset())
+                parts.append(f"SELECT uri, bytes, mtime FROM known{i}")
+        if not parts:
+            return listing
+        sql = (f"SELECT l.* FROM listing l ANTI JOIN ({' UNION ALL '.join(parts)}) k "
+               "ON l.uri = k.uri AND l.bytes IS NOT DISTINCT FROM k.bytes "
+               "AND l.mtime IS NOT DISTINCT FROM k.mtime ORDER BY l.uri")
+        return con.sql(sql).to_arrow_table().cast(listing.schema)
+    finally:
+        con.close()
+
+
+def run_ingest(lake: Lake, settings: Settings, images: str, collection: str | None = None,
+               runner: Runner | None = None, progress: bool = False, run_id: str | None = None) -> IngestSummary:
+    """Ingest the files under ``images`` that the lake has not seen yet.
+
+    Args:
+        images: a folder, a list file (one path/URI per line) or a URI prefix.
+        collection: the ``collection`` column; defaults to the folder's name.
+        runner: where partitions run; by default ``settings.runner`` (Spark unless set to local).
+    Raises:
+        LockHeld: another ingest of this lake is running.
+        NotFound / BadInput: ``images`` does not exist or cannot be listed.
+    """
+    collection = collection or default_collection(images)
+    ensure_tables(lake)
+    with LakeLock(lake, "ingest", timeout=0, holder="ingest"):
+        listing = list_source(images)
+        owned = runner is None
+        runner = runner or make_runner(settings, progress=progress)
+        try:
+            with job_run(lake, "ingest", {"images": images, "collection": collection}, run_id=run_id) as run:
+                summary = IngestSummary(run.run_id, listed=listing.num_rows)
+                todo = new_files(lake, listing)
+                summary.new = run.rows_in = todo.num_rows
+                if todo.num_rows:
+                    _process(lake, settings, runner, todo, collection, run.run_id, summary)
+                run.rows_out = summary.committed.get("images", 0)
+                run.metrics.update(listed=summary.listed, new=summary.new, ok=summary.ok,
+                                   rejected=summary.rejected, committed=summary.committed)
+            summary.seconds = run.metrics.get("seconds", 0.0)
+        finally:
+            if owned:
+                runner.close()
+    return summary
+
+
+def _process(lake: Lake, settings: Settings, runner: Runner, todo: pa.Table, collection: str,
+             run_id: str, summary: IngestSummary) -> None:
+    cores = default_parallelism(settings)
+    n_parts = max(math.ceil(todo.num_rows / settings.partition_files), min(cores * 2, todo.num_rows))
+    job = IngestJob(run_id=run_id, staging_dir=lake.staging_dir(run_id), collection=collection,
+                    max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
+                    thumbnail_sizes=tuple(settings.thumbnail_sizes), thumbnail_quality=settings.thumbnail_quality,
+                    ingested_at=dt.datetime.now(dt.timezone.utc))
+    stats = runner.map_partitions(partial(ingest_partition, job=job), todo, n_parts, STATS_SCHEMA,
+                                  desc="ingest").to_pylist()
+    summary.ok = sum(s["n_ok"] for s in stats)
+    summary.rejected = sum(s["n_rejected"] for s in stats)
+    for table, assign_seq in COMMIT_ORDER:
+        files = [s[f"{table}_file"] for s in stats if s[f"{table}_file"]]
+        result = commit_staged(lake, table, files, run_id=run_id, dedupe=True, assign_seq=assign_seq)
+        summary.committed[table] = result.rows
+    if lake.is_local:
+        shutil.rmtree(lake.staging_dir(run_id), ignore_errors=True)

@@ -1,0 +1,99 @@
+"""The ingest partition function: files in, staged rows out. Pure compute; never commits.
+
+For each file of its partition it reads the bytes, hashes them, validates the image and makes
+thumbnails, then writes four staged Parquet files (images, sources, thumbnails, rejects) named by
+run and partition. It yields one stats row naming those files; the driver commits exactly them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Iterator
+
+import pyarrow as pa
+
+from jobs.ingest.decode import Rejected, inspect_image
+from jobs.runner import PartitionContext
+from lake.catalog import TABLES
+from lake.staging import StagedWriter, filesystem_for
+
+__all__ = ["IngestJob", "ingest_partition", "STATS_SCHEMA", "STAGED_TABLES"]
+
+STAGED_TABLES = ("images", "sources", "thumbnails", "rejects")
+
+STATS_SCHEMA = pa.schema([
+    ("partition", pa.int32()), ("attempt", pa.int32()), ("n_in", pa.int64()), ("n_ok", pa.int64()),
+    ("n_rejected", pa.int64()), ("bytes_read", pa.int64()),
+    *[(f"{t}_file", pa.string()) for t in STAGED_TABLES],
+])
+
+
+@dataclass(frozen=True)
+class IngestJob:
+    """Everything a task needs, shipped to executors with the function (keep it small)."""
+
+    run_id: str
+    staging_dir: str
+    collection: str
+    max_bytes: int
+    max_pixels: int
+    thumbnail_sizes: tuple[int, ...]
+    thumbnail_quality: int
+    ingested_at: dt.datetime
+
+
+def _read(uri: str, size: int | None, max_bytes: int) -> bytes:
+    if size is not None and size > max_bytes:
+        raise Rejected("too_large", f"{size} bytes is more than max_image_bytes={max_bytes}")
+    try:
+        fs, path = filesystem_for(uri)
+        with fs.open_input_stream(path) as f:
+            data = f.read(max_bytes + 1)
+    except (OSError, ValueError) as e:
+        raise Rejected("unreadable", f"{type(e).__name__}: {e}") from None
+    if len(data) > max_bytes:
+        raise Rejected("too_large", f"more than max_image_bytes={max_bytes} bytes")
+    return data
+
+
+def ingest_partition(batches: Iterator[pa.RecordBatch], ctx: PartitionContext, *,
+                     job: IngestJob) -> Iterator[pa.RecordBatch]:
+    """Process one partition of the listing (columns uri, bytes, mtime)."""
+    writers = {t: StagedWriter(job.staging_dir, t, ctx.partition_id, TABLES[t].schema) for t in STAGED_TABLES}
+    n_in = n_ok = n_rej = bytes_read = 0
+    try:
+        for batch in batches:
+            rows = {t: [] for t in STAGED_TABLES}
+            for rec in batch.to_pylist():
+                n_in += 1
+                uri, size, mtime = rec["uri"], rec["bytes"], rec["mtime"]
+                try:
+                    data = _read(uri, size, job.max_bytes)
+                    bytes_read += len(data)
+                    info = inspect_image(data, max_pixels=job.max_pixels,
+                                         thumbnail_sizes=job.thumbnail_sizes, quality=job.thumbnail_quality)
+                except Rejected as r:
+                    n_rej += 1
+                    rows["rejects"].append(dict(uri=uri, collection=job.collection, bytes=size, mtime=mtime,
+                                                stage="ingest", reason=r.reason, detail=r.detail[:1000],
+                                                run_id=job.run_id, rejected_at=job.ingested_at))
+                    continue
+                n_ok += 1
+                common = dict(image_id=info.image_id, collection=job.collection, bytes=len(data), mtime=mtime,
+                              run_id=job.run_id, ingested_at=job.ingested_at)
+                rows["images"].append(dict(common, seq=0, uri=uri, format=info.format, width=info.width,
+                                           height=info.height))
+                rows["sources"].append(dict(common, uri=uri))
+                rows["thumbnails"].extend(dict(image_id=info.image_id, size=t.size, width=t.width,
+                                               height=t.height, jpeg=t.jpeg) for t in info.thumbnails)
+            for t, r in rows.items():
+                writers[t].write(r)
+        files = {t: w.close() for t, w in writers.items()}
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    yield pa.RecordBatch.from_pylist([dict(partition=ctx.partition_id, attempt=ctx.attempt, n_in=n_in, n_ok=n_ok,
+                                           n_rejected=n_rej, bytes_read=bytes_read,
+                                           **{f"{t}_file": f for t, f in files.items()})], schema=STATS_SCHEMA)
