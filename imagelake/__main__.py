@@ -1,0 +1,5 @@
+import sys
+
+from imagelake.cli import main
+
+sys.exit(main())

@@ -1,0 +1,203 @@
+"""``imagelake`` — the one console script in front of every layer.
+
+User mistakes end with one line on stderr (``imagelake: error: ...``) and a non-zero exit code;
+only ``--debug`` shows tracebacks for them. Exit codes: 0 ok, 1 failure, 2 bad input or not
+found, 3 another run holds the lake's lock, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Sequence
+
+from lake.catalog import Lake
+from lake.errors import BadInput, ImagelakeError, LockHeld, NotFound
+from lake.settings import Settings, load_settings
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imagelake", description="An image-collection lakehouse.")
+    p.add_argument("--lake", help="lake root: a path or URI (default ./lakehouse; setting 'lake')")
+    p.add_argument("--master", help="Spark master URL (default local[*]; setting 'master')")
+    p.add_argument("--runner", choices=["spark", "local"], help="run partitions on Spark (default) or in process")
+    p.add_argument("--config", help="a TOML settings file (default ./imagelake.toml if present)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("ingest", help="add new image files to the lake (incremental)")
+    s.add_argument("--images", required=True, metavar="SRC", help="a folder, a list file of paths/URIs, or a URI prefix")
+    s.add_argument("--collection", help="collection name (default: the folder's name)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("embed", help="extract features for images that lack them")
+    s.add_argument("--model", default="efficientnet-lite0", help="model name from the registry")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--no-progress", action="store_true")
+
+    s = sub.add_parser("sql", help="run one read-only SELECT over the lake's tables")
+    s.add_argument("query", metavar="SQL")
+    s.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    s.add_argument("--max-rows", type=int, help="row cap (default: setting sql_max_rows)")
+
+    s = sub.add_parser("status", help="tables, versions, row counts and the last runs")
+    s.add_argument("--format", choices=["table", "json"], default="table")
+
+    s = sub.add_parser("serve", help="serve the API and dashboard with gunicorn")
+    s.add_argument("--host", help="bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default 8000)")
+    s.add_argument("--workers", type=int, help="worker processes (default 2)")
+
+    s = sub.add_parser("janitor", help="remove staging leftovers and orphaned data files")
+    s.add_argument("--older-than", type=float, metavar="HOURS",
+                   help="age after which unfinished runs' files go (default: setting staging_retention_h)")
+
+    s = sub.add_parser("demo", help="build a demo lake from bundled images and serve it")
+    s.add_argument("--data", default="./demo-data", help="where the demo images are written")
+    s.add_argument("--fashion-mnist", type=int, default=5000, metavar="N",
+                   help="how many Fashion-MNIST images to include when the Debian package is present (0: none)")
+    s.add_argument("--host", help="bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default 8000)")
+    s.add_argument("--no-serve", action="store_true", help="build the lake and exit")
+
+    sub.add_parser("settings", help="print the effective settings and where they came from")
+    return p
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {"lake": args.lake, "master": args.master, "runner": args.runner}
+    for name in ("host", "port", "workers"):
+        overrides[name] = getattr(args, name, None)
+    return load_settings(config=args.config, overrides=overrides)
+
+
+def _cmd_ingest(args, settings: Settings, lake: Lake) -> int:
+    from jobs.ingest.driver import run_ingest
+
+    summary = run_ingest(lake, settings, args.images, collection=args.collection,
+                         progress=not args.no_progress and sys.stderr.isatty())
+    print(summary.line())
+    return 0
+
+
+def _cmd_embed(args, settings: Settings, lake: Lake) -> int:
+    try:
+        from jobs.embed.driver import run_embed
+    except ImportError as e:
+        raise BadInput(f"embedding needs the 'embed' extra (pip install 'imagelake[embed]'): {e}") from None
+    summary = run_embed(lake, settings, model=args.model, device=args.device,
+                        progress=not args.no_progress and sys.stderr.isatty())
+    print(summary.line() if hasattr(summary, "line") else json.dumps(summary, default=str))
+    return 0
+
+
+def _cmd_sql(args, settings: Settings, lake: Lake) -> int:
+    from lake.sql import SqlSandbox, format_result
+
+    sandbox = SqlSandbox(lake, settings)
+    try:
+        result = sandbox.query(args.query, max_rows=args.max_rows)
+    finally:
+        sandbox.close()
+    sys.stdout.write(format_result(result, args.format))
+    if result.truncated and args.format == "table":
+        print(f"(truncated at {len(result.rows)} rows; use --max-rows or a LIMIT)", file=sys.stderr)
+    return 0
+
+
+def _cmd_status(args, settings: Settings, lake: Lake) -> int:
+    from imagelake.status import render_status
+    from lake.status import lake_status
+
+    status = lake_status(lake)
+    print(json.dumps(status, default=str, indent=2) if args.format == "json" else render_status(status))
+    return 0
+
+
+def _cmd_serve(args, settings: Settings, lake: Lake) -> int:
+    from imagelake.serve import serve
+
+    serve(settings)
+    return 0
+
+
+def _cmd_janitor(args, settings: Settings, lake: Lake) -> int:
+    from lake.janitor import clean
+
+    hours = settings.staging_retention_h if args.older_than is None else args.older_than
+    print(clean(lake, hours).line())
+    return 0
+
+
+def _cmd_demo(args, settings: Settings, lake: Lake) -> int:
+    from imagelake.demo import build_demo
+
+    build_demo(lake, settings, data_dir=args.data, fashion_mnist=args.fashion_mnist)
+    if args.no_serve:
+        return 0
+    from imagelake.serve import serve
+
+    print(f"serving the demo lake on http://{settings.host}:{settings.port}/ (Ctrl-C to stop)", file=sys.stderr)
+    serve(settings)
+    return 0
+
+
+def _cmd_settings(args, settings: Settings, lake: Lake) -> int:
+    print(json.dumps({"settings": settings.to_dict(), "sources": list(settings.sources)}, indent=2, default=list))
+    return 0
+
+
+_COMMANDS = {
+    "ingest": _cmd_ingest, "embed": _cmd_embed, "sql": _cmd_sql, "status": _cmd_status, "serve": _cmd_serve,
+    "janitor": _cmd_janitor, "demo": _cmd_demo, "settings": _cmd_settings,
+}
+
+
+def _exit_code(e: ImagelakeError) -> int:
+    if isinstance(e, LockHeld):
+        return 3
+    if isinstance(e, (BadInput, NotFound)) or 400 <= e.status < 500:
+        return 2
+    return 1
+
+
+def _spark_message(e: Exception) -> str | None:
+    name = type(e).__name__
+    if "Py4J" in name or "Spark" in name or "Analysis" in name:
+        first = next((line for line in str(e).splitlines() if line.strip()), name)
+        return f"the Spark job failed: {first.strip()[:500]}"
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        for noisy in ("py4j", "pyspark"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        lake = Lake.at(settings.lake)
+        return _COMMANDS[args.command](args, settings, lake)
+    except ImagelakeError as e:
+        if args.debug:
+            raise
+        print(f"imagelake: error: {e}", file=sys.stderr)
+        return _exit_code(e)
+    except KeyboardInterrupt:
+        print("imagelake: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        msg = _spark_message(e)
+        if msg is None or args.debug:
+            raise
+        print(f"imagelake: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

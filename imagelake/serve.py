@@ -1,0 +1,38 @@
+"""``imagelake serve``: the API and dashboard under gunicorn (threaded workers, no preload).
+
+Each worker builds its own app after the fork — deltalake's runtime must not be forked — so
+there is deliberately no ``--preload``.
+"""
+
+from __future__ import annotations
+
+from gunicorn.app.base import BaseApplication
+
+from lake.settings import Settings
+
+__all__ = ["serve", "ImagelakeServer"]
+
+
+class ImagelakeServer(BaseApplication):
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        super().__init__()
+
+    def load_config(self) -> None:
+        s = self.settings
+        for key, value in {
+            "bind": f"{s.host}:{s.port}", "workers": s.workers, "threads": s.threads,
+            "worker_class": "gthread", "timeout": 120, "graceful_timeout": 20, "keepalive": 5,
+            "preload_app": False, "accesslog": None, "errorlog": "-", "loglevel": s.log_level.lower(),
+            "proc_name": "imagelake", "limit_request_line": 8190,
+        }.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        from dashboards import create_app
+
+        return create_app(self.settings)
+
+
+def serve(settings: Settings) -> None:
+    ImagelakeServer(settings).run()

@@ -1,0 +1,72 @@
+"""Shared fixtures: image files made on the fly, lakes in tmp_path, one real Spark session."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+
+from lake.catalog import Lake  # noqa: E402
+from lake.settings import Settings  # noqa: E402
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def make_jpeg(seed: int, size: tuple[int, int] = (64, 48), quality: int = 90, exif: bytes | None = None) -> bytes:
+    """A distinct, photo-like JPEG: smooth gradients plus noise, so every seed hashes differently."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(xx * rng.uniform(0.5, 3) + yy * rng.uniform(0, 2)) % 256,
+                     (yy * rng.uniform(0.5, 3)) % 256,
+                     ((xx + yy) * rng.uniform(0.2, 1.5)) % 256], axis=-1)
+    arr = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    kwargs = {"exif": exif} if exif else {}
+    Image.fromarray(arr).save(buf, "JPEG", quality=quality, **kwargs)
+    return buf.getvalue()
+
+
+def write_images(folder: Path, n: int, start: int = 0, size=(64, 48), prefix: str = "img") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + n):
+        p = folder / f"{prefix}_{i:05d}.jpg"
+        p.write_bytes(make_jpeg(i, size))
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture
+def lake(tmp_path) -> Lake:
+    return Lake.at(tmp_path / "lake").ensure()
+
+
+@pytest.fixture
+def local_settings(lake) -> Settings:
+    return Settings(lake=lake.root, runner="local", partition_files=8)
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One real Spark session for the whole run: local[2] with up to 3 attempts per task."""
+    from jobs.spark import spark_session
+
+    session = spark_session(Settings(master="local[2,3]"))
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
