@@ -69,10 +69,9 @@ class SqlSandbox:
         con = self._con
         con.execute(f"CREATE SCHEMA {_EMPTY}")
         for name, spec in TABLES.items():
-            if lake.is_local:
-                con.register("_schema", spec.schema.empty_table())
-                con.execute(f'CREATE TABLE {_EMPTY}."{name}" AS SELECT * FROM _schema')
-                con.unregister("_schema")
+            con.register("_schema", spec.schema.empty_table())
+            con.execute(f'CREATE TABLE {_EMPTY}."{name}" AS SELECT * FROM _schema')
+            con.unregister("_schema")
         con.execute(f"SET memory_limit={_quote(settings.sql_memory_limit)}")
         con.execute(f"SET threads={int(settings.sql_threads)}")
         con.execute("SET TimeZone='UTC'")
@@ -106,14 +105,16 @@ class SqlSandbox:
             return dict(self._versions)
 
     def _bind(self, name: str, table: DeltaTable) -> None:
-        if not self._lake.is_local:
-            files = table.file_uris()
-            self._registered[name] = (table.to_pyarrow_dataset() if files
-                                      else TABLES[name].schema.empty_table())
-            return
         files = table.file_uris()
-        source = (f"read_parquet([{', '.join(_quote(f) for f in files)}])" if files
-                  else f'{_EMPTY}."{name}"')
+        if not files:
+            source = f'{_EMPTY}."{name}"'
+        elif self._lake.is_local:
+            source = f"read_parquet([{', '.join(_quote(f) for f in files)}])"
+        else:  # registered on each query's cursor: such views are not shared between connections
+            self._registered[name] = table.to_pyarrow_dataset()
+            self._con.execute(f'DROP VIEW IF EXISTS "{name}"')
+            return
+        self._registered.pop(name, None)
         self._con.execute(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * FROM {source}')
 
     def query(self, sql: str, *, max_rows: int | None = None,

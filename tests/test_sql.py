@@ -9,6 +9,7 @@ import io
 import json
 import os
 import threading
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -184,20 +185,61 @@ def test_concurrent_queries_from_eight_threads(sandbox):
     assert results == {i: [(3 + i,)] for i in range(8)}
 
 
-def test_non_local_lake_uses_registered_datasets(lake):
-    class ObjectStoreLike(Lake):
-        """A local lake that takes the object-store path (pyarrow datasets, no file access)."""
-        is_local = property(lambda self: False)
+class ObjectStoreLike(Lake):
+    """A local lake that takes the object-store code path (pyarrow datasets, no file access at all)."""
 
+    @property
+    def is_local(self) -> bool:
+        return False
+
+
+def test_non_local_lake_uses_registered_datasets(lake, tmp_path):
     box = SqlSandbox(ObjectStoreLike(lake.root), Settings(lake=lake.root))
     try:
         assert box.query("SELECT count(*) FROM images").rows == [(3,)]
-        assert box.query("SELECT count(*) FROM grid").rows == [(0,)]
         assert box.query("SELECT * FROM features").columns == TABLES["features"].schema.names
         with pytest.raises(BadInput, match="file and network access are disabled"):
             box.query(f"SELECT * FROM read_parquet('{lake.path('tables')}/images/*.parquet')")
     finally:
         box.close()
+    fresh = ObjectStoreLike(str(tmp_path / "remote"))
+    box = SqlSandbox(fresh, Settings(lake=fresh.root, refresh_s=3600))
+    try:
+        assert box.query("SELECT count(*) FROM grid").rows == [(0,)]
+        commit_rows(fresh, "grid", [{"layout_id": "l1", "image_id": "a", "gx": 1, "gy": 2}], run_id="g1")
+        box.refresh(force=True)
+        assert box.query("SELECT layout_id, gx, gy FROM grid").rows == [("l1", 1, 2)]
+    finally:
+        box.close()
+
+
+def test_queries_keep_working_while_commits_land(tmp_path):
+    lake = Lake.at(tmp_path / "lake")
+    box = SqlSandbox(lake, Settings(lake=lake.root, refresh_s=0))
+    seen, errors, stop = set(), [], threading.Event()
+
+    def read() -> None:
+        try:
+            while not stop.is_set():
+                seen.add(box.query("SELECT count(*) FROM images").rows[0][0])
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    readers = [threading.Thread(target=read) for _ in range(4)]
+    try:
+        for t in readers:
+            t.start()
+        for i in range(5):
+            commit_rows(lake, "images", [_image(i)], run_id=f"r{i}")
+        deadline = time.monotonic() + 5
+        while 5 not in seen and time.monotonic() < deadline and not errors:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+        box.close()
+    assert errors == []
+    assert 5 in seen and seen <= set(range(6))
 
 
 def test_closed_sandbox_refuses_queries(lake):
