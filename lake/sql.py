@@ -89,8 +89,7 @@ class SqlSandbox:
         last check unless ``force``. Returns table name -> the Delta version queries now see.
         A table that cannot be read keeps its previous view (a warning is logged)."""
         with self._lock:
-            if self._con is None:
-                raise ImagelakeError("the SQL sandbox is closed")
+            self._check_open()
             now = time.monotonic()
             if force or now - self._checked_at >= self._settings.refresh_s:
                 for name, table in self._tables.items():
@@ -137,8 +136,7 @@ class SqlSandbox:
             raise BadInput("the SQL is empty; send one SELECT statement")
         self.refresh()
         with self._lock:
-            if self._con is None:
-                raise ImagelakeError("the SQL sandbox is closed")
+            self._check_open()
             cursor = self._con.cursor()
             registered = dict(self._registered)
         try:
@@ -203,6 +201,10 @@ class SqlSandbox:
         truncated = len(rows) > max_rows
         return QueryResult(columns, types, rows[:max_rows], truncated,
                            (time.perf_counter() - started) * 1000)
+
+    def _check_open(self) -> None:
+        if self._con is None:
+            raise ImagelakeError("the SQL sandbox is closed; make a new SqlSandbox")
 
     def close(self) -> None:
         """Close the connection; later calls raise. Safe to call twice."""
@@ -278,6 +280,7 @@ def format_result(result: QueryResult, fmt: Literal["table", "csv", "json"]) -> 
     if fmt != "table":
         raise BadInput(f"unknown format {fmt!r}; use table, csv or json")
     cells = [[("NULL" if v is None else _cell(v)) for v in row] for row in result.rows]
+    cells = [[c.replace("\n", "\\n") for c in row] for row in cells]
     cells = [[c if len(c) <= 60 else c[:59] + "…" for c in row] for row in cells]
     widths = [max([len(name)] + [len(row[i]) for row in cells]) for i, name in enumerate(result.columns)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()

@@ -120,6 +120,11 @@ def test_reading_parquet_outside_the_lake_is_refused(sandbox, tmp_path):
     assert "images" in str(e.value)
 
 
+def test_dot_dot_does_not_leave_the_tables_dir(sandbox, lake):
+    with pytest.raises(BadInput, match="file and network access are disabled"):
+        sandbox.query(f"SELECT * FROM read_csv('{lake.path('tables')}/../../../../../../etc/passwd')")
+
+
 def test_settings_stay_locked(sandbox):
     assert sandbox.query("SELECT current_setting('enable_external_access')").rows == [(False,)]
     assert sandbox.query("SELECT current_setting('lock_configuration')").rows == [(True,)]
@@ -250,7 +255,8 @@ def test_closed_sandbox_refuses_queries(lake):
         box.query("SELECT 1")
 
 
-RESULT = QueryResult(["id", "at", "jpeg", "tags"], ["INTEGER", "TIMESTAMP WITH TIME ZONE", "BLOB", "VARCHAR[]"],
+RESULT = QueryResult(["id", "at", "jpeg", "tags"],
+                     ["INTEGER", "TIMESTAMP WITH TIME ZONE", "BLOB", "VARCHAR[]"],
                      [(1, T0, b"\xff\xd8", ["a", "b,c"]), (2, None, None, [])], True, 1.5)
 
 
