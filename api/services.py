@@ -1,8 +1,10 @@
 """What the API serves from: a :class:`LakeReader` per app, holding per-process DuckDB state.
 
 The reader is cheap to construct (no I/O, no connection) and opens its DuckDB connection and Delta
-table handles on first use in each process, so a pre-forking server (gunicorn) never shares a
-connection across a fork. It re-checks table versions at most every ``settings.refresh_s`` seconds
+table handles on first use, in the worker process. deltalake cannot run in a process forked after
+it was used (its tokio runtime panics, or the child segfaults), so a pre-forking server must make no
+request before it forks: ``create_app`` in the master (gunicorn ``--preload``) is fine, a warm-up
+request there is not, and a reader used before a fork refuses with a clear error in the child. It re-checks table versions at most every ``settings.refresh_s`` seconds
 and rebuilds a view only when its table's Delta version changed.
 """
 
@@ -20,7 +22,7 @@ from deltalake.exceptions import TableNotFoundError
 from flask import Flask, current_app
 
 from lake.catalog import TABLES, Lake
-from lake.errors import BadInput, NotFound
+from lake.errors import BadInput, ImagelakeError, NotFound
 from lake.settings import Settings
 from lake.sql import QueryResult, SqlSandbox
 
@@ -68,7 +70,12 @@ class LakeReader:
     def _ensure_open(self) -> None:
         if self._pid == os.getpid():
             return
-        # A forked child must not touch its parent's connection; start afresh.
+        if self._pid is not None:
+            # deltalake's tokio runtime panics or segfaults in a process forked after it started.
+            raise ImagelakeError(
+                "this API app read the lake before the server forked its workers, and deltalake "
+                "cannot run in a forked child after that; build the app in each worker (no "
+                "gunicorn --preload) or make no request before forking")
         self._con = duckdb.connect(config={"threads": self.settings.sql_threads,
                                            "memory_limit": self.settings.sql_memory_limit})
         self._con.execute("SET parquet_metadata_cache = true")  # Delta data files are immutable
@@ -209,12 +216,14 @@ class LakeReader:
         return self._sql_sandbox().query(sql, max_rows=max_rows)
 
     def close(self) -> None:
+        """Close this process's connection and sandbox; a later call opens them again."""
         with self._lock:
-            if self._pid == os.getpid():
-                if self._sandbox is not None:
-                    self._sandbox.close()
-                if self._con is not None:
-                    self._con.close()
+            if self._pid != os.getpid():
+                return
+            if self._sandbox is not None:
+                self._sandbox.close()
+            if self._con is not None:
+                self._con.close()
             self._con, self._sandbox, self._pid = None, None, None
             self._tables, self._versions, self._view_versions, self._datasets = {}, {}, {}, {}
 

@@ -6,8 +6,12 @@ import datetime as dt
 import hashlib
 import io
 import logging
+import os
 import re
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from flask import Flask
@@ -365,3 +369,37 @@ def test_object_store_code_path_serves_the_same_rows(photo_lake):
             assert max(img.size) == 64
     finally:
         reader.close()
+
+
+_FORK_SCRIPT = """
+import os, sys
+from api import create_app
+from lake.settings import Settings
+
+def fork_and_get(app, url):
+    pid = os.fork()
+    if pid == 0:
+        response = app.test_client().get(url)
+        ok = response.status_code == 200 or "forked" in response.get_json()["error"]
+        os._exit(response.status_code // 100 if ok else 9)
+    parent = app.test_client().get(url).status_code
+    return parent, os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+url = "/api/v1/images/" + sys.argv[2]
+fresh = create_app(Settings().replace(lake=sys.argv[1]))  # as gunicorn --preload does
+print(*fork_and_get(fresh, url))
+used = create_app(Settings().replace(lake=sys.argv[1]))
+assert used.test_client().get(url).status_code == 200  # a warm-up request before the fork
+print(*fork_and_get(used, url))
+"""
+
+
+def test_app_created_before_fork_serves_in_the_child_and_a_used_one_refuses_clearly(photo_lake):
+    lake, ids = photo_lake
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, lake.root, ids[0]], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    # fresh app: parent 200, child 2xx; used app: parent 200, child a JSON 500 naming the fork
+    assert done.stdout.split() == ["200", "2", "200", "5"], done.stdout + done.stderr
