@@ -24,7 +24,7 @@ def error_response(message: str, status: int, headers: dict[str, str] | None = N
 
 
 def _http_message(e: HTTPException) -> str:
-    if isinstance(e, NotFound):
+    if isinstance(e, NotFound) and request.url_rule is None:
         return f"no route {request.method} {request.path}; the API is described at /api/v1/openapi.json"
     if isinstance(e, MethodNotAllowed):
         allowed = ", ".join(sorted(e.valid_methods or ()))

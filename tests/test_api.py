@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -196,6 +197,18 @@ def test_sql_returns_columns_types_rows(client, ids):
 def test_forbidden_or_bad_sql_is_400(client, sql):
     assert_error(client.post(f"{API_PREFIX}/sql", json={"sql": sql}), 400)
     assert client.post(f"{API_PREFIX}/sql", json={"sql": "SELECT count(*) FROM images"}).get_json()["rows"] == [[3]]
+
+
+def test_slow_sql_is_stopped_with_a_400(settings):
+    app = create_app(settings.replace(sql_timeout_s=0.3), {"TESTING": True})
+    try:
+        started = time.monotonic()
+        response = app.test_client().post(f"{API_PREFIX}/sql", json={
+            "sql": "SELECT sum(a.range * b.range) FROM range(1000000) a, range(1000000) b"})
+        assert_error(response, 400)
+        assert time.monotonic() - started < 10
+    finally:
+        app.extensions["imagelake"].close()
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -403,3 +416,13 @@ def test_app_created_before_fork_serves_in_the_child_and_a_used_one_refuses_clea
     assert done.returncode == 0, done.stderr
     # fresh app: parent 200, child 2xx; used app: parent 200, child a JSON 500 naming the fork
     assert done.stdout.split() == ["200", "2", "200", "5"], done.stdout + done.stderr
+
+
+def test_api_imports_only_from_its_layer_and_below():
+    import ast
+    for module in (Path(__file__).resolve().parents[1] / "api").glob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert name.split(".")[0] not in {"dashboards", "imagelake"}, f"{module.name} imports {name}"
