@@ -15,7 +15,9 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
+from api import create_app  # noqa: E402
 from lake.catalog import Lake  # noqa: E402
+from lake.commit import ensure_tables  # noqa: E402
 from lake.settings import Settings  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -47,8 +49,37 @@ def write_images(folder: Path, n: int, start: int = 0, size=(64, 48), prefix: st
 
 
 @pytest.fixture
-def lake(tmp_path) -> Lake:
-    return Lake.at(tmp_path / "lake").ensure()
+def lake_factory(tmp_path):
+    """``make(name="lake") -> Lake``: a new lake under tmp_path with every catalog table created, empty."""
+    def make(name: str = "lake") -> Lake:
+        lake = Lake.at(tmp_path / name)
+        ensure_tables(lake)
+        return lake
+    return make
+
+
+@pytest.fixture
+def lake(lake_factory) -> Lake:
+    """Override in a test module to serve a lake with data in it."""
+    return lake_factory()
+
+
+@pytest.fixture
+def settings(lake) -> Settings:
+    """Defaults, pointed at ``lake``, re-checking table versions on every request."""
+    return Settings().replace(lake=lake.root, refresh_s=0.0)
+
+
+@pytest.fixture
+def app(settings):
+    app = create_app(settings, {"TESTING": True})
+    yield app
+    app.extensions["imagelake"].close()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
 
 
 @pytest.fixture

@@ -1,0 +1,39 @@
+"""The HTTP API: a Flask app factory, one blueprint per area, one error funnel.
+
+``create_app()`` builds the app; it opens nothing: each server process opens its own DuckDB
+connection and Delta handles on its first request (see :mod:`api.services`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+
+from api import errors, health, images, openapi, query, services
+from api.openapi import API_PREFIX
+from lake.settings import Settings, load_settings
+
+__all__ = ["API_PREFIX", "create_app"]
+
+
+def create_app(settings: Settings | None = None, test_config: dict[str, Any] | None = None) -> Flask:
+    """Build the Flask app.
+
+    Args:
+        settings: the lake and serving settings; :func:`lake.settings.load_settings` by default.
+        test_config: Flask config overrides (``TESTING`` and the like), applied last.
+    """
+    settings = settings if settings is not None else load_settings()
+    app = Flask(__name__)
+    app.config.update(MAX_CONTENT_LENGTH=settings.upload_max_bytes)
+    app.json.sort_keys = False  # keep table column order in responses
+    if test_config:
+        app.config.update(test_config)
+    app.config["IMAGELAKE_SETTINGS"] = settings
+
+    errors.init_app(app)
+    services.init_app(app, settings)
+    for blueprint in (health.bp, images.bp, query.bp, openapi.bp):
+        app.register_blueprint(blueprint, url_prefix=API_PREFIX)
+    return app

@@ -1,0 +1,237 @@
+"""What the API serves from: a :class:`LakeReader` per app, holding per-process DuckDB state.
+
+The reader is cheap to construct (no I/O, no connection) and opens its DuckDB connection and Delta
+table handles on first use, in the worker process. deltalake cannot run in a process forked after
+it was used (its tokio runtime panics, or the child segfaults), so a pre-forking server must make no
+request before it forks: ``create_app`` in the master (gunicorn ``--preload``) is fine, a warm-up
+request there is not, and a reader used before a fork refuses with a clear error in the child. It re-checks table versions at most every ``settings.refresh_s`` seconds
+and rebuilds a view only when its table's Delta version changed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from typing import Any
+
+import duckdb
+from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
+from flask import Flask, current_app
+
+from lake.catalog import TABLES, Lake
+from lake.errors import BadInput, ImagelakeError, NotFound
+from lake.settings import Settings
+from lake.sql import QueryResult, SqlSandbox
+
+__all__ = ["LakeReader", "SERVED_TABLES", "check_image_id", "init_app", "lake_reader"]
+
+SERVED_TABLES = ("images", "sources", "thumbnails")
+_IMAGE_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def check_image_id(image_id: str) -> str:
+    """Return ``image_id`` if it is a sha256 in lowercase hex, else raise :class:`BadInput`."""
+    if not _IMAGE_ID.fullmatch(image_id):
+        shown = image_id if len(image_id) <= 80 else image_id[:77] + "..."
+        raise BadInput(f"malformed image id {shown!r}: expected the sha256 of the image bytes, "
+                       "64 lowercase hex characters")
+    return image_id
+
+
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class LakeReader:
+    """Trusted point lookups over ``images``/``sources``/``thumbnails`` and a sandbox for user SQL.
+
+    Thread-safe: each lookup runs on its own cursor; refreshes hold a lock.
+    """
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.lake = Lake.at(settings.lake)
+        self._lock = threading.RLock()
+        self._pid: int | None = None
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._tables: dict[str, DeltaTable] = {}
+        self._versions: dict[str, int | None] = {}
+        self._view_versions: dict[str, int | None] = {}
+        self._datasets: dict[str, Any] = {}
+        self._checked_at = float("-inf")
+        self._sandbox: SqlSandbox | None = None
+        self._sandbox_checked_at = float("-inf")
+
+    # -- per-process state -------------------------------------------------------------------
+
+    def _ensure_open(self) -> None:
+        if self._pid == os.getpid():
+            return
+        if self._pid is not None:
+            # deltalake's tokio runtime panics or segfaults in a process forked after it started.
+            raise ImagelakeError(
+                "this API app read the lake before the server forked its workers, and deltalake "
+                "cannot run in a forked child after that; build the app in each worker (no "
+                "gunicorn --preload) or make no request before forking")
+        self._con = duckdb.connect(config={"threads": self.settings.sql_threads,
+                                           "memory_limit": self.settings.sql_memory_limit})
+        self._con.execute("SET parquet_metadata_cache = true")  # Delta data files are immutable
+        self._tables, self._versions, self._view_versions, self._datasets = {}, {}, {}, {}
+        self._checked_at = self._sandbox_checked_at = float("-inf")
+        self._sandbox = None
+        self._pid = os.getpid()
+
+    def refresh(self, force: bool = False) -> dict[str, int | None]:
+        """Pick up new commits (at most every ``refresh_s`` unless ``force``); table -> version.
+
+        A table that does not exist yet has version ``None`` and is served as empty.
+        """
+        with self._lock:
+            self._ensure_open()
+            if force or time.monotonic() - self._checked_at >= self.settings.refresh_s:
+                for name in TABLES:
+                    self._versions[name] = self._table_version(name)
+                for name in SERVED_TABLES:
+                    if name not in self._view_versions or self._view_versions[name] != self._versions[name]:
+                        self._build_view(name)
+                        self._view_versions[name] = self._versions[name]
+                self._checked_at = time.monotonic()
+            return dict(self._versions)
+
+    def _table_version(self, name: str) -> int | None:
+        table = self._tables.get(name)
+        if table is None:
+            try:
+                table = DeltaTable(self.lake.table_uri(name))
+            except TableNotFoundError:
+                return None
+            self._tables[name] = table
+        else:
+            table.update_incremental()
+        return table.version()
+
+    def _build_view(self, name: str) -> None:
+        assert self._con is not None
+        table = self._tables.get(name)
+        files = table.file_uris() if table is not None else []
+        self._datasets.pop(name, None)
+        if not files:
+            self._con.register("_empty_arrow", TABLES[name].schema.empty_table())
+            self._con.execute(f'CREATE OR REPLACE TABLE "_empty_{name}" AS SELECT * FROM _empty_arrow')
+            self._con.unregister("_empty_arrow")
+            source = f'"_empty_{name}"'
+        elif self.lake.is_local:
+            source = "read_parquet([" + ", ".join(_sql_string(f) for f in files) + "])"
+        else:
+            # Arrow scans are connection-local: no view, every cursor registers it (see _cursor).
+            self._con.execute(f'DROP VIEW IF EXISTS "{name}"')
+            self._datasets[name] = table.to_pyarrow_dataset()
+            return
+        self._con.execute(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * FROM {source}')
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        self.refresh()
+        with self._lock:
+            assert self._con is not None
+            cur = self._con.cursor()
+            datasets = dict(self._datasets)
+        for name, dataset in datasets.items():
+            cur.register(name, dataset)
+        return cur
+
+    def _sql_sandbox(self) -> SqlSandbox:
+        with self._lock:
+            self._ensure_open()
+            now = time.monotonic()
+            if self._sandbox is None:
+                self._sandbox = SqlSandbox(self.lake, self.settings)
+                self._sandbox_checked_at = now
+            elif now - self._sandbox_checked_at >= self.settings.refresh_s:
+                self._sandbox.refresh()
+                self._sandbox_checked_at = now
+            return self._sandbox
+
+    # -- what routes call --------------------------------------------------------------------
+
+    def versions(self) -> dict[str, int | None]:
+        """Every catalog table's current Delta version (``None``: not created yet)."""
+        return self.refresh()
+
+    def image(self, image_id: str) -> dict[str, Any]:
+        """The ``images`` row of ``image_id`` plus ``uris``: every path it was seen at.
+
+        Raises:
+            BadInput: ``image_id`` is not 64 lowercase hex characters.
+            NotFound: no such image in the lake.
+        """
+        check_image_id(image_id)
+        cur = self._cursor()
+        try:
+            cur.execute("SELECT * FROM images WHERE image_id = ? LIMIT 1", [image_id])
+            row = cur.fetchone()
+            if row is None:
+                raise NotFound(f"no image {image_id} in the lake; ids are sha256 of the image bytes")
+            image = dict(zip([d[0] for d in cur.description], row))
+            cur.execute("SELECT DISTINCT uri FROM sources WHERE image_id = ?", [image_id])
+            image["uris"] = sorted({uri for (uri,) in cur.fetchall()} | {image["uri"]})
+            return image
+        finally:
+            cur.close()
+
+    def thumbnail(self, image_id: str, size: int) -> bytes:
+        """The JPEG thumbnail of ``image_id`` whose longest side is ``size`` px.
+
+        Raises:
+            BadInput: a malformed id or a size not in ``settings.thumbnail_sizes``.
+            NotFound: no such thumbnail.
+        """
+        check_image_id(image_id)
+        self.check_thumbnail_size(size)
+        cur = self._cursor()
+        try:
+            cur.execute("SELECT jpeg FROM thumbnails WHERE image_id = ? AND size = ? LIMIT 1",
+                        [image_id, size])
+            row = cur.fetchone()
+        finally:
+            cur.close()
+        if row is None or row[0] is None:
+            raise NotFound(f"no {size}px thumbnail of image {image_id} in the lake")
+        return bytes(row[0])
+
+    def check_thumbnail_size(self, size: int) -> int:
+        sizes = tuple(self.settings.thumbnail_sizes)
+        if size not in sizes:
+            raise BadInput(f"thumbnail size {size} is not made; use one of {', '.join(map(str, sizes))}")
+        return size
+
+    def query(self, sql: str, *, max_rows: int | None = None) -> QueryResult:
+        """Run untrusted SQL in the sandbox (read-only, single statement, time- and row-limited).
+
+        Raises:
+            BadInput: forbidden or invalid SQL; QueryTimeout (a BadInput) when it runs too long.
+        """
+        return self._sql_sandbox().query(sql, max_rows=max_rows)
+
+    def close(self) -> None:
+        """Close this process's connection and sandbox; a later call opens them again."""
+        with self._lock:
+            if self._pid != os.getpid():
+                return
+            if self._sandbox is not None:
+                self._sandbox.close()
+            if self._con is not None:
+                self._con.close()
+            self._con, self._sandbox, self._pid = None, None, None
+            self._tables, self._versions, self._view_versions, self._datasets = {}, {}, {}, {}
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    app.extensions["imagelake"] = LakeReader(settings)
+
+
+def lake_reader() -> LakeReader:
+    """The current app's reader."""
+    return current_app.extensions["imagelake"]
