@@ -13,6 +13,28 @@ bp = Blueprint("images", __name__)
 _IMMUTABLE = "public, max-age=31536000, immutable"
 
 
+@bp.get("/images")
+def browse():
+    """A page of images in seq order: ``?limit=`` (1..500, default 60), ``?offset=``, ``?collection=``."""
+    limit = _int_arg("limit", 60, 1, 500)
+    offset = _int_arg("offset", 0, 0, 2**62)
+    page = lake_reader().browse(limit=limit, offset=offset, collection=request.args.get("collection") or None)
+    return jsonify({"ok": True, **jsonable(page)})
+
+
+def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadInput(f"{name} must be an integer from {lo} to {hi}, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise BadInput(f"{name} must be an integer from {lo} to {hi}, got {value}")
+    return value
+
+
 @bp.get("/images/<image_id>")
 def image(image_id: str):
     return jsonify({"ok": True, "image": jsonable(lake_reader().image(image_id))})

@@ -65,6 +65,21 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                 "operationId": "openapi",
                 "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1 document"), **_errors()},
             }},
+            "/images": {"get": {
+                "summary": "A page of images in seq order, the total, and image counts per collection",
+                "operationId": "listImages",
+                "parameters": [
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 60}},
+                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}},
+                    {"name": "collection", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": _json({"type": "object", "required": ["ok", "images", "total", "collections"], "properties": {
+                        "ok": {"const": True}, "images": {"type": "array", "items": {"type": "object"}},
+                        "total": {"type": "integer"}, "collections": {"type": "object"}}}, "One page"),
+                    **_errors(400),
+                },
+            }},
             "/images/{image_id}": {"get": {
                 "summary": "Image metadata and every path it was seen at",
                 "operationId": "getImage",

@@ -181,6 +181,22 @@ class LakeReader:
         finally:
             cur.close()
 
+    def browse(self, *, limit: int = 60, offset: int = 0, collection: str | None = None) -> dict[str, Any]:
+        """A page of images in ``seq`` order (optionally one collection), the total, and per-collection counts."""
+        where, params = ("WHERE collection = ?", [collection]) if collection else ("", [])
+        cur = self._cursor()
+        try:
+            cur.execute(f"SELECT image_id, seq, collection, format, width, height FROM images {where} "
+                        "ORDER BY seq LIMIT ? OFFSET ?", [*params, limit, offset])
+            cols = [d[0] for d in cur.description]
+            page = [dict(zip(cols, row)) for row in cur.fetchall()]
+            cur.execute("SELECT collection, count(*) FROM images GROUP BY 1 ORDER BY 2 DESC, 1")
+            counts = {c: n for c, n in cur.fetchall()}
+        finally:
+            cur.close()
+        total = counts.get(collection, 0) if collection else sum(counts.values())
+        return {"images": page, "total": total, "collections": counts}
+
     def thumbnail(self, image_id: str, size: int) -> bytes:
         """The JPEG thumbnail of ``image_id`` whose longest side is ``size`` px.
 

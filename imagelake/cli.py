@@ -134,11 +134,19 @@ def _cmd_janitor(args, settings: Settings, lake: Lake) -> int:
 
 
 def _cmd_demo(args, settings: Settings, lake: Lake) -> int:
-    from imagelake.demo import build_demo
-
-    build_demo(lake, settings, data_dir=args.data, fashion_mnist=args.fashion_mnist)
     if args.no_serve:
+        from imagelake.demo import build_demo
+
+        build_demo(lake, settings, data_dir=args.data, fashion_mnist=args.fashion_mnist)
         return 0
+    # Build in a child process: deltalake's runtime must not be forked, and the server forks.
+    import subprocess
+
+    build = [sys.executable, "-m", "imagelake", "--lake", lake.root, "--master", settings.master,
+             "--runner", settings.runner, *(["--config", args.config] if args.config else []),
+             "demo", "--no-serve", "--data", args.data, "--fashion-mnist", str(args.fashion_mnist)]
+    if subprocess.call(build) != 0:
+        return 1
     from imagelake.serve import serve
 
     print(f"serving the demo lake on http://{settings.host}:{settings.port}/ (Ctrl-C to stop)", file=sys.stderr)

@@ -50,7 +50,9 @@ def write_skimage_photos(out: Path, variants: bool = True) -> int:
         if isinstance(arr, tuple):
             arr = arr[0]
         arr = np.asarray(arr)
-        if arr.dtype != np.uint8:
+        if arr.dtype == bool:
+            arr = arr.astype(np.uint8) * 255
+        elif arr.dtype != np.uint8:
             arr = (255 * (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-9)).astype(np.uint8)
         im = Image.fromarray(arr).convert("RGB")
         im.save(target, quality=92)

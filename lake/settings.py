@@ -50,7 +50,7 @@ class Settings:
     upload_max_pixels: int = _opt(40_000_000, "Most pixels in an uploaded image (HTTP 413 above).")
     refresh_s: float = _opt(2.0, "How often the API re-checks table versions for new commits.")
     staging_retention_h: float = _opt(24.0, "The janitor keeps staging files of unfinished runs this long.")
-    log_level: str = _opt("INFO", "Python log level for jobs and the server.")
+    log_level: str = _opt("WARNING", "Python log level for jobs and the server (DEBUG, INFO, WARNING, ERROR).")
     sources: tuple = field(default=(), compare=False, metadata={"internal": True})
 
     def replace(self, **changes: Any) -> "Settings":

@@ -126,6 +126,17 @@ def test_image_metadata_round_trip_with_every_uri(client, ids):
     assert (portrait["width"], portrait["height"], portrait["uris"]) == (200, 320, ["/photos/c.jpg"])
 
 
+def test_browse_pages_images_in_seq_order(client, ids):
+    body = client.get(f"{API_PREFIX}/images?limit=2").get_json()
+    assert body["total"] == 3 and body["collections"] == {"test": 3}
+    assert [i["image_id"] for i in body["images"]] == ids[:2]
+    rest = client.get(f"{API_PREFIX}/images?limit=2&offset=2").get_json()
+    assert [i["seq"] for i in rest["images"]] == [2]
+    assert client.get(f"{API_PREFIX}/images?collection=nope").get_json()["total"] == 0
+    for bad in ("limit=0", "limit=501", "offset=-1", "limit=ten"):
+        assert_error(client.get(f"{API_PREFIX}/images?{bad}"), 400)
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_thumbnail_is_a_cacheable_jpeg_of_the_asked_size(client, ids, size):
     url = f"{API_PREFIX}/images/{ids[0]}/thumbnail?size={size}"
