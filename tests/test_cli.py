@@ -1,0 +1,135 @@
+"""The console script end to end: real processes, real Spark, a real gunicorn server and HTTP client."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from conftest import write_images
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def imagelake(*args, env_extra=None, timeout=300, cwd=None):
+    env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "imagelake", *args], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def spark_lake(tmp_path_factory):
+    """A lake ingested by the CLI on real Spark local[2]."""
+    root = tmp_path_factory.mktemp("cli")
+    write_images(root / "imgs" / "sub", 12, size=(96, 64))
+    (root / "imgs" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    lake = root / "lake"
+    done = imagelake("--lake", str(lake), "--master", "local[2]", "ingest", "--images", str(root / "imgs"),
+                     "--collection", "cli", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    return root, lake, done
+
+
+@pytest.mark.spark
+def test_ingest_on_spark_prints_a_summary(spark_lake):
+    _, _, done = spark_lake
+    assert "13 files listed, 13 new, 12 read, 1 rejected; committed 12 images" in done.stdout
+
+
+@pytest.mark.spark
+def test_sql_formats(spark_lake):
+    _, lake, _ = spark_lake
+    q = "SELECT collection, count(*) AS n FROM images GROUP BY 1"
+    as_csv = imagelake("--lake", str(lake), "sql", q, "--format", "csv")
+    assert list(csv.reader(io.StringIO(as_csv.stdout))) == [["collection", "n"], ["cli", "12"]]
+    as_json = json.loads(imagelake("--lake", str(lake), "sql", q, "--format", "json").stdout)
+    assert (as_json["columns"], as_json["rows"], as_json["truncated"]) == (["collection", "n"], [["cli", 12]], False)
+    table = imagelake("--lake", str(lake), "sql", "SELECT reason FROM rejects").stdout
+    assert "not_an_image" in table or "truncated" in table
+
+
+@pytest.mark.spark
+def test_status_reports_tables_and_runs(spark_lake):
+    _, lake, _ = spark_lake
+    status = json.loads(imagelake("--lake", str(lake), "status", "--format", "json").stdout)
+    assert status["tables"]["images"]["rows"] == 12
+    assert status["tables"]["thumbnails"]["rows"] == 24
+    assert status["runs"][0]["job"] == "ingest" and status["runs"][0]["state"] == "succeeded"
+    assert "images" in imagelake("--lake", str(lake), "status").stdout
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["sql", "DROP TABLE images"], 2, "only read-only SELECT"),
+    (["sql", "SELECT * FROM nope"], 2, "nope"),
+    (["ingest", "--images", "/definitely/not/here"], 2, "no such folder"),
+    (["--config", "/no/such.toml", "status"], 2, "does not exist"),
+])
+def test_user_mistakes_are_one_line_errors(tmp_path, args, code, message):
+    done = imagelake("--lake", str(tmp_path / "lake"), *args)
+    assert done.returncode == code
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imagelake: error:") and message in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_bad_setting_in_environment_is_a_clear_error(tmp_path):
+    done = imagelake("--lake", str(tmp_path / "lake"), "status", env_extra={"IMAGELAKE_WORKERS": "many"})
+    assert done.returncode == 2 and "'workers' must be of type int" in done.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_runs_gunicorn_and_answers_over_http(tmp_path):
+    write_images(tmp_path / "imgs", 5)
+    lake = tmp_path / "lake"
+    done = imagelake("--lake", str(lake), "--runner", "local", "ingest", "--images", str(tmp_path / "imgs"))
+    assert done.returncode == 0, done.stderr
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    server = subprocess.Popen([sys.executable, "-m", "imagelake", "--lake", str(lake), "serve", "--port", str(port),
+                               "--workers", "2"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                health = requests.get(f"{base}/api/v1/health", timeout=2)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("server did not start: " + server.stderr.read() if server.poll() is not None else "")
+        assert health.status_code == 200 and health.json()["tables"]["images"] >= 1
+        page = requests.get(f"{base}/api/v1/images?limit=5", timeout=5).json()
+        assert page["total"] == 5
+        image_id = page["images"][0]["image_id"]
+        thumb = requests.get(f"{base}/api/v1/images/{image_id}/thumbnail?size=64", timeout=5)
+        assert thumb.headers["Content-Type"] == "image/jpeg"
+        assert Image.open(io.BytesIO(thumb.content)).size == (64, 48)
+        again = requests.get(f"{base}/api/v1/images/{image_id}/thumbnail?size=64",
+                             headers={"If-None-Match": thumb.headers["ETag"]}, timeout=5)
+        assert again.status_code == 304
+        sql = requests.post(f"{base}/api/v1/sql", json={"sql": "SELECT count(*) FROM images"}, timeout=5).json()
+        assert sql["rows"] == [[5]]
+        bad = requests.post(f"{base}/api/v1/sql", json={"sql": "COPY images TO '/tmp/x.csv'"}, timeout=5)
+        assert bad.status_code == 400 and bad.json()["ok"] is False
+        assert "gunicorn" in requests.get(f"{base}/api/v1/health", timeout=5).headers.get("Server", "")
+        index = requests.get(f"{base}/", timeout=5)
+        assert index.status_code == 200 and index.text.count("/thumbnail?size=") == 5
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
