@@ -292,3 +292,14 @@ def test_embed_on_spark_equals_local(lake, tmp_path, exported, photo_files, spar
         assert row["concept_ids"][:5] == on_spark[image_id]["concept_ids"][:5]
     again = run_embed(lake, Settings(master="local[2]"), runner=spark_runner)
     assert again["embedded"] == 0
+
+
+def test_cuda_is_refused_with_advice_where_no_gpu_is_visible(lake):
+    from jobs.embed.runtime import cuda_available
+    from lake.errors import BadInput
+
+    if cuda_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(BadInput, match="--device cpu or auto"):
+        run_embed(lake, SETTINGS, device="cuda", runner=LocalRunner())
+    assert not _features(lake)

@@ -36,6 +36,10 @@ class Runtime(Protocol):
 
 
 def cuda_available() -> bool:
+    """Whether torch sees a GPU. Without an NVIDIA driver node this answers without importing
+    torch (a 1-2 s import, per Spark worker, that a CPU-only executor does not need)."""
+    if not os.path.exists("/dev/nvidiactl") and not os.environ.get("IMAGELAKE_PROBE_CUDA"):
+        return False
     try:
         import torch
     except ImportError:
@@ -83,12 +87,12 @@ class TorchRuntime:
 
     name = "torch"
 
-    def __init__(self, spec: ModelSpec, device: Literal["cpu", "cuda"] = "cuda", threads: int | None = None):
+    def __init__(self, spec: ModelSpec, device: str = "cuda", threads: int | None = None):
         import torch
 
         self.torch = torch
         self.device = torch.device(device)
-        if device == "cuda":
+        if self.device.type == "cuda":
             self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             torch.backends.cudnn.benchmark = True
         else:
@@ -96,7 +100,7 @@ class TorchRuntime:
             if threads:
                 torch.set_num_threads(threads)
         self.model = Embedder(spec).to(self.device, dtype=self.dtype, memory_format=torch.channels_last)
-        self.name = f"torch-{device}-{str(self.dtype).removeprefix('torch.')}"
+        self.name = f"torch-{self.device.type}-{str(self.dtype).removeprefix('torch.')}"
 
     def to_device(self, images: np.ndarray):
         """Host uint8 -> device tensor; pinned + non-blocking on CUDA so the copy overlaps compute."""
@@ -116,6 +120,17 @@ class TorchRuntime:
 _CACHE: dict[tuple, Runtime] = {}
 
 
+def _task_gpu() -> str:
+    """``cuda:<address>`` of the GPU Spark's resource scheduling gave this task, else ``cuda``."""
+    try:
+        from pyspark import TaskContext
+    except ImportError:
+        return "cuda"
+    tc = TaskContext.get()
+    gpus = tc.resources().get("gpu") if tc is not None else None
+    return f"cuda:{gpus.addresses[0]}" if gpus is not None and gpus.addresses else "cuda"
+
+
 def get_runtime(spec: ModelSpec, device: Literal["cpu", "cuda"], *, artifact: OnnxArtifact | None = None,
                 threads: int = 1, engine: Literal["onnx", "torch"] | None = None) -> Runtime:
     """The per-process runtime for ``spec`` on ``device`` (built on first use, then reused).
@@ -124,7 +139,8 @@ def get_runtime(spec: ModelSpec, device: Literal["cpu", "cuda"], *, artifact: On
     ``artifact`` the driver prepared.
     """
     engine = engine or ("torch" if device == "cuda" else "onnx")
-    key = (spec.key, engine, device, threads, artifact.sha256 if artifact else None, os.getpid())
+    torch_device = _task_gpu() if device == "cuda" else device
+    key = (spec.key, engine, torch_device, threads, artifact.sha256 if artifact else None, os.getpid())
     runtime = _CACHE.get(key)
     if runtime is None:
         if engine == "onnx":
@@ -134,7 +150,7 @@ def get_runtime(spec: ModelSpec, device: Literal["cpu", "cuda"], *, artifact: On
                 raise BadInput("the ONNX engine needs the exported artifact; call ensure_onnx first")
             runtime = OnnxRuntime(artifact, threads)
         else:
-            runtime = TorchRuntime(spec, device, threads)
+            runtime = TorchRuntime(spec, torch_device, threads)
         _CACHE.clear()  # one model per worker at a time: models are large, jobs use one
         _CACHE[key] = runtime
     return runtime
