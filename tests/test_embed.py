@@ -4,6 +4,7 @@ test's lake (the job verifies it against its manifest before use)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -213,8 +214,7 @@ def test_torch_runtime_path_agrees_with_onnx(lake):
     """The CUDA code path (TorchRuntime) runs here on CPU in float32; no GPU is faked."""
     onnx = run_embed(lake, SETTINGS, runner=LocalRunner(), device="cpu")
     before = _features(lake)
-    monkey = efficientnet_lite("efficientnet-lite0", version="torch-check")
-    MODELS["efficientnet-lite0-torchcheck"] = ModelSpec(**{**monkey.__dict__, "name": "efficientnet-lite0-torchcheck"})
+    MODELS["efficientnet-lite0-torchcheck"] = dataclasses.replace(LITE0, name="efficientnet-lite0-torchcheck")
     try:
         torch_run = run_embed(lake, SETTINGS, model="efficientnet-lite0-torchcheck", runner=LocalRunner(),
                               device="cpu", engine="torch", batch_size=4)
@@ -303,3 +303,11 @@ def test_cuda_is_refused_with_advice_where_no_gpu_is_visible(lake):
     with pytest.raises(BadInput, match="--device cpu or auto"):
         run_embed(lake, SETTINGS, device="cuda", runner=LocalRunner())
     assert not _features(lake)
+
+
+def test_an_empty_lake_embeds_nothing_and_records_the_run(tmp_path):
+    lake = Lake.at(tmp_path / "empty")
+    summary = run_embed(lake, SETTINGS, runner=LocalRunner())
+    assert summary["pending"] == 0 and summary["embedded"] == 0
+    runs = open_table(lake, "job_runs").to_pyarrow_table().to_pylist()
+    assert [r["state"] for r in runs if r["job"] == "embed"].count("succeeded") == 1

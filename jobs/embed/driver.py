@@ -25,7 +25,7 @@ from jobs.embed.partition import STATS_SCHEMA, EmbedJob, embed_partition
 from jobs.embed.runtime import resolve_device
 from jobs.runner import Runner, SparkRunner, default_parallelism, make_runner
 from jobs.runs import job_run
-from lake.catalog import Lake
+from lake.catalog import TABLES, Lake
 from lake.commit import commit_staged, ensure_tables, open_table
 from lake.errors import BadInput
 from lake.lock import LakeLock
@@ -49,7 +49,8 @@ def select_pending(lake: Lake, model_key: str) -> pa.Table:
     try:
         con.execute("SET threads=2")
         if not images.file_uris():
-            return pa.schema([images.schema().to_arrow().field(c) for c in _PENDING_COLUMNS]).empty_table()
+            schema = TABLES["images"].schema
+            return pa.schema([schema.field(c) for c in _PENDING_COLUMNS]).empty_table()
         con.register("images", images.to_pyarrow_dataset())
         if features.file_uris():
             con.register("features", features.to_pyarrow_dataset())
