@@ -135,7 +135,7 @@ def embed_partition(batches: Iterator[pa.RecordBatch], ctx: PartitionContext, *,
     Input columns: ``image_id``, ``uri`` and optionally ``collection``, ``bytes``, ``mtime`` (copied
     into ``rejects`` rows so they carry the same key as ingest's).
     """
-    device = resolve_device(job.device)
+    device = "cpu" if job.engine == "onnx" else resolve_device(job.device)
     runtime = get_runtime(job.spec, device, artifact=job.artifact, threads=job.threads, engine=job.engine)
     features = StagedWriter(job.staging_dir, "features", ctx.partition_id, TABLES["features"].schema)
     rejects = StagedWriter(job.staging_dir, "rejects", ctx.partition_id, TABLES["rejects"].schema)
