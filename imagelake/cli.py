@@ -91,8 +91,14 @@ def _cmd_embed(args, settings: Settings, lake: Lake) -> int:
         raise BadInput(f"embedding needs the 'embed' extra (pip install 'imagelake[embed]'): {e}") from None
     summary = run_embed(lake, settings, model=args.model, device=args.device,
                         progress=not args.no_progress and sys.stderr.isatty())
-    print(summary.line() if hasattr(summary, "line") else json.dumps(summary, default=str))
+    print(embed_line(summary))
     return 0
+
+
+def embed_line(summary: dict[str, Any]) -> str:
+    return (f"embed {summary['run_id']}: {summary['embedded']} images embedded with {summary['model']}, "
+            f"{summary['rejected']} rejected, in {summary['seconds']:.1f} s "
+            f"({summary.get('images_per_s') or 0:.0f} img/s)")
 
 
 def _cmd_sql(args, settings: Settings, lake: Lake) -> int:

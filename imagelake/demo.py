@@ -116,7 +116,8 @@ def build_demo(lake: Lake, settings: Settings, data_dir: str = "./demo-data", fa
         except ImportError:
             run_embed = None
         if run_embed is not None:
-            summary = run_embed(lake, settings, runner=runner, progress=True)
-            print(summary.line() if hasattr(summary, "line") else summary)
+            from imagelake.cli import embed_line
+
+            print(embed_line(run_embed(lake, settings, runner=runner, progress=True)))
     finally:
         runner.close()

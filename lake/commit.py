@@ -14,14 +14,18 @@ the lake's commit lock so two writers never hand out the same seq.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
 from deltalake.exceptions import TableNotFoundError
+from deltalake.transaction import AddAction
 
 from lake.catalog import TABLES, Lake, TableSpec, table_spec
 from lake.lock import LakeLock
@@ -111,11 +115,71 @@ def commit_staged(lake: Lake, table: str, files: list[str], *, run_id: str, dedu
             has_existing = bool(dt_.file_uris())
             if has_existing:
                 con.register("existing", dt_.to_pyarrow_dataset())
+            if lake.is_local and not assign_seq and _conflicts(con, spec, has_existing) == 0:
+                return _adopt(lake, dt_, spec, files, run_id)
             sql = _commit_query(con, spec, dedupe, assign_seq, has_existing)
             reader = con.sql(sql).to_arrow_reader(65536)
             return _write(lake, dt_, spec, reader, run_id)
         finally:
             con.close()
+
+
+def _conflicts(con: duckdb.DuckDBPyConnection, spec: TableSpec, has_existing: bool) -> int:
+    """Rows of ``staged`` whose key repeats among the staged rows or is already in ``existing``."""
+    key = ", ".join(f"s.{k}" for k in spec.key)
+    n = con.execute(f"SELECT count(*) - count(DISTINCT ({key})) FROM staged s").fetchall()[0][0]
+    if has_existing and n == 0:
+        match = " AND ".join(f"e.{k} IS NOT DISTINCT FROM s.{k}" for k in spec.key)
+        n = con.execute(f"SELECT count(*) FROM staged s WHERE EXISTS (SELECT 1 FROM existing e WHERE {match})").fetchall()[0][0]
+    return int(n)
+
+
+def _adopt(lake: Lake, dt_: DeltaTable, spec: TableSpec, files: list[str], run_id: str) -> CommitResult:
+    """Commit staged files as they are: move them into the table folder and add them in one commit.
+
+    Used when no staged key collides, so nothing needs rewriting. A crash between the moves and the
+    commit leaves unreferenced files in the table folder, which readers ignore and the janitor removes.
+    """
+    table_dir = lake.table_uri(spec.name)
+    actions = []
+    for f in files:
+        name = f"part-{run_id}-{os.path.basename(f)}"
+        target = os.path.join(table_dir, name)
+        os.replace(f, target)
+        meta = pq.ParquetFile(target).metadata
+        actions.append(AddAction(path=name, size=os.path.getsize(target), partition_values={},
+                                 modification_time=int(os.path.getmtime(target) * 1000), data_change=True,
+                                 stats=json.dumps(_file_stats(meta, spec))))
+    rows = sum(json.loads(a.stats)["numRecords"] for a in actions)
+    dt_.create_write_transaction(actions, mode="append", schema=spec.schema,
+                                 commit_properties=_commit_properties(spec, run_id))
+    dt_.update_incremental()
+    return CommitResult(spec.name, rows, dt_.version())
+
+
+def _file_stats(meta: pq.FileMetaData, spec: TableSpec) -> dict:
+    """Delta file statistics (row count; min/max/nulls of the key columns) from Parquet metadata."""
+    stats: dict = {"numRecords": meta.num_rows, "minValues": {}, "maxValues": {}, "nullCount": {}}
+    names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+    for col in spec.key:
+        if col not in names:
+            continue
+        i = names.index(col)
+        groups = [meta.row_group(g).column(i).statistics for g in range(meta.num_row_groups)]
+        if not groups or any(g is None or not g.has_min_max for g in groups):
+            continue
+        lo, hi = min(g.min for g in groups), max(g.max for g in groups)
+        if isinstance(lo, (str, int, float)):
+            stats["minValues"][col], stats["maxValues"][col] = lo, hi
+            stats["nullCount"][col] = sum(g.null_count or 0 for g in groups)
+    return stats
+
+
+def _commit_properties(spec: TableSpec, run_id: str) -> CommitProperties:
+    return CommitProperties(
+        custom_metadata={"imagelake.run_id": run_id, "imagelake.table": spec.name},
+        app_transactions=[Transaction(app_id=run_id, version=1, last_updated=int(now_utc().timestamp() * 1000))],
+    )
 
 
 def commit_rows(lake: Lake, table: str, rows: pa.Table | list[dict], *, run_id: str,
@@ -151,11 +215,7 @@ def _write(lake: Lake, dt_: DeltaTable, spec: TableSpec, reader: pa.RecordBatchR
     write_deltalake(
         dt_, counted.reader(), mode="append",
         writer_properties=WriterProperties(compression="ZSTD", max_row_group_size=spec.row_group_rows),
-        commit_properties=CommitProperties(
-            custom_metadata={"imagelake.run_id": run_id, "imagelake.table": spec.name},
-            app_transactions=[Transaction(app_id=run_id, version=1,
-                                          last_updated=int(now_utc().timestamp() * 1000))],
-        ),
+        commit_properties=_commit_properties(spec, run_id),
     )
     dt_.update_incremental()
     return CommitResult(spec.name, counted.rows, dt_.version())

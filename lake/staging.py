@@ -34,12 +34,17 @@ class StagedWriter:
     """Streams one table's rows of one partition into its staged Parquet file.
 
     ``close()`` renames the finished file into place and returns its path, or ``None`` when no row
-    was written (no file is left behind). ``abort()`` removes the temporary file.
+    was written (no file is left behind). ``abort()`` removes the temporary file. With ``sort_by``
+    the partition's rows are buffered and written sorted (with ``row_group_rows`` per row group),
+    so that point lookups by key read one small row group per file.
     """
 
-    def __init__(self, staging_dir: str, table: str, partition: int, schema: pa.Schema):
+    def __init__(self, staging_dir: str, table: str, partition: int, schema: pa.Schema,
+                 sort_by: tuple[str, ...] = (), row_group_rows: int | None = None):
         self.final = staged_path(staging_dir, table, partition)
         self.schema = schema
+        self.sort_by, self.row_group_rows = tuple(sort_by), row_group_rows
+        self._buffer: list[pa.Table] = []
         self.rows = 0
         self._fs, self._final_in_fs = filesystem_for(self.final)
         parent = self._final_in_fs.rsplit("/", 1)[0]
@@ -57,12 +62,22 @@ class StagedWriter:
         if isinstance(rows, pa.RecordBatch):
             rows = pa.Table.from_batches([rows])
         rows = rows.select(self.schema.names).cast(self.schema)
+        self.rows += rows.num_rows
+        if self.sort_by:
+            self._buffer.append(rows)  # sorted as a whole at close()
+            return
+        self._write(rows)
+
+    def _write(self, rows: pa.Table) -> None:
         if self._writer is None:
             self._writer = pq.ParquetWriter(self._tmp, self.schema, filesystem=self._fs, compression="zstd")
-        self._writer.write_table(rows)
-        self.rows += rows.num_rows
+        self._writer.write_table(rows, row_group_size=self.row_group_rows)
 
     def close(self) -> str | None:
+        if self._buffer:
+            rows = pa.concat_tables(self._buffer).sort_by([(c, "ascending") for c in self.sort_by])
+            self._buffer = []
+            self._write(rows)
         if self._writer is None:
             return None
         self._writer.close()
@@ -71,6 +86,7 @@ class StagedWriter:
         return self.final
 
     def abort(self) -> None:
+        self._buffer = []
         if self._writer is not None:
             try:
                 self._writer.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -93,9 +94,13 @@ def inspect_image(data: bytes, *, max_pixels: int, thumbnail_sizes: tuple[int, .
             orientation = 1
         if orientation in (5, 6, 7, 8):
             width, height = height, width
-        biggest = max(thumbnail_sizes)
         if fmt in ("JPEG", "MPO"):
-            im.draft("RGB", (biggest, biggest))
+            # The largest thumbnail's box, in the stored (unrotated) orientation: libjpeg then
+            # decodes at the smallest 1/2, 1/4 or 1/8 scale that still covers it.
+            biggest = max(thumbnail_sizes)
+            sw, sh = im.size
+            scale = min(1.0, biggest / max(sw, sh))
+            im.draft("RGB", (max(1, math.ceil(sw * scale)), max(1, math.ceil(sh * scale))))
         try:
             im.load()
             im = ImageOps.exif_transpose(im)

@@ -60,7 +60,9 @@ def _read(uri: str, size: int | None, max_bytes: int) -> bytes:
 def ingest_partition(batches: Iterator[pa.RecordBatch], ctx: PartitionContext, *,
                      job: IngestJob) -> Iterator[pa.RecordBatch]:
     """Process one partition of the listing (columns uri, bytes, mtime)."""
-    writers = {t: StagedWriter(job.staging_dir, t, ctx.partition_id, TABLES[t].schema) for t in STAGED_TABLES}
+    writers = {t: StagedWriter(job.staging_dir, t, ctx.partition_id, TABLES[t].schema,
+                               sort_by=TABLES[t].sort_by, row_group_rows=TABLES[t].row_group_rows)
+               for t in STAGED_TABLES}
     n_in = n_ok = n_rej = bytes_read = 0
     try:
         for batch in batches:
