@@ -25,7 +25,7 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
         test_config: Flask config overrides (``TESTING`` and the like), applied last.
     """
     settings = settings if settings is not None else load_settings()
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # the dashboard serves its own static files
     app.config.update(MAX_CONTENT_LENGTH=settings.upload_max_bytes)
     app.json.sort_keys = False  # keep table column order in responses
     if test_config:

@@ -24,4 +24,5 @@ def index():
     browse = reader.browse(limit=PAGE, offset=page * PAGE, collection=collection)
     return render_template("index.html", browse=browse, versions=reader.versions(), page=page,
                            page_size=PAGE, collection=collection,
-                           thumb_size=min(reader.settings.thumbnail_sizes, key=lambda s: abs(s - 128)))
+                           thumb_size=min((s for s in reader.settings.thumbnail_sizes if s >= 96),
+                                          default=max(reader.settings.thumbnail_sizes)))
