@@ -64,13 +64,12 @@ def open_table(lake: Lake, name: str) -> DeltaTable:
 
 
 def _sources_dataset(paths: list[str]) -> pads.Dataset:
-    fs, first = filesystem_for(paths[0])
+    fs, _ = filesystem_for(paths[0])
     return pads.dataset([filesystem_for(p)[1] for p in paths], format="parquet", filesystem=fs)
 
 
-def _commit_query(con: duckdb.DuckDBPyConnection, spec: TableSpec, dedupe: bool, assign_seq: bool,
-                  has_existing: bool) -> str:
-    cols = [c for c in spec.schema.names]
+def _commit_query(spec: TableSpec, dedupe: bool, assign_seq: bool, has_existing: bool) -> str:
+    cols = list(spec.schema.names)
     key = ", ".join(f"s.{k}" for k in spec.key)
     where = ""
     if dedupe and has_existing:
@@ -117,9 +116,9 @@ def commit_staged(lake: Lake, table: str, files: list[str], *, run_id: str, dedu
                 con.register("existing", dt_.to_pyarrow_dataset())
             if lake.is_local and not assign_seq and _conflicts(con, spec, has_existing) == 0:
                 return _adopt(lake, dt_, spec, files, run_id)
-            sql = _commit_query(con, spec, dedupe, assign_seq, has_existing)
+            sql = _commit_query(spec, dedupe, assign_seq, has_existing)
             reader = con.sql(sql).to_arrow_reader(65536)
-            return _write(lake, dt_, spec, reader, run_id)
+            return _write(dt_, spec, reader, run_id)
         finally:
             con.close()
 
@@ -201,16 +200,15 @@ def commit_rows(lake: Lake, table: str, rows: pa.Table | list[dict], *, run_id: 
             try:
                 con.register("staged", rows)
                 con.register("existing", dt_.to_pyarrow_dataset())
-                rows = con.sql(_commit_query(con, spec, True, False, True)).to_arrow_table()
+                rows = con.sql(_commit_query(spec, True, False, True)).to_arrow_table()
             finally:
                 con.close()
         if rows.num_rows == 0:
             return CommitResult(table, 0, dt_.version())
-        return _write(lake, dt_, spec, rows.to_reader(), run_id)
+        return _write(dt_, spec, rows.to_reader(), run_id)
 
 
-def _write(lake: Lake, dt_: DeltaTable, spec: TableSpec, reader: pa.RecordBatchReader,
-           run_id: str) -> CommitResult:
+def _write(dt_: DeltaTable, spec: TableSpec, reader: pa.RecordBatchReader, run_id: str) -> CommitResult:
     counted = _Counter(reader, spec)
     write_deltalake(
         dt_, counted.reader(), mode="append",
