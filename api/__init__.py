@@ -10,11 +10,14 @@ from typing import Any
 
 from flask import Flask
 
-from api import errors, health, images, openapi, query, services
+from api import auth, errors, health, images, openapi, query, services
 from api.openapi import API_PREFIX
 from lake.settings import Settings, load_settings
 
-__all__ = ["API_PREFIX", "create_app"]
+__all__ = ["API_PREFIX", "AREAS", "create_app"]
+
+# One module per API area: a blueprint ``bp`` plus ``openapi_paths(settings)`` describing its routes.
+AREAS = (health, auth, images, query, openapi)
 
 
 def create_app(settings: Settings | None = None, test_config: dict[str, Any] | None = None) -> Flask:
@@ -32,8 +35,11 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
         app.config.update(test_config)
     app.config["IMAGELAKE_SETTINGS"] = settings
 
+    app.config["IMAGELAKE_AREAS"] = AREAS
+
     errors.init_app(app)
+    auth.init_app(app)
     services.init_app(app, settings)
-    for blueprint in (health.bp, images.bp, query.bp, openapi.bp):
-        app.register_blueprint(blueprint, url_prefix=API_PREFIX)
+    for area in AREAS:
+        app.register_blueprint(area.bp, url_prefix=API_PREFIX)
     return app

@@ -4,12 +4,37 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
+from api.auth import public
 from api.services import lake_reader
 
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/health")
+@public
 def health():
     reader = lake_reader()
     return jsonify({"ok": True, "tables": reader.versions(), "builds": {}, "lake": reader.lake.root})
+
+
+def openapi_paths(settings) -> dict:
+    from api.openapi import errors, json_response, ref
+
+    return {"/health": {"get": {
+        "summary": "Table versions and loaded builds",
+        "operationId": "health", "security": [],
+        "responses": {"200": json_response(ref("Health"), "The lake is readable"), **errors()},
+    }}}
+
+
+def openapi_schemas(settings) -> dict:
+    return {"Health": {
+        "type": "object", "required": ["ok", "tables", "builds", "lake"],
+        "properties": {
+            "ok": {"const": True},
+            "tables": {"type": "object", "description": "table -> Delta version (null: not created)",
+                       "additionalProperties": {"type": ["integer", "null"]}},
+            "builds": {"type": "object"},
+            "lake": {"type": "string"},
+        },
+    }}

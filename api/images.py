@@ -60,3 +60,77 @@ def thumbnail(image_id: str):
         response = Response(reader.thumbnail(image_id, size), mimetype="image/jpeg", headers=headers)
     response.set_etag(etag)
     return response
+
+
+def openapi_paths(settings) -> dict:
+    from api.openapi import IMAGE_ID_PARAM, errors, json_response, ref
+
+    sizes = list(settings.thumbnail_sizes)
+    default_size = 256 if 256 in sizes else max(sizes)
+    return {
+        "/images": {"get": {
+            "summary": "A page of images in seq order, the total, and image counts per collection",
+            "operationId": "listImages",
+            "parameters": [
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 60}},
+                {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}},
+                {"name": "collection", "in": "query", "schema": {"type": "string"}},
+            ],
+            "responses": {
+                "200": json_response({"type": "object", "required": ["ok", "images", "total", "collections"], "properties": {
+                    "ok": {"const": True}, "images": {"type": "array", "items": {"type": "object"}},
+                    "total": {"type": "integer"}, "collections": {"type": "object"}}}, "One page"),
+                **errors(400),
+            },
+        }},
+        "/images/{image_id}": {"get": {
+            "summary": "Image metadata and every path it was seen at",
+            "operationId": "getImage",
+            "parameters": [IMAGE_ID_PARAM],
+            "responses": {
+                "200": json_response({"type": "object", "required": ["ok", "image"], "properties": {
+                    "ok": {"const": True}, "image": ref("Image")}}, "The image"),
+                **errors(400, 404),
+            },
+        }},
+        "/images/{image_id}/thumbnail": {"get": {
+            "summary": "JPEG thumbnail; immutable, cacheable forever, strong ETag",
+            "operationId": "getThumbnail",
+            "parameters": [IMAGE_ID_PARAM, {
+                "name": "size", "in": "query", "required": False,
+                "description": "Longest side in px",
+                "schema": {"type": "integer", "enum": sizes, "default": default_size},
+            }, {
+                "name": "If-None-Match", "in": "header", "required": False,
+                "schema": {"type": "string"},
+            }],
+            "responses": {
+                "200": {
+                    "description": "The JPEG",
+                    "headers": {
+                        "ETag": {"schema": {"type": "string"}},
+                        "Cache-Control": {"schema": {"type": "string"}},
+                    },
+                    "content": {"image/jpeg": {"schema": {"type": "string", "contentMediaType": "image/jpeg"}}},
+                },
+                "304": {"description": "Not modified (If-None-Match matched the ETag)"},
+                **errors(400, 404),
+            },
+        }},
+    }
+
+
+def openapi_schemas(settings) -> dict:
+    return {"Image": {
+        "type": "object", "required": ["image_id", "seq", "uri", "uris"],
+        "properties": {
+            "image_id": {"type": "string"}, "seq": {"type": "integer"},
+            "uri": {"type": "string"}, "collection": {"type": ["string", "null"]},
+            "format": {"type": ["string", "null"]}, "width": {"type": ["integer", "null"]},
+            "height": {"type": ["integer", "null"]}, "bytes": {"type": ["integer", "null"]},
+            "mtime": {"type": ["string", "null"], "format": "date-time"},
+            "run_id": {"type": ["string", "null"]},
+            "ingested_at": {"type": ["string", "null"], "format": "date-time"},
+            "uris": {"type": "array", "items": {"type": "string"}},
+        },
+    }}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
+from api.auth import requires
 from api.services import lake_reader
 from lake.errors import BadInput
 from lake.sql import jsonable
@@ -14,6 +15,7 @@ _USAGE = 'send a JSON object like {"sql": "SELECT count(*) FROM images", "max_ro
 
 
 @bp.post("/sql")
+@requires("read")
 def sql():
     reader = lake_reader()
     body = request.get_json(force=True, silent=True)
@@ -35,3 +37,35 @@ def sql():
         "truncated": result.truncated,
         "elapsed_ms": result.elapsed_ms,
     })
+
+
+def openapi_paths(settings) -> dict:
+    from api.openapi import errors, json_response, ref
+
+    return {"/sql": {"post": {
+        "summary": "Read-only SQL over every lake table",
+        "description": f"One SELECT statement; at most {settings.sql_max_rows} rows and "
+                       f"{settings.sql_timeout_s} s. A query that runs too long is a 400. Needs the read scope.",
+        "operationId": "sql",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["sql"], "properties": {
+                "sql": {"type": "string", "minLength": 1},
+                "max_rows": {"type": "integer", "minimum": 1, "maximum": settings.sql_max_rows},
+            }}}}},
+        "responses": {"200": json_response(ref("QueryResult"), "The result"), **errors(400, 413)},
+    }}}
+
+
+def openapi_schemas(settings) -> dict:
+    return {"QueryResult": {
+        "type": "object",
+        "required": ["ok", "columns", "types", "rows", "truncated", "elapsed_ms"],
+        "properties": {
+            "ok": {"const": True},
+            "columns": {"type": "array", "items": {"type": "string"}},
+            "types": {"type": "array", "items": {"type": "string"}},
+            "rows": {"type": "array", "items": {"type": "array"}},
+            "truncated": {"type": "boolean"},
+            "elapsed_ms": {"type": "number"},
+        },
+    }}

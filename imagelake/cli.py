@@ -64,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="port (default 8000)")
     s.add_argument("--no-serve", action="store_true", help="build the lake and exit")
 
+    s = sub.add_parser("token", help="create, list or revoke API tokens")
+    tsub = s.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    t = tsub.add_parser("create", help="create a token and print it (shown once)")
+    t.add_argument("--scope", choices=["read", "curate", "admin"], required=True)
+    t.add_argument("--name", default="", help="who or what the token is for")
+    tsub.add_parser("list", help="list tokens (ids, names, scopes; never secrets)")
+    t = tsub.add_parser("revoke", help="revoke a token by id")
+    t.add_argument("token_id")
+
     sub.add_parser("settings", help="print the effective settings and where they came from")
     return p
 
@@ -160,6 +169,23 @@ def _cmd_demo(args, settings: Settings, lake: Lake) -> int:
     return 0
 
 
+def _cmd_token(args, settings: Settings, lake: Lake) -> int:
+    from lake.tokens import create_token, list_tokens, revoke_token
+
+    if args.token_command == "create":
+        token_id, token = create_token(lake.ensure(), args.scope, args.name)
+        print(token)
+        print(f"token {token_id} ({args.scope}) created; it is shown only now, keep it safe", file=sys.stderr)
+    elif args.token_command == "list":
+        for t in list_tokens(lake):
+            state = f"revoked {t['revoked_at']:%Y-%m-%d %H:%M}" if t["revoked_at"] else "active"
+            print(f"{t['token_id']}  {t['scope']:<6}  {state:<24}  {t['name']}")
+    else:
+        revoke_token(lake, args.token_id)
+        print(f"token {args.token_id} revoked")
+    return 0
+
+
 def _cmd_settings(args, settings: Settings, lake: Lake) -> int:
     print(json.dumps({"settings": settings.to_dict(), "sources": list(settings.sources)}, indent=2, default=list))
     return 0
@@ -167,7 +193,7 @@ def _cmd_settings(args, settings: Settings, lake: Lake) -> int:
 
 _COMMANDS = {
     "ingest": _cmd_ingest, "embed": _cmd_embed, "sql": _cmd_sql, "status": _cmd_status, "serve": _cmd_serve,
-    "janitor": _cmd_janitor, "demo": _cmd_demo, "settings": _cmd_settings,
+    "janitor": _cmd_janitor, "demo": _cmd_demo, "token": _cmd_token, "settings": _cmd_settings,
 }
 
 

@@ -135,6 +135,14 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         pa.field("gy", pa.int32()),
         pa.field("created_at", _TS),
     ]),
+    _spec("tokens", ["token_id", "action"], "API tokens, append-only: a create row (scope, sha256 of the secret) and maybe a revoke row.", [
+        pa.field("token_id", pa.string(), nullable=False),
+        pa.field("action", pa.string(), nullable=False),
+        pa.field("scope", pa.string()),
+        pa.field("name", pa.string()),
+        pa.field("secret_sha256", pa.string()),
+        pa.field("at", _TS),
+    ]),
     _spec("job_runs", ["run_id", "state"], "One row when a job run starts and one when it ends (state running, then succeeded or failed).", [
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("job", pa.string(), nullable=False),
@@ -199,3 +207,17 @@ class Lake:
             for sub in ("tables", "artifacts", "_staging", "_locks"):
                 os.makedirs(self.path(sub), exist_ok=True)
         return self
+
+
+def markdown(names: list[str] | None = None) -> str:
+    """The README's section for each table (``python -m lake.catalog`` prints them all)."""
+    out = []
+    for spec in (TABLES[n] for n in (names or TABLES)):
+        rows = "\n".join(f"| `{f.name}` | {f.type}{'' if f.nullable else ', not null'} |" for f in spec.schema)
+        out.append(f"**`{spec.name}`** — {spec.description} Key: {', '.join(spec.key)}.\n\n"
+                   f"| column | type |\n|---|---|\n{rows}\n")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(markdown())

@@ -78,8 +78,19 @@ def app(settings):
 
 
 @pytest.fixture
-def client(app):
-    return app.test_client()
+def admin_token(lake) -> str:
+    """A token with the admin scope in ``lake``."""
+    from lake.tokens import create_token
+
+    return create_token(lake, "admin", "test admin")[1]
+
+
+@pytest.fixture
+def client(app, admin_token):
+    """A Flask test client that sends an admin token with every request."""
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {admin_token}"
+    return client
 
 
 @pytest.fixture

@@ -108,7 +108,7 @@ def test_health_lists_every_table_with_its_version(client, lake):
     # create (version 0) + one commit for the three written tables
     assert {t: body["tables"][t] for t in ("images", "sources", "thumbnails")} == \
         {"images": 1, "sources": 1, "thumbnails": 1}
-    assert all(v == 0 for t, v in body["tables"].items() if t not in ("images", "sources", "thumbnails"))
+    assert all(v == 0 for t, v in body["tables"].items() if t not in ("images", "sources", "thumbnails", "tokens"))
 
 
 def test_image_metadata_round_trip_with_every_uri(client, ids):
@@ -211,7 +211,7 @@ def test_forbidden_or_bad_sql_is_400(client, sql):
 
 
 def test_slow_sql_is_stopped_with_a_400(settings):
-    app = create_app(settings.replace(sql_timeout_s=0.3), {"TESTING": True})
+    app = create_app(settings.replace(sql_timeout_s=0.3, auth=False), {"TESTING": True})
     try:
         started = time.monotonic()
         response = app.test_client().post(f"{API_PREFIX}/sql", json={
@@ -267,7 +267,7 @@ def test_unknown_path_and_wrong_method(client):
 
 
 def test_body_too_large_is_413(settings):
-    app = create_app(settings.replace(upload_max_bytes=100), {"TESTING": True})
+    app = create_app(settings.replace(upload_max_bytes=100, auth=False), {"TESTING": True})
     try:
         body = assert_error(app.test_client().post(f"{API_PREFIX}/sql", json={"sql": "SELECT 1 -- " + "x" * 200}), 413)
         assert "100 bytes" in body["error"]
@@ -276,7 +276,7 @@ def test_body_too_large_is_413(settings):
 
 
 def test_unexpected_errors_are_500_without_internals_and_logged(settings, caplog):
-    app = create_app(settings, {"TESTING": True})
+    app = create_app(settings.replace(auth=False), {"TESTING": True})
 
     @app.get(f"{API_PREFIX}/boom")
     def boom():
@@ -308,7 +308,7 @@ def test_openapi_describes_every_route(app, client):
 def test_a_new_commit_becomes_visible_after_refresh(lake_factory):
     lake = lake_factory("fresh")
     first = commit_photos(lake, [(make_photo(10), ["/in/10.jpg"])], run_id="run-a")
-    app = create_app(Settings().replace(lake=lake.root, refresh_s=3600.0), {"TESTING": True})
+    app = create_app(Settings().replace(auth=False, lake=lake.root, refresh_s=3600.0), {"TESTING": True})
     client = app.test_client()
     try:
         assert client.get(f"{API_PREFIX}/images/{first[0]}").status_code == 200
@@ -330,7 +330,7 @@ def test_a_new_commit_becomes_visible_after_refresh(lake_factory):
 
 def test_refresh_s_zero_sees_commits_on_the_next_request(lake_factory):
     lake = lake_factory("live")
-    app = create_app(Settings().replace(lake=lake.root, refresh_s=0.0), {"TESTING": True})
+    app = create_app(Settings().replace(auth=False, lake=lake.root, refresh_s=0.0), {"TESTING": True})
     client = app.test_client()
     try:
         assert client.post(f"{API_PREFIX}/sql", json={"sql": "SELECT count(*) FROM images"}).get_json()["rows"] == [[0]]
@@ -342,7 +342,7 @@ def test_refresh_s_zero_sees_commits_on_the_next_request(lake_factory):
 
 
 def test_a_lake_with_no_tables_yet_serves_health_and_404s(tmp_path):
-    app = create_app(Settings().replace(lake=str(tmp_path / "not-yet"), refresh_s=0.0), {"TESTING": True})
+    app = create_app(Settings().replace(auth=False, lake=str(tmp_path / "not-yet"), refresh_s=0.0), {"TESTING": True})
     client = app.test_client()
     try:
         body = client.get(f"{API_PREFIX}/health").get_json()
@@ -356,7 +356,7 @@ def test_a_lake_with_no_tables_yet_serves_health_and_404s(tmp_path):
 def test_concurrent_reads_while_a_commit_lands(lake_factory):
     lake = lake_factory("busy")
     ids = commit_photos(lake, [(make_photo(20 + i), [f"/in/{i}.jpg"]) for i in range(4)], run_id="run-1")
-    app = create_app(Settings().replace(lake=lake.root, refresh_s=0.0), {"TESTING": True})
+    app = create_app(Settings().replace(auth=False, lake=lake.root, refresh_s=0.0), {"TESTING": True})
 
     def read(n: int) -> tuple[int, int]:
         client = app.test_client()
@@ -384,7 +384,7 @@ class _LocalLakeTreatedAsRemote(Lake):
 
 def test_object_store_code_path_serves_the_same_rows(photo_lake):
     lake, ids = photo_lake
-    reader = LakeReader(Settings().replace(lake=lake.root, refresh_s=0.0))
+    reader = LakeReader(Settings().replace(auth=False, lake=lake.root, refresh_s=0.0))
     reader.lake = _LocalLakeTreatedAsRemote(lake.root)
     try:
         image = reader.image(ids[0])
@@ -410,9 +410,9 @@ def fork_and_get(app, url):
     return parent, os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 url = "/api/v1/images/" + sys.argv[2]
-fresh = create_app(Settings().replace(lake=sys.argv[1]))  # as gunicorn --preload does
+fresh = create_app(Settings().replace(auth=False, lake=sys.argv[1]))  # as gunicorn --preload does
 print(*fork_and_get(fresh, url))
-used = create_app(Settings().replace(lake=sys.argv[1]))
+used = create_app(Settings().replace(auth=False, lake=sys.argv[1]))
 assert used.test_client().get(url).status_code == 200  # a warm-up request before the fork
 print(*fork_and_get(used, url))
 """

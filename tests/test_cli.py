@@ -98,6 +98,10 @@ def test_serve_runs_gunicorn_and_answers_over_http(tmp_path):
     lake = tmp_path / "lake"
     done = imagelake("--lake", str(lake), "--runner", "local", "ingest", "--images", str(tmp_path / "imgs"))
     assert done.returncode == 0, done.stderr
+    made = imagelake("--lake", str(lake), "token", "create", "--scope", "read")
+    assert made.returncode == 0, made.stderr
+    http = requests.Session()
+    http.headers["Authorization"] = f"Bearer {made.stdout.strip()}"
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO))
     server = subprocess.Popen([sys.executable, "-m", "imagelake", "--lake", str(lake), "serve", "--port", str(port),
@@ -107,28 +111,28 @@ def test_serve_runs_gunicorn_and_answers_over_http(tmp_path):
     try:
         for _ in range(100):
             try:
-                health = requests.get(f"{base}/api/v1/health", timeout=2)
+                health = http.get(f"{base}/api/v1/health", timeout=2)
                 break
             except requests.ConnectionError:
                 time.sleep(0.1)
         else:
             pytest.fail("server did not start: " + server.stderr.read() if server.poll() is not None else "")
         assert health.status_code == 200 and health.json()["tables"]["images"] >= 1
-        page = requests.get(f"{base}/api/v1/images?limit=5", timeout=5).json()
+        page = http.get(f"{base}/api/v1/images?limit=5", timeout=5).json()
         assert page["total"] == 5
         image_id = page["images"][0]["image_id"]
-        thumb = requests.get(f"{base}/api/v1/images/{image_id}/thumbnail?size=64", timeout=5)
+        thumb = http.get(f"{base}/api/v1/images/{image_id}/thumbnail?size=64", timeout=5)
         assert thumb.headers["Content-Type"] == "image/jpeg"
         assert Image.open(io.BytesIO(thumb.content)).size == (64, 48)
-        again = requests.get(f"{base}/api/v1/images/{image_id}/thumbnail?size=64",
+        again = http.get(f"{base}/api/v1/images/{image_id}/thumbnail?size=64",
                              headers={"If-None-Match": thumb.headers["ETag"]}, timeout=5)
         assert again.status_code == 304
-        sql = requests.post(f"{base}/api/v1/sql", json={"sql": "SELECT count(*) FROM images"}, timeout=5).json()
+        sql = http.post(f"{base}/api/v1/sql", json={"sql": "SELECT count(*) FROM images"}, timeout=5).json()
         assert sql["rows"] == [[5]]
-        bad = requests.post(f"{base}/api/v1/sql", json={"sql": "COPY images TO '/tmp/x.csv'"}, timeout=5)
+        bad = http.post(f"{base}/api/v1/sql", json={"sql": "COPY images TO '/tmp/x.csv'"}, timeout=5)
         assert bad.status_code == 400 and bad.json()["ok"] is False
-        assert "gunicorn" in requests.get(f"{base}/api/v1/health", timeout=5).headers.get("Server", "")
-        index = requests.get(f"{base}/", timeout=5)
+        assert "gunicorn" in http.get(f"{base}/api/v1/health", timeout=5).headers.get("Server", "")
+        index = http.get(f"{base}/", timeout=5)
         assert index.status_code == 200 and index.text.count("/thumbnail?size=") == 5
     finally:
         server.terminate()

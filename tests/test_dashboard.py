@@ -14,7 +14,7 @@ def test_index_shows_collections_thumbnails_and_serves_its_assets(tmp_path, lake
     write_images(tmp_path / "dogs", 2, start=100)
     for folder in ("cats", "dogs"):
         run_ingest(lake, local_settings, str(tmp_path / folder))
-    client = create_app(local_settings.replace(refresh_s=0.0), {"TESTING": True}).test_client()
+    client = create_app(local_settings.replace(refresh_s=0.0, auth=False), {"TESTING": True}).test_client()
     page = client.get("/")
     assert page.status_code == 200
     html = page.get_data(as_text=True)

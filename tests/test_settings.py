@@ -63,3 +63,12 @@ def test_readme_documents_every_setting_with_its_default():
         assert s.name in rows, f"README's settings table lacks {s.name}"
         default = ",".join(map(str, s.default)) if isinstance(s.default, tuple) else str(s.default)
         assert rows[s.name] == default, f"README says {s.name} defaults to {rows[s.name]}, code says {default}"
+
+
+def test_readme_documents_every_table_schema():
+    from lake.catalog import TABLES, markdown
+
+    text = README.read_text()
+    for name in TABLES:
+        assert markdown([name]).strip() in text, \
+            f"README's Tables section is out of date for {name}; paste `python -m lake.catalog` output"

@@ -1,0 +1,170 @@
+"""Who may call what: every ``/api/v1`` route needs a token unless it is marked :func:`public`.
+
+Default rule: ``GET``/``HEAD`` need the ``read`` scope, every other method ``curate``; a view can
+ask for more with :func:`requires`. A token comes as ``Authorization: Bearer il_...`` (scripts) or
+in the ``imagelake_token`` cookie that ``POST /session`` sets (the dashboard; HttpOnly,
+SameSite=Strict). A cookie-authenticated write must also come from the same origin (``Origin``, or
+``Sec-Fetch-Site``, or ``Referer``), so a cross-site form post is refused with 403 even in browsers
+that ignore SameSite. With the setting ``auth = false`` every route is open (a trusted laptop only).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+from urllib.parse import urlparse
+
+from flask import Blueprint, Flask, current_app, g, jsonify, request
+
+from lake.catalog import Lake
+from lake.errors import BadInput, Forbidden, Unauthorized
+from lake.tokens import SCOPES, Principal, TokenStore
+
+__all__ = ["COOKIE", "bp", "current_principal", "init_app", "public", "requires"]
+
+COOKIE = "imagelake_token"
+_SAFE = {"GET", "HEAD", "OPTIONS"}
+F = TypeVar("F", bound=Callable)
+
+bp = Blueprint("auth", __name__)
+
+
+def public(view: F) -> F:
+    """Mark a view as open to anyone (health, the OpenAPI document, login)."""
+    view._imagelake_scope = None  # type: ignore[attr-defined]
+    return view
+
+
+def requires(scope: str) -> Callable[[F], F]:
+    """Mark a view as needing ``scope`` (e.g. ``admin``) instead of the method's default."""
+    if scope not in SCOPES:
+        raise ValueError(scope)
+
+    def mark(view: F) -> F:
+        view._imagelake_scope = scope  # type: ignore[attr-defined]
+        return view
+    return mark
+
+
+def current_principal() -> Principal | None:
+    """The caller of this request (``None`` when auth is off or the route is public)."""
+    return g.get("principal")
+
+
+def _presented() -> tuple[str | None, bool]:
+    header = request.headers.get("Authorization", "")
+    if header:
+        kind, _, value = header.partition(" ")
+        if kind.lower() != "bearer" or not value.strip():
+            raise Unauthorized('the Authorization header must be "Bearer <token>"')
+        return value.strip(), False
+    cookie = request.cookies.get(COOKIE)
+    return (cookie, True) if cookie else (None, False)
+
+
+def _same_origin() -> bool:
+    host = request.host
+    origin = request.headers.get("Origin")
+    if origin:
+        return origin != "null" and urlparse(origin).netloc == host
+    site = request.headers.get("Sec-Fetch-Site")
+    if site:
+        return site in {"same-origin", "none"}
+    referer = request.headers.get("Referer")
+    return bool(referer) and urlparse(referer).netloc == host
+
+
+def _check() -> None:
+    if request.routing_exception is not None or request.endpoint is None:
+        return  # 404/405 answer as they are
+    view = current_app.view_functions[request.endpoint]
+    needed = getattr(view, "_imagelake_scope", "read" if request.method in _SAFE else "curate")
+    settings = current_app.config["IMAGELAKE_SETTINGS"]
+    if needed is None or not settings.auth:
+        return
+    token, from_cookie = _presented()
+    if token is None:
+        raise Unauthorized("this route needs a token: send \"Authorization: Bearer <token>\" "
+                           "(make one with `imagelake token create --scope read|curate|admin`)")
+    principal = current_app.extensions["imagelake.tokens"].verify(token)
+    if principal is None:
+        raise Unauthorized("the token is unknown, revoked or malformed")
+    if from_cookie and request.method not in _SAFE and not _same_origin():
+        raise Forbidden("cross-site request refused: a cookie-authenticated write must come from this site")
+    if not principal.allows(needed):
+        raise Forbidden(f"this route needs the {needed!r} scope; the token has {principal.scope!r}")
+    g.principal = principal
+
+
+def _add_www_authenticate(response):
+    if response.status_code == 401:
+        response.headers.setdefault("WWW-Authenticate", 'Bearer realm="imagelake"')
+    return response
+
+
+@bp.post("/session")
+@public
+def login():
+    """Trade a token for an HttpOnly, SameSite=Strict cookie (the dashboard's login)."""
+    body = request.get_json(force=True, silent=True)
+    token = body.get("token") if isinstance(body, dict) else None
+    if not isinstance(token, str) or not token:
+        raise BadInput('send a JSON object like {"token": "il_..."}')
+    principal = current_app.extensions["imagelake.tokens"].verify(token)
+    if principal is None:
+        raise Unauthorized("the token is unknown, revoked or malformed")
+    response = jsonify({"ok": True, "token_id": principal.token_id, "name": principal.name,
+                        "scope": principal.scope})
+    response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", secure=request.is_secure,
+                        path="/", max_age=30 * 24 * 3600)
+    return response
+
+
+@bp.get("/session")
+def whoami():
+    principal = current_principal()
+    if principal is None:
+        return jsonify({"ok": True, "token_id": None, "name": None, "scope": "admin", "auth": False})
+    return jsonify({"ok": True, "token_id": principal.token_id, "name": principal.name,
+                    "scope": principal.scope, "auth": True})
+
+
+@bp.delete("/session")
+@public
+def logout():
+    response = jsonify({"ok": True})
+    response.delete_cookie(COOKIE, path="/", httponly=True, samesite="Strict")
+    return response
+
+
+def init_app(app: Flask) -> None:
+    settings = app.config["IMAGELAKE_SETTINGS"]
+    app.extensions["imagelake.tokens"] = TokenStore(Lake.at(settings.lake), settings.refresh_s)
+    app.before_request(_check)
+    app.after_request(_add_www_authenticate)
+
+
+def openapi_paths(settings) -> dict:
+    from api.openapi import errors, json_response
+
+    session = {"type": "object", "required": ["ok", "scope"], "properties": {
+        "ok": {"const": True}, "token_id": {"type": ["string", "null"]}, "name": {"type": ["string", "null"]},
+        "scope": {"enum": list(SCOPES)}, "auth": {"type": "boolean"}}}
+    return {"/session": {
+        "post": {
+            "summary": "Log in: trade a token for an HttpOnly SameSite=Strict cookie",
+            "operationId": "login", "security": [],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["token"], "properties": {"token": {"type": "string"}}}}}},
+            "responses": {"200": json_response(session, "Logged in; the cookie is set"), **errors(400, 401)},
+        },
+        "get": {
+            "summary": "Who the caller is (token id, name, scope)",
+            "operationId": "whoami",
+            "responses": {"200": json_response(session, "The caller"), **errors(401)},
+        },
+        "delete": {
+            "summary": "Log out: clear the cookie",
+            "operationId": "logout", "security": [],
+            "responses": {"200": json_response({"type": "object"}, "Logged out"), **errors()},
+        },
+    }}
