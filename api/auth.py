@@ -19,7 +19,7 @@ from lake.catalog import Lake
 from lake.errors import BadInput, Forbidden, Unauthorized
 from lake.tokens import SCOPES, Principal, TokenStore
 
-__all__ = ["COOKIE", "bp", "current_principal", "init_app", "public", "requires"]
+__all__ = ["COOKIE", "bp", "current_principal", "init_app", "public", "requires", "same_origin", "set_login_cookie"]
 
 COOKIE = "imagelake_token"
 _SAFE = {"GET", "HEAD", "OPTIONS"}
@@ -61,7 +61,8 @@ def _presented() -> tuple[str | None, bool]:
     return (cookie, True) if cookie else (None, False)
 
 
-def _same_origin() -> bool:
+def same_origin() -> bool:
+    """Whether this request demonstrably comes from a page of this site."""
     host = request.host
     origin = request.headers.get("Origin")
     if origin:
@@ -76,6 +77,8 @@ def _same_origin() -> bool:
 def _check() -> None:
     if request.routing_exception is not None or request.endpoint is None:
         return  # 404/405 answer as they are
+    if request.endpoint == "static" or request.endpoint.endswith(".static"):
+        return  # stylesheets, scripts and icons hold no data
     view = current_app.view_functions[request.endpoint]
     needed = getattr(view, "_imagelake_scope", "read" if request.method in _SAFE else "curate")
     settings = current_app.config["IMAGELAKE_SETTINGS"]
@@ -88,7 +91,7 @@ def _check() -> None:
     principal = current_app.extensions["imagelake.tokens"].verify(token)
     if principal is None:
         raise Unauthorized("the token is unknown, revoked or malformed")
-    if from_cookie and request.method not in _SAFE and not _same_origin():
+    if from_cookie and request.method not in _SAFE and not same_origin():
         raise Forbidden("cross-site request refused: a cookie-authenticated write must come from this site")
     if not principal.allows(needed):
         raise Forbidden(f"this route needs the {needed!r} scope; the token has {principal.scope!r}")
@@ -114,6 +117,11 @@ def login():
         raise Unauthorized("the token is unknown, revoked or malformed")
     response = jsonify({"ok": True, "token_id": principal.token_id, "name": principal.name,
                         "scope": principal.scope})
+    return set_login_cookie(response, token)
+
+
+def set_login_cookie(response, token: str):
+    """Put ``token`` in the HttpOnly, SameSite=Strict login cookie of ``response``."""
     response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", secure=request.is_secure,
                         path="/", max_age=30 * 24 * 3600)
     return response

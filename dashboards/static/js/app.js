@@ -1,0 +1,44 @@
+// The app shell: tabs as hash routes; each view is mounted the first time it is shown.
+import {api, toast} from "./api.js";
+import {mountBrowse} from "./browse.js";
+import {mountDetails} from "./details.js";
+import {mountSql} from "./sql.js";
+
+const body = document.body;
+const thumbSmall = Number(body.dataset.thumbSmall);
+const thumbLarge = Number(body.dataset.thumbLarge);
+const details = mountDetails(document.getElementById("details"), {thumbSize: thumbLarge, onOpen: (id) => details.open(id)});
+const context = {thumbSmall, thumbLarge, scope: body.dataset.scope, openDetails: (id) => details.open(id)};
+
+const views = {
+  browse: async (root) => mountBrowse(root, {thumbSize: thumbLarge, onOpen: context.openDetails}).load(),
+  sql: async (root) => mountSql(root),
+  curate: async (root) => (await import("./curate.js")).mountCurate(root, context),
+  map: async (root) => (await import("./map.js")).mountMap(root, context),
+  search: async (root) => (await import("./search.js")).mountSearch(root, context),
+};
+const mounted = {};
+
+async function show() {
+  const name = (location.hash || "#curate").slice(1);
+  const view = views[name] ? name : "curate";
+  for (const section of document.querySelectorAll(".view")) section.hidden = section.id !== `view-${view}`;
+  for (const tab of document.querySelectorAll("#tabs a")) tab.classList.toggle("active", tab.dataset.view === view);
+  document.dispatchEvent(new CustomEvent("imagelake:view", {detail: view}));
+  if (!mounted[view]) {
+    mounted[view] = true;
+    try {
+      await views[view](document.getElementById(`view-${view}`));
+    } catch (e) {
+      mounted[view] = false;
+      toast(e.message, "error");
+    }
+  }
+}
+
+document.getElementById("logout").addEventListener("click", async () => {
+  await api("/session", {method: "DELETE"});
+  location.assign("/login");
+});
+window.addEventListener("hashchange", show);
+show();

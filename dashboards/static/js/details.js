@@ -1,0 +1,58 @@
+// The image drawer: metadata, tags, clusters and similar images of one image. Each part loads on
+// its own, so a lake without an index or tags still shows the rest.
+import {api, el, thumbUrl} from "./api.js";
+
+export function mountDetails(root, {thumbSize, onOpen}) {
+  const body = root.querySelector("#details-body");
+  root.querySelector("#details-close").addEventListener("click", () => close());
+
+  function close() {
+    root.hidden = true;
+  }
+
+  async function section(title, load) {
+    const box = el("section", {class: "details-part"}, el("h3", {}, title), el("p", {class: "muted"}, "loading…"));
+    body.append(box);
+    try {
+      const content = await load();
+      box.lastChild.replaceWith(content);
+    } catch (e) {
+      box.lastChild.replaceWith(el("p", {class: "muted"}, e.status === 503 || e.status === 404 ? "not available yet" : e.message));
+    }
+  }
+
+  async function open(imageId) {
+    root.hidden = false;
+    root.dataset.imageId = imageId;
+    body.replaceChildren(el("img", {class: "details-image", alt: "selected image", src: thumbUrl(imageId, thumbSize)}));
+    await Promise.all([
+      section("Image", async () => {
+        const {image} = await api(`/images/${imageId}`);
+        const rows = Object.entries(image).filter(([k]) => k !== "uris" && k !== "metadata");
+        const meta = image.metadata ? Object.entries(image.metadata) : [];
+        return el("dl", {}, [...rows, ...meta].flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, typeof v === "object" && v !== null ? JSON.stringify(v) : String(v ?? "∅"))]),
+                  el("dt", {}, "paths"), el("dd", {}, image.uris.join("\n")));
+      }),
+      section("Tags", async () => {
+        const res = await api(`/images/${imageId}/tags`);
+        const tags = res.tags || [];
+        return tags.length ? el("ul", {class: "chips"}, tags.map((t) => el("li", {title: `${t.source} ${t.score ?? ""}`}, t.tag)))
+                           : el("p", {class: "muted"}, "no tags");
+      }),
+      section("Clusters", async () => {
+        const res = await api(`/images/${imageId}/clusters`);
+        const items = res.clusters || [];
+        return items.length ? el("ul", {}, items.map((c) => el("li", {}, `${c.kind} ${c.cluster_id}${c.level != null ? ` (level ${c.level})` : ""}`)))
+                            : el("p", {class: "muted"}, "in no cluster");
+      }),
+      section("Similar images", async () => {
+        const res = await api(`/search/similar?image_id=${imageId}&k=12`);
+        return el("div", {class: "mini-grid"}, res.results.map((r) =>
+          el("button", {type: "button", class: "cell", title: `score ${r.score.toFixed(3)}`, onclick: () => onOpen(r.image_id)},
+             el("img", {loading: "lazy", alt: "similar image", src: thumbUrl(r.image_id, thumbSize)}))));
+      }),
+    ]);
+  }
+
+  return {open, close};
+}

@@ -1,0 +1,91 @@
+"""The dashboard in a real headless Chromium (playwright driving Debian's /usr/bin/chromium)
+against `imagelake serve`. Screenshots of each view go to test-artifacts/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from browser import running_server
+from conftest import write_images
+from jobs.ingest.driver import run_ingest
+from lake.catalog import Lake
+from lake.settings import Settings
+from lake.tokens import create_token
+
+CHROMIUM = os.environ.get("IMAGELAKE_CHROMIUM", "/usr/bin/chromium")
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"{CHROMIUM} is not installed")]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser")
+    lake = Lake.at(root / "lake")
+    settings = Settings(lake=lake.root, runner="local", partition_files=16)
+    write_images(root / "cats", 30, size=(96, 72))
+    write_images(root / "dogs", 20, start=500, size=(96, 72))
+    for folder in ("cats", "dogs"):
+        run_ingest(lake, settings, str(root / folder))
+    _, token = create_token(lake, "curate", "browser test")
+    with running_server(lake.root) as base:
+        yield {"base": base, "token": token, "lake": lake}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, site, artifacts_dir, request):
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(site["base"] + "/")
+    page.wait_for_url("**/login")
+    page.fill("#token", site["token"])
+    page.click("button[type=submit]")
+    page.wait_for_url(site["base"] + "/")
+    yield page
+    page.screenshot(path=str(artifacts_dir / f"dashboard-{request.node.name}.png"), full_page=True)
+    context.close()
+    assert errors == [], errors
+
+
+def test_login_then_browse_collections_and_open_an_image(page, site):
+    page.goto(site["base"] + "/#browse")
+    page.wait_for_selector("#browse-grid .cell img")
+    assert page.locator("#browse-collections button").all_inner_texts()[:1] == ["all (50)"]
+    page.wait_for_function("[...document.querySelectorAll('#browse-grid img')].slice(0, 5).every(i => i.complete && i.naturalWidth > 0)")
+    page.click("#browse-collections button:has-text('dogs')")
+    page.wait_for_function("document.querySelector('#browse-title').textContent.includes('20 images')")
+    page.locator("#browse-grid .cell").first.click()
+    page.wait_for_selector("#details:not([hidden]) dl dt")
+    assert "collection" in page.inner_text("#details dl")
+
+
+def test_sql_preset_shows_a_table_and_a_chart(page, site):
+    page.goto(site["base"] + "/#sql")
+    page.click("#sql-presets button:has-text('Images per collection')")
+    page.wait_for_selector("#sql-result table tbody tr")
+    rows = page.locator("#sql-result tbody tr").all_inner_texts()
+    assert any("cats" in r and "30" in r for r in rows)
+    assert page.locator("#sql-chart svg rect.bar").count() == 2
+    page.fill("#sql-text", "SELECT nope FROM images")
+    page.click("#sql-form button[type=submit]")
+    page.wait_for_selector("#sql-status.error")
+
+
+def test_logout_returns_to_the_login_page(page, site):
+    page.click("#logout")
+    page.wait_for_url("**/login")
