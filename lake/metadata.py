@@ -9,7 +9,7 @@ reason and the row as JSON; nothing is dropped silently.
 
 Types: ``string``, ``int`` (int64), ``float`` (double), ``bool``, ``date``, ``timestamp`` (UTC) and
 ``list<one of those>``. CSV cells are inferred (a column is int when every value is an integer
-without leading zeros, then float, bool, date, timestamp, else string; a column whose every value is
+without leading zeros, then float (likewise), bool, date, timestamp, else string; a column whose every value is
 a JSON array is ``list<string>``); JSON lines and Parquet keep their own types (nested objects are
 stored as JSON text). ``--type COL=TYPE`` overrides; a column already in the lake keeps its type.
 
@@ -151,7 +151,8 @@ def _infer_csv(con: duckdb.DuckDBPyConnection, columns: list[str]) -> dict[str, 
         return {}
     checks = {
         "int": "regexp_full_match(%s, '-?(0|[1-9][0-9]*)') AND TRY_CAST(%s AS BIGINT) IS NOT NULL",
-        "float": "TRY_CAST(%s AS DOUBLE) IS NOT NULL",
+        "float": "regexp_full_match(%s, '-?(0|[1-9][0-9]*)?([.][0-9]*)?([eE][-+]?[0-9]+)?') "
+                 "AND TRY_CAST(%s AS DOUBLE) IS NOT NULL",
         "bool": "lower(%s) IN ('true', 'false')",
         "date": "regexp_full_match(%s, '[0-9]{4}-[0-9]{2}-[0-9]{2}') AND TRY_CAST(%s AS DATE) IS NOT NULL",
         "timestamp": "regexp_matches(%s, '^[0-9]{4}-[0-9]{2}-[0-9]{2}[ T][0-9]{2}:[0-9]{2}') "
