@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("metadata", help="import your own per-image metadata; list its columns")
     msub = s.add_subparsers(dest="metadata_command", required=True, metavar="ACTION")
-    m = msub.add_parser("import", help="import a CSV, JSON-lines or Parquet file (MERGE on image_id)")
+    m = msub.add_parser("import", help="import a CSV, JSON-lines or Parquet file (upsert on image_id)")
     m.add_argument("file", metavar="FILE")
     m.add_argument("--key", required=True, choices=["filename", "uri", "image_id"],
                    help="how a row names its image: file name (with or without extension), URI, or image id")

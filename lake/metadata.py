@@ -2,7 +2,7 @@
 
 Each row of the file names an image by a key — its file name, its URI, or its image id — and its
 other columns become columns of ``metadata`` (one row per ``image_id``). Re-importing updates the
-rows it keys (a Delta MERGE on ``image_id``: the file's columns are overwritten, other columns kept)
+rows it keys (an upsert on ``image_id``: the file's columns are overwritten, other columns kept)
 and a column the table lacks is added (Delta schema evolution). Rows that match no image, match
 several, repeat an image, or hold a value of the wrong type go to ``metadata_rejects`` with the
 reason and the row as JSON; nothing is dropped silently.
@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
-from deltalake import CommitProperties, Transaction
+from deltalake import CommitProperties, Transaction, WriterProperties, write_deltalake
 
 from lake.catalog import TABLES, Lake
 from lake.commit import commit_rows, now_utc, open_table
@@ -277,7 +277,7 @@ def import_metadata(lake: Lake, path: str | os.PathLike, *, key: str, key_column
                     collection: str | None = None, types: Mapping[str, str] | None = None,
                     lists: Sequence[str] = (), list_sep: str = ";", fmt: str | None = None,
                     run_id: str) -> ImportSummary:
-    """Import one metadata file into ``metadata`` (MERGE on image_id); rejects to ``metadata_rejects``.
+    """Import one metadata file into ``metadata`` (upsert on image_id); rejects to ``metadata_rejects``.
 
     Args:
         key: how a row names its image: ``filename`` (the last path segment of an image's URI, with
@@ -345,6 +345,8 @@ def import_metadata(lake: Lake, path: str | os.PathLike, *, key: str, key_column
     finally:
         con.close()
     summary.imported = accepted.num_rows
+    if not summary.imported:
+        summary.new_columns = []   # nothing written, so no column added
     summary.rejected = len(rejects)
     summary.reasons = dict(Counter(r["reason"] for r in rejects))
     summary.examples = [{k: r[k] for k in ("row_number", "key", "reason", "detail")} for r in rejects[:_EXAMPLES]]
@@ -441,19 +443,44 @@ def _json_default(value: Any) -> Any:
 
 
 def _merge(lake: Lake, rows: pa.Table, run_id: str) -> tuple[int, int]:
-    """MERGE ``rows`` into ``metadata`` on image_id, adding new columns; once per run id.
-    Returns (inserted, updated)."""
+    """Upsert ``rows`` into ``metadata`` on image_id, adding new columns; once per run id.
+
+    Not ``DeltaTable.merge``: in deltalake 1.6.6 MERGE writes Parquet whose Arrow schema says
+    ``string_view``, and ``DeltaTable.to_pyarrow_dataset()`` then fails any filter on those columns
+    (pyarrow: no kernel for string vs string_view). So the new table is computed here (a full outer
+    join in DuckDB: the file's columns from the file, other columns kept) and written as one
+    overwrite with ``schema_mode="merge"`` — one atomic commit, O(table) per import.
+    Returns (inserted, updated).
+    """
     with LakeLock(lake, "commit", timeout=600, holder=f"commit metadata {run_id}"):
         table = open_table(lake, "metadata")
         if rows.num_rows == 0 or table.transaction_version(run_id) is not None:
             return 0, 0
-        columns = {f"`{c}`": f"s.`{c}`" for c in rows.column_names}
-        metrics = (table.merge(rows, predicate="t.image_id = s.image_id", source_alias="s", target_alias="t",
-                               merge_schema=True, commit_properties=_commit_properties(run_id))
-                   .when_matched_update(updates=columns)
-                   .when_not_matched_insert(updates=columns)
-                   .execute())
-    return int(metrics["num_target_rows_inserted"]), int(metrics["num_target_rows_updated"])
+        old = list(pa.schema(table.schema().to_arrow()).names)
+        new = [c for c in rows.column_names if c != "image_id"]
+        picks = ["coalesce(n.image_id, e.image_id) AS image_id"]
+        for c in old[1:] + [c for c in new if c not in old]:
+            if c in new and c in old:
+                picks.append(f"CASE WHEN n.image_id IS NOT NULL THEN n.{_q(c)} ELSE e.{_q(c)} END AS {_q(c)}")
+            else:
+                picks.append(f"{'n' if c in new else 'e'}.{_q(c)} AS {_q(c)}")
+        con = duckdb.connect(config={"threads": 2})
+        try:
+            con.execute("SET TimeZone='UTC'")
+            con.register("incoming", rows)
+            con.register("existing", table.to_pyarrow_dataset() if table.file_uris()
+                         else TABLES["metadata"].schema.empty_table())
+            counts = con.sql("SELECT count(*) FILTER (WHERE e.image_id IS NULL), count(e.image_id) FROM incoming n "
+                             "LEFT JOIN existing e ON e.image_id = n.image_id").fetchall()[0]
+            merged = con.sql(f"SELECT {', '.join(picks)} FROM existing e FULL OUTER JOIN incoming n "
+                             "ON e.image_id = n.image_id ORDER BY 1").to_arrow_table()
+        finally:
+            con.close()
+        merged = merged.cast(pa.schema([pa.field("image_id", pa.string(), nullable=False), *list(merged.schema)[1:]]))
+        write_deltalake(table, merged, mode="overwrite", schema_mode="merge",
+                        writer_properties=WriterProperties(compression="ZSTD"),
+                        commit_properties=_commit_properties(run_id))
+    return int(counts[0]), int(counts[1])
 
 
 def _commit_properties(run_id: str) -> CommitProperties:

@@ -154,6 +154,10 @@ def test_reimport_updates_rows_and_new_columns_evolve_the_schema(lake, ids, tmp_
     # the same import again is the same content (MERGE on image_id)
     import_metadata(lake, second, key="filename", run_id="r3")
     assert len(metadata_rows(lake)) == 4
+    # plain string files, so deltalake's own dataset can filter them (MERGE's string_view files could not)
+    import pyarrow.dataset as pads
+    dataset = DeltaTable(lake.table_uri("metadata")).to_pyarrow_dataset()
+    assert dataset.to_table(filter=pads.field("run_id") == "r3").num_rows == 2
     columns = {c["name"]: c["type"] for c in metadata_columns(lake)}
     assert columns == {"image_id": "string", "source_file": "string", "run_id": "string", "imported_at": "timestamp",
                        "id": "string", "year": "int", "title": "string", "subjects": "list<string>"}
