@@ -84,7 +84,7 @@ def openapi_paths(settings) -> dict:
             },
         }},
         "/images/{image_id}": {"get": {
-            "summary": "Image metadata and every path it was seen at",
+            "summary": "Image metadata, its imported metadata columns, and every path it was seen at",
             "operationId": "getImage",
             "parameters": [IMAGE_ID_PARAM],
             "responses": {
@@ -122,7 +122,7 @@ def openapi_paths(settings) -> dict:
 
 def openapi_schemas(settings) -> dict:
     return {"Image": {
-        "type": "object", "required": ["image_id", "seq", "uri", "uris"],
+        "type": "object", "required": ["image_id", "seq", "uri", "uris", "metadata"],
         "properties": {
             "image_id": {"type": "string"}, "seq": {"type": "integer"},
             "uri": {"type": "string"}, "collection": {"type": ["string", "null"]},
@@ -132,5 +132,7 @@ def openapi_schemas(settings) -> dict:
             "run_id": {"type": ["string", "null"]},
             "ingested_at": {"type": ["string", "null"], "format": "date-time"},
             "uris": {"type": "array", "items": {"type": "string"}},
+            "metadata": {"type": "object", "description": "Imported metadata columns with a value "
+                         "(imagelake metadata import); empty when none", "additionalProperties": True},
         },
     }}

@@ -17,18 +17,20 @@ import time
 from typing import Any
 
 import duckdb
+import numpy as np
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 from flask import Flask, current_app
 
 from lake.catalog import TABLES, Lake
 from lake.errors import BadInput, ImagelakeError, NotFound
+from lake.metadata_filter import facet_counts, matching_seqs
 from lake.settings import Settings
 from lake.sql import QueryResult, SqlSandbox
 
 __all__ = ["LakeReader", "SERVED_TABLES", "check_image_id", "init_app", "lake_reader"]
 
-SERVED_TABLES = ("images", "sources", "thumbnails")
+SERVED_TABLES = ("images", "sources", "thumbnails", "metadata")
 _IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 
 
@@ -124,7 +126,8 @@ class LakeReader:
             self._con.unregister("_empty_arrow")
             source = f'"_empty_{name}"'
         elif self.lake.is_local:
-            source = "read_parquet([" + ", ".join(_sql_string(f) for f in files) + "])"
+            union = ", union_by_name=true" if TABLES[name].evolving else ""  # files of older schemas
+            source = "read_parquet([" + ", ".join(_sql_string(f) for f in files) + f"]{union})"
         else:
             # Arrow scans are connection-local: no view, every cursor registers it (see _cursor).
             self._con.execute(f'DROP VIEW IF EXISTS "{name}"')
@@ -161,7 +164,8 @@ class LakeReader:
         return self.refresh()
 
     def image(self, image_id: str) -> dict[str, Any]:
-        """The ``images`` row of ``image_id`` plus ``uris``: every path it was seen at.
+        """The ``images`` row of ``image_id`` plus ``uris`` (every path it was seen at) and ``metadata``
+        (its imported metadata columns that have a value; ``{}`` when none).
 
         Raises:
             BadInput: ``image_id`` is not 64 lowercase hex characters.
@@ -177,7 +181,34 @@ class LakeReader:
             image = dict(zip([d[0] for d in cur.description], row))
             cur.execute("SELECT DISTINCT uri FROM sources WHERE image_id = ?", [image_id])
             image["uris"] = sorted({uri for (uri,) in cur.fetchall()} | {image["uri"]})
+            rows = cur.sql("SELECT * EXCLUDE (image_id) FROM metadata WHERE image_id = ? LIMIT 1",
+                           params=[image_id]).to_arrow_table().to_pylist()
+            image["metadata"] = {k: v for k, v in rows[0].items() if v is not None} if rows else {}
             return image
+        finally:
+            cur.close()
+
+    def facets(self, column: str, *, limit: int = 50, where: Any = None) -> dict[str, Any]:
+        """Image counts per value of an images or metadata column (see :func:`lake.metadata_filter.facet_counts`).
+
+        Raises:
+            NotFound: an unknown column. BadInput: a bad limit or ``where`` filter.
+        """
+        cur = self._cursor()
+        try:
+            return facet_counts(cur, column, limit=limit, filter=where)
+        finally:
+            cur.close()
+
+    def matching_seqs(self, where: Any) -> np.ndarray:
+        """``seq`` of the images matching a metadata filter (:mod:`lake.metadata_filter`), sorted.
+
+        Raises:
+            BadInput: a bad filter.
+        """
+        cur = self._cursor()
+        try:
+            return matching_seqs(cur, where)
         finally:
             cur.close()
 

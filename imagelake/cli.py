@@ -73,6 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
     t = tsub.add_parser("revoke", help="revoke a token by id")
     t.add_argument("token_id")
 
+    s = sub.add_parser("metadata", help="import your own per-image metadata; list its columns")
+    msub = s.add_subparsers(dest="metadata_command", required=True, metavar="ACTION")
+    m = msub.add_parser("import", help="import a CSV, JSON-lines or Parquet file (upsert on image_id)")
+    m.add_argument("file", metavar="FILE")
+    m.add_argument("--key", required=True, choices=["filename", "uri", "image_id"],
+                   help="how a row names its image: file name (with or without extension), URI, or image id")
+    m.add_argument("--key-column", metavar="COL", help="the column holding the key (default: by --key, e.g. "
+                   "filename, file_name, file, id, name for filename)")
+    m.add_argument("--collection", metavar="NAME", help="match only images of this collection")
+    m.add_argument("--type", action="append", default=[], metavar="COL=TYPE",
+                   help="override a column's type: string, int, float, bool, date, timestamp, list<TYPE> (repeatable)")
+    m.add_argument("--list", action="append", default=[], metavar="COL",
+                   help="a CSV column whose cells are lists separated by --list-sep (repeatable)")
+    m.add_argument("--list-sep", default=";", metavar="SEP", help="separator of --list cells (default ;)")
+    m.add_argument("--format", choices=["csv", "jsonl", "parquet"], help="the file's format (default: by extension)")
+    m = msub.add_parser("columns", help="the metadata table's columns, types and filled counts")
+    m.add_argument("--format", choices=["table", "json"], default="table")
+
     sub.add_parser("settings", help="print the effective settings and where they came from")
     return p
 
@@ -186,6 +204,32 @@ def _cmd_token(args, settings: Settings, lake: Lake) -> int:
     return 0
 
 
+def _cmd_metadata(args, settings: Settings, lake: Lake) -> int:
+    from lake.metadata import import_metadata, metadata_columns, parse_type_overrides
+
+    if args.metadata_command == "columns":
+        columns = metadata_columns(lake.ensure())
+        if args.format == "json":
+            print(json.dumps(columns))
+        else:
+            width = max(len(c["name"]) for c in columns)
+            for c in columns:
+                print(f"{c['name']:<{width}}  {c['type']:<14}  {c['values']:>9} values{'  (fixed)' if c['fixed'] else ''}")
+        return 0
+    from jobs.runs import job_run
+
+    types = parse_type_overrides(args.type)
+    with job_run(lake.ensure(), "metadata", {k: v for k, v in vars(args).items() if k != "func"}) as run:
+        summary = import_metadata(lake, args.file, key=args.key, key_column=args.key_column,
+                                  collection=args.collection, types=types, lists=args.list,
+                                  list_sep=args.list_sep, fmt=args.format, run_id=run.run_id)
+        run.rows_in, run.rows_out = summary.rows, summary.imported
+        run.metrics.update(inserted=summary.inserted, updated=summary.updated, rejected=summary.rejected,
+                           reasons=summary.reasons, new_columns=summary.new_columns)
+    print("\n".join(summary.lines()))
+    return 0
+
+
 def _cmd_settings(args, settings: Settings, lake: Lake) -> int:
     print(json.dumps({"settings": settings.to_dict(), "sources": list(settings.sources)}, indent=2, default=list))
     return 0
@@ -194,6 +238,7 @@ def _cmd_settings(args, settings: Settings, lake: Lake) -> int:
 _COMMANDS = {
     "ingest": _cmd_ingest, "embed": _cmd_embed, "sql": _cmd_sql, "status": _cmd_status, "serve": _cmd_serve,
     "janitor": _cmd_janitor, "demo": _cmd_demo, "token": _cmd_token, "settings": _cmd_settings,
+    "metadata": _cmd_metadata,
 }
 
 

@@ -29,10 +29,11 @@ class TableSpec:
     description: str
     sort_by: tuple[str, ...] = ()
     row_group_rows: int | None = None
+    evolving: bool = False  # the schema holds the fixed columns; writes may add more (Delta schema evolution)
 
 
-def _spec(name, key, description, fields, sort_by=(), row_group_rows=None) -> TableSpec:
-    return TableSpec(name, pa.schema(fields), tuple(key), description, tuple(sort_by), row_group_rows)
+def _spec(name, key, description, fields, sort_by=(), row_group_rows=None, evolving=False) -> TableSpec:
+    return TableSpec(name, pa.schema(fields), tuple(key), description, tuple(sort_by), row_group_rows, evolving)
 
 
 TABLES: dict[str, TableSpec] = {t.name: t for t in (
@@ -142,6 +143,24 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         pa.field("name", pa.string()),
         pa.field("secret_sha256", pa.string()),
         pa.field("at", _TS),
+    ]),
+    _spec("metadata", ["image_id"], "Imported per-image metadata (imagelake metadata import); the schema evolves: "
+          "these fixed columns plus one column per imported field.", [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("source_file", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("imported_at", _TS),
+    ], evolving=True),
+    _spec("metadata_rejects", ["run_id", "row_number"], "Metadata rows that were not imported (no matching image, "
+          "ambiguous, bad value, ...), kept as JSON with the reason.", [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("row_number", pa.int64(), nullable=False),
+        pa.field("source_file", pa.string()),
+        pa.field("key", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("detail", pa.string()),
+        pa.field("row", pa.string()),
+        pa.field("rejected_at", _TS),
     ]),
     _spec("job_runs", ["run_id", "state"], "One row when a job run starts and one when it ends (state running, then succeeded or failed).", [
         pa.field("run_id", pa.string(), nullable=False),

@@ -108,7 +108,9 @@ class SqlSandbox:
         if not files:
             source = f'{_EMPTY}."{name}"'
         elif self._lake.is_local:
-            source = f"read_parquet([{', '.join(_quote(f) for f in files)}])"
+            # an evolving table's older files lack the columns added since: match columns by name
+            union = ", union_by_name=true" if TABLES[name].evolving else ""
+            source = f"read_parquet([{', '.join(_quote(f) for f in files)}]{union})"
         else:  # registered on each query's cursor: such views are not shared between connections
             self._registered[name] = table.to_pyarrow_dataset()
             self._con.execute(f'DROP VIEW IF EXISTS "{name}"')

@@ -1,0 +1,70 @@
+"""``GET /facets``: how many images have each value of a metadata (or images) column.
+
+List columns count each element (an image with subjects [fish, cod] counts once for each). The
+column name is checked against the tables' current schemas and the optional ``where`` filter is
+compiled with bound parameters (:mod:`lake.metadata_filter`), so nothing from the request is
+interpolated into SQL.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, request
+
+from api.services import lake_reader
+from lake.errors import BadInput
+from lake.metadata_filter import parse_filter
+from lake.sql import jsonable
+
+bp = Blueprint("facets", __name__)
+
+_MAX_LIMIT = 10_000
+
+
+@bp.get("/facets")
+def facets():
+    column = request.args.get("column", "")
+    if not column:
+        raise BadInput("missing ?column=: name a metadata or images column, e.g. /facets?column=subjects")
+    raw = request.args.get("limit", "50")
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise BadInput(f"limit must be an integer from 1 to {_MAX_LIMIT}, got {raw!r}") from None
+    if not 1 <= limit <= _MAX_LIMIT:
+        raise BadInput(f"limit must be an integer from 1 to {_MAX_LIMIT}, got {limit}")
+    where = parse_filter(request.args.get("where"))
+    return jsonify({"ok": True, **jsonable(lake_reader().facets(column, limit=limit, where=where))})
+
+
+def openapi_paths(settings) -> dict:
+    from api.openapi import errors, json_response
+
+    return {"/facets": {"get": {
+        "summary": "Image counts per value of a metadata or images column (list columns: per element)",
+        "description": "Values are ordered by count, then value. `images` is how many images matched "
+                       "`where`, `missing` how many of them have no value, `distinct` how many values exist "
+                       "(`truncated` when more than `limit`). An unknown column is a 404.",
+        "operationId": "facets",
+        "parameters": [
+            {"name": "column", "in": "query", "required": True, "schema": {"type": "string"},
+             "description": "A metadata column (see `imagelake metadata columns`) or an images column; "
+                            "`images.X` / `metadata.X` pick one explicitly"},
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                          "maximum": _MAX_LIMIT, "default": 50}},
+            {"name": "where", "in": "query", "schema": {"type": "string"},
+             "description": 'A metadata filter as JSON, e.g. {"year": {">=": 1900}} (README: the filter language)'},
+        ],
+        "responses": {
+            "200": json_response({"type": "object", "required": ["ok", "column", "type", "values", "images",
+                                                                  "missing", "distinct", "truncated"],
+                                  "properties": {
+                                      "ok": {"const": True}, "column": {"type": "string"}, "type": {"type": "string"},
+                                      "values": {"type": "array", "items": {
+                                          "type": "object", "required": ["value", "count"],
+                                          "properties": {"value": {}, "count": {"type": "integer"}}}},
+                                      "images": {"type": "integer"}, "missing": {"type": "integer"},
+                                      "distinct": {"type": "integer"}, "truncated": {"type": "boolean"}}},
+                                 "Counts per value"),
+            **errors(400, 404),
+        },
+    }}}
