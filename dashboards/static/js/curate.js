@@ -1,0 +1,305 @@
+// Curation: the bucket bar, grid mode (a page of suggestions) and Tetris mode (one image at a time).
+// Keys: 1–9 drop the focused image into bucket N, x discards it, u undoes your last action,
+// arrows move the focus, n shows the next page, f fast-forwards, t switches Grid/Tetris.
+import {api, el, thumbUrl, toast} from "./api.js";
+
+const PAGE = 28;          // 4 × 7
+const PALETTE = ["#2f6fb3", "#e07b39", "#3a9b5c", "#b8439a", "#8a6d3b", "#d64550", "#5a5a9e", "#1b998b", "#c9a227"];
+
+export function mountCurate(root, {thumbLarge, openDetails, scope}) {
+  const bar = root.querySelector("#bucket-bar");
+  const gridBox = root.querySelector("#curate-grid");
+  const tetrisBox = root.querySelector("#curate-tetris");
+  const status = root.querySelector("#curate-status");
+  const canWrite = scope !== "read";
+  let buckets = [];
+  let active = null;          // bucket id suggestions are for
+  let mode = "grid";
+  let page = [];              // [{image_id, score, source, placed: bucket_id|null}]
+  let focus = 0;
+  let prefetched = null;      // the next page, fetched while the curator works on this one
+  let review = null;          // fast-forward: pending image ids under review
+  let tetrisItem = null;
+  let visible = true;
+
+  const say = (text) => { status.textContent = text; };
+  const byKey = (n) => buckets.filter((b) => !b.system)[n - 1];
+  const colorOf = (id) => (buckets.find((b) => b.bucket_id === id) || {}).color || "#888";
+
+  async function loadBuckets() {
+    const body = await api("/buckets");
+    buckets = body.buckets;
+    const user = buckets.filter((b) => !b.system);
+    if (!user.some((b) => b.bucket_id === active)) active = user.length ? user[0].bucket_id : null;
+    renderBar();
+  }
+
+  function renderBar() {
+    const user = buckets.filter((b) => !b.system);
+    bar.replaceChildren(
+      ...user.map((b, i) => {
+        const node = el("div", {class: `bucket${b.bucket_id === active ? " active" : ""}`, style: `--bucket:${b.color || PALETTE[i % PALETTE.length]}`,
+                                dataset: {bucketId: b.bucket_id}, tabindex: 0, role: "button",
+                                onclick: () => { if (active !== b.bucket_id) { active = b.bucket_id; renderBar(); refresh(); } }},
+          i < 9 ? el("kbd", {class: "key"}, String(i + 1)) : "",
+          el("div", {class: "name"}, b.name),
+          el("div", {class: "count"}, `${b.count} images${b.pending ? ` · ${b.pending} pending` : ""}`),
+          canWrite ? el("div", {class: "bucket-tools"},
+            el("button", {type: "button", class: "link", title: "rename", onclick: (e) => { e.stopPropagation(); rename(b); }}, "rename"), " ",
+            el("input", {type: "color", value: b.color || PALETTE[i % PALETTE.length], title: "recolor", "aria-label": `color of ${b.name}`,
+                         onclick: (e) => e.stopPropagation(), onchange: (e) => recolor(b, e.target.value)}), " ",
+            el("button", {type: "button", class: "link", title: "delete", onclick: (e) => { e.stopPropagation(); remove(b); }}, "delete")) : "");
+        node.addEventListener("dragover", (e) => { e.preventDefault(); node.classList.add("drop"); });
+        node.addEventListener("dragleave", () => node.classList.remove("drop"));
+        node.addEventListener("drop", (e) => {
+          e.preventDefault();
+          node.classList.remove("drop");
+          const id = e.dataTransfer.getData("text/x-image-id");
+          if (id) place(id, b.bucket_id);
+        });
+        return node;
+      }),
+      canWrite ? el("form", {class: "new-bucket", onsubmit: createBucket},
+        el("input", {name: "name", placeholder: "new bucket", "aria-label": "new bucket name", maxlength: 200, required: true}),
+        el("button", {type: "submit"}, "+")) : "");
+  }
+
+  async function createBucket(event) {
+    event.preventDefault();
+    const input = event.target.elements.name;
+    const color = PALETTE[buckets.filter((b) => !b.system).length % PALETTE.length];
+    try {
+      const body = await api("/buckets", {method: "POST", json: {name: input.value.trim(), color}});
+      input.value = "";
+      active = body.bucket.bucket_id;
+      await loadBuckets();
+      refresh();
+    } catch (e) { toast(e.message, "error"); }
+  }
+
+  async function rename(b) {
+    const name = window.prompt("Rename bucket", b.name);
+    if (!name || name === b.name) return;
+    try { await api(`/buckets/${b.bucket_id}`, {method: "PATCH", json: {name}}); await loadBuckets(); } catch (e) { toast(e.message, "error"); }
+  }
+
+  async function recolor(b, color) {
+    try { await api(`/buckets/${b.bucket_id}`, {method: "PATCH", json: {color}}); await loadBuckets(); } catch (e) { toast(e.message, "error"); }
+  }
+
+  async function remove(b) {
+    if (!window.confirm(`Delete bucket "${b.name}"? (u undoes it)`)) return;
+    try { await api(`/buckets/${b.bucket_id}`, {method: "DELETE"}); await loadBuckets(); refresh(); } catch (e) { toast(e.message, "error"); }
+  }
+
+  // -- actions on images -----------------------------------------------------------------
+
+  async function place(imageId, bucketId) {
+    if (!canWrite) return toast("this token may only look (read scope)", "error");
+    try {
+      await api(`/buckets/${bucketId}/images`, {method: "POST", json: {image_ids: [imageId]}});
+      mark(imageId, bucketId);
+      await loadBuckets();
+    } catch (e) { toast(e.message, "error"); }
+  }
+
+  async function discard(imageId) {
+    if (!canWrite) return;
+    try {
+      await api("/discard", {method: "POST", json: {image_ids: [imageId]}});
+      mark(imageId, "discard");
+    } catch (e) { toast(e.message, "error"); }
+  }
+
+  async function undo() {
+    try {
+      const body = await api("/undo", {method: "POST", json: {}});
+      say(`undone: ${body.event.payload_action || body.event.action || "last action"}`);
+      for (const item of page) if ((body.event.image_ids || []).includes(item.image_id)) item.placed = null;
+      await loadBuckets();
+      if (mode === "grid") renderGrid(); else nextTetris();
+    } catch (e) { toast(e.message, "error"); }
+  }
+
+  function mark(imageId, bucketId) {
+    const item = page.find((p) => p.image_id === imageId);
+    if (item) item.placed = bucketId;
+    if (mode === "grid") renderGrid();
+    else if (tetrisItem && tetrisItem.image_id === imageId) flyTo(bucketId);
+  }
+
+  // -- grid mode ---------------------------------------------------------------------------
+
+  async function fetchPage(n) {
+    if (!active) return [];
+    const body = await api(`/buckets/${active}/suggestions?n=${n}`);
+    return body.suggestions.map((s) => ({...s, placed: null}));
+  }
+
+  function preload(items) {
+    for (const it of items) { const img = new Image(); img.src = thumbUrl(it.image_id, thumbLarge); }
+  }
+
+  async function refresh() {
+    review = null;
+    if (mode === "tetris") return nextTetris();
+    if (!active) {
+      gridBox.replaceChildren(el("p", {class: "empty"}, canWrite ? "Create a bucket to start: type a name above and press +." : "No buckets yet."));
+      return;
+    }
+    say("loading suggestions…");
+    const items = await fetchPage(PAGE * 2);
+    page = items.slice(0, PAGE);
+    prefetched = items.slice(PAGE);
+    preload(prefetched);
+    focus = 0;
+    renderGrid();
+    say(page.length ? `${page.length} suggestions for ${(buckets.find((b) => b.bucket_id === active) || {}).name}` : "no suggestions: add images with features to the bucket");
+  }
+
+  function renderGrid() {
+    const items = review ? review.map((id) => ({image_id: id, placed: review.removed?.has(id) ? "discard" : active, source: "pending"})) : page;
+    gridBox.replaceChildren(...items.map((it, i) => {
+      const node = el("button", {type: "button", class: `cell${i === focus ? " focused" : ""}`, draggable: "true",
+                                 title: it.score != null ? `${it.source} · score ${Number(it.score).toFixed(3)}` : it.source,
+                                 dataset: {imageId: it.image_id, index: i},
+                                 onclick: () => { focus = i; renderGrid(); },
+                                 ondblclick: () => openDetails(it.image_id)},
+        el("img", {alt: "suggested image", src: thumbUrl(it.image_id, thumbLarge)}),
+        it.placed ? el("span", {class: "badge", style: `--bucket:${it.placed === "discard" ? "#444" : colorOf(it.placed)}`},
+                       it.placed === "discard" ? "discarded" : (buckets.find((b) => b.bucket_id === it.placed) || {}).name || "") : "");
+      node.addEventListener("dragstart", (e) => e.dataTransfer.setData("text/x-image-id", it.image_id));
+      return node;
+    }));
+    if (review) {
+      gridBox.append(el("div", {class: "review-bar"},
+        `Fast-forward: ${review.length} images pending. Click x on the ones that do not belong, then `,
+        el("button", {type: "button", onclick: commitReview}, "commit")));
+    }
+  }
+
+  async function nextPage() {
+    if (!active || review) return;
+    const accepted = page.filter((p) => p.placed === active).map((p) => p.image_id);
+    const rejected = page.filter((p) => !p.placed).map((p) => p.image_id);
+    const shown = new Set(page.map((p) => p.image_id));
+    // show the prefetched page at once; the feedback and a fresh prefetch follow in the background
+    page = (prefetched || []).filter((p) => !shown.has(p.image_id)).slice(0, PAGE);
+    focus = 0;
+    renderGrid();
+    try {
+      if (canWrite && (accepted.length || rejected.length)) {
+        await api(`/buckets/${active}/feedback`, {method: "POST", json: {accepted: [], rejected}});
+      }
+      const fresh = await fetchPage(PAGE * 2);
+      const onPage = new Set(page.map((p) => p.image_id));
+      const extra = fresh.filter((p) => !onPage.has(p.image_id));
+      if (page.length < PAGE) { page = page.concat(extra.slice(0, PAGE - page.length)); renderGrid(); }
+      prefetched = extra.filter((p) => !page.some((q) => q.image_id === p.image_id));
+      preload(prefetched);
+      say(`feedback sent: ${accepted.length} accepted, ${rejected.length} rejected`);
+      loadBuckets();
+    } catch (e) { toast(e.message, "error"); }
+  }
+
+  async function fastForward() {
+    if (!active || !canWrite) return;
+    try {
+      const body = await api(`/buckets/${active}/fast-forward`, {method: "POST", json: {n: PAGE}});
+      review = body.event.image_ids || [];
+      review.removed = new Set();
+      focus = 0;
+      renderGrid();
+      loadBuckets();
+    } catch (e) { toast(e.message, "error"); }
+  }
+
+  async function commitReview() {
+    const keep = review.filter((id) => !review.removed.has(id));
+    const remove = review.filter((id) => review.removed.has(id));
+    try {
+      await api(`/buckets/${active}/fast-forward/commit`, {method: "POST", json: {keep, remove}});
+      say(`fast-forward committed: ${keep.length} kept, ${remove.length} removed`);
+      review = null;
+      await loadBuckets();
+      refresh();
+    } catch (e) { toast(e.message, "error"); }
+  }
+
+  // -- tetris mode -------------------------------------------------------------------------
+
+  async function nextTetris() {
+    tetrisBox.replaceChildren(el("p", {class: "muted"}, "finding the next image…"));
+    const body = await api("/tetris/next");
+    if (!body.image_id) {
+      tetrisItem = null;
+      tetrisBox.replaceChildren(el("p", {class: "empty"}, body.reason || "nothing to sort"));
+      return;
+    }
+    tetrisItem = {image_id: body.image_id, bucket: body.bucket, score: body.score};
+    page = [{image_id: body.image_id, placed: null}];
+    for (const node of bar.querySelectorAll(".bucket")) node.classList.toggle("active", node.dataset.bucketId === body.bucket.bucket_id);
+    const img = el("img", {class: "falling", alt: "image to sort", draggable: "true", src: thumbUrl(body.image_id, thumbLarge),
+                           dataset: {imageId: body.image_id}, ondblclick: () => openDetails(body.image_id)});
+    img.addEventListener("dragstart", (e) => e.dataTransfer.setData("text/x-image-id", body.image_id));
+    tetrisBox.replaceChildren(img, el("p", {class: "suggested"}, "suggested: ",
+      el("strong", {style: `color:${body.bucket.color || "#333"}`}, body.bucket.name), " — Enter accepts, 1–9 picks another bucket, x discards"));
+  }
+
+  function flyTo(bucketId) {
+    const target = bar.querySelector(`[data-bucket-id="${bucketId}"]`);
+    const img = tetrisBox.querySelector(".falling");
+    if (target && img) {
+      const a = img.getBoundingClientRect(), b = target.getBoundingClientRect();
+      img.style.transform = `translate(${b.left - a.left}px, ${b.top - a.top}px) scale(0.2)`;
+    }
+    setTimeout(nextTetris, 350);
+  }
+
+  // -- keys and modes ----------------------------------------------------------------------
+
+  function setMode(next) {
+    mode = next;
+    root.querySelector("#mode-grid").classList.toggle("active", mode === "grid");
+    root.querySelector("#mode-tetris").classList.toggle("active", mode === "tetris");
+    gridBox.hidden = mode !== "grid";
+    tetrisBox.hidden = mode !== "tetris";
+    refresh();
+  }
+
+  function focusedId() {
+    if (mode === "tetris") return tetrisItem && tetrisItem.image_id;
+    const items = review || page.map((p) => p.image_id);
+    const it = items[focus];
+    return typeof it === "string" ? it : it && it.image_id;
+  }
+
+  document.addEventListener("keydown", (e) => {
+    if (!visible || e.target.closest("input, textarea, select") || e.ctrlKey || e.metaKey || e.altKey) return;
+    const id = focusedId();
+    const cols = 7, count = review ? review.length : page.length;
+    if (/^[1-9]$/.test(e.key)) {
+      const b = byKey(Number(e.key));
+      if (b && id) { place(id, b.bucket_id); if (mode === "grid") focus = Math.min(focus + 1, count - 1); }
+    } else if (e.key === "x" && id) {
+      if (review) { review.removed.has(id) ? review.removed.delete(id) : review.removed.add(id); renderGrid(); }
+      else discard(id);
+    } else if (e.key === "Enter" && mode === "tetris" && tetrisItem) {
+      place(tetrisItem.image_id, tetrisItem.bucket.bucket_id);
+    } else if (e.key === "u") undo();
+    else if (e.key === "n") nextPage();
+    else if (e.key === "f") fastForward();
+    else if (e.key === "t") setMode(mode === "grid" ? "tetris" : "grid");
+    else if (e.key.startsWith("Arrow") && mode === "grid") {
+      const step = {ArrowLeft: -1, ArrowRight: 1, ArrowUp: -cols, ArrowDown: cols}[e.key];
+      focus = Math.max(0, Math.min(count - 1, focus + step));
+      renderGrid();
+    } else return;
+    e.preventDefault();
+  });
+  document.addEventListener("imagelake:view", (e) => { visible = e.detail === "curate"; });
+  root.querySelector("#mode-grid").addEventListener("click", () => setMode("grid"));
+  root.querySelector("#mode-tetris").addEventListener("click", () => setMode("tetris"));
+
+  return loadBuckets().then(refresh);
+}

@@ -1,0 +1,95 @@
+// The map: the deep-zoom grid of the whole collection (OpenSeadragon over the DZI tiles), a click
+// opens the image under the pointer, and an overlay outlines a bucket's or a tag's cells.
+import {api, el, toast} from "./api.js";
+
+const OSD_SRC = "/static/vendor/openseadragon/openseadragon.min.js";
+const MAX_OVERLAY = 5000;
+
+function loadScript(src) {
+  if (window.OpenSeadragon) return Promise.resolve();
+  return new Promise((resolve, reject) => {
+    const script = el("script", {src});
+    script.onload = resolve;
+    script.onerror = () => reject(new Error(`could not load ${src}`));
+    document.head.append(script);
+  });
+}
+
+export async function mountMap(root, {openDetails}) {
+  const select = root.querySelector("#map-layout");
+  const overlaySelect = root.querySelector("#map-overlay");
+  const status = root.querySelector("#map-status");
+  const box = root.querySelector("#map-viewer");
+  await loadScript(OSD_SRC);
+  const {layouts} = await api("/grid");
+  if (!layouts.length) {
+    box.replaceChildren(el("p", {class: "empty"}, "No map yet. Run imagelake grid to lay out the collection."));
+    return;
+  }
+  select.replaceChildren(...layouts.map((l) => el("option", {value: l.layout_id}, `${l.layout_id} · ${l.n ?? ""} images`)));
+  const viewer = window.OpenSeadragon({
+    element: box, prefixUrl: "/static/vendor/openseadragon/images/", showNavigator: true,
+    maxZoomPixelRatio: 2, visibilityRatio: 0.5, crossOriginPolicy: false, gestureSettingsMouse: {clickToZoom: false},
+  });
+  let info = null;
+
+  async function open(layoutId) {
+    const body = await api(`/grid/${layoutId}`);
+    info = body.dzi;
+    viewer.open(`/api/v1/grid/${body.layout.layout_id}.dzi`);
+    const q = body.layout.quality;
+    status.textContent = `${body.layout.width}×${body.layout.height} cells` + (q != null ? ` · neighbourhood preservation ${Number(q).toFixed(3)}` : "");
+    box.dataset.layoutId = body.layout.layout_id;
+  }
+
+  viewer.addHandler("canvas-click", async (event) => {
+    if (!event.quick || !info) return;
+    const point = viewer.viewport.viewerElementToImageCoordinates(event.position);
+    const x = Math.floor(point.x / info.cell_px), y = Math.floor(point.y / info.cell_px);
+    try {
+      const cell = await api(`/grid/${box.dataset.layoutId}/cell?x=${x}&y=${y}`);
+      if (cell.image_id) openDetails(cell.image_id);
+    } catch (e) {
+      if (e.status !== 404 && e.status !== 400) toast(e.message, "error");
+    }
+  });
+  viewer.addHandler("open", () => { box.dataset.ready = "1"; });
+
+  async function overlay(choice) {
+    viewer.clearOverlays();
+    if (!choice || !info) return;
+    const [kind, value] = choice.split(":");
+    let cells, color = "#ffd400";
+    if (kind === "bucket") {
+      const body = await api(`/buckets/${value}?limit=${MAX_OVERLAY}`);
+      color = body.bucket.color || color;
+      cells = (await api(`/grid/${box.dataset.layoutId}/cells`, {method: "POST", json: {image_ids: body.members}})).cells;
+    } else {
+      cells = (await api(`/grid/${box.dataset.layoutId}/overlay?tag=${encodeURIComponent(value)}`)).cells;
+    }
+    const size = info.cell_px / info.width;   // OpenSeadragon viewport units: the image width is 1
+    for (const c of cells.slice(0, MAX_OVERLAY)) {
+      const mark = el("div", {class: "map-mark", style: `outline: 2px solid ${color}`});
+      viewer.addOverlay(mark, new window.OpenSeadragon.Rect(c.gx * size, c.gy * size, size, size));
+    }
+    status.textContent = `${cells.length} cells highlighted`;
+  }
+
+  async function fillOverlays() {
+    const options = [el("option", {value: ""}, "no overlay")];
+    try {
+      const {buckets} = await api("/buckets");
+      for (const b of buckets.filter((b) => !b.system)) options.push(el("option", {value: `bucket:${b.bucket_id}`}, `bucket: ${b.name}`));
+    } catch { /* buckets may be unavailable for this token */ }
+    try {
+      const {tags} = await api("/tags?limit=30");
+      for (const t of tags) options.push(el("option", {value: `tag:${t.tag}`}, `tag: ${t.tag}`));
+    } catch { /* no tags yet */ }
+    overlaySelect.replaceChildren(...options);
+  }
+
+  select.addEventListener("change", () => open(select.value));
+  overlaySelect.addEventListener("change", () => overlay(overlaySelect.value).catch((e) => toast(e.message, "error")));
+  await open(layouts[0].layout_id);
+  fillOverlays();
+}
