@@ -269,13 +269,13 @@ def test_kill_9_at_random_points_then_rerun_loses_and_duplicates_nothing(tmp_pat
         write_images(src, 4, start=n)
         n += 4
         runner = "spark" if trial in (5, 11) else "local"
-        delay = rng.uniform(2.0, 9.0) if runner == "spark" else rng.uniform(0.3, 4.0)
+        delay = rng.uniform(2.0, 9.0) if runner == "spark" else rng.uniform(0.2, 2.5)
         outcomes.append((runner, round(delay, 2), _kill_trial(lake_dir, src, delay, runner)))
         lake = Lake.at(lake_dir)
         if (lake_dir / "tables" / "images" / "_delta_log").exists():  # readable, no duplicates, whatever the kill left
             ids = [r["image_id"] for r in _rows(lake, "images", ["image_id"])]
             assert len(ids) == len(set(ids)), outcomes
-    assert sum(1 for o in outcomes if o[2] is None) >= 8, f"too few trials were killed mid-run: {outcomes}"
+    assert sum(1 for o in outcomes if o[2] is None) >= 6, f"too few trials were killed mid-run: {outcomes}"
     done = _cli("--lake", str(lake_dir), "--runner", "local", "run", "--images", str(src), "--steps", "ingest,embed")
     out, err = done.communicate(timeout=300)
     assert done.returncode == 0, err
