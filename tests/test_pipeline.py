@@ -280,3 +280,27 @@ def test_kill_9_at_random_points_then_rerun_loses_and_duplicates_nothing(tmp_pat
     out, err = done.communicate(timeout=300)
     assert done.returncode == 0, err
     assert_consistent(Lake.at(lake_dir), n)
+
+
+# ---- infra files ----------------------------------------------------------------------------------
+
+def test_infra_scripts_and_schedules_are_well_formed():
+    """Shell scripts parse, the Airflow DAG compiles (Airflow itself is not installed here), and the
+    command lines in cron and systemd are ones `imagelake` accepts."""
+    import shlex
+
+    from imagelake.cli import build_parser
+
+    infra = REPO / "infra"
+    for script in [*infra.glob("*.sh"), *infra.glob("k8s/*.sh")]:
+        assert os.access(script, os.X_OK), f"{script} is not executable"
+        done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert done.returncode == 0, f"{script}: {done.stderr}"
+    compile((infra / "airflow" / "imagelake_dag.py").read_text(), "imagelake_dag.py", "exec")
+    lines = [line.split(".venv/bin/imagelake", 1)[1].split(">>")[0]
+             for line in (infra / "imagelake.cron").read_text().splitlines() if not line.startswith("#") and line]
+    lines += [line.split("/bin/imagelake", 1)[1] for f in infra.glob("systemd/*.service")
+              for line in f.read_text().splitlines() if line.startswith("ExecStart=")]
+    assert len(lines) == 4
+    commands = [build_parser().parse_args(shlex.split(line)).command for line in lines]
+    assert sorted(commands) == ["janitor", "run", "run", "serve"]
