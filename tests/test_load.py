@@ -20,7 +20,7 @@ from conftest import write_images  # noqa: E402
 from jobs.pipeline import PipelineRequest, run_pipeline  # noqa: E402
 from lake.settings import Settings  # noqa: E402
 from lake.tokens import create_token  # noqa: E402
-from loadgen import MIX, LoadContext, run_load, start_server  # noqa: E402
+from loadgen import MIX, LoadContext, prepare, run_load, start_server  # noqa: E402
 
 
 @pytest.fixture
@@ -43,6 +43,7 @@ def test_the_load_mix_runs_without_errors_against_gunicorn(lake, tmp_path):
         port = s.getsockname()[1]
     server = start_server(lake.root, port, workers=2, log_path=str(tmp_path / "server.log"), threads=4)
     try:
+        prepare(f"http://127.0.0.1:{port}", token, MIX, ctx)
         report = run_load(f"http://127.0.0.1:{port}", token, MIX, ctx, clients=4, seconds=4.0)
     finally:
         server.terminate()

@@ -219,6 +219,7 @@ def test_pipeline_on_a_standalone_cluster_with_two_workers(tmp_path, standalone_
     # the tasks ran in executors the two workers launched for this application
     apps = [p for p in spark_dir.glob("work/worker-*/app-*") if p.is_dir()]
     assert {p.parent.name for p in apps} == {"worker-1", "worker-2"}
+    assert len({p.name for p in apps}) == 1, "the steps must share one Spark application (session)"
     top = [r for r in _rows(lake, "job_runs") if r["job"] == "pipeline" and r["state"] == "succeeded"]
     assert json.loads(top[0]["args"])["master"] == master
 

@@ -7,6 +7,7 @@ Builds a demo-sized lake with ``imagelake run`` (every step this build has, unle
 starts the server in a child process, warms every worker, then measures side by side:
 
 * baseline: ``GET /health`` only — gunicorn + Flask + loopback, the floor of any route;
+* the mix with one client — each route's service time without queueing;
 * the mix: :data:`loadgen.MIX` (image metadata, thumbnails, browse, SQL; similarity search,
   suggestions and curation writes join it at merge), or ``--mix module:ATTR``.
 
@@ -31,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
 from common import machine, write_photos  # noqa: E402
-from loadgen import HEALTH_ONLY, MIX, LoadContext, run_load, start_server  # noqa: E402
+from loadgen import HEALTH_ONLY, MIX, LoadContext, prepare, run_load, start_server  # noqa: E402
 
 REPO = HERE.parents[1]
 
@@ -67,6 +68,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=60.0, help="length of the mixed run")
     ap.add_argument("--baseline-seconds", type=float, default=15.0)
+    ap.add_argument("--single-seconds", type=float, default=10.0,
+                    help="the mix with one client first: service time without queueing")
     ap.add_argument("--workers", type=int, default=4, help="server worker processes")
     ap.add_argument("--threads", type=int, default=8, help="threads per worker")
     ap.add_argument("--steps", help="pipeline steps to build the lake with (default: all in this build)")
@@ -95,8 +98,10 @@ def main() -> None:
         server = start_server(str(lake_dir), port, args.workers, str(log), threads=args.threads)
         base = f"http://127.0.0.1:{port}"
         try:
+            prepare(base, token, ops, ctx)
             run_load(base, token, ops, ctx, clients=args.clients, seconds=5, seed=99)  # warm every worker
             load_before = os.getloadavg()
+            single = run_load(base, token, ops, ctx, clients=1, seconds=args.single_seconds, seed=3)
             baseline = run_load(base, token, HEALTH_ONLY, ctx, clients=args.clients, seconds=args.baseline_seconds, seed=1)
             mixed = run_load(base, token, ops, ctx, clients=args.clients, seconds=args.seconds, seed=2)
             load_after = os.getloadavg()
@@ -116,14 +121,17 @@ def main() -> None:
           f"(cores: {os.cpu_count()}; other work on the machine included)")
     print("\n-- baseline: GET /health only")
     print(baseline.table())
-    print("\n-- the mix")
+    print("\n-- the mix, one client (service time, no queueing)")
+    print(single.table())
+    print(f"\n-- the mix, {args.clients} clients")
     print(mixed.table())
     if mixed.error_samples:
         print("\nerror samples:\n  " + "\n  ".join(mixed.error_samples[:10]))
     b, m = baseline.summary(), mixed.summary()
     print(f"\nsummary: mix {m['req_per_s']} req/s, p50 {m['p50_ms']} ms, p99 {m['p99_ms']} ms, errors "
           f"{m['error_rate']:.4%}; baseline {b['req_per_s']} req/s, p99 {b['p99_ms']} ms; "
-          f"mix/baseline throughput {m['req_per_s'] / max(b['req_per_s'], 1e-9):.2f}")
+          f"mix/baseline throughput {m['req_per_s'] / max(b['req_per_s'], 1e-9):.2f}; one client: "
+          f"p50 {single.summary()['p50_ms']} ms, p99 {single.summary()['p99_ms']} ms")
     print(f"targets: error rate 0 -> {'met' if m['error_rate'] == 0 else 'NOT met'}; p99 <= 100 ms -> "
           f"{'met' if m['p99_ms'] <= 100 else 'NOT met'}")
 

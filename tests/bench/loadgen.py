@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
-__all__ = ["Op", "LoadContext", "LoadReport", "MIX", "HEALTH_ONLY", "run_load", "start_server"]
+__all__ = ["Op", "Request", "LoadContext", "LoadReport", "MIX", "HEALTH_ONLY", "api_call", "prepare", "run_load",
+           "start_server", "verify_in_table"]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,13 +53,20 @@ class Op:
     build: Callable[[random.Random, LoadContext], Request]
     ok: frozenset = frozenset({200})
     verify: Callable[[Any, LoadContext, list[Any]], None] | None = None  # (lake, ctx, acked JSON bodies)
+    setup: Callable[[str, str, LoadContext], None] | None = None  # (base URL, token, ctx), once before the load
 
 
 def _image(rng: random.Random, ctx: LoadContext) -> str:
     return rng.choice(ctx.image_ids)
 
 
-#: Read routes that exist today. Add similarity search, suggestions and curation writes here at merge.
+#: Read routes that exist today. Similarity search, suggestions and curation writes join at merge, e.g.
+#:   Op("similar by id", 4, lambda r, c: Request("GET", f"/api/v1/search/similar?image_id={_image(r, c)}&k=20"))
+#:   Op("add to bucket", 1, lambda r, c: Request("POST", f"/api/v1/buckets/{c.extra['bucket']}/images",
+#:                                               {"image_id": _image(r, c)}), ok=frozenset({200, 201}),
+#:      setup=lambda base, token, c: c.extra.setdefault(
+#:          "bucket", api_call(base, token, "POST", "/api/v1/buckets", {"name": "load"})["bucket_id"]),
+#:      verify=verify_in_table("bucket_events", "event_id", "event_id"))
 MIX: list[Op] = [
     Op("image metadata", 3, lambda r, c: Request("GET", f"/api/v1/images/{_image(r, c)}")),
     Op("thumbnail 64", 3, lambda r, c: Request("GET", f"/api/v1/images/{_image(r, c)}/thumbnail?size=64")),
@@ -70,6 +78,41 @@ MIX: list[Op] = [
     Op("sql point", 1, lambda r, c: Request(
         "POST", "/api/v1/sql", {"sql": f"SELECT seq, uri, width, height FROM images WHERE image_id = '{_image(r, c)}'"})),
 ]
+
+def prepare(base: str, token: str, ops: list[Op], ctx: LoadContext) -> None:
+    """Run each op's ``setup`` once (e.g. create the buckets curation writes go to, into ``ctx.extra``)."""
+    for op in ops:
+        if op.setup is not None:
+            op.setup(base, token, ctx)
+
+
+def api_call(base: str, token: str, method: str, path: str, body: Any = None) -> Any:
+    """One JSON request outside the measured load (for ``setup`` hooks); raises on a non-2xx answer."""
+    url = urlparse(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        conn.request(method, path, body=None if body is None else json.dumps(body).encode(), headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        if not 200 <= resp.status < 300:
+            raise RuntimeError(f"{method} {path} -> {resp.status} {data[:300]!r}")
+        return json.loads(data) if data else None
+    finally:
+        conn.close()
+
+
+def verify_in_table(table: str, column: str, field: str) -> Callable[[Any, LoadContext, list[Any]], None]:
+    """A ``verify`` for writes: every acknowledged body's ``field`` is a ``column`` value in ``table``
+    (e.g. ``verify_in_table("bucket_events", "event_id", "event_id")``)."""
+    def verify(lake, ctx: LoadContext, acked: list[Any]) -> None:
+        from deltalake import DeltaTable
+
+        stored = set(DeltaTable(lake.table_uri(table)).to_pyarrow_table(columns=[column]).column(0).to_pylist())
+        missing = [body.get(field) for body in acked if body.get(field) not in stored]
+        assert not missing, f"{len(missing)} of {len(acked)} acknowledged writes are not in {table}: {missing[:5]}"
+    return verify
+
 
 #: The baseline: the cheapest authenticated-free route, i.e. gunicorn + Flask + loopback alone.
 HEALTH_ONLY: list[Op] = [Op("health", 1, lambda r, c: Request("GET", "/api/v1/health"))]
