@@ -39,6 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--no-progress", action="store_true")
 
+    s = sub.add_parser("run", help="the whole pipeline, incrementally: ingest, embed, index, cluster, tag, grid")
+    s.add_argument("--images", metavar="SRC", help="what ingest reads (required when ingest is a step)")
+    s.add_argument("--collection", help="collection name for ingest (default: the folder's name)")
+    s.add_argument("--steps", metavar="LIST",
+                   help="comma-separated steps, run in pipeline order (default: every step this build has, "
+                        "of ingest,embed,index,cluster,tag,grid)")
+    s.add_argument("--model", default="efficientnet-lite0", help="embedding model for embed (and the steps after it)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     s = sub.add_parser("sql", help="run one read-only SELECT over the lake's tables")
     s.add_argument("query", metavar="SQL")
     s.add_argument("--format", choices=["table", "csv", "json"], default="table")
@@ -126,6 +136,17 @@ def embed_line(summary: dict[str, Any]) -> str:
     return (f"embed {summary['run_id']}: {summary['embedded']} images embedded with {summary['model']}, "
             f"{summary['rejected']} rejected, in {summary['seconds']:.1f} s "
             f"({summary.get('images_per_s') or 0:.0f} img/s)")
+
+
+def _cmd_run(args, settings: Settings, lake: Lake) -> int:
+    from jobs.pipeline import PipelineRequest, parse_steps, run_pipeline
+
+    request = PipelineRequest(images=args.images, collection=args.collection, model=args.model,
+                              device=args.device,
+                              steps=None if args.steps is None else parse_steps(args.steps))
+    summary = run_pipeline(lake, settings, request, progress=not args.no_progress and sys.stderr.isatty())
+    print(summary.line())
+    return 0
 
 
 def _cmd_sql(args, settings: Settings, lake: Lake) -> int:
@@ -236,7 +257,7 @@ def _cmd_settings(args, settings: Settings, lake: Lake) -> int:
 
 
 _COMMANDS = {
-    "ingest": _cmd_ingest, "embed": _cmd_embed, "sql": _cmd_sql, "status": _cmd_status, "serve": _cmd_serve,
+    "ingest": _cmd_ingest, "embed": _cmd_embed, "run": _cmd_run, "sql": _cmd_sql, "status": _cmd_status, "serve": _cmd_serve,
     "janitor": _cmd_janitor, "demo": _cmd_demo, "token": _cmd_token, "settings": _cmd_settings,
     "metadata": _cmd_metadata,
 }

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from lake.settings import Settings
 
-__all__ = ["PartitionContext", "PartitionFn", "Runner", "LocalRunner", "SparkRunner", "make_runner",
+__all__ = ["FAIL_ONCE_ENV", "PartitionContext", "PartitionFn", "Runner", "LocalRunner", "SparkRunner", "make_runner",
            "partition_bounds"]
 
 
@@ -135,7 +135,33 @@ class _SparkPartition:
         tc = TaskContext.get()
         ctx = PartitionContext(tc.partitionId(), tc.attemptNumber(), self.num_partitions)
         typed = (pa.Table.from_batches([b]).cast(self.in_schema).to_batches()[0] for b in batches if b.num_rows)
-        yield from self.fn(typed, ctx)
+        if os.environ.get(FAIL_ONCE_ENV):
+            out = list(self.fn(typed, ctx))
+            _fail_once(self.fn, ctx)
+            yield from out
+        else:
+            yield from self.fn(typed, ctx)
+
+
+#: Test hook (fault injection), off unless set in the executors' environment: a folder. The first
+#: attempt of every partition of every job then fails *after* its function finished (files staged,
+#: stats made), once per (function, partition) — a marker file in the folder records it — so
+#: Spark's retry (``spark.task.maxFailures``, e.g. ``local[2,3]``) must make the run succeed without
+#: duplicating a row. Used by tests/test_pipeline.py; never set it in production.
+FAIL_ONCE_ENV = "IMAGELAKE_TEST_FAIL_ONCE"
+
+
+def _fail_once(fn, ctx: PartitionContext) -> None:
+    folder = os.environ[FAIL_ONCE_ENV]
+    name = getattr(getattr(fn, "func", fn), "__name__", "partition")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(os.path.join(folder, f"{name}.{ctx.partition_id}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    raise RuntimeError(f"injected test fault ({FAIL_ONCE_ENV}): {name} partition {ctx.partition_id} "
+                       f"attempt {ctx.attempt}")
 
 
 def _progress(items, enabled: bool, desc: str):
