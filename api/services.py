@@ -14,6 +14,7 @@ import os
 import re
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 import duckdb
@@ -66,6 +67,8 @@ class LakeReader:
         self._checked_at = float("-inf")
         self._sandbox: SqlSandbox | None = None
         self._sandbox_checked_at = float("-inf")
+        # Thumbnails are content-addressed and never rewritten: cache them without invalidation.
+        self._thumbs = ByteLRU(int(settings.thumbnail_cache_mb * 1024 * 1024))
 
     # -- per-process state -------------------------------------------------------------------
 
@@ -237,6 +240,9 @@ class LakeReader:
         """
         check_image_id(image_id)
         self.check_thumbnail_size(size)
+        cached = self._thumbs.get((image_id, size))
+        if cached is not None:
+            return cached
         cur = self._cursor()
         try:
             cur.execute("SELECT jpeg FROM thumbnails WHERE image_id = ? AND size = ? LIMIT 1",
@@ -246,7 +252,9 @@ class LakeReader:
             cur.close()
         if row is None or row[0] is None:
             raise NotFound(f"no {size}px thumbnail of image {image_id} in the lake")
-        return bytes(row[0])
+        jpeg = bytes(row[0])
+        self._thumbs.put((image_id, size), jpeg)
+        return jpeg
 
     def check_thumbnail_size(self, size: int) -> int:
         sizes = tuple(self.settings.thumbnail_sizes)
@@ -273,6 +281,33 @@ class LakeReader:
                 self._con.close()
             self._con, self._sandbox, self._pid = None, None, None
             self._tables, self._versions, self._view_versions, self._datasets = {}, {}, {}, {}
+
+
+class ByteLRU:
+    """A thread-safe least-recently-used cache of ``bytes`` values bounded by their total size."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._items: OrderedDict[Any, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> bytes | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: bytes) -> None:
+        if len(value) > self.max_bytes // 8:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            self.bytes += len(value) - (len(old) if old is not None else 0)
+            self._items[key] = value
+            while self.bytes > self.max_bytes and self._items:
+                _, dropped = self._items.popitem(last=False)
+                self.bytes -= len(dropped)
 
 
 def init_app(app: Flask, settings: Settings) -> None:

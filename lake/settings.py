@@ -49,6 +49,7 @@ class Settings:
     upload_max_bytes: int = _opt(20 * 1024 * 1024, "Largest accepted upload in bytes (HTTP 413 above).")
     upload_max_pixels: int = _opt(40_000_000, "Most pixels in an uploaded image (HTTP 413 above).")
     auth: bool = _opt(True, "Require API tokens (read scope for GET, curate for writes); false opens every route (trusted single-user machines only).")
+    thumbnail_cache_mb: float = _opt(64.0, "Per-server-process memory for cached thumbnails (they never change); 0 turns the cache off.")
     refresh_s: float = _opt(2.0, "How often the API re-checks table versions for new commits.")
     staging_retention_h: float = _opt(24.0, "The janitor keeps staging files of unfinished runs this long.")
     log_level: str = _opt("WARNING", "Python log level for jobs and the server (DEBUG, INFO, WARNING, ERROR).")

@@ -437,3 +437,17 @@ def test_api_imports_only_from_its_layer_and_below():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for name in names:
                 assert name.split(".")[0] not in {"dashboards", "imagelake"}, f"{module.name} imports {name}"
+
+
+def test_thumbnail_cache_is_bounded_and_least_recently_used():
+    from api.services import ByteLRU
+
+    cache = ByteLRU(100)
+    for i in range(5):
+        cache.put(i, bytes(10))
+    assert cache.get(0) == bytes(10)          # 0 is now the most recent
+    for i in range(5, 12):
+        cache.put(i, bytes(10))
+    assert cache.bytes <= 100 and cache.get(0) is not None and cache.get(1) is None
+    cache.put("big", bytes(50))               # over an eighth of the budget: not cached
+    assert cache.get("big") is None
