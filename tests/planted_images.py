@@ -133,3 +133,32 @@ def write_planted(folder: Path, n_distinct: int, n_planted: int, seed: int = 0,
         paths.append(p)
         pairs.append((f"scene_{i:06d}.jpg", p.name, kind))
     return paths, pairs
+
+
+def planted_lake(base: Path, n_distinct: int = 160, n_planted: int = 20):
+    """A lake with ``n_distinct`` scenes + ``n_planted`` variants ingested and embedded (LocalRunner),
+    built once under ``base`` and reused by later callers (the embed is the slow part).
+
+    Returns:
+        (lake root, images folder, planted pairs).
+    """
+    import json
+
+    from jobs.embed import run_embed
+    from jobs.ingest.driver import run_ingest
+    from jobs.runner import LocalRunner
+    from lake.catalog import Lake
+    from lake.commit import ensure_tables
+    from lake.settings import Settings
+
+    done = base / "done.json"
+    if not done.exists():
+        images = base / "images"
+        _, pairs = write_planted(images, n_distinct, n_planted, seed=7)
+        lake = Lake.at(base / "lake")
+        ensure_tables(lake)
+        settings = Settings(lake=lake.root, runner="local", partition_files=64)
+        run_ingest(lake, settings, str(images), runner=LocalRunner())
+        run_embed(lake, settings, runner=LocalRunner())
+        done.write_text(json.dumps({"pairs": pairs}))
+    return str(base / "lake"), base / "images", [tuple(p) for p in json.loads(done.read_text())["pairs"]]
