@@ -56,7 +56,7 @@ def _index(vectors: np.ndarray, exact_max: int, nprobe: int, seed: int) -> tuple
 
 
 def dup_edges(vectors: np.ndarray, sim: float, *, queries: list[np.ndarray] | None = None,
-              exact_max: int = EXACT_MAX, nprobe: int = 16, batch: int = 16384,
+              exact_max: int = EXACT_MAX, nprobe: int = 8, batch: int = 16384,
               seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """Pairs (i, j, similarity) with i < j and similarity >= ``sim`` (each pair once, best score).
 
