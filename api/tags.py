@@ -9,8 +9,6 @@ from flask import Blueprint, current_app, jsonify, request
 from api.auth import current_principal
 from api.images import _int_arg
 from api.services import check_image_id, lake_reader
-from jobs.tag.edits import apply_edit, parse_edit
-from jobs.tag.model import ModelStore
 from jobs.tag.state import CURRENT_TAGS_SQL
 from lake.errors import BadInput
 from lake.migrate import upgrade_table
@@ -19,7 +17,10 @@ from lake.vectors import load_embeddings
 bp = Blueprint("tags", __name__)
 
 
-def _store() -> ModelStore:
+def _store():
+    """This process's model store (scikit-learn and FAISS are imported on first use, not at start)."""
+    from jobs.tag.model import ModelStore
+
     store = current_app.extensions.get("imagelake.tag_model")
     reader = lake_reader()
     if store is None:
@@ -59,6 +60,8 @@ def get_tags(image_id: str):
 @bp.post("/images/<image_id>/tags")
 def edit_tags(image_id: str):
     """Body ``{"add": [...], "remove": [...], "correct": [{"from": a, "to": b}]}`` (curate scope)."""
+    from jobs.tag.edits import apply_edit, parse_edit
+
     check_image_id(image_id)
     edit = parse_edit(request.get_json(force=True, silent=True))
     reader = lake_reader()

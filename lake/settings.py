@@ -51,7 +51,7 @@ class Settings:
     auth: bool = _opt(True, "Require API tokens (read scope for GET, curate for writes); false opens every route (trusted single-user machines only).")
     refresh_s: float = _opt(2.0, "How often the API re-checks table versions for new commits.")
     staging_retention_h: float = _opt(24.0, "The janitor keeps staging files of unfinished runs this long.")
-    dup_sim: float = _opt(0.8, "Near-duplicate threshold for `imagelake cluster`: similarity (0..1, 1 = identical only) of the duplicate descriptor at or above which images are joined into one group.")
+    dup_sim: float = _opt(0.85, "Near-duplicate threshold for `imagelake cluster`: similarity (0..1, 1 = identical only) of the duplicate descriptor at or above which images are joined into one group.")
     topic_k: int = _opt(0, "Topic clusters (k-means k); 0 picks k from the number of images (round(sqrt(n/2)), 2..4096).")
     cluster_pca_dim: int = _opt(128, "Embeddings are PCA-reduced to this many dimensions for duplicate search and topic k-means (0: no reduction).")
     tag_cum_prob: float = _opt(0.9, "Concept tags: the top ImageNet classes are kept until their cumulative probability reaches this.")

@@ -54,7 +54,9 @@ def _scene(name: str) -> str:
 
 
 def test_planted_duplicates_are_grouped_and_distinct_images_are_not(lake, planted, local_settings):
-    summary = run_cluster(lake, local_settings, runner=LocalRunner())
+    # 180 images are too few for the PCA (< 4 x 128), so the full embedding is used; at sim 0.8 it
+    # groups every planted pair (the default 0.85 was chosen on 2,200 images with PCA; the benchmark)
+    summary = run_cluster(lake, local_settings, sim=0.8, runner=LocalRunner())
     groups = _groups(lake, summary["run_id"])
     pairs = planted[2]
     together = [any({a, b} <= g for g in groups) for a, b, _ in pairs]
@@ -137,7 +139,7 @@ def test_api_clusters(lake, client, local_settings):
     assert body["total"] == summary["dup_groups"] and len(body["clusters"]) == 5
     assert all(c["size"] == 2 for c in body["clusters"])
     one = client.get(f"/api/v1/clusters/{body['clusters'][0]['cluster_id']}").get_json()
-    assert one["kind"] == "dup" and len(one["members"]) == 2 and one["members"][0]["score"] >= local_settings.dup_sim
+    assert one["kind"] == "dup" and len(one["members"]) == 2 and one["members"][0]["score"] >= local_settings.dup_sim - 1e-5
     topics = client.get("/api/v1/clusters?kind=topic").get_json()
     assert topics["levels"] == [3, 9] and topics["level"] == 3
     assert sum(c["size"] for c in topics["clusters"]) == summary["images"]

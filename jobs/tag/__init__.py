@@ -1,10 +1,20 @@
-"""``imagelake tag``: concept tags and learned tags (see :mod:`jobs.tag.driver`)."""
+"""``imagelake tag``: concept tags and learned tags (see :mod:`jobs.tag.driver`).
 
-from jobs.tag.concepts import concept_tags
-from jobs.tag.driver import run_tag, train_model
-from jobs.tag.edits import TagEdit, apply_edit, parse_edit
-from jobs.tag.model import ModelStore, TagModel
-from jobs.tag.state import current_tags, user_labels
+Names load on first use, so importing :mod:`jobs.tag.state` (the API does) pulls in neither
+scikit-learn nor FAISS.
+"""
+
+from importlib import import_module
 
 __all__ = ["run_tag", "train_model", "concept_tags", "TagEdit", "apply_edit", "parse_edit", "ModelStore",
            "TagModel", "current_tags", "user_labels"]
+
+_WHERE = {"run_tag": "driver", "train_model": "driver", "concept_tags": "concepts", "TagEdit": "edits",
+          "apply_edit": "edits", "parse_edit": "edits", "ModelStore": "model", "TagModel": "model",
+          "current_tags": "state", "user_labels": "state"}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(f"jobs.tag.{_WHERE[name]}"), name)
+    raise AttributeError(name)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -274,16 +273,22 @@ def main() -> None:
     ap.add_argument("--scale", default="70000,1000000")
     ap.add_argument("--baseline-n", type=int, default=5000)
     ap.add_argument("--sim", type=float, default=Settings().dup_sim)
+    ap.add_argument("--sections", default="1,2,3,4", help="which sections to run (2 and 3 need 1)")
     args = ap.parse_args()
     args.scale = [int(v) for v in args.scale.split(",") if v]
     print(machine())
     print(f"load average at start: {os.getloadavg()}")
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
         work = Path(tmp)
-        base = planted_section(args, work)
-        baseline_section(args, base, args.sim)
-        scale_section(args, base, args.sim)
-        fmnist_section(args, work)
+        sections = {int(v) for v in args.sections.split(",") if v}
+        if sections & {1, 2, 3}:
+            base = planted_section(args, work)
+            if 2 in sections:
+                baseline_section(args, base, args.sim)
+            if 3 in sections:
+                scale_section(args, base, args.sim)
+        if 4 in sections:
+            fmnist_section(args, work)
     print(f"\nload average at end: {os.getloadavg()}")
 
 
