@@ -57,7 +57,7 @@ class Settings:
     tag_cum_prob: float = _opt(0.9, "Concept tags: the top ImageNet classes are kept until their cumulative probability reaches this.")
     tag_max_concepts: int = _opt(5, "Concept tags: at most this many per image.")
     tag_min_score: float = _opt(0.5, "Learned tags: posterior probability at or above which a tag is given.")
-    tag_pca_dim: int = _opt(64, "Learned tags: embeddings are PCA-reduced to this many dimensions before naive Bayes (0: none).")
+    tag_pca_dim: int = _opt(0, "Learned tags: embeddings are PCA-reduced to this many dimensions before naive Bayes (0: none).")
     log_level: str = _opt("WARNING", "Python log level for jobs and the server (DEBUG, INFO, WARNING, ERROR).")
     sources: tuple = field(default=(), compare=False, metadata={"internal": True})
 
