@@ -49,6 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    s = sub.add_parser("cluster", help="near-duplicate groups and topic clusters")
+    s.add_argument("--sim", type=float, help="near-duplicate threshold 0..1, 1 = identical only (default: setting dup_sim)")
+    s.add_argument("--levels", help="topic cut levels as numbers of clusters, e.g. 10,40 (default k, k/4, k/16, ...)")
+    s.add_argument("--k", type=int, help="k-means k (default: setting topic_k, else round(sqrt(n/2)))")
+    s.add_argument("--recluster", action="store_true", help="fit new topic clusters over all images")
+    s.add_argument("--model", help="features model key (default: the one with most rows)")
+    s.add_argument("--no-progress", action="store_true")
+
+    s = sub.add_parser("tag", help="concept tags for new images; retrain and apply the learned-tag model")
+    s.add_argument("--model", help="features model key (default: the one with most rows)")
+
+    s = sub.add_parser("export", help="write a folder of symlinks to a cluster's (or bucket's) images")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--cluster", metavar="ID", help="a cluster id (see GET /clusters or the clusters table)")
+    g.add_argument("--bucket", metavar="ID", help="a bucket id")
+    s.add_argument("--to", required=True, metavar="DIR", help="folder to create (must be empty or absent)")
+
     s = sub.add_parser("sql", help="run one read-only SELECT over the lake's tables")
     s.add_argument("query", metavar="SQL")
     s.add_argument("--format", choices=["table", "csv", "json"], default="table")
@@ -146,6 +163,42 @@ def _cmd_run(args, settings: Settings, lake: Lake) -> int:
                               steps=None if args.steps is None else parse_steps(args.steps))
     summary = run_pipeline(lake, settings, request, progress=not args.no_progress and sys.stderr.isatty())
     print(summary.line())
+
+def _cmd_cluster(args, settings: Settings, lake: Lake) -> int:
+    from jobs.cluster import check_sim, run_cluster
+
+    sim = check_sim(args.sim) if args.sim is not None else None
+    levels = None
+    if args.levels:
+        try:
+            levels = [int(v) for v in args.levels.split(",") if v.strip()]
+        except ValueError:
+            raise BadInput(f"--levels must be numbers of clusters like 10,40, got {args.levels!r}") from None
+    s = run_cluster(lake, settings, sim=sim, levels=levels, k=args.k, recluster=args.recluster, model=args.model,
+                    progress=not args.no_progress and sys.stderr.isatty())
+    topic = (f"fitted k={s['k']} levels {s['levels']}" if s["topic_fitted"]
+             else f"{s['topic_assigned']} new images assigned to {s['topic_model']}")
+    print(f"cluster {s['run_id']}: {s['images']} images, {s['dup_groups']} near-duplicate groups "
+          f"({s['dup_images']} images) at sim {s['sim']}; topics {topic}; {s['seconds']:.1f} s")
+    return 0
+
+
+def _cmd_tag(args, settings: Settings, lake: Lake) -> int:
+    from jobs.tag import run_tag
+
+    s = run_tag(lake, settings, model=args.model)
+    learned = (f"model v{s['learned_model']} ({s['learned_classes']} tags) gave {s['learned_tags']} learned tags"
+               if s["learned_model"] else "no user tags yet, no learned tags")
+    print(f"tag {s['run_id']}: {s['concept_tags']} concept tags for {s['concept_images']} new images; {learned}; "
+          f"{s['seconds']:.1f} s")
+    return 0
+
+
+def _cmd_export(args, settings: Settings, lake: Lake) -> int:
+    from jobs.cluster.export import export_bucket, export_cluster
+
+    result = export_cluster(lake, args.cluster, args.to) if args.cluster else export_bucket(lake, args.bucket, args.to)
+    print(f"exported {result['links']} images to {result['to']}")
     return 0
 
 
@@ -257,7 +310,8 @@ def _cmd_settings(args, settings: Settings, lake: Lake) -> int:
 
 
 _COMMANDS = {
-    "ingest": _cmd_ingest, "embed": _cmd_embed, "run": _cmd_run, "sql": _cmd_sql, "status": _cmd_status, "serve": _cmd_serve,
+    "ingest": _cmd_ingest, "embed": _cmd_embed, "run": _cmd_run, "cluster": _cmd_cluster, "tag": _cmd_tag,
+    "export": _cmd_export, "sql": _cmd_sql, "status": _cmd_status, "serve": _cmd_serve,
     "janitor": _cmd_janitor, "demo": _cmd_demo, "token": _cmd_token, "settings": _cmd_settings,
     "metadata": _cmd_metadata,
 }

@@ -145,10 +145,21 @@ def _resolve(requested: Sequence[str] | None) -> tuple[dict[str, Callable[..., A
     return functions, skipped
 
 
-def _step_kwargs(fn: Callable[..., Any], request: PipelineRequest, runner: Runner,
+def _features_key(model: str) -> str | None:
+    """The ``features.model`` key (``name@version``) the embed step writes for registry name ``model``."""
+    try:
+        from jobs.embed.models import get_model
+    except ImportError:
+        return None  # no embed extra: later steps use the model with the most features
+    return get_model(model).key
+
+
+def _step_kwargs(name: str, fn: Callable[..., Any], request: PipelineRequest, runner: Runner,
                  progress: bool) -> dict[str, Any]:
     offered = {f.name: getattr(request, f.name) for f in dataclasses.fields(request) if f.name != "steps"}
     offered.update(runner=runner, progress=progress)
+    if name != "embed":  # steps after embed select features by their stored key, not the registry name
+        offered["model"] = _features_key(request.model)
     params = inspect.signature(fn).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return {k: v for k, v in offered.items() if v is not None}
@@ -230,7 +241,7 @@ def run_pipeline(lake: Lake, settings: Settings, request: PipelineRequest, runne
                     t0 = time.perf_counter()
                     log.info("pipeline %s: step %s", run.run_id, name)
                     try:
-                        result = fn(lake, settings, **_step_kwargs(fn, request, runner, progress))
+                        result = fn(lake, settings, **_step_kwargs(name, fn, request, runner, progress))
                     except LockHeld as e:
                         raise LockHeld(f"step {name}: {e}") from e
                     except (KeyboardInterrupt, SystemExit):

@@ -100,7 +100,7 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         pa.field("run_id", pa.string()),
         pa.field("created_at", _TS),
     ]),
-    _spec("clusters", ["run_id", "image_id", "kind"], "Near-duplicate groups (kind=dup) and topic clusters (kind=topic).", [
+    _spec("clusters", ["run_id", "image_id", "kind", "level"], "Near-duplicate groups (kind=dup, level 0) and topic clusters (kind=topic, level = the number of clusters in that cut); model_run is the run whose centroids (topic) or grouping (dup) the row belongs to.", [
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("kind", pa.string(), nullable=False),
@@ -108,8 +108,9 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         pa.field("level", pa.int32()),
         pa.field("score", pa.float32()),
         pa.field("created_at", _TS),
+        pa.field("model_run", pa.string()),
     ]),
-    _spec("tags", ["image_id", "tag", "source"], "Model tags and user tags with scores.", [
+    _spec("tags", ["image_id", "tag", "source", "run_id"], "Model tags (source concept or learned) and user tags, append-only: a user edit is a row with action add or remove; the latest row per image, tag and source wins.", [
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("tag", pa.string(), nullable=False),
         pa.field("source", pa.string(), nullable=False),
@@ -117,6 +118,8 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         pa.field("model", pa.string()),
         pa.field("run_id", pa.string()),
         pa.field("created_at", _TS),
+        pa.field("action", pa.string()),
+        pa.field("actor", pa.string()),
     ]),
     _spec("bucket_events", ["event_id"], "Append-only log of curation actions; current bucket state is a query.", [
         pa.field("event_id", pa.string(), nullable=False),

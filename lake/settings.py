@@ -52,6 +52,13 @@ class Settings:
     thumbnail_cache_mb: float = _opt(64.0, "Per-server-process memory for cached thumbnails (they never change); 0 turns the cache off.")
     refresh_s: float = _opt(2.0, "How often the API re-checks table versions for new commits.")
     staging_retention_h: float = _opt(24.0, "The janitor keeps staging files of unfinished runs this long.")
+    dup_sim: float = _opt(0.85, "Near-duplicate threshold for `imagelake cluster`: similarity (0..1, 1 = identical only) of the duplicate descriptor at or above which images are joined into one group.")
+    topic_k: int = _opt(0, "Topic clusters (k-means k); 0 picks k from the number of images (round(sqrt(n/2)), 2..4096).")
+    cluster_pca_dim: int = _opt(128, "Embeddings are PCA-reduced to this many dimensions for duplicate search and topic k-means (0: no reduction).")
+    tag_cum_prob: float = _opt(0.9, "Concept tags: the top ImageNet classes are kept until their cumulative probability reaches this.")
+    tag_max_concepts: int = _opt(5, "Concept tags: at most this many per image.")
+    tag_min_score: float = _opt(0.5, "Learned tags: posterior probability at or above which a tag is given.")
+    tag_pca_dim: int = _opt(0, "Learned tags: embeddings are PCA-reduced to this many dimensions before naive Bayes (0: none).")
     log_level: str = _opt("WARNING", "Python log level for jobs and the server (DEBUG, INFO, WARNING, ERROR).")
     sources: tuple = field(default=(), compare=False, metadata={"internal": True})
 
@@ -112,6 +119,15 @@ def _validate(s: Settings) -> Settings:
             raise BadInput(f"setting {name!r} must be positive, got {getattr(s, name)!r}")
     if not s.thumbnail_sizes or any(not 16 <= v <= 1024 for v in s.thumbnail_sizes):
         raise BadInput(f"thumbnail_sizes must be sizes between 16 and 1024 px, got {s.thumbnail_sizes!r}")
+    if not 0.0 <= s.dup_sim <= 1.0:
+        raise BadInput(f"dup_sim must be between 0 and 1 (1 = identical only), got {s.dup_sim!r}")
+    if not 0.0 < s.tag_cum_prob <= 1.0 or not 0.0 <= s.tag_min_score <= 1.0:
+        raise BadInput("tag_cum_prob must be in (0, 1] and tag_min_score in [0, 1]")
+    for name in ("topic_k", "cluster_pca_dim", "tag_pca_dim"):
+        if getattr(s, name) < 0:
+            raise BadInput(f"setting {name!r} must be 0 or positive, got {getattr(s, name)!r}")
+    if s.tag_max_concepts <= 0:
+        raise BadInput("tag_max_concepts must be positive")
     if s.sql_timeout_s <= 0:
         raise BadInput("sql_timeout_s must be positive")
     return s
