@@ -12,7 +12,7 @@ import re
 from flask import Blueprint, current_app, jsonify, request
 
 from api.images import _int_arg
-from api.services import lake_reader
+from api.services import check_image_id, lake_reader
 from lake.errors import BadInput, NotFound
 from lake.migrate import upgrade_table
 
@@ -95,8 +95,23 @@ def cluster(cluster_id: str):
                     "members": [{"image_id": r[0], "score": r[1]} for r in rows]})
 
 
+@bp.get("/images/<image_id>/clusters")
+def image_clusters(image_id: str):
+    """The image's near-duplicate group (current run) and its topic cluster at every level."""
+    check_image_id(image_id)
+    lake_reader().image(image_id)  # 404 for an unknown image
+    run_id, topic_model = current_runs()
+    clusters = []
+    if run_id is not None:
+        rows = _rows(f"SELECT kind, cluster_id, level, score FROM clusters WHERE image_id = {_lit(image_id)} AND "
+                     f"((kind = 'dup' AND run_id = {_lit(run_id)}) OR "
+                     f"(kind = 'topic' AND model_run = {_lit(topic_model or '')})) ORDER BY kind, level")
+        clusters = [{"kind": r[0], "cluster_id": r[1], "level": r[2], "score": r[3]} for r in rows]
+    return jsonify({"ok": True, "image_id": image_id, "clusters": clusters})
+
+
 def openapi_paths(settings) -> dict:
-    from api.openapi import errors, json_response
+    from api.openapi import IMAGE_ID_PARAM, errors, json_response
 
     page = [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
             {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}}]
@@ -115,6 +130,17 @@ def openapi_paths(settings) -> dict:
                 "clusters": {"type": "array", "items": {"type": "object", "properties": {
                     "cluster_id": {"type": "string"}, "size": {"type": "integer"}}}}}}, "One page of clusters"),
                 **errors(400)},
+        }},
+        "/images/{image_id}/clusters": {"get": {
+            "summary": "The image's near-duplicate group and its topic cluster at each level",
+            "operationId": "getImageClusters",
+            "parameters": [IMAGE_ID_PARAM],
+            "responses": {"200": json_response({"type": "object", "required": ["ok", "image_id", "clusters"], "properties": {
+                "ok": {"const": True}, "image_id": {"type": "string"},
+                "clusters": {"type": "array", "items": {"type": "object", "properties": {
+                    "kind": {"type": "string"}, "cluster_id": {"type": "string"}, "level": {"type": ["integer", "null"]},
+                    "score": {"type": ["number", "null"]}}}}}}, "The image's clusters"),
+                **errors(400, 404)},
         }},
         "/clusters/{cluster_id}": {"get": {
             "summary": "Members of a cluster (image ids with their similarity score), paged",

@@ -147,6 +147,11 @@ def test_api_clusters(lake, client, local_settings):
     assert fine["total"] == 9 and len(fine["clusters"]) == 2
     members = client.get(f"/api/v1/clusters/{fine['clusters'][0]['cluster_id']}?limit=1").get_json()
     assert members["size"] == fine["clusters"][0]["size"] and len(members["members"]) == 1
+    member = one["members"][0]["image_id"]
+    mine = client.get(f"/api/v1/images/{member}/clusters").get_json()["clusters"]
+    assert {"kind": "dup", "cluster_id": one["cluster_id"]} in [{k: c[k] for k in ("kind", "cluster_id")} for c in mine]
+    assert sorted(c["level"] for c in mine if c["kind"] == "topic") == [3, 9]
+    assert client.get(f"/api/v1/images/{'0' * 64}/clusters").status_code == 404
     for url, status in [("/api/v1/clusters?kind=bad", 400), ("/api/v1/clusters?kind=topic&level=7", 400),
                         ("/api/v1/clusters?kind=topic&level=x", 400), ("/api/v1/clusters/bad%20id!", 400),
                         ("/api/v1/clusters/no-such-cluster", 404), ("/api/v1/clusters?limit=0", 400)]:
