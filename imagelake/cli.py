@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--no-progress", action="store_true")
 
+    s = sub.add_parser("grid", help="lay out the collection on a zoomable grid map (layout, quality, tiles)")
+    s.add_argument("--where", metavar="SQL", help="only images matching this predicate over images columns, "
+                                                  "e.g. \"collection = 'cats'\" (default: all with features)")
+    s.add_argument("--seed", type=int, default=0, help="random seed; same data and seed -> same layout (default 0)")
+    s.add_argument("--layout-id", metavar="ID", help="id of the new layout (default: the run id)")
+    s.add_argument("--model", help="features of this model key (default: the one with most features)")
+
     s = sub.add_parser("sql", help="run one read-only SELECT over the lake's tables")
     s.add_argument("query", metavar="SQL")
     s.add_argument("--format", choices=["table", "csv", "json"], default="table")
@@ -108,6 +115,15 @@ def embed_line(summary: dict[str, Any]) -> str:
     return (f"embed {summary['run_id']}: {summary['embedded']} images embedded with {summary['model']}, "
             f"{summary['rejected']} rejected, in {summary['seconds']:.1f} s "
             f"({summary.get('images_per_s') or 0:.0f} img/s)")
+
+
+def _cmd_grid(args, settings: Settings, lake: Lake) -> int:
+    from jobs.grid.driver import grid_line, run_grid
+
+    summary = run_grid(lake, settings, where=args.where, seed=args.seed, layout_id=args.layout_id,
+                       model=args.model)
+    print(grid_line(summary))
+    return 0
 
 
 def _cmd_sql(args, settings: Settings, lake: Lake) -> int:
@@ -192,7 +208,7 @@ def _cmd_settings(args, settings: Settings, lake: Lake) -> int:
 
 
 _COMMANDS = {
-    "ingest": _cmd_ingest, "embed": _cmd_embed, "sql": _cmd_sql, "status": _cmd_status, "serve": _cmd_serve,
+    "ingest": _cmd_ingest, "embed": _cmd_embed, "grid": _cmd_grid, "sql": _cmd_sql, "status": _cmd_status, "serve": _cmd_serve,
     "janitor": _cmd_janitor, "demo": _cmd_demo, "token": _cmd_token, "settings": _cmd_settings,
 }
 
