@@ -118,8 +118,10 @@ def embed_line(summary: dict[str, Any]) -> str:
 
 
 def _cmd_grid(args, settings: Settings, lake: Lake) -> int:
-    from jobs.grid.driver import grid_line, run_grid
-
+    try:
+        from jobs.grid.driver import grid_line, run_grid
+    except ImportError as e:
+        raise BadInput(f"the grid job needs the 'grid' extra (pip install 'imagelake[grid]'): {e}") from None
     summary = run_grid(lake, settings, where=args.where, seed=args.seed, layout_id=args.layout_id,
                        model=args.model)
     print(grid_line(summary))

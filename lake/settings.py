@@ -51,7 +51,7 @@ class Settings:
     auth: bool = _opt(True, "Require API tokens (read scope for GET, curate for writes); false opens every route (trusted single-user machines only).")
     refresh_s: float = _opt(2.0, "How often the API re-checks table versions for new commits.")
     staging_retention_h: float = _opt(24.0, "The janitor keeps staging files of unfinished runs this long.")
-    grid_quality_sample: int = _opt(20_000, "Cells scored for a layout's neighbourhood-preservation quality (0: skip; all cells when fewer).")
+    grid_quality_sample: int = _opt(2000, "Cells scored for a layout's neighbourhood-preservation quality (exact kNN over all images for each; 0: skip; all cells when fewer).")
     grid_tile_cache: bool = _opt(True, "Keep deep-zoom tiles rendered on first request as files under the layout's tile folder.")
     log_level: str = _opt("WARNING", "Python log level for jobs and the server (DEBUG, INFO, WARNING, ERROR).")
     sources: tuple = field(default=(), compare=False, metadata={"internal": True})

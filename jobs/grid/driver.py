@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 from typing import Any, Iterator
 
@@ -23,28 +22,19 @@ import pyarrow as pa
 
 from jobs.grid.layout import LayoutParams, layout_grid
 from jobs.grid.quality import neighbourhood_preservation, random_baseline
+from jobs.grid.store import check_layout_id
 from jobs.grid.tiles import Pyramid, build_tiles
 from jobs.grid.where import select_seqs
 from jobs.runs import job_run
 from lake.catalog import Lake
 from lake.commit import commit_rows, now_utc, open_table
-from lake.errors import BadInput, Conflict, NotFound
+from lake.errors import BadInput, Conflict
 from lake.settings import Settings
 from lake.vectors import load_embeddings
 
-__all__ = ["run_grid", "check_layout_id", "grid_line", "LATEST"]
+__all__ = ["run_grid", "grid_line", "METHOD"]
 
-LATEST = "latest"
-_LAYOUT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 METHOD = "pca-balanced-split+flas-blocks"
-
-
-def check_layout_id(layout_id: str) -> str:
-    """Raise BadInput unless ``layout_id`` is 1-64 letters, digits, ``_ . -`` (not ``latest``)."""
-    if not _LAYOUT_ID.fullmatch(layout_id or "") or layout_id == LATEST:
-        raise BadInput(f"layout id {layout_id!r} must be 1-64 characters of letters, digits, '_', '.', '-' "
-                       f"(starting with a letter or digit) and not {LATEST!r}")
-    return layout_id
 
 
 def _existing_layouts(lake: Lake) -> set[str]:
@@ -163,7 +153,3 @@ def grid_line(s: dict[str, Any]) -> str:
         f"random ≈ {s['random_quality']:.3f})")
     return (f"grid {s['layout_id']}: {s['n']} images on {s['width']}x{s['height']} cells, {q}; "
             f"layout {s['layout_s']:.1f} s, tiles {s['tiles_s']:.1f} s, total {s['seconds']:.1f} s")
-
-
-def missing_layout(layout_id: str) -> NotFound:
-    return NotFound(f"no grid layout {layout_id!r}; list them with GET /api/v1/grid or run `imagelake grid`")

@@ -37,7 +37,8 @@ class LayoutParams:
     dims: PCA components the layout works in. pca_sample: rows the PCA is fitted on.
     leaf_cells: the balanced split stops at blocks of at most this many cells.
     rounds: refinement rounds. block: side of the linear-assignment tiles.
-    radius_start: first smoothing radius as a fraction of the grid side; radius_end: last, in cells.
+    radius_start: first smoothing radius as a fraction of the grid side, at most ``radius_cap`` cells
+    (items move a few cells per round, so wider smoothing only blurs); radius_end: last, in cells.
     """
 
     dims: int = 64
@@ -46,6 +47,7 @@ class LayoutParams:
     rounds: int = 32
     block: int = 8
     radius_start: float = 0.3
+    radius_cap: float = 20.0
     radius_end: float = 1.0
 
 
@@ -195,7 +197,7 @@ def refine(z: np.ndarray, cells: np.ndarray, width: int, height: int, params: La
     grid[cells] = np.arange(n)
     b = params.block
     side = max(width, height)
-    r0 = max(params.radius_start * side, params.radius_end)
+    r0 = max(min(params.radius_start * side, params.radius_cap), params.radius_end)
     for it in range(params.rounds):
         t = it / max(1, params.rounds - 1)
         radius = r0 * (params.radius_end / r0) ** t
@@ -237,17 +239,27 @@ def _assign_blocks(z: np.ndarray, grid: np.ndarray, targets: np.ndarray, width: 
     tile_idx = np.repeat(np.arange(n_tiles), counts)
     cell_pad = np.full((n_tiles, cap), -1, np.int64)
     cell_pad[tile_idx, slot] = occupied
-    item_pad = np.where(cell_pad >= 0, grid[np.maximum(cell_pad, 0)], -1)
-    zi = np.where((item_pad >= 0)[..., None], z[np.maximum(item_pad, 0)], 0.0).astype(np.float32)
-    tc = np.where((cell_pad >= 0)[..., None], targets[np.maximum(cell_pad, 0)], 0.0).astype(np.float32)
-    cost = (np.einsum("tip,tip->ti", zi, zi)[:, :, None] + np.einsum("tjp,tjp->tj", tc, tc)[:, None, :]
-            - 2.0 * np.matmul(zi, tc.transpose(0, 2, 1)))
+    item_pad = grid[np.maximum(cell_pad, 0)]
+    # Slots past a tile's count are never read (only cost[t, :c, :c] is solved), so no masking.
+    zi = z[np.maximum(item_pad, 0)]
+    tc = targets[np.maximum(cell_pad, 0)]
+    # |z_i - t_j|^2 minus |z_i|^2, which is the same for every cell of an item's row.
+    cost = np.einsum("tjp,tjp->tj", tc, tc)[:, None, :] - 2.0 * np.matmul(zi, tc.transpose(0, 2, 1))
     for t in range(n_tiles):
         c = int(counts[t])
         if c < 2:
             continue
         _, cols = linear_sum_assignment(cost[t, :c, :c])
         grid[cell_pad[t, cols]] = item_pad[t, :c]
+
+
+def _one_blas_thread():
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - comes with scikit-learn
+        import contextlib
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def layout_grid(vectors: np.ndarray, seed: int = 0, params: LayoutParams | None = None) -> Layout:
@@ -270,11 +282,12 @@ def layout_grid(vectors: np.ndarray, seed: int = 0, params: LayoutParams | None 
     if z.shape[1] < 2:
         z = np.pad(z, ((0, 0), (0, 2 - z.shape[1])))
     timings["reduce_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    cells = balanced_split(z, width, height, params.leaf_cells)
-    timings["split_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if params.rounds > 0 and n > 1:
-        cells = refine(z, cells, width, height, params, rng)
-    timings["refine_s"] = time.perf_counter() - t0
+    with _one_blas_thread():  # many small products: BLAS threads only contend
+        t0 = time.perf_counter()
+        cells = balanced_split(z, width, height, params.leaf_cells)
+        timings["split_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if params.rounds > 0 and n > 1:
+            cells = refine(z, cells, width, height, params, rng)
+        timings["refine_s"] = time.perf_counter() - t0
     return Layout(width, height, cells, np.ascontiguousarray(z[:, :2]), timings)

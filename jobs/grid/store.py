@@ -9,6 +9,7 @@ every ``refresh_s`` seconds).
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -18,13 +19,27 @@ import duckdb
 import numpy as np
 import pyarrow.compute as pc
 
-from jobs.grid.driver import LATEST, missing_layout
 from jobs.grid.tiles import TileSource
 from lake.catalog import Lake
 from lake.commit import open_table
 from lake.errors import BadInput, NotFound
 
-__all__ = ["LayoutStore", "LayoutView"]
+__all__ = ["LayoutStore", "LayoutView", "LATEST", "check_layout_id", "missing_layout"]
+
+LATEST = "latest"
+_LAYOUT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_layout_id(layout_id: str) -> str:
+    """Raise BadInput unless ``layout_id`` is 1-64 letters, digits, ``_ . -`` (not ``latest``)."""
+    if not _LAYOUT_ID.fullmatch(layout_id or "") or layout_id == LATEST:
+        raise BadInput(f"layout id {layout_id!r} must be 1-64 characters of letters, digits, '_', '.', '-' "
+                       f"(starting with a letter or digit) and not {LATEST!r}")
+    return layout_id
+
+
+def missing_layout(layout_id: str) -> NotFound:
+    return NotFound(f"no grid layout {layout_id!r}; list them with GET /api/v1/grid or run `imagelake grid`")
 
 
 @dataclass
