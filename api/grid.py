@@ -24,21 +24,19 @@ bp = Blueprint("grid", __name__)
 
 _IMMUTABLE = "public, max-age=31536000, immutable"
 _MAX_IDS = 100_000
-_stores: dict[tuple[int, int], LayoutStore] = {}
-_stores_lock = threading.Lock()
+_lock = threading.Lock()
 
 
 def layout_store() -> LayoutStore:
     """This process's store for the current app (made on first use: deltalake must not cross a fork)."""
-    key = (os.getpid(), id(current_app))
-    with _stores_lock:
-        store = _stores.get(key)
-        if store is None:
+    with _lock:
+        held = current_app.extensions.get("imagelake_grid")
+        if held is None or held[0] != os.getpid():
             settings = current_app.config["IMAGELAKE_SETTINGS"]
-            store = LayoutStore(Lake.at(settings.lake), refresh_s=settings.refresh_s,
-                                tile_cache=settings.grid_tile_cache)
-            _stores[key] = store
-        return store
+            held = (os.getpid(), LayoutStore(Lake.at(settings.lake), refresh_s=settings.refresh_s,
+                                             tile_cache=settings.grid_tile_cache))
+            current_app.extensions["imagelake_grid"] = held
+        return held[1]
 
 
 def _public_meta(meta: dict) -> dict:

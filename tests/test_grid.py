@@ -212,7 +212,7 @@ def test_layout_id_is_checked_and_never_overwritten(grid_lake):
     lake = grid_lake[0]
     with pytest.raises(Conflict):
         run_grid(lake, Settings(lake=lake.root), layout_id="L1")
-    for bad in ("latest", "a/b", "", "x" * 65):
+    for bad in ("latest", "a/b", "a.dzi", "", "x" * 65):
         with pytest.raises(BadInput):
             run_grid(lake, Settings(lake=lake.root), layout_id=bad)
 
@@ -308,3 +308,44 @@ def test_read_token_can_post_cells(app, grid_lake):
     c = app.test_client()
     r = c.post("/api/v1/grid/L1/cells", json={"image_ids": []}, headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 200
+
+
+# -- end to end with real images ----------------------------------------------------------------
+
+FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+
+
+@pytest.mark.skipif(not __import__("os").path.exists(FMNIST), reason="Fashion-MNIST is not installed")
+def test_real_images_ingest_embed_grid_end_to_end(tmp_path, capsys):
+    """Fashion-MNIST trousers, bags and sneakers → ingest → embed (ONNX, in process) → grid."""
+    import gzip
+
+    from jobs.embed import run_embed
+    from jobs.ingest.driver import run_ingest
+    from jobs.runner import LocalRunner
+
+    with gzip.open(FMNIST) as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(FMNIST.replace("images-idx3", "labels-idx1")) as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    folder = tmp_path / "fmnist"
+    folder.mkdir()
+    label_of = {}
+    for cls in (1, 7, 8):  # trouser, sneaker, bag
+        for i in np.flatnonzero(labels == cls)[:12]:
+            path = folder / f"{cls}_{i}.png"
+            Image.fromarray(images[i]).save(path)
+            label_of[hashlib.sha256(path.read_bytes()).hexdigest()] = cls
+    lake = Lake.at(tmp_path / "lake")
+    settings = Settings(lake=lake.root, runner="local")
+    run_ingest(lake, settings, str(folder), runner=LocalRunner())
+    run_embed(lake, settings, runner=LocalRunner())
+    assert main(["--lake", lake.root, "--runner", "local", "grid", "--layout-id", "fm"]) == 0
+    assert "grid fm: 36 images on 6x6 cells" in capsys.readouterr().out
+    rows = _layout_rows(lake, "fm").to_pylist()
+    assert len({(r["gx"], r["gy"]) for r in rows}) == 36 and {r["image_id"] for r in rows} == set(label_of)
+    grid = {(r["gx"], r["gy"]): label_of[r["image_id"]] for r in rows}
+    same = [grid[(x, y)] == grid[(x + 1, y)] for (x, y) in grid if (x + 1, y) in grid]
+    assert np.mean(same) > 0.75  # random would be about 1/3
+    (meta,) = open_table(lake, "grid_layouts").to_pyarrow_dataset().to_table().to_pylist()
+    assert meta["quality"] > 0.5 and meta["n"] == 36

@@ -27,13 +27,13 @@ from lake.errors import BadInput, NotFound
 __all__ = ["LayoutStore", "LayoutView", "LATEST", "check_layout_id", "missing_layout"]
 
 LATEST = "latest"
-_LAYOUT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_LAYOUT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # no '.': "<id>.dzi" must stay unambiguous
 
 
 def check_layout_id(layout_id: str) -> str:
-    """Raise BadInput unless ``layout_id`` is 1-64 letters, digits, ``_ . -`` (not ``latest``)."""
+    """Raise BadInput unless ``layout_id`` is 1-64 letters, digits, ``_ -`` (not ``latest``)."""
     if not _LAYOUT_ID.fullmatch(layout_id or "") or layout_id == LATEST:
-        raise BadInput(f"layout id {layout_id!r} must be 1-64 characters of letters, digits, '_', '.', '-' "
+        raise BadInput(f"layout id {layout_id!r} must be 1-64 characters of letters, digits, '_', '-' "
                        f"(starting with a letter or digit) and not {LATEST!r}")
     return layout_id
 
