@@ -83,6 +83,7 @@ def dzi(layout: str):
 
 
 @bp.get("/grid/<layout>/tiles/<int(signed=True):z>/<int(signed=True):x>_<int(signed=True):y>.jpg")
+@bp.get("/grid/<layout>_files/<int(signed=True):z>/<int(signed=True):x>_<int(signed=True):y>.jpg")
 def tile(layout: str, z: int, x: int, y: int):
     view = _view(layout)
     lid = view.meta["layout_id"]
@@ -182,6 +183,15 @@ def openapi_paths(settings) -> dict:
         "/grid/{layout}/tiles/{z}/{x}_{y}.jpg": {"get": {
             "summary": "One 256 px JPEG tile (DZI level numbering: z = 0 is 1x1 px, the top level is full size)",
             "operationId": "getGridTile",
+            "parameters": [lay] + [{"name": n, "in": "path", "required": True, "schema": {"type": "integer"}}
+                                   for n in ("z", "x", "y")],
+            "responses": {"200": {"description": "JPEG; immutable, with an ETag",
+                                  "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+                          "304": {"description": "Not modified"}, **errors(404)},
+        }},
+        "/grid/{layout}_files/{z}/{x}_{y}.jpg": {"get": {
+            "summary": "The same tile at the path DZI viewers derive from the .dzi URL (OpenSeadragon)",
+            "operationId": "getGridDziTile",
             "parameters": [lay] + [{"name": n, "in": "path", "required": True, "schema": {"type": "integer"}}
                                    for n in ("z", "x", "y")],
             "responses": {"200": {"description": "JPEG; immutable, with an ETag",

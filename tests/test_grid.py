@@ -239,6 +239,8 @@ def test_dzi_and_every_level_decodes_at_the_right_size(client):
                 assert im.size == (min(256, lw - 256 * tx), min(256, lh - 256 * ty)), (z, tx, ty)
         assert client.get(f"/api/v1/grid/L1/tiles/{z}/{nx}_0.jpg").status_code == 404
         assert client.get(f"/api/v1/grid/L1/tiles/{z}/0_{ny}.jpg").status_code == 404
+    # Where DZI viewers (OpenSeadragon) look for tiles: next to the .dzi, in <name>_files/.
+    assert client.get("/api/v1/grid/L1_files/10/1_1.jpg").data == client.get("/api/v1/grid/L1/tiles/10/1_1.jpg").data
     for path in ("11/0_0", "-1/0_0", "3/-1_0"):
         r = client.get(f"/api/v1/grid/L1/tiles/{path}.jpg")
         assert r.status_code == 404 and r.get_json()["ok"] is False
