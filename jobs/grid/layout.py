@@ -277,12 +277,14 @@ def layout_grid(vectors: np.ndarray, seed: int = 0, params: LayoutParams | None 
     rng = np.random.default_rng(seed)
     width, height = grid_shape(n)
     timings = {}
-    t0 = time.perf_counter()
-    z = reduce_dims(vectors, params.dims, params.pca_sample, rng)
-    if z.shape[1] < 2:
-        z = np.pad(z, ((0, 0), (0, 2 - z.shape[1])))
-    timings["reduce_s"] = time.perf_counter() - t0
-    with _one_blas_thread():  # many small products: BLAS threads only contend
+    # One BLAS thread: most products here are small, and on a shared machine BLAS threads that
+    # spin-wait for busy cores made even the PCA 10-30x slower (measured under load).
+    with _one_blas_thread():
+        t0 = time.perf_counter()
+        z = reduce_dims(vectors, params.dims, params.pca_sample, rng)
+        if z.shape[1] < 2:
+            z = np.pad(z, ((0, 0), (0, 2 - z.shape[1])))
+        timings["reduce_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         cells = balanced_split(z, width, height, params.leaf_cells)
         timings["split_s"] = time.perf_counter() - t0
