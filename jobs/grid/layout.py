@@ -9,7 +9,7 @@ and stops at tens of thousands of images. This one is O(n log n) and runs on one
    capacities, down to blocks of a few cells (a kd-tree whose leaves are cells). Every image gets
    exactly one cell and similar images share a block at every scale.
 3. **Refine (FLAS-style).** Repeatedly smooth the grid of the cells' vectors with a box filter of a
-   shrinking radius (normalised convolution: empty cells do not count), then re-solve small linear
+   shrinking radius (from min(0.3 · side, 20 cells) to 1) (normalised convolution: empty cells do not count), then re-solve small linear
    assignments between the items of each ``block × block`` tile and the smoothed vectors of its
    cells (tile offsets move every round). Each round makes every item sit where its surroundings look
    like it, so local order improves without losing the global arrangement.
@@ -20,6 +20,7 @@ Deterministic for a seed: every random choice comes from one ``numpy.random.Gene
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -268,8 +269,6 @@ def layout_grid(vectors: np.ndarray, seed: int = 0, params: LayoutParams | None 
     Raises:
         ValueError: no vectors.
     """
-    import time
-
     params = params or LayoutParams()
     n = len(vectors)
     if n == 0:
