@@ -351,3 +351,25 @@ def test_real_images_ingest_embed_grid_end_to_end(tmp_path, capsys):
     assert np.mean(same) > 0.75  # random would be about 1/3
     (meta,) = open_table(lake, "grid_layouts").to_pyarrow_dataset().to_table().to_pylist()
     assert meta["quality"] > 0.5 and meta["n"] == 36
+
+
+def test_tile_artifact_is_verified_before_it_serves(grid_lake, tmp_path):
+    import shutil
+
+    from jobs.grid.tiles import TileSource
+    from lake.errors import CorruptArtifact, NotFound
+
+    lake = grid_lake[0]
+    folder = tmp_path / "copy"
+    shutil.copytree(lake.artifacts_dir("tiles", "L1"), folder)
+    source = TileSource(str(folder), cache=False)
+    assert source.tile(10, 0, 0)[:2] == b"\xff\xd8"
+    assert not (folder / "cache" / "10" / "0_0.jpg").exists()      # cache off: nothing written
+    with open(folder / "cells.idx", "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x01")
+    with pytest.raises(CorruptArtifact):
+        TileSource(str(folder))
+    (folder / "manifest.json").unlink()
+    with pytest.raises(NotFound):
+        TileSource(str(folder))
