@@ -10,14 +10,14 @@ from typing import Any
 
 from flask import Flask
 
-from api import auth, clusters, errors, facets, health, images, openapi, query, services, tags
+from api import auth, clusters, errors, facets, grid, health, images, openapi, query, services, tags
 from api.openapi import API_PREFIX
 from lake.settings import Settings, load_settings
 
 __all__ = ["API_PREFIX", "AREAS", "create_app"]
 
 # One module per API area: a blueprint ``bp`` plus ``openapi_paths(settings)`` describing its routes.
-AREAS = (health, auth, images, query, facets, clusters, tags, openapi)
+AREAS = (health, auth, images, query, facets, clusters, tags, grid, openapi)
 
 
 def create_app(settings: Settings | None = None, test_config: dict[str, Any] | None = None) -> Flask:

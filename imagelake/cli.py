@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bucket", metavar="ID", help="a bucket id")
     s.add_argument("--to", required=True, metavar="DIR", help="folder to create (must be empty or absent)")
 
+    s = sub.add_parser("grid", help="lay out the collection on a zoomable grid map (layout, quality, tiles)")
+    s.add_argument("--where", metavar="SQL", help="only images matching this predicate over images columns, "
+                                                  "e.g. \"collection = 'cats'\" (default: all with features)")
+    s.add_argument("--seed", type=int, default=0, help="random seed; same data and seed -> same layout (default 0)")
+    s.add_argument("--layout-id", metavar="ID", help="id of the new layout (default: the run id)")
+    s.add_argument("--model", help="features of this model key (default: the one with most features)")
+
     s = sub.add_parser("sql", help="run one read-only SELECT over the lake's tables")
     s.add_argument("query", metavar="SQL")
     s.add_argument("--format", choices=["table", "csv", "json"], default="table")
@@ -163,6 +170,8 @@ def _cmd_run(args, settings: Settings, lake: Lake) -> int:
                               steps=None if args.steps is None else parse_steps(args.steps))
     summary = run_pipeline(lake, settings, request, progress=not args.no_progress and sys.stderr.isatty())
     print(summary.line())
+    return 0
+
 
 def _cmd_cluster(args, settings: Settings, lake: Lake) -> int:
     from jobs.cluster import check_sim, run_cluster
@@ -199,6 +208,17 @@ def _cmd_export(args, settings: Settings, lake: Lake) -> int:
 
     result = export_cluster(lake, args.cluster, args.to) if args.cluster else export_bucket(lake, args.bucket, args.to)
     print(f"exported {result['links']} images to {result['to']}")
+    return 0
+
+
+def _cmd_grid(args, settings: Settings, lake: Lake) -> int:
+    try:
+        from jobs.grid.driver import grid_line, run_grid
+    except ImportError as e:
+        raise BadInput(f"the grid job needs the 'grid' extra (pip install 'imagelake[grid]'): {e}") from None
+    summary = run_grid(lake, settings, where=args.where, seed=args.seed, layout_id=args.layout_id,
+                       model=args.model)
+    print(grid_line(summary))
     return 0
 
 
@@ -311,7 +331,7 @@ def _cmd_settings(args, settings: Settings, lake: Lake) -> int:
 
 _COMMANDS = {
     "ingest": _cmd_ingest, "embed": _cmd_embed, "run": _cmd_run, "cluster": _cmd_cluster, "tag": _cmd_tag,
-    "export": _cmd_export, "sql": _cmd_sql, "status": _cmd_status, "serve": _cmd_serve,
+    "export": _cmd_export, "grid": _cmd_grid, "sql": _cmd_sql, "status": _cmd_status, "serve": _cmd_serve,
     "janitor": _cmd_janitor, "demo": _cmd_demo, "token": _cmd_token, "settings": _cmd_settings,
     "metadata": _cmd_metadata,
 }

@@ -59,6 +59,9 @@ class Settings:
     tag_max_concepts: int = _opt(5, "Concept tags: at most this many per image.")
     tag_min_score: float = _opt(0.5, "Learned tags: posterior probability at or above which a tag is given.")
     tag_pca_dim: int = _opt(0, "Learned tags: embeddings are PCA-reduced to this many dimensions before naive Bayes (0: none).")
+
+    grid_quality_sample: int = _opt(2000, "Cells scored for a layout's neighbourhood-preservation quality (exact kNN over all images for each; 0: skip; all cells when fewer).")
+    grid_tile_cache: bool = _opt(True, "Keep deep-zoom tiles rendered on first request as files under the layout's tile folder.")
     log_level: str = _opt("WARNING", "Python log level for jobs and the server (DEBUG, INFO, WARNING, ERROR).")
     sources: tuple = field(default=(), compare=False, metadata={"internal": True})
 
@@ -130,6 +133,8 @@ def _validate(s: Settings) -> Settings:
         raise BadInput("tag_max_concepts must be positive")
     if s.sql_timeout_s <= 0:
         raise BadInput("sql_timeout_s must be positive")
+    if s.grid_quality_sample < 0:
+        raise BadInput(f"grid_quality_sample must be 0 or more, got {s.grid_quality_sample!r}")
     return s
 
 
