@@ -50,6 +50,13 @@ class Settings:
     upload_max_pixels: int = _opt(40_000_000, "Most pixels in an uploaded image (HTTP 413 above).")
     auth: bool = _opt(True, "Require API tokens (read scope for GET, curate for writes); false opens every route (trusted single-user machines only).")
     refresh_s: float = _opt(2.0, "How often the API re-checks table versions for new commits.")
+    index_memory_mb: int = _opt(4096, "Resident memory budget of the PQ part of an index (codes + ids); picks the PQ code size.")
+    index_shard_size: int = _opt(250_000, "Vectors per index shard (one Spark task each).")
+    index_rebuild_fraction: float = _opt(0.2, "`imagelake index` retrains once images embedded since the last full build exceed this fraction of it.")
+    search_max_k: int = _opt(100, "Most results one similarity search returns (k above is a 400).")
+    search_nprobe: int = _opt(0, "IVF lists probed per query; 0 uses the build's own choice.")
+    search_candidates: int = _opt(200, "PQ candidates re-ranked exactly per query (at least 10 x k).")
+    search_threads: int = _opt(2, "Threads that search index shards in parallel, per server process.")
     staging_retention_h: float = _opt(24.0, "The janitor keeps staging files of unfinished runs this long.")
     log_level: str = _opt("WARNING", "Python log level for jobs and the server (DEBUG, INFO, WARNING, ERROR).")
     sources: tuple = field(default=(), compare=False, metadata={"internal": True})
@@ -106,11 +113,16 @@ def _validate(s: Settings) -> Settings:
     if s.runner not in {"spark", "local"}:
         raise BadInput(f"runner must be 'spark' or 'local', got {s.runner!r}")
     for name in ("partition_files", "max_image_bytes", "max_image_pixels", "sql_max_rows", "workers",
-                 "threads", "upload_max_bytes", "upload_max_pixels", "sql_threads"):
+                 "threads", "upload_max_bytes", "upload_max_pixels", "sql_threads", "index_memory_mb",
+                 "index_shard_size", "search_max_k", "search_candidates", "search_threads"):
         if getattr(s, name) <= 0:
             raise BadInput(f"setting {name!r} must be positive, got {getattr(s, name)!r}")
     if not s.thumbnail_sizes or any(not 16 <= v <= 1024 for v in s.thumbnail_sizes):
         raise BadInput(f"thumbnail_sizes must be sizes between 16 and 1024 px, got {s.thumbnail_sizes!r}")
+    if s.search_nprobe < 0:
+        raise BadInput(f"search_nprobe must be 0 (the build's choice) or positive, got {s.search_nprobe!r}")
+    if not 0 < s.index_rebuild_fraction <= 10:
+        raise BadInput(f"index_rebuild_fraction must be in (0, 10], got {s.index_rebuild_fraction!r}")
     if s.sql_timeout_s <= 0:
         raise BadInput("sql_timeout_s must be positive")
     return s
