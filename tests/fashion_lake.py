@@ -2,12 +2,14 @@
 
 Embedding a few thousand 28x28 images with the ONNX runtime takes 20-40 s on two cores, so the
 lake is built once per test session (a template under pytest's base temp folder, shared by every
-test module through the file system) and each test gets its own copy.
+test module through the file system) and each test gets its own copy. Set
+``IMAGELAKE_TEST_CACHE=/some/dir`` to keep the template between sessions while developing.
 """
 
 from __future__ import annotations
 
 import fcntl
+import os
 import shutil
 from pathlib import Path
 
@@ -28,6 +30,7 @@ def fashion_template(base: Path, n: int = 2500) -> tuple[Lake, Path]:
     from jobs.embed.driver import run_embed
     from jobs.ingest.driver import run_ingest
 
+    base = Path(os.environ.get("IMAGELAKE_TEST_CACHE") or base)
     root = base / f"fashion-template-{n}"
     root.mkdir(parents=True, exist_ok=True)
     lake, images = Lake.at(root / "lake"), root / "images"

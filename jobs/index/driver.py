@@ -255,7 +255,7 @@ def run_index(lake: Lake, settings: Settings, model: str | None = None, *, rebui
     if not lake.is_local:
         raise BadInput("index builds need a local or shared-filesystem lake (shards are memory-mapped); "
                        f"{lake.root!r} is an object-store URI")
-    budget = (memory_budget_mb or settings.index_memory_mb) * 2**20
+    budget = (settings.index_memory_mb if memory_budget_mb is None else memory_budget_mb) * 2**20
     shard_size = shard_size or settings.index_shard_size
     if shard_size <= 0 or budget <= 0 or not 0 < max_train <= 256_000:
         raise BadInput("shard_size and the memory budget must be positive, max_train in 1..256000")
