@@ -27,9 +27,9 @@ newest published build that passes). The table version is re-checked at most eve
 keep using the current one, so a new build is picked up without a restart.
 
 A query: normalise, find the nearest ``nprobe`` IVF lists once, scan every shard's lists for
-``max(search_candidates, 10 k)`` candidates in parallel (a thread pool; FAISS releases the GIL),
-merge, then re-rank the candidates exactly against the build's float16 vectors and keep the best
-``k``. Nothing is opened before the first call in the worker process (no deltalake before a fork).
+``c = max(search_candidates, 10 k)`` candidates in parallel (a thread pool; FAISS releases the
+GIL), merge by PQ score into the global best ``c``, then re-rank those exactly against the build's
+float16 vectors and keep the best ``k``. Nothing is opened before the first call in the worker process (no deltalake before a fork).
 """
 
 from __future__ import annotations
@@ -208,15 +208,21 @@ class SearchService:
         current build.
         """
         self._ensure_process()
-        due = force or time.monotonic() - self._checked_at >= self.settings.refresh_s
-        if not due:
+        if not force and not self._due():
+            if self._build is None and self._lock.locked():
+                with self._lock:     # the first load is under way in another thread: wait for it
+                    pass
             return self._build
         if self._lock.acquire(blocking=self._build is None or force):
             try:
-                self._check()
+                if force or self._due():  # another thread may have just checked
+                    self._check()
             finally:
                 self._lock.release()
         return self._build
+
+    def _due(self) -> bool:
+        return time.monotonic() - self._checked_at >= self.settings.refresh_s
 
     def _published_rows(self) -> list[dict[str, Any]]:
         """Published ``index_builds`` rows, newest first (re-read only when the table's version moved)."""
@@ -379,33 +385,46 @@ class SearchService:
         if not np.all(np.isfinite(norms)) or np.any(norms == 0):
             raise BadInput("a query vector is zero or not finite")
         q = np.ascontiguousarray(q / norms)
-        labels = self._candidates(build, q, max(self.settings.search_candidates, 10 * k))
-        return [self._rerank(build, q[i], labels[i], k, set()) for i in range(len(q))]
+        ncand = self._ncand(k)
+        scores, labels = self._candidates(build, q, ncand)
+        return [self._rerank(build, q[i], scores[i], labels[i], k, ncand, set()) for i in range(len(q))]
+
+    def _ncand(self, k: int) -> int:
+        return max(self.settings.search_candidates, 10 * k)
 
     def _search(self, build: LoadedBuild, unit: np.ndarray, k: int, exclude: set[int]) -> list[Hit]:
         if k <= 0:
             return []
         q = np.ascontiguousarray(unit.reshape(1, -1), dtype=np.float32)
-        ncand = max(self.settings.search_candidates, 10 * k) + len(exclude)
-        return self._rerank(build, q[0], self._candidates(build, q, ncand)[0], k, exclude)
+        ncand = self._ncand(k)
+        scores, labels = self._candidates(build, q, ncand + len(exclude))
+        return self._rerank(build, q[0], scores[0], labels[0], k, ncand, exclude)
 
-    def _rerank(self, build: LoadedBuild, q: np.ndarray, labels: np.ndarray, k: int, exclude: set[int]) -> list[Hit]:
-        """Exact cosine scores of the candidate ``labels`` from the float16 copy; the best ``k``."""
-        labels = labels[labels >= 0]
+    def _rerank(self, build: LoadedBuild, q: np.ndarray, approx: np.ndarray, labels: np.ndarray, k: int,
+                ncand: int, exclude: set[int]) -> list[Hit]:
+        """The ``ncand`` best candidates by PQ score over all shards, re-scored exactly (cosine)
+        against the float16 copy; the best ``k``."""
+        keep = labels >= 0
         if exclude:
-            labels = labels[~np.isin(labels, np.fromiter(exclude, np.int64))]
+            keep &= ~np.isin(labels, np.fromiter(exclude, np.int64))
+        labels, approx = labels[keep], approx[keep]
+        if len(labels) > ncand:
+            best = np.argpartition(-approx, ncand - 1)[:ncand]
+            labels = labels[best]
         labels = np.unique(labels)
         if len(labels) == 0 or k <= 0:
             return []
-        scores = self._vectors(build, labels) @ q
+        # einsum, not BLAS: a small product that BLAS threads only slow down on a busy server
+        scores = np.einsum("ij,j->i", self._vectors(build, labels), q)
         keep = np.isfinite(scores)
         labels, scores = labels[keep], scores[keep]
         top = np.lexsort((labels, -scores))[:k]
         ids = self._image_ids(build, labels[top])
         return [Hit(int(labels[i]), image_id, float(scores[i])) for i, image_id in zip(top, ids) if image_id]
 
-    def _candidates(self, build: LoadedBuild, q: np.ndarray, ncand: int) -> np.ndarray:
-        """(nq, shards x ncand) FAISS ids (-1 padded) from every shard, searched in parallel."""
+    def _candidates(self, build: LoadedBuild, q: np.ndarray, ncand: int) -> tuple[np.ndarray, np.ndarray]:
+        """(approximate scores, FAISS ids), each (nq, shards x ncand), -1 padded, from every shard
+        searched in parallel."""
         if build.coarse is not None:
             import faiss
 
@@ -416,17 +435,17 @@ class SearchService:
             coarse_d, coarse_i = faiss.extract_index_ivf(build.coarse).quantizer.search(qt, build.nprobe)
 
             def one(ivf):
-                return ivf.search_preassigned(qt, min(ncand, max(1, ivf.ntotal)), coarse_i, coarse_d)[1]
+                return ivf.search_preassigned(qt, min(ncand, max(1, ivf.ntotal)), coarse_i, coarse_d)
             parts = build.ivfs
         else:
             def one(shard):
-                return shard.search(q, min(ncand, max(1, shard.ntotal)))[1]
+                return shard.search(q, min(ncand, max(1, shard.ntotal)))
             parts = build.shards
         if len(parts) == 1 or self._pool is None:
             results = [one(p) for p in parts]
         else:
             results = list(self._pool.map(one, parts))
-        return np.hstack(results).astype(np.int64)
+        return (np.hstack([r[0] for r in results]), np.hstack([r[1] for r in results]).astype(np.int64))
 
     def close(self) -> None:
         if self._pool is not None and self._pid == os.getpid():

@@ -289,7 +289,6 @@ def main() -> None:
         t = time.perf_counter()
         service.refresh(force=True)
         load_s = time.perf_counter() - t
-        rss_before = mapped_rss(".faiss")
         ms, recalls = [], []
         for q, truth in zip(queries, exact):
             t = time.perf_counter()
@@ -301,7 +300,7 @@ def main() -> None:
         batched = service.similar_to_vectors(queries, 10)
         batch_qps = len(queries) / (time.perf_counter() - t)
         batch_recall = np.mean([len({h.seq for h in hits} & set(truth.tolist())) / 10 for hits, truth in zip(batched, exact)])
-        resident_shards = mapped_rss(".faiss")
+        resident_shards = mapped_rss("/shard-")
         resident_f16 = mapped_rss("vectors.npy")
         recall = float(np.mean(recalls))
 
