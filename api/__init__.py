@@ -10,14 +10,15 @@ from typing import Any
 
 from flask import Flask
 
-from api import auth, clusters, errors, facets, grid, health, images, openapi, query, services, tags
+from api import (auth, clusters, errors, facets, grid, health, images, index_service, openapi, query, search,
+                 services, tags, uploads)
 from api.openapi import API_PREFIX
 from lake.settings import Settings, load_settings
 
 __all__ = ["API_PREFIX", "AREAS", "create_app"]
 
 # One module per API area: a blueprint ``bp`` plus ``openapi_paths(settings)`` describing its routes.
-AREAS = (health, auth, images, query, facets, clusters, tags, grid, openapi)
+AREAS = (health, auth, images, query, search, facets, clusters, tags, grid, openapi)
 
 
 def create_app(settings: Settings | None = None, test_config: dict[str, Any] | None = None) -> Flask:
@@ -40,6 +41,8 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     errors.init_app(app)
     auth.init_app(app)
     services.init_app(app, settings)
+    index_service.init_app(app, settings)
+    uploads.init_app(app, settings)
     for area in AREAS:
         app.register_blueprint(area.bp, url_prefix=API_PREFIX)
     return app

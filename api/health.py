@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify
 
 from api.auth import public
+from api.index_service import search_service
 from api.services import lake_reader
 
 bp = Blueprint("health", __name__)
@@ -14,7 +15,11 @@ bp = Blueprint("health", __name__)
 @public
 def health():
     reader = lake_reader()
-    return jsonify({"ok": True, "tables": reader.versions(), "builds": {}, "lake": reader.lake.root})
+    builds = {}
+    index = search_service().status()
+    if index:
+        builds["index"] = index
+    return jsonify({"ok": True, "tables": reader.versions(), "builds": builds, "lake": reader.lake.root})
 
 
 def openapi_paths(settings) -> dict:
@@ -34,7 +39,9 @@ def openapi_schemas(settings) -> dict:
             "ok": {"const": True},
             "tables": {"type": "object", "description": "table -> Delta version (null: not created)",
                        "additionalProperties": {"type": ["integer", "null"]}},
-            "builds": {"type": "object"},
+            "builds": {"type": "object", "description": "loaded artifact builds; 'index': the similarity "
+                       "index served (state serving | serving_previous | unavailable, build_id, "
+                       "published_build_id, refused: builds that failed verification, with the reason)"},
             "lake": {"type": "string"},
         },
     }}

@@ -73,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layout-id", metavar="ID", help="id of the new layout (default: the run id)")
     s.add_argument("--model", help="features of this model key (default: the one with most features)")
 
+    s = sub.add_parser("index", help="build or update the similarity index (FAISS IVF-PQ shards)")
+    s.add_argument("--model", help="model name or name@version key (default: the model with the most features)")
+    s.add_argument("--rebuild", action="store_true", help="retrain and re-encode everything (a full build)")
+    s.add_argument("--memory-budget", type=int, metavar="MB",
+                   help="resident budget of the PQ codes in MiB (default: setting index_memory_mb)")
+    s.add_argument("--shard-size", type=int, metavar="N", help="vectors per shard (default: setting index_shard_size)")
+    s.add_argument("--opq", action="store_true", help="add an OPQ rotation before IVF-PQ (slower to train)")
+    s.add_argument("--factory", help="an explicit FAISS index_factory string (experts; overrides the rule)")
+    s.add_argument("--no-progress", action="store_true")
+
     s = sub.add_parser("sql", help="run one read-only SELECT over the lake's tables")
     s.add_argument("query", metavar="SQL")
     s.add_argument("--format", choices=["table", "csv", "json"], default="table")
@@ -222,6 +232,27 @@ def _cmd_grid(args, settings: Settings, lake: Lake) -> int:
     return 0
 
 
+def _cmd_index(args, settings: Settings, lake: Lake) -> int:
+    try:
+        from jobs.index.driver import run_index
+    except ImportError as e:
+        raise BadInput(f"indexing needs the 'index' extra (pip install 'imagelake[index]'): {e}") from None
+    summary = run_index(lake, settings, model=args.model, rebuild=args.rebuild, memory_budget_mb=args.memory_budget,
+                        shard_size=args.shard_size, opq=args.opq, factory=args.factory,
+                        progress=not args.no_progress and sys.stderr.isatty())
+    print(index_line(summary))
+    return 0
+
+
+def index_line(summary: dict[str, Any]) -> str:
+    if summary["action"] == "up_to_date":
+        return f"index {summary['run_id']}: build {summary['build_id']} is up to date ({summary['ntotal']} vectors)"
+    what = "full build" if summary["action"] == "full" else f"incremental build (+{summary['delta']} vectors)"
+    return (f"index {summary['run_id']}: {what} {summary['build_id']} published: {summary['factory']}, "
+            f"{summary['ntotal']} vectors in {summary['shards']} shard(s), {summary['seconds']:.1f} s"
+            + (f" ({summary['reason']})" if summary["action"] == "full" else ""))
+
+
 def _cmd_sql(args, settings: Settings, lake: Lake) -> int:
     from lake.sql import SqlSandbox, format_result
 
@@ -330,8 +361,8 @@ def _cmd_settings(args, settings: Settings, lake: Lake) -> int:
 
 
 _COMMANDS = {
-    "ingest": _cmd_ingest, "embed": _cmd_embed, "run": _cmd_run, "cluster": _cmd_cluster, "tag": _cmd_tag,
-    "export": _cmd_export, "grid": _cmd_grid, "sql": _cmd_sql, "status": _cmd_status, "serve": _cmd_serve,
+    "ingest": _cmd_ingest, "embed": _cmd_embed, "index": _cmd_index, "run": _cmd_run, "cluster": _cmd_cluster,
+    "tag": _cmd_tag, "export": _cmd_export, "grid": _cmd_grid, "sql": _cmd_sql, "status": _cmd_status, "serve": _cmd_serve,
     "janitor": _cmd_janitor, "demo": _cmd_demo, "token": _cmd_token, "settings": _cmd_settings,
     "metadata": _cmd_metadata,
 }

@@ -86,8 +86,10 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         pa.field("run_id", pa.string()),
         pa.field("created_at", _TS),
     ], sort_by=["image_id"]),
-    _spec("index_builds", ["build_id"], "FAISS index builds; a build is served only once published here.", [
+    _spec("index_builds", ["build_id"], "FAISS index builds; a build is served only once published here. An incremental build adds one delta folder to its base build.", [
         pa.field("build_id", pa.string(), nullable=False),
+        pa.field("kind", pa.string()),
+        pa.field("base_build_id", pa.string()),
         pa.field("model", pa.string()),
         pa.field("factory", pa.string()),
         pa.field("d", pa.int32()),
@@ -96,6 +98,8 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         pa.field("source_version", pa.int64()),
         pa.field("path", pa.string()),
         pa.field("shards", pa.list_(pa.struct([("file", pa.string()), ("sha256", pa.string()), ("ntotal", pa.int64())]))),
+        pa.field("manifest_sha256", pa.string()),
+        pa.field("params", pa.string()),
         pa.field("state", pa.string()),
         pa.field("run_id", pa.string()),
         pa.field("created_at", _TS),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 __all__ = [
     "ImagelakeError", "BadInput", "NotFound", "Conflict", "TooLarge", "Unsupported",
-    "Unauthorized", "Forbidden", "QueryTimeout", "LockHeld", "CorruptArtifact",
+    "Unauthorized", "Forbidden", "QueryTimeout", "LockHeld", "CorruptArtifact", "Unavailable",
 ]
 
 
@@ -42,6 +42,12 @@ class TooLarge(ImagelakeError):
 
 class Unsupported(ImagelakeError):
     status = 415
+
+
+class Unavailable(ImagelakeError):
+    """Something the request needs does not exist yet (e.g. no index build published); retry later."""
+
+    status = 503
 
 
 class LockHeld(Conflict):

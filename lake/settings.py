@@ -51,6 +51,13 @@ class Settings:
     auth: bool = _opt(True, "Require API tokens (read scope for GET, curate for writes); false opens every route (trusted single-user machines only).")
     thumbnail_cache_mb: float = _opt(64.0, "Per-server-process memory for cached thumbnails (they never change); 0 turns the cache off.")
     refresh_s: float = _opt(2.0, "How often the API re-checks table versions for new commits.")
+    index_memory_mb: int = _opt(4096, "Resident memory budget of the PQ part of an index (codes + ids); picks the PQ code size.")
+    index_shard_size: int = _opt(250_000, "Vectors per index shard (one Spark task each).")
+    index_rebuild_fraction: float = _opt(0.2, "`imagelake index` retrains once images embedded since the last full build exceed this fraction of it.")
+    search_max_k: int = _opt(100, "Most results one similarity search returns (k above is a 400).")
+    search_nprobe: int = _opt(0, "IVF lists probed per query; 0 uses the build's own choice.")
+    search_candidates: int = _opt(300, "PQ candidates re-ranked exactly per query (at least 10 x k).")
+    search_threads: int = _opt(2, "Threads that search index shards in parallel, per server process.")
     staging_retention_h: float = _opt(24.0, "The janitor keeps staging files of unfinished runs this long.")
     dup_sim: float = _opt(0.85, "Near-duplicate threshold for `imagelake cluster`: similarity (0..1, 1 = identical only) of the duplicate descriptor at or above which images are joined into one group.")
     topic_k: int = _opt(0, "Topic clusters (k-means k); 0 picks k from the number of images (round(sqrt(n/2)), 2..4096).")
@@ -117,7 +124,8 @@ def _validate(s: Settings) -> Settings:
     if s.runner not in {"spark", "local"}:
         raise BadInput(f"runner must be 'spark' or 'local', got {s.runner!r}")
     for name in ("partition_files", "max_image_bytes", "max_image_pixels", "sql_max_rows", "workers",
-                 "threads", "upload_max_bytes", "upload_max_pixels", "sql_threads"):
+                 "threads", "upload_max_bytes", "upload_max_pixels", "sql_threads", "index_memory_mb",
+                 "index_shard_size", "search_max_k", "search_candidates", "search_threads"):
         if getattr(s, name) <= 0:
             raise BadInput(f"setting {name!r} must be positive, got {getattr(s, name)!r}")
     if not s.thumbnail_sizes or any(not 16 <= v <= 1024 for v in s.thumbnail_sizes):
@@ -131,6 +139,11 @@ def _validate(s: Settings) -> Settings:
             raise BadInput(f"setting {name!r} must be 0 or positive, got {getattr(s, name)!r}")
     if s.tag_max_concepts <= 0:
         raise BadInput("tag_max_concepts must be positive")
+
+    if s.search_nprobe < 0:
+        raise BadInput(f"search_nprobe must be 0 (the build's choice) or positive, got {s.search_nprobe!r}")
+    if not 0 < s.index_rebuild_fraction <= 10:
+        raise BadInput(f"index_rebuild_fraction must be in (0, 10], got {s.index_rebuild_fraction!r}")
     if s.sql_timeout_s <= 0:
         raise BadInput("sql_timeout_s must be positive")
     if s.grid_quality_sample < 0:

@@ -1,0 +1,118 @@
+"""Similarity search: ``GET /search/similar?image_id=&k=`` and ``POST /search/similar`` (an upload).
+
+Both answer ``{"ok": true, "build_id", "results": [{"image_id", "score", "thumbnail_url"}]}``, best
+first, ``score`` the cosine similarity, the query image itself never among the results. ``k`` is
+1..``search_max_k`` (default 20). 503 while no index build is published.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify, request
+
+from api.index_service import Hit, search_service
+from api.openapi import API_PREFIX
+from api.services import check_image_id, lake_reader
+from api.uploads import read_upload, upload_embedder
+from lake.errors import BadInput
+
+bp = Blueprint("search", __name__)
+
+DEFAULT_K = 20
+
+
+def _k() -> int:
+    settings = current_app.config["IMAGELAKE_SETTINGS"]
+    raw = request.args.get("k")
+    if raw is None and request.method == "POST" and request.mimetype == "multipart/form-data":
+        raw = request.form.get("k")
+    if raw is None or raw == "":
+        return min(DEFAULT_K, settings.search_max_k)
+    try:
+        k = int(raw)
+    except ValueError:
+        raise BadInput(f"k must be an integer from 1 to {settings.search_max_k}, got {raw!r}") from None
+    if not 1 <= k <= settings.search_max_k:
+        raise BadInput(f"k must be an integer from 1 to {settings.search_max_k} (search_max_k), got {k}")
+    return k
+
+
+def _results(hits: list[Hit], build_id: str) -> dict:
+    sizes = tuple(current_app.config["IMAGELAKE_SETTINGS"].thumbnail_sizes)
+    size = 256 if 256 in sizes else max(sizes)
+    return {"ok": True, "build_id": build_id, "results": [
+        {"image_id": h.image_id, "score": round(h.score, 6),
+         "thumbnail_url": f"{API_PREFIX}/images/{h.image_id}/thumbnail?size={size}"} for h in hits]}
+
+
+@bp.get("/search/similar")
+def similar_by_id():
+    image_id = request.args.get("image_id")
+    if not image_id:
+        raise BadInput("pass ?image_id=<sha256 of the image> (or POST an image as multipart field 'image')")
+    check_image_id(image_id)
+    k = _k()
+    service = search_service()
+    build = service.require_build()
+    if service.seq_of(image_id) is None:
+        lake_reader().image(image_id)  # 404 if the lake does not know it at all
+    hits = service.similar_to_image(image_id, k)
+    return jsonify(_results(hits, build.build_id))
+
+
+@bp.post("/search/similar")
+def similar_by_upload():
+    k = _k()
+    upload = read_upload("image")
+    service = search_service()
+    build = service.require_build()
+    embedded = upload_embedder().embed(upload.data, build.model)
+    own = service.seq_of(upload.sha256)
+    hits = service.similar_to_vector(embedded.vector, k, exclude_seqs=[] if own is None else [own])
+    return jsonify(_results(hits, build.build_id))
+
+
+def openapi_paths(settings) -> dict:
+    from api.openapi import errors, json_response, ref
+
+    k_param = {"name": "k", "in": "query", "required": False, "description": "how many results",
+               "schema": {"type": "integer", "minimum": 1, "maximum": settings.search_max_k,
+                          "default": min(DEFAULT_K, settings.search_max_k)}}
+    ok = json_response(ref("SimilarResults"), "The most similar images, best first (the query image excluded)")
+    return {"/search/similar": {
+        "get": {
+            "summary": "Images most similar to an image of the lake",
+            "operationId": "similarToImage",
+            "parameters": [{"name": "image_id", "in": "query", "required": True,
+                            "description": "sha256 of the query image's bytes",
+                            "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}, k_param],
+            "responses": {"200": ok, **errors(400, 404, 503)},
+        },
+        "post": {
+            "summary": "Images most similar to an uploaded image (embedded with the index's model)",
+            "operationId": "similarToUpload",
+            "parameters": [k_param],
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                "type": "object", "required": ["image"],
+                "properties": {"image": {"type": "string", "contentMediaType": "application/octet-stream",
+                                         "description": "JPEG, PNG, WebP, GIF, BMP or TIFF; at most "
+                                                        f"{settings.upload_max_bytes} bytes and "
+                                                        f"{settings.upload_max_pixels} pixels"},
+                               "k": {"type": "integer"}}}}}},
+            "responses": {"200": ok, **errors(400, 409, 413, 415, 503)},
+        },
+    }}
+
+
+def openapi_schemas(settings) -> dict:
+    return {"SimilarResults": {
+        "type": "object", "required": ["ok", "build_id", "results"],
+        "properties": {
+            "ok": {"const": True},
+            "build_id": {"type": "string", "description": "the index build that answered"},
+            "results": {"type": "array", "items": {
+                "type": "object", "required": ["image_id", "score", "thumbnail_url"],
+                "properties": {"image_id": {"type": "string"},
+                               "score": {"type": "number", "description": "cosine similarity"},
+                               "thumbnail_url": {"type": "string"}}}},
+        },
+    }}

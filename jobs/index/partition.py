@@ -1,0 +1,93 @@
+"""The shard-encoding partition function: one input row per shard, one shard file out.
+
+Each row names a contiguous range ``[start, end)`` of the build folder's ``vectors.npy`` /
+``seqs.npy`` (rows sorted by seq, so a shard is a range of seq). The task loads the trained empty
+index, checks its sha256 first, memory-maps the float16 vectors, adds them chunk by chunk with
+their seqs as FAISS ids, and writes ``shard-NNNNN.faiss`` to a temporary name, then renames it:
+a retried or speculative attempt overwrites the same name, and a killed one leaves only a temp
+file. Runs in Spark workers (which fork): no deltalake here.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from jobs.index.build import file_sha256
+from jobs.runner import PartitionContext
+from lake.errors import CorruptArtifact
+
+__all__ = ["EncodeJob", "encode_partition", "SHARD_ROWS_SCHEMA", "SHARD_STATS_SCHEMA", "shard_file"]
+
+SHARD_ROWS_SCHEMA = pa.schema([pa.field("shard", pa.int32()), pa.field("start", pa.int64()),
+                               pa.field("end", pa.int64())])
+SHARD_STATS_SCHEMA = pa.schema([
+    pa.field("shard", pa.int32()), pa.field("file", pa.string()), pa.field("ntotal", pa.int64()),
+    pa.field("seq_min", pa.int64()), pa.field("seq_max", pa.int64()), pa.field("bytes", pa.int64()),
+    pa.field("seconds", pa.float64()),
+])
+_CHUNK = 32_768
+
+
+def shard_file(shard: int) -> str:
+    return f"shard-{shard:05d}.faiss"
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    """What every task needs (picklable): the folder with the vectors, and the trained index.
+
+    Attributes:
+        folder: the build folder holding ``vectors.npy``/``seqs.npy`` and receiving the shards.
+        trained_path / trained_sha256: the trained empty index and the sha256 it must have.
+        threads: FAISS (OpenMP) threads per task (the cores a task owns).
+    """
+
+    folder: str
+    trained_path: str
+    trained_sha256: str
+    threads: int = 1
+
+
+def _encode_one(job: EncodeJob, shard: int, start: int, end: int) -> dict:
+    import faiss
+
+    t0 = time.perf_counter()
+    if file_sha256(job.trained_path) != job.trained_sha256:
+        raise CorruptArtifact(f"trained index {job.trained_path} does not match the sha256 the driver recorded")
+    faiss.omp_set_num_threads(max(1, job.threads))
+    index = faiss.read_index(job.trained_path)
+    vectors = np.load(os.path.join(job.folder, "vectors.npy"), mmap_mode="r")
+    seqs = np.load(os.path.join(job.folder, "seqs.npy"), mmap_mode="r")
+    for lo in range(start, end, _CHUNK):
+        hi = min(end, lo + _CHUNK)
+        index.add_with_ids(np.ascontiguousarray(vectors[lo:hi], dtype=np.float32),
+                           np.ascontiguousarray(seqs[lo:hi], dtype=np.int64))
+    name = shard_file(shard)
+    final = os.path.join(job.folder, name)
+    tmp = os.path.join(job.folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    try:
+        faiss.write_index(index, tmp)
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dict(shard=shard, file=name, ntotal=int(index.ntotal), seq_min=int(seqs[start]) if end > start else -1,
+                seq_max=int(seqs[end - 1]) if end > start else -1, bytes=os.path.getsize(final),
+                seconds=time.perf_counter() - t0)
+
+
+def encode_partition(batches: Iterator[pa.RecordBatch], ctx: PartitionContext, *, job: EncodeJob) -> Iterator[pa.RecordBatch]:
+    """Encode every shard row of this partition; yield one stats row per shard written."""
+    out = []
+    for batch in batches:
+        for row in batch.to_pylist():
+            out.append(_encode_one(job, int(row["shard"]), int(row["start"]), int(row["end"])))
+    if out:
+        yield pa.RecordBatch.from_pylist(out, schema=SHARD_STATS_SCHEMA)
