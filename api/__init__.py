@@ -11,14 +11,14 @@ from typing import Any
 from flask import Flask
 
 from api import (auth, clusters, errors, facets, grid, health, images, index_service, openapi, query, search,
-                 services, tags, uploads)
+                 services, tags, upload_routes, uploads)
 from api.openapi import API_PREFIX
 from lake.settings import Settings, load_settings
 
 __all__ = ["API_PREFIX", "AREAS", "create_app"]
 
 # One module per API area: a blueprint ``bp`` plus ``openapi_paths(settings)`` describing its routes.
-AREAS = (health, auth, images, query, search, facets, clusters, tags, grid, openapi)
+AREAS = (health, auth, images, query, search, facets, clusters, tags, grid, upload_routes, openapi)
 
 
 def create_app(settings: Settings | None = None, test_config: dict[str, Any] | None = None) -> Flask:

@@ -1,0 +1,146 @@
+"""Uploaded images: tag one without storing it (``POST /tag``), or add one to the lake (``POST /images``).
+
+Both take the multipart field ``image`` under the same limits as ``POST /search/similar``
+(:func:`api.uploads.read_upload`: 413 size or pixels, 415 format, 400 not an image) and embed it on
+the fly with the embed job's own CPU/ONNX path (:func:`api.uploads.upload_embedder`).
+
+``POST /tag`` (read scope: it stores nothing) answers concept tags — the model's ImageNet classes
+cut at ``tag_cum_prob`` cumulative probability, at most ``tag_max_concepts``, as ``imagelake tag``
+stores them — and learned tags from the newest tag model (posterior >= ``tag_min_score``), plus
+``image_id`` when the same bytes are already in the lake.
+
+``POST /images`` (curate scope) stores, ingests, embeds and indexes the image
+(:func:`jobs.add_image.add_image`): 201 with its ``image_id`` when new, 200 with the same id when
+these bytes were added (or ingested) before.
+"""
+
+from __future__ import annotations
+
+import re
+
+from flask import Blueprint, current_app, jsonify, request
+
+from api.auth import requires
+from api.index_service import search_service
+from api.services import lake_reader
+from api.uploads import read_upload, upload_embedder
+from lake.errors import BadInput, NotFound
+
+__all__ = ["bp", "openapi_paths"]
+
+bp = Blueprint("upload_routes", __name__)
+
+_COLLECTION = re.compile(r"^[\w][\w .@+-]{0,99}$")
+
+
+def _fallback_model_key(lake) -> str:
+    """The lake's most common embedding model, or the registry's default model on an empty lake."""
+    from jobs.embed.models import get_model
+    from lake.vectors import default_model_key
+
+    try:
+        return default_model_key(lake)
+    except NotFound:
+        return get_model("efficientnet-lite0").key
+
+
+def _tag_store():
+    from api.tags import _store
+
+    return _store()
+
+
+def _existing_id(sha256: str) -> str | None:
+    try:
+        return lake_reader().image(sha256)["image_id"]
+    except NotFound:
+        return None
+
+
+@bp.post("/tag")
+@requires("read")
+def tag_upload():
+    from jobs.tag.concepts import concept_tags
+
+    settings = current_app.config["IMAGELAKE_SETTINGS"]
+    upload = read_upload("image")
+    reader = lake_reader()
+    model = _tag_store().load()
+    model_key = model.features_model if model is not None else _fallback_model_key(reader.lake)
+    embedded = upload_embedder().embed(upload.data, model_key)
+    ids, probs = embedded.concepts()
+    tags = [{"tag": t, "source": "concept", "score": round(p, 6), "model": model_key}
+            for t, p in concept_tags(ids.tolist(), probs.tolist(), settings.tag_cum_prob, settings.tag_max_concepts)]
+    if model is not None:
+        tags += [{"tag": t, "source": "learned", "score": round(p, 6), "model": f"gnb-v{model.version}"}
+                 for t, p in model.predict(embedded.vector[None], top=3)[0] if p >= settings.tag_min_score]
+    return jsonify({"ok": True, "sha256": upload.sha256, "image_id": _existing_id(upload.sha256),
+                    "model": model_key, "model_version": model.version if model else None, "tags": tags})
+
+
+@bp.post("/images")
+def add_upload():
+    from jobs.add_image import add_image
+
+    settings = current_app.config["IMAGELAKE_SETTINGS"]
+    upload = read_upload("image")
+    collection = request.form.get("collection") or None
+    if collection is not None and not _COLLECTION.match(collection):
+        raise BadInput("collection must be 1-100 letters, digits, spaces or . _ @ + - (starting with a letter or digit)")
+    service = search_service()
+    build = service.build()
+    reader = lake_reader()
+    model_key = build.model if build is not None else _fallback_model_key(reader.lake)
+    embedded = upload_embedder().embed(upload.data, model_key)
+    result = add_image(reader.lake, settings, upload.data, upload.sha256, upload.format, model_key,
+                       embedded.vector, embedded.logits, collection=collection)
+    reader.refresh(force=True)          # read-your-writes: GET /images/<id> in this worker sees it
+    if result.indexed:
+        service.refresh(force=True)     # and search serves the build that holds it
+    body = {"ok": True, **result.as_dict(), "model": model_key}
+    return jsonify(body), 201 if result.created else 200
+
+
+def openapi_paths(settings) -> dict:
+    from api.openapi import errors, json_response
+
+    limits = (f"JPEG, PNG, WebP, GIF, BMP or TIFF; at most {settings.upload_max_bytes} bytes and "
+              f"{settings.upload_max_pixels} pixels")
+    image_field = {"type": "string", "contentMediaType": "application/octet-stream", "description": limits}
+    tag = {"type": "object", "required": ["tag", "source", "score", "model"], "properties": {
+        "tag": {"type": "string"}, "source": {"type": "string", "enum": ["concept", "learned"]},
+        "score": {"type": "number"}, "model": {"type": "string"}}}
+    tagged = {"type": "object", "required": ["ok", "sha256", "image_id", "model", "tags"], "properties": {
+        "ok": {"const": True}, "sha256": {"type": "string"},
+        "image_id": {"type": ["string", "null"], "description": "set when these bytes are already in the lake"},
+        "model": {"type": "string", "description": "the embedding model (name@version)"},
+        "model_version": {"type": ["integer", "null"], "description": "the learned-tag model version"},
+        "tags": {"type": "array", "items": tag}}}
+    added = {"type": "object", "required": ["ok", "image_id", "created", "indexed"], "properties": {
+        "ok": {"const": True}, "image_id": {"type": "string"},
+        "created": {"type": "boolean", "description": "false: these bytes were in the lake already"},
+        "uri": {"type": "string"}, "collection": {"type": ["string", "null"]},
+        "embedded": {"type": "boolean"}, "indexed": {"type": "boolean", "description": "searchable now"},
+        "build_id": {"type": ["string", "null"]}, "index_action": {"type": ["string", "null"]},
+        "note": {"type": ["string", "null"]}, "model": {"type": "string"},
+        "seconds": {"type": "object", "additionalProperties": {"type": "number"}}}}
+    return {
+        "/tag": {"post": {
+            "summary": "Concept and learned tags of an uploaded image, without storing it (read scope)",
+            "operationId": "tagUpload",
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                "type": "object", "required": ["image"], "properties": {"image": image_field}}}}},
+            "responses": {"200": json_response(tagged, "The tags"), **errors(400, 409, 413, 415)},
+        }},
+        "/images": {"post": {
+            "summary": "Add an uploaded image to the lake: stored, ingested, embedded, indexed (curate scope)",
+            "operationId": "addImage",
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                "type": "object", "required": ["image"], "properties": {
+                    "image": image_field,
+                    "collection": {"type": "string", "default": "uploads", "maxLength": 100}}}}}},
+            "responses": {"201": json_response(added, "Added"),
+                          "200": json_response(added, "These bytes were in the lake already: the same id"),
+                          **errors(400, 409, 413, 415, 503)},
+        }},
+    }

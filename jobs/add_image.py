@@ -1,0 +1,252 @@
+"""Add one uploaded image to the lake: store it, ingest it, embed it, fold it into the index.
+
+``POST /api/v1/images`` calls :func:`add_image` with the checked upload and its vector (the API has
+already embedded it with :class:`api.uploads.UploadEmbedder`, the embed job's own CPU/ONNX path).
+
+Steps, each skipped when already done, so a retry after a crash finishes the job and a second
+upload of the same bytes adds nothing:
+
+1. **store** — ``<lake>/uploads/<sha256[:2]>/<sha256>.<ext>``, written to a temporary name in the
+   same folder and renamed (readers never see half a file).
+2. **ingest** — :func:`jobs.ingest.driver.run_ingest` over a list file naming exactly that file,
+   with a :class:`~jobs.runner.LocalRunner` (``images``, ``sources``, ``thumbnails`` rows as for any
+   ingested file; collection ``uploads`` unless the caller names one).
+3. **embed** — one ``features`` row committed under an ``embed`` job run, built from the upload's
+   vector and logits exactly as :func:`jobs.embed.partition.embed_partition` builds its rows (same
+   model key, float32 embedding, top-50 concepts). Running the embed job instead would decode the
+   image again and pick up every other pending image of the lake.
+4. **index** — :func:`jobs.index.driver.run_index` (incremental: the image goes into the delta
+   folder encoded with the base build's trained index; the job's rebuild rule may choose a full
+   build). Skipped while the lake has no published build of the model (``imagelake index`` makes
+   the first one).
+
+Concurrency: uploads of one lake run one at a time (the lake lock ``upload``, waited for up to
+``UPLOAD_LOCK_S``); every commit is serialised by the ``commit`` lock. An upload does **not** wait
+for a running pipeline (``imagelake run`` / ``ingest``): it conflicts with a running *ingest*
+(409, nothing stored in tables — retry later), and when an *index* build is running the image is
+added and embedded but ``indexed`` is false: the next ``imagelake index`` folds it in.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lake.catalog import TABLES, Lake
+from lake.commit import commit_rows, ensure_tables, open_table
+from lake.errors import BadInput, LockHeld, Unavailable
+from lake.lock import LakeLock
+from lake.settings import Settings
+
+__all__ = ["AddResult", "add_image", "upload_path", "UPLOAD_LOCK_S", "DEFAULT_COLLECTION"]
+
+UPLOAD_LOCK_S = 120.0
+DEFAULT_COLLECTION = "uploads"
+_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+
+
+@dataclass
+class AddResult:
+    image_id: str
+    created: bool                 # the images table gained the row in this call
+    uri: str
+    collection: str | None
+    embedded: bool                # a features row was committed in this call
+    indexed: bool                 # the image is in the newest published build of the model
+    build_id: str | None
+    index_action: str | None      # run_index's action (incremental/full/up_to_date), None if not run
+    note: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"image_id": self.image_id, "created": self.created, "uri": self.uri,
+                "collection": self.collection, "embedded": self.embedded, "indexed": self.indexed,
+                "build_id": self.build_id, "index_action": self.index_action, "note": self.note,
+                "seconds": self.seconds}
+
+
+def upload_path(lake: Lake, sha256: str, fmt: str) -> str:
+    """Where an upload with these bytes is stored: ``<lake>/uploads/<sha[:2]>/<sha>.<ext>``."""
+    return lake.path("uploads", sha256[:2], f"{sha256}.{_EXTENSIONS.get(fmt, 'img')}")
+
+
+def _store(path: str, data: bytes) -> None:
+    if os.path.isfile(path) and os.path.getsize(path) == len(data):
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _image_row(lake: Lake, image_id: str) -> dict | None:
+    table = open_table(lake, "images")
+    if not table.file_uris():
+        return None
+    rows = table.to_pyarrow_dataset().to_table(columns=["image_id", "uri", "collection"],
+                                               filter=pc.field("image_id") == image_id).to_pylist()
+    return rows[0] if rows else None
+
+
+def _has_features(lake: Lake, image_id: str, model_key: str) -> bool:
+    table = open_table(lake, "features")
+    if not table.file_uris():
+        return False
+    got = table.to_pyarrow_dataset().to_table(
+        columns=["image_id"], filter=(pc.field("image_id") == image_id) & (pc.field("model") == model_key))
+    return got.num_rows > 0
+
+
+def _reject_reason(lake: Lake, uri: str) -> str:
+    table = open_table(lake, "rejects")
+    if table.file_uris():
+        rows = table.to_pyarrow_dataset().to_table(columns=["reason", "detail"],
+                                                   filter=pc.field("uri") == uri).to_pylist()
+        if rows:
+            return f"{rows[-1]['reason']}: {rows[-1]['detail']}"
+    return "unknown reason"
+
+
+def _ingest(lake: Lake, settings: Settings, path: str, collection: str) -> None:
+    from jobs.ingest.driver import run_ingest
+    from jobs.runner import LocalRunner
+
+    listing = os.path.join(os.path.dirname(path), f".list-{uuid.uuid4().hex}.txt")
+    with open(listing, "w") as f:
+        f.write(path + "\n")
+    try:
+        run_ingest(lake, settings, listing, collection=collection, runner=LocalRunner())
+    except LockHeld as e:
+        raise LockHeld(f"an ingest job is running on this lake ({e}); retry the upload when it is done") from None
+    finally:
+        os.remove(listing)
+
+
+def _embed(lake: Lake, image_id: str, model_key: str, vector: np.ndarray, logits: np.ndarray) -> None:
+    from jobs.embed.partition import EmbedJob, top_concepts
+    from jobs.runs import job_run
+
+    top_k = EmbedJob.__dataclass_fields__["top_k"].default
+    ids, probs = top_concepts(np.asarray(logits, np.float32).reshape(1, -1), top_k)
+    schema = TABLES["features"].schema
+    with job_run(lake, "embed", {"model": model_key, "source": "upload", "image_id": image_id}) as run:
+        run.rows_in = 1
+        row = pa.table({
+            "image_id": pa.array([image_id], pa.string()),
+            "model": pa.array([model_key], pa.string()),
+            "embedding": pa.array([np.asarray(vector, np.float32).tolist()], pa.list_(pa.float32())),
+            "concept_ids": pa.array([ids[0].astype(np.int16).tolist()], pa.list_(pa.int16())),
+            "concept_probs": pa.array([probs[0].astype(np.float32).tolist()], pa.list_(pa.float32())),
+            "run_id": pa.array([run.run_id], pa.string()),
+            "created_at": pa.array([dt.datetime.now(dt.timezone.utc)], schema.field("created_at").type),
+        })
+        result = commit_rows(lake, "features", row, run_id=run.run_id, dedupe=True)
+        run.rows_out = result.rows
+        run.metrics.update(embedded=result.rows, pending=1, runtimes=["onnx-upload"])
+
+
+def _in_build(lake: Lake, row: dict, image_id: str) -> bool:
+    from jobs.index.build import read_manifest
+
+    folder = os.path.join(lake.artifacts_dir(), row["path"])
+    folders = [folder]
+    manifest = read_manifest(folder)
+    if manifest.get("kind") == "incremental":
+        folders.insert(0, os.path.join(os.path.dirname(folder), manifest["base_build_id"]))
+    digest = bytes.fromhex(image_id)
+    for f in folders:
+        ids = np.load(os.path.join(f, "ids.npy"), mmap_mode="r")
+        if len(ids) and np.any(np.all(np.asarray(ids) == np.frombuffer(digest, np.uint8), axis=1)):
+            return True
+    return False
+
+
+def _index(lake: Lake, settings: Settings, model_key: str, image_id: str, result: AddResult) -> None:
+    from jobs.index.driver import latest_build, run_index
+    from jobs.runner import LocalRunner
+
+    base = latest_build(lake, model_key)
+    if base is None:
+        result.note = "no index build of this model is published yet; `imagelake index` makes one"
+        return
+    if _in_build(lake, base, image_id):
+        result.indexed, result.build_id = True, base["build_id"]
+        return
+    try:
+        summary = run_index(lake, settings, model_key, runner=LocalRunner())
+    except LockHeld:
+        result.build_id = base["build_id"]
+        result.note = ("an index build is running; the image is stored and embedded and the next "
+                       "`imagelake index` makes it searchable")
+        return
+    result.index_action, result.build_id, result.indexed = summary["action"], summary["build_id"], True
+
+
+def add_image(lake: Lake, settings: Settings, data: bytes, sha256: str, fmt: str, model_key: str,
+              vector: np.ndarray, logits: np.ndarray, collection: str | None = None) -> AddResult:
+    """Store, ingest, embed and index one image (see the module docstring); idempotent per bytes.
+
+    Args:
+        data, sha256, fmt: the checked upload (:class:`api.uploads.Upload`).
+        model_key: ``name@version`` the vector was computed with (the served index's model).
+        vector, logits: the upload's embedding and class logits under ``model_key``.
+        collection: the ``collection`` column of a new image (default ``uploads``).
+    Raises:
+        Unavailable: the lake is not on a local or shared file system.
+        LockHeld (409): another upload held the lake past ``UPLOAD_LOCK_S``, or an ingest is running.
+        BadInput: ingest rejected the file.
+    """
+    if not lake.is_local:
+        raise Unavailable("adding images needs a local or shared-filesystem lake (the upload is stored "
+                          f"under <lake>/uploads); {lake.root!r} is an object-store URI")
+    collection = collection or DEFAULT_COLLECTION
+    ensure_tables(lake, ["images", "sources", "thumbnails", "rejects", "features", "job_runs"])
+    timings: dict[str, float] = {}
+    with LakeLock(lake, "upload", timeout=UPLOAD_LOCK_S, holder="api upload"):
+        t0 = time.perf_counter()
+        existing = _image_row(lake, sha256)
+        path = upload_path(lake, sha256, fmt)
+        if existing is None:
+            fresh = not os.path.exists(path)
+            _store(path, data)
+            try:
+                _ingest(lake, settings, path, collection)
+            except BaseException:
+                if fresh and _image_row(lake, sha256) is None:
+                    os.remove(path)  # nothing refers to it; a retry stores it again
+                raise
+            existing = _image_row(lake, sha256)
+            if existing is None:
+                reason = _reject_reason(lake, path)
+                os.remove(path)
+                raise BadInput(f"the image could not be ingested ({reason})")
+            created = True
+        else:
+            created = False
+        timings["ingest"] = round(time.perf_counter() - t0, 3)
+        result = AddResult(sha256, created, existing["uri"], existing.get("collection"), False, False, None, None)
+        t0 = time.perf_counter()
+        if not _has_features(lake, sha256, model_key):
+            _embed(lake, sha256, model_key, vector, logits)
+            result.embedded = True
+        timings["embed"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+        _index(lake, settings, model_key, sha256, result)
+        timings["index"] = round(time.perf_counter() - t0, 3)
+    result.seconds = timings
+    return result
