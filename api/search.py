@@ -2,13 +2,15 @@
 
 Both answer ``{"ok": true, "build_id", "results": [{"image_id", "score", "thumbnail_url"}]}``, best
 first, ``score`` the cosine similarity, the query image itself never among the results. ``k`` is
-1..``search_max_k`` (default 20). 503 while no index build is published.
+1..``search_max_k`` (default 20). 503 while no index build is published. Both need only the
+``read`` scope (the POST writes nothing).
 """
 
 from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request
 
+from api.auth import requires
 from api.index_service import Hit, search_service
 from api.openapi import API_PREFIX
 from api.services import check_image_id, lake_reader
@@ -60,6 +62,7 @@ def similar_by_id():
 
 
 @bp.post("/search/similar")
+@requires("read")  # a search writes nothing: the read scope is enough, even for a POST
 def similar_by_upload():
     k = _k()
     upload = read_upload("image")

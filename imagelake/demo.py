@@ -119,5 +119,13 @@ def build_demo(lake: Lake, settings: Settings, data_dir: str = "./demo-data", fa
             from imagelake.cli import embed_line
 
             print(embed_line(run_embed(lake, settings, runner=runner, progress=True)))
+            try:
+                from jobs.index.driver import run_index
+            except ImportError:
+                run_index = None
+            if run_index is not None:
+                from imagelake.cli import index_line
+
+                print(index_line(run_index(lake, settings, runner=runner, progress=True)))
     finally:
         runner.close()

@@ -56,7 +56,7 @@ class Settings:
     index_rebuild_fraction: float = _opt(0.2, "`imagelake index` retrains once images embedded since the last full build exceed this fraction of it.")
     search_max_k: int = _opt(100, "Most results one similarity search returns (k above is a 400).")
     search_nprobe: int = _opt(0, "IVF lists probed per query; 0 uses the build's own choice.")
-    search_candidates: int = _opt(300, "PQ candidates re-ranked exactly per query (at least 10 x k).")
+    search_candidates: int = _opt(400, "PQ candidates re-ranked exactly per query (at least 10 x k).")
     search_threads: int = _opt(2, "Threads that search index shards in parallel, per server process.")
     staging_retention_h: float = _opt(24.0, "The janitor keeps staging files of unfinished runs this long.")
     dup_sim: float = _opt(0.85, "Near-duplicate threshold for `imagelake cluster`: similarity (0..1, 1 = identical only) of the duplicate descriptor at or above which images are joined into one group.")

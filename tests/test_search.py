@@ -125,6 +125,11 @@ def test_upload_is_embedded_like_the_job_and_excludes_itself(client, lake, index
     assert len({r["image_id"] for r in results} & {r["image_id"] for r in by_id}) >= 7
     assert abs(results[0]["score"] - by_id[0]["score"]) < 2e-3
 
+    from lake.tokens import create_token
+    reader = client.application.test_client()
+    reader.environ_base["HTTP_AUTHORIZATION"] = "Bearer " + create_token(lake, "read", "reader")[1]
+    assert reader.post(URL, data={"image": (io.BytesIO(data), path.name)}).status_code == 200   # read scope suffices
+
     new = np.asarray(Image.open(path)).copy()
     new[:4, :4] = 255                                     # an image the lake does not have
     body = client.post(f"{URL}?k=3", data={"image": (io.BytesIO(png(new)), "new.png")}).get_json()

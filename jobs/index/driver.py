@@ -311,9 +311,9 @@ def _run(lake, settings, model_key, run, *, rebuild, budget, shard_size, flat_be
                 result = _delta_build(lake, con, run, model_key, base_row, base, seqs[keep],
                                       [i for i, k in zip(image_ids, keep) if k], features_version, shard_size,
                                       runner)
-                if result is not None:
+                if isinstance(result, dict):
                     return dict(base_summary, **result)
-                reason = f"drift: new images are far from the trained centroids (> {DRIFT_RATIO:.2f} x)"
+                reason = result
         result = _full_build(lake, con, run, model_key, seqs, image_ids, features_version, budget, shard_size,
                              flat_below, max_train, opq, factory, runner)
         return dict(base_summary, reason=reason, **result)
@@ -362,7 +362,7 @@ def _full_build(lake, con, run, model_key, seqs, image_ids, features_version, bu
     d = _write_segment(con, folder, model_key, seqs, image_ids)
     t1 = time.perf_counter()
     plan = choose_plan(len(seqs), d, budget, flat_below=flat_below, max_train=max_train, opq=opq, factory=factory)
-    trained_path, residual = _train(folder, plan, _task_threads(runner) if not isinstance(runner, SparkRunner) else 2)
+    trained_path, residual = _train(folder, plan, os.cpu_count() or 1)   # on the driver
     t2 = time.perf_counter()
     shards = _encode(runner, folder, trained_path, len(seqs), shard_size)
     t3 = time.perf_counter()
@@ -380,14 +380,16 @@ def _full_build(lake, con, run, model_key, seqs, image_ids, features_version, bu
 
 
 def _delta_build(lake, con, run, model_key, base_row, base: Manifest, seqs, image_ids, features_version,
-                 shard_size, runner) -> dict[str, Any] | None:
+                 shard_size, runner) -> dict[str, Any] | str:
+    """Encode the delta with the base's trained index and publish base + delta; or, when the
+    rebuild rule's dimension or drift checks fire, remove the delta folder and return the reason."""
     import faiss
 
     folder = _new_folder(lake, run.run_id)
     d = _write_segment(con, folder, model_key, seqs, image_ids)
     if d != base["d"]:
         shutil.rmtree(folder, ignore_errors=True)
-        return None
+        return f"the embedding dimension changed ({base['d']} -> {d})"
     trained_path = base.path("trained.faiss")
     trained = faiss.read_index(trained_path)
     base_residual = (base.get("drift") or {}).get("coarse_residual")
@@ -395,9 +397,9 @@ def _delta_build(lake, con, run, model_key, base_row, base: Manifest, seqs, imag
         vectors = np.load(os.path.join(folder, "vectors.npy"), mmap_mode="r")
         residual = _coarse_residual(trained, _sample(vectors, 20_000))
         if residual is not None and residual > DRIFT_RATIO * base_residual:
-            log.info("index: delta residual %.4f vs base %.4f: full rebuild", residual, base_residual)
             shutil.rmtree(folder, ignore_errors=True)
-            return None
+            return (f"drift: the new images' coarse residual {residual:.4f} exceeds {DRIFT_RATIO} x the base's "
+                    f"{base_residual:.4f}")
     if file_sha256(trained_path) != base["files"]["trained.faiss"]["sha256"]:
         raise BadInput(f"the base build {base['build_id']}'s trained index is corrupt; run `imagelake index --rebuild`")
     shards = _encode(runner, folder, trained_path, len(seqs), shard_size)
