@@ -22,16 +22,23 @@ pytestmark = [pytest.mark.browser,
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
+    """A lake run through the whole pipeline: 240 Fashion-MNIST images plus 50 generated ones."""
+    from imagelake.demo import write_fashion_mnist
+    from jobs.pipeline import PipelineRequest, run_pipeline
+
     root = tmp_path_factory.mktemp("browser")
     lake = Lake.at(root / "lake")
-    settings = Settings(lake=lake.root, runner="local", partition_files=16)
+    settings = Settings(lake=lake.root, runner="local", partition_files=64)
     write_images(root / "cats", 30, size=(96, 72))
     write_images(root / "dogs", 20, start=500, size=(96, 72))
     for folder in ("cats", "dogs"):
         run_ingest(lake, settings, str(root / folder))
+    if not write_fashion_mnist(root / "fashion", 240):
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    run_pipeline(lake, settings, PipelineRequest(images=str(root / "fashion"), collection="fashion"))
     _, token = create_token(lake, "curate", "browser test")
     with running_server(lake.root) as base:
-        yield {"base": base, "token": token, "lake": lake}
+        yield {"base": base, "token": token, "lake": lake, "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +58,7 @@ def page(browser, site, artifacts_dir, request):
     errors: list[str] = []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
     page.goto(site["base"] + "/")
     page.wait_for_url("**/login")
     page.fill("#token", site["token"])
@@ -65,7 +73,7 @@ def page(browser, site, artifacts_dir, request):
 def test_login_then_browse_collections_and_open_an_image(page, site):
     page.goto(site["base"] + "/#browse")
     page.wait_for_selector("#browse-grid .cell img")
-    assert page.locator("#browse-collections button").all_inner_texts()[:1] == ["all (50)"]
+    assert page.locator("#browse-collections button").all_inner_texts()[0] == "all (290)"
     page.wait_for_function("[...document.querySelectorAll('#browse-grid img')].slice(0, 5).every(i => i.complete && i.naturalWidth > 0)")
     page.click("#browse-collections button:has-text('dogs')")
     page.wait_for_function("document.querySelector('#browse-title').textContent.includes('20 images')")
@@ -80,7 +88,7 @@ def test_sql_preset_shows_a_table_and_a_chart(page, site):
     page.wait_for_selector("#sql-result table tbody tr")
     rows = page.locator("#sql-result tbody tr").all_inner_texts()
     assert any("cats" in r and "30" in r for r in rows)
-    assert page.locator("#sql-chart svg rect.bar").count() == 2
+    assert page.locator("#sql-chart svg rect.bar").count() == 3
     page.fill("#sql-text", "SELECT nope FROM images")
     page.click("#sql-form button[type=submit]")
     page.wait_for_selector("#sql-status.error")
@@ -89,3 +97,32 @@ def test_sql_preset_shows_a_table_and_a_chart(page, site):
 def test_logout_returns_to_the_login_page(page, site):
     page.click("#logout")
     page.wait_for_url("**/login")
+
+
+def test_map_zooms_and_a_click_opens_the_image_under_the_pointer(page, site):
+    page.goto(site["base"] + "/#map")
+    page.wait_for_selector("#map-viewer[data-ready='1'] canvas")
+    page.wait_for_timeout(500)
+    box = page.locator("#map-viewer").bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx, cy)
+    for _ in range(3):
+        page.mouse.wheel(0, -300)
+        page.wait_for_timeout(150)
+    zoom = page.evaluate("document.querySelector('#map-viewer').dataset.zoom")
+    assert zoom is not None and float(zoom) > 1.5
+    page.mouse.click(cx, cy)
+    page.wait_for_selector("#details:not([hidden]) dl dt")
+    assert "image_id" in page.inner_text("#details dl")
+
+
+def test_search_by_upload_then_open_a_result(page, site):
+    sample = next((site["root"] / "fashion").rglob("*.png"))
+    page.goto(site["base"] + "/#search")
+    page.set_input_files("#search-file", str(sample))
+    page.click("#search-form button[type=submit]")
+    page.wait_for_selector("#search-results .cell img")
+    assert page.locator("#search-results .cell").count() >= 10
+    assert "similar images" in page.inner_text("#search-status")
+    page.locator("#search-results .cell").first.click()
+    page.wait_for_selector("#details:not([hidden]) .mini-grid .cell")

@@ -54,6 +54,7 @@ export async function mountMap(root, {openDetails}) {
     }
   });
   viewer.addHandler("open", () => { box.dataset.ready = "1"; });
+  viewer.addHandler("zoom", (e) => { box.dataset.zoom = String(e.zoom); });
 
   async function overlay(choice) {
     viewer.clearOverlays();
