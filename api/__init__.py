@@ -10,14 +10,14 @@ from typing import Any
 
 from flask import Flask
 
-from api import auth, errors, health, images, openapi, query, services
+from api import auth, buckets, errors, health, images, openapi, query, services, suggest
 from api.openapi import API_PREFIX
 from lake.settings import Settings, load_settings
 
 __all__ = ["API_PREFIX", "AREAS", "create_app"]
 
 # One module per API area: a blueprint ``bp`` plus ``openapi_paths(settings)`` describing its routes.
-AREAS = (health, auth, images, query, openapi)
+AREAS = (health, auth, images, query, buckets, suggest, openapi)
 
 
 def create_app(settings: Settings | None = None, test_config: dict[str, Any] | None = None) -> Flask:
@@ -40,6 +40,8 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     errors.init_app(app)
     auth.init_app(app)
     services.init_app(app, settings)
+    buckets.init_app(app)
+    suggest.init_app(app)
     for area in AREAS:
         app.register_blueprint(area.bp, url_prefix=API_PREFIX)
     return app

@@ -50,6 +50,10 @@ class Settings:
     upload_max_pixels: int = _opt(40_000_000, "Most pixels in an uploaded image (HTTP 413 above).")
     auth: bool = _opt(True, "Require API tokens (read scope for GET, curate for writes); false opens every route (trusted single-user machines only).")
     refresh_s: float = _opt(2.0, "How often the API re-checks table versions for new commits.")
+    bucket_max_images: int = _opt(1000, "Most image ids one curation request may carry (HTTP 413 above).")
+    suggest_dims: int = _opt(128, "PCA dimensions of the 8-bit matrix suggestions score (bytes per image).")
+    suggest_max_n: int = _opt(200, "Most suggestions (and fast-forward images) one request may ask for.")
+    suggest_refresh_s: float = _opt(30.0, "How often a server process checks for new features (a new suggestion matrix).")
     staging_retention_h: float = _opt(24.0, "The janitor keeps staging files of unfinished runs this long.")
     log_level: str = _opt("WARNING", "Python log level for jobs and the server (DEBUG, INFO, WARNING, ERROR).")
     sources: tuple = field(default=(), compare=False, metadata={"internal": True})
@@ -106,11 +110,14 @@ def _validate(s: Settings) -> Settings:
     if s.runner not in {"spark", "local"}:
         raise BadInput(f"runner must be 'spark' or 'local', got {s.runner!r}")
     for name in ("partition_files", "max_image_bytes", "max_image_pixels", "sql_max_rows", "workers",
-                 "threads", "upload_max_bytes", "upload_max_pixels", "sql_threads"):
+                 "threads", "upload_max_bytes", "upload_max_pixels", "sql_threads", "bucket_max_images",
+                 "suggest_max_n"):
         if getattr(s, name) <= 0:
             raise BadInput(f"setting {name!r} must be positive, got {getattr(s, name)!r}")
     if not s.thumbnail_sizes or any(not 16 <= v <= 1024 for v in s.thumbnail_sizes):
         raise BadInput(f"thumbnail_sizes must be sizes between 16 and 1024 px, got {s.thumbnail_sizes!r}")
+    if not 8 <= s.suggest_dims <= 1024:
+        raise BadInput(f"suggest_dims must be between 8 and 1024, got {s.suggest_dims!r}")
     if s.sql_timeout_s <= 0:
         raise BadInput("sql_timeout_s must be positive")
     return s

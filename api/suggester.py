@@ -1,0 +1,246 @@
+"""Live suggestions: II-20's interactive learning over the compact matrix (:mod:`lake.compact`).
+
+Per request, for one bucket: a linear model is fitted on the bucket's members (positives) against
+its rejected suggestions, the discard pile and random unlabeled images (negatives), then one FAISS
+scan scores every image and keeps the best unlabeled ones. Fitting is a closed-form, class-balanced
+ridge regression on 128-d vectors (a 129 x 129 solve: well under a millisecond), so the model is
+simply refitted on every call and always reflects the latest feedback; there is no model state to
+keep in sync between server processes.
+
+Exploration, as in II-20, adapts to how well the model is doing: with ``a`` the accepted share of
+the bucket's last feedback rounds, a fraction ``0.5 * (1 - a)**2`` of the suggestions (a quarter
+before any feedback) explores: half are neighbours of the bucket's best-scoring members that the
+model ranks lower (found in the same scan: the members' vectors are extra queries), half diverse
+random picks (farthest-first among random unlabeled images). A curator who accepts nearly
+everything gets pure exploitation; one who rejects a lot gets more of the collection shown.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lake.buckets import DISCARD, BucketState
+from lake.catalog import Lake
+from lake.compact import CompactMatrix, ensure_compact
+from lake.errors import ImagelakeError
+
+__all__ = ["Suggester", "Unavailable", "fit_ridge", "explore_fraction"]
+
+
+class Unavailable(ImagelakeError):
+    """No features yet: suggestions need ``imagelake embed`` first."""
+
+    status = 503
+
+
+def explore_fraction(acceptance: float | None) -> float:
+    """Share of suggestions that explore, from the recent acceptance rate (None: no feedback yet)."""
+    if acceptance is None:
+        return 0.25
+    return 0.5 * (1.0 - acceptance) ** 2
+
+
+def fit_ridge(pos: np.ndarray, neg: np.ndarray, alpha: float = 0.05) -> tuple[np.ndarray, float]:
+    """Class-balanced ridge regression to +1/-1 targets: ``(w, b)`` with score = x @ w + b.
+
+    Each class weighs half, whatever its size; ``alpha`` scales the penalty to the data's variance.
+    """
+    x = np.vstack([pos, neg]).astype(np.float64)
+    y = np.concatenate([np.ones(len(pos)), -np.ones(len(neg))])
+    sw = np.concatenate([np.full(len(pos), 0.5 / max(1, len(pos))), np.full(len(neg), 0.5 / max(1, len(neg)))])
+    mu = sw @ x
+    xc = x - mu
+    gram = (xc * sw[:, None]).T @ xc
+    lam = alpha * max(np.trace(gram) / gram.shape[0], 1e-12)
+    w = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), (xc * sw[:, None]).T @ (y - sw @ y))
+    return w.astype(np.float32), float(sw @ y - mu @ w)
+
+
+@dataclass
+class _Model:
+    w: np.ndarray
+    b: float
+    positives: np.ndarray      # rows
+    negatives: int
+
+
+class Suggester:
+    """One per server process; thread-safe. Maps the compact matrix on first use and re-checks the
+    features version every ``refresh_s`` seconds (a new embed run gets a new build)."""
+
+    def __init__(self, lake: Lake, *, dims: int = 128, refresh_s: float = 30.0, max_negatives: int = 500):
+        self.lake, self.dims, self.refresh_s, self.max_negatives = lake, dims, refresh_s, max_negatives
+        self._lock = threading.Lock()
+        self._matrix: CompactMatrix | None = None
+        self._checked = float("-inf")
+
+    def matrix(self) -> CompactMatrix:
+        with self._lock:
+            if self._matrix is None or time.monotonic() - self._checked >= self.refresh_s:
+                from lake.errors import NotFound
+                try:
+                    self._matrix = ensure_compact(self.lake, self.dims)
+                except NotFound as e:
+                    if self._matrix is None:
+                        raise Unavailable(f"suggestions are not available: {e}") from None
+                self._checked = time.monotonic()
+                _limit_threads(len(self._matrix))
+            return self._matrix
+
+    # -- the model -----------------------------------------------------------------------------
+
+    def _rows(self, m: CompactMatrix, image_ids) -> np.ndarray:
+        return np.array(sorted({m.row_of[i] for i in image_ids if i in m.row_of}), np.int64)
+
+    def model(self, state: BucketState, bucket_id: str, labeled_rows: np.ndarray) -> _Model | None:
+        """The bucket's model on the current state (None without a positive that has features)."""
+        m = self.matrix()
+        positives = self._rows(m, state.member_ids(bucket_id, pending=False))
+        if len(positives) == 0:
+            return None
+        rejected = self._rows(m, state.rejected.get(bucket_id, {}))
+        discard = self._rows(m, state.member_ids(DISCARD)[-self.max_negatives:])
+        known = np.unique(np.concatenate([rejected, discard]))[: self.max_negatives]
+        want = int(np.clip(2 * len(positives), 50, self.max_negatives)) if len(known) < self.max_negatives else 0
+        rng = np.random.default_rng(_seed(bucket_id, state.last_seq))
+        randoms = _random_unlabeled(rng, len(m), labeled_rows, want)
+        negatives = np.concatenate([known, randoms]).astype(np.int64)
+        w, b = fit_ridge(m.vectors(positives), m.vectors(negatives))
+        return _Model(w, b, positives, len(negatives))
+
+    # -- suggestions ---------------------------------------------------------------------------
+
+    def suggest(self, state: BucketState, bucket_id: str, n: int, *, explore: bool = True) -> dict[str, Any]:
+        """The top ``n`` unlabeled images for ``bucket_id`` with how each was chosen.
+
+        Returns ``suggestions`` ([{image_id, score, source: model|neighbour|explore}]),
+        ``explore_fraction``, ``acceptance``, ``positives``, ``negatives``, ``ms``.
+        """
+        import faiss
+
+        t0 = time.perf_counter()
+        m = self.matrix()
+        labeled = self._rows(m, state.labeled())
+        model = self.model(state, bucket_id, labeled)
+        acceptance = state.acceptance(bucket_id)
+        fraction = explore_fraction(acceptance) if explore and model is not None else (1.0 if model is None else 0.0)
+        n_explore = int(fraction * n) if model is not None else n
+        n_neigh = (n_explore + 1) // 2 if model is not None else 0
+        n_model = n - n_explore
+        picks: list[dict[str, Any]] = []
+        taken: set[int] = set()
+        if model is not None:
+            queries = [model.w]
+            best: np.ndarray = np.zeros(0, np.int64)
+            if n_neigh:
+                pos_scores = m.vectors(model.positives) @ model.w
+                best = model.positives[np.argsort(-pos_scores)[:2]]
+                queries += list(m.vectors(best))
+            k = min(len(m), n + n_neigh + 8)
+            params = faiss.SearchParameters(sel=faiss.IDSelectorNot(faiss.IDSelectorBatch(labeled))) if len(labeled) else None
+            scores, rows = m.index.search(np.ascontiguousarray(np.vstack(queries), np.float32), k, params=params)
+            for s, r in zip(scores[0], rows[0]):
+                if len(picks) >= n_model:
+                    break
+                if r >= 0:
+                    picks.append({"row": int(r), "score": float(s + model.b), "source": "model"})
+                    taken.add(int(r))
+            lists = [list(rows[i]) for i in range(1, len(queries))]
+            while lists and sum(p["source"] == "neighbour" for p in picks) < n_neigh and any(lists):
+                for lst in lists:
+                    while lst and (lst[0] < 0 or lst[0] in taken):
+                        lst.pop(0)
+                    if lst and sum(p["source"] == "neighbour" for p in picks) < n_neigh:
+                        r = int(lst.pop(0))
+                        picks.append({"row": r, "score": None, "source": "neighbour"})
+                        taken.add(r)
+        n_random = n - len(picks)
+        if n_random > 0:
+            rng = np.random.default_rng(_seed(bucket_id, state.last_seq) + 1)
+            exclude = np.union1d(labeled, np.array(sorted(taken), np.int64))
+            for r in _diverse(m, _random_unlabeled(rng, len(m), exclude, 10 * n_random), n_random):
+                picks.append({"row": int(r), "score": None, "source": "explore"})
+        if model is not None:
+            rows_ = np.array([p["row"] for p in picks if p["score"] is None], np.int64)
+            if len(rows_):
+                s = m.vectors(rows_) @ model.w + model.b
+                it = iter(s)
+                for p in picks:
+                    if p["score"] is None:
+                        p["score"] = float(next(it))
+        out = [{"image_id": m.image_ids[p["row"]], "score": None if p["score"] is None else round(p["score"], 5),
+                "source": p["source"]} for p in picks]
+        return {"suggestions": out, "explore_fraction": round(fraction, 4), "acceptance": acceptance,
+                "positives": 0 if model is None else int(len(model.positives)),
+                "negatives": 0 if model is None else model.negatives,
+                "ms": round((time.perf_counter() - t0) * 1e3, 2)}
+
+    def tetris(self, state: BucketState) -> dict[str, Any] | None:
+        """The single unlabeled image some bucket's model is most sure of, and that bucket."""
+        import faiss
+
+        m = self.matrix()
+        labeled = self._rows(m, state.labeled())
+        buckets, models = [], []
+        for b in state.listing():
+            if b["system"]:
+                continue
+            model = self.model(state, b["bucket_id"], labeled)
+            if model is not None:
+                buckets.append(b)
+                models.append(model)
+        if not models:
+            return None
+        params = faiss.SearchParameters(sel=faiss.IDSelectorNot(faiss.IDSelectorBatch(labeled))) if len(labeled) else None
+        scores, rows = m.index.search(np.ascontiguousarray(np.vstack([mo.w for mo in models]), np.float32), 1, params=params)
+        scored = [(float(scores[i, 0] + models[i].b), i) for i in range(len(models)) if rows[i, 0] >= 0]
+        if not scored:
+            return None
+        score, i = max(scored)
+        return {"image_id": m.image_ids[int(rows[i, 0])], "bucket": buckets[i], "score": round(score, 5)}
+
+
+def _limit_threads(rows: int) -> None:
+    """Small solves and scans are fastest on one thread; spinning BLAS/OpenMP pools on a shared box
+    cost tens of ms. A server process gets its parallelism from concurrent requests; only a large
+    collection's multi-query scan (model + neighbour queries) uses two threads."""
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+    faiss.omp_set_num_threads(1 if rows < 200_000 else 2)
+
+
+def _seed(bucket_id: str, seq: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{bucket_id}:{seq}".encode()).digest()[:8], "little")
+
+
+def _random_unlabeled(rng: np.random.Generator, n: int, labeled: np.ndarray, want: int) -> np.ndarray:
+    if want <= 0 or n == 0:
+        return np.zeros(0, np.int64)
+    draw = np.unique(rng.integers(0, n, size=min(n, 2 * want + len(labeled) // 8 + 16)))
+    draw = draw[~np.isin(draw, labeled)]
+    if len(draw) < want and len(labeled) < n:
+        rest = np.setdiff1d(np.arange(n), labeled)
+        draw = rest[rng.permutation(len(rest))]
+    return rng.permutation(draw)[:want]
+
+
+def _diverse(m: CompactMatrix, candidates: np.ndarray, want: int) -> list[int]:
+    """Farthest-first selection: each pick is the candidate farthest from the picks so far."""
+    if len(candidates) <= want:
+        return list(candidates)
+    x = m.vectors(candidates)
+    chosen = [0]
+    dist = np.linalg.norm(x - x[0], axis=1)
+    while len(chosen) < want:
+        i = int(np.argmax(dist))
+        chosen.append(i)
+        dist = np.minimum(dist, np.linalg.norm(x - x[i], axis=1))
+    return [int(candidates[i]) for i in chosen]
