@@ -193,13 +193,16 @@ class BucketState:
         return [i for i, (s, p) in sorted(members.items(), key=lambda kv: (kv[1][0], kv[0]))
                 if pending is None or p == pending]
 
-    def labeled(self) -> set[str]:
-        """Every image that is in some bucket or the discard pile, or was rejected for a bucket."""
+    def labeled(self, bucket_id: str | None = None) -> set[str]:
+        """Images a bucket's suggestions must skip: members of any bucket (pending included) or of
+        the discard pile, and those rejected for ``bucket_id`` (for every bucket when None). An
+        image rejected for one bucket may still be right for another."""
         out: set[str] = set()
         for members in self.members.values():
             out.update(members)
-        for marks in self.rejected.values():
-            out.update(marks)
+        for b, marks in self.rejected.items():
+            if bucket_id is None or b == bucket_id:
+                out.update(marks)
         return out
 
     def acceptance(self, bucket_id: str, window: int = 5) -> float | None:
