@@ -24,7 +24,7 @@ from lake.catalog import Lake
 from lake.errors import BadInput, NotFound, TooLarge
 from lake.sql import jsonable
 
-__all__ = ["bp", "action_response", "bucket_store", "image_ids_arg", "json_body", "submit"]
+__all__ = ["bp", "action_response", "bucket_store", "event_json", "image_ids_arg", "init_app", "json_body", "submit"]
 
 bp = Blueprint("buckets", __name__)
 
@@ -113,15 +113,17 @@ def event_json(event: dict[str, Any]) -> dict[str, Any]:
 
 def action_response(event: dict[str, Any], status: int = 200):
     store = bucket_store()
-    with store.reading() as state:
+    with store.reading(fresh=False) as state:
         bucket = next((b for b in state.listing(include_deleted=True) if b["bucket_id"] == event.get("bucket_id")), None)
     response = jsonify({"ok": True, "event": event_json(event), "bucket": jsonable(bucket)})
     response.status_code = status
     return response
 
 
-def _path_bucket(bucket_id: str, allow_discard: bool = True) -> str:
-    return check_bucket_id(bucket_id, allow_discard=allow_discard)
+def _path_bucket(bucket_id: str, allow_discard: bool = True, what: str = "") -> str:
+    if bucket_id == DISCARD and not allow_discard:
+        raise BadInput(f"the discard pile cannot be {what or 'used here'}")
+    return check_bucket_id(bucket_id)
 
 
 def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
@@ -175,7 +177,7 @@ def get_bucket(bucket_id: str):
 
 @bp.patch("/buckets/<bucket_id>")
 def update_bucket(bucket_id: str):
-    _path_bucket(bucket_id)
+    _path_bucket(bucket_id, allow_discard=False, what="renamed or recolored")
     body = json_body()
     return action_response(submit("update", bucket_id, body,
                                   payload={"name": body.get("name"), "color": body.get("color")}))
@@ -183,7 +185,7 @@ def update_bucket(bucket_id: str):
 
 @bp.delete("/buckets/<bucket_id>")
 def delete_bucket(bucket_id: str):
-    _path_bucket(bucket_id, allow_discard=False)
+    _path_bucket(bucket_id, allow_discard=False, what="deleted")
     return action_response(submit("delete", bucket_id, json_body(required=False)))
 
 

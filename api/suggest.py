@@ -17,7 +17,7 @@ from lake.catalog import Lake
 from lake.errors import BadInput, Conflict
 from lake.sql import jsonable
 
-__all__ = ["bp", "suggester"]
+__all__ = ["bp", "init_app", "suggester"]
 
 bp = Blueprint("suggest", __name__)
 
@@ -34,8 +34,9 @@ def suggester() -> Suggester:
 
 
 def _bucket(bucket_id: str) -> str:
-    check_bucket_id(bucket_id, allow_discard=False)
-    return bucket_id
+    if bucket_id == "discard":
+        raise BadInput("the discard pile has no suggestions; it is a negative for every bucket")
+    return check_bucket_id(bucket_id)
 
 
 def _n(default: int = 28) -> int:

@@ -119,10 +119,11 @@ class BucketStore:
             return self.state
 
     @contextmanager
-    def reading(self) -> Iterator[BucketState]:
-        """``with store.reading() as state:`` — the current fold, consistent while the block runs."""
+    def reading(self, fresh: bool = True) -> Iterator[BucketState]:
+        """``with store.reading() as state:`` — the current fold, consistent while the block runs.
+        ``fresh=False`` skips the check for other processes' commits (right after our own write)."""
         with self._lock:
-            yield self.sync()
+            yield self.sync() if fresh or self._table is None else self.state
 
     # -- writing -------------------------------------------------------------------------------
 
