@@ -11,7 +11,7 @@ from flask import Blueprint, Flask, current_app, jsonify, request
 
 from api.buckets import (BUCKET_ID_PARAM, _PerProcess, _body, _IDS, _int_arg, action_response, bucket_store,
                          image_ids_arg, json_body, submit)
-from api.suggester import Suggester
+from api.suggester import Suggester, labels_of
 from lake.buckets import check_bucket_id
 from lake.catalog import Lake
 from lake.errors import BadInput, Conflict
@@ -49,10 +49,10 @@ def suggestions(bucket_id: str):
     _bucket(bucket_id)
     n = _n()
     explore = request.args.get("explore", "true").lower() not in ("0", "false", "no")
-    engine = suggester()
     with bucket_store().reading() as state:
         state.live_bucket(bucket_id)
-        out = engine.suggest(state, bucket_id, n, explore=explore)
+        labels = labels_of(state, bucket_id)
+    out = suggester().suggest(labels, n, explore=explore)
     return jsonify({"ok": True, "bucket_id": bucket_id, **jsonable(out)})
 
 
@@ -78,7 +78,8 @@ def fast_forward(bucket_id: str):
         raise BadInput(f"n must be an integer from 1 to {limit}, got {n!r}")
     with bucket_store().reading() as state:
         state.live_bucket(bucket_id)
-        out = suggester().suggest(state, bucket_id, n, explore=False)
+        labels = labels_of(state, bucket_id)
+    out = suggester().suggest(labels, n, explore=False)
     if out["positives"] == 0:
         raise Conflict("fast-forward needs a model: add at least one image with features to the bucket first")
     ids = tuple(s["image_id"] for s in out["suggestions"])
@@ -107,7 +108,9 @@ def fast_forward_commit(bucket_id: str):
 def tetris_next():
     """The one unlabeled image some bucket's model is most sure of, with that bucket."""
     with bucket_store().reading() as state:
-        nxt = suggester().tetris(state)
+        views = [(b, labels_of(state, b["bucket_id"])) for b in state.listing() if not b["system"]]
+        labeled = state.labeled()
+    nxt = suggester().tetris(views, labeled)
     if nxt is None:
         return jsonify({"ok": True, "image_id": None, "bucket": None, "score": None,
                         "reason": "no bucket has a member with features yet"})

@@ -12,7 +12,7 @@ precision over rounds 1-5; a closed-form ridge fit was 10 points worse.)
 Exploration, as in II-20, adapts to how well the model is doing: with ``a`` the accepted share of
 the bucket's last feedback rounds, a fraction ``0.5 * (1 - a)**2`` of the suggestions (a tenth
 before any feedback) explores: half are neighbours of the bucket's best-scoring members that the
-model ranks lower (found in the same scan: the members' vectors are extra queries), half diverse
+model ranks lower (their neighbour lists are cached per process), half diverse
 random picks (farthest-first among random unlabeled images). A curator who accepts nearly
 everything gets pure exploitation; one who rejects a lot gets more of the collection shown.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ from lake.catalog import Lake
 from lake.compact import CompactMatrix, ensure_compact
 from lake.errors import ImagelakeError
 
-__all__ = ["Suggester", "Unavailable", "fit_logistic", "explore_fraction"]
+__all__ = ["BucketLabels", "Suggester", "Unavailable", "explore_fraction", "fit_logistic", "labels_of"]
 
 
 class Unavailable(ImagelakeError):
@@ -48,7 +49,7 @@ def explore_fraction(acceptance: float | None) -> float:
     return 0.5 * (1.0 - acceptance) ** 2
 
 
-def fit_logistic(pos: np.ndarray, neg: np.ndarray, c: float = 1.0, iterations: int = 25) -> tuple[np.ndarray, float]:
+def fit_logistic(pos: np.ndarray, neg: np.ndarray, c: float = 1.0, iterations: int = 12) -> tuple[np.ndarray, float]:
     """L2-regularised logistic regression with balanced class weights, by Newton's method:
     ``(w, b)`` with score = x @ w + b. Same objective as sklearn's ``LogisticRegression(C=c,
     class_weight="balanced")``; a (d+1)-square solve per step, a few ms for d = 128.
@@ -66,9 +67,30 @@ def fit_logistic(pos: np.ndarray, neg: np.ndarray, c: float = 1.0, iterations: i
         hess = (x * (sw * p * (1 - p))[:, None]).T @ x + np.diag(reg + 1e-9)
         step = np.linalg.solve(hess, grad)
         beta -= step
-        if np.abs(step).max() < 1e-6:
+        if np.abs(step).max() < 1e-4:
             break
     return beta[:-1].astype(np.float32), float(beta[-1])
+
+
+@dataclass(frozen=True)
+class BucketLabels:
+    """What a bucket's model needs, copied out of the log's fold so that scoring runs without
+    holding the store's lock (a writer in the same process is never kept waiting)."""
+
+    bucket_id: str
+    positives: list[str]
+    rejected: list[str]
+    discard: list[str]
+    labeled: frozenset[str]
+    acceptance: float | None
+    seq: int
+
+
+def labels_of(state: BucketState, bucket_id: str) -> BucketLabels:
+    """Take under the store's lock (``with store.reading() as state``); use after releasing it."""
+    return BucketLabels(bucket_id, state.member_ids(bucket_id, pending=False), list(state.rejected.get(bucket_id, {})),
+                        state.member_ids(DISCARD), frozenset(state.labeled(bucket_id)),
+                        state.acceptance(bucket_id), state.last_seq)
 
 
 @dataclass
@@ -88,6 +110,7 @@ class Suggester:
         self._lock = threading.Lock()
         self._matrix: CompactMatrix | None = None
         self._checked = float("-inf")
+        self._neighbour_cache: OrderedDict[tuple[str, int], list[int]] = OrderedDict()
 
     def matrix(self) -> CompactMatrix:
         with self._lock:
@@ -107,17 +130,17 @@ class Suggester:
     def _rows(self, m: CompactMatrix, image_ids) -> np.ndarray:
         return np.array(sorted({m.row_of[i] for i in image_ids if i in m.row_of}), np.int64)
 
-    def model(self, state: BucketState, bucket_id: str, labeled_rows: np.ndarray) -> _Model | None:
-        """The bucket's model on the current state (None without a positive that has features)."""
+    def model(self, labels: BucketLabels, labeled_rows: np.ndarray) -> _Model | None:
+        """The bucket's model (None without a positive that has features)."""
         m = self.matrix()
-        positives = self._rows(m, state.member_ids(bucket_id, pending=False))
+        positives = self._rows(m, labels.positives)
         if len(positives) == 0:
             return None
-        rejected = self._rows(m, state.rejected.get(bucket_id, {}))
-        discard = self._rows(m, state.member_ids(DISCARD)[-self.max_negatives:])
+        rejected = self._rows(m, labels.rejected)
+        discard = self._rows(m, labels.discard[-self.max_negatives:])
         known = np.unique(np.concatenate([rejected, discard]))[: self.max_negatives]
         want = int(np.clip(2 * len(positives), 50, self.max_negatives)) if len(known) < self.max_negatives else 0
-        rng = np.random.default_rng(_seed(bucket_id, state.last_seq))
+        rng = np.random.default_rng(_seed(labels.bucket_id, labels.seq))
         randoms = _random_unlabeled(rng, len(m), labeled_rows, want)
         negatives = np.concatenate([known, randoms]).astype(np.int64)
         w, b = fit_logistic(m.vectors(positives), m.vectors(negatives))
@@ -125,8 +148,8 @@ class Suggester:
 
     # -- suggestions ---------------------------------------------------------------------------
 
-    def suggest(self, state: BucketState, bucket_id: str, n: int, *, explore: bool = True) -> dict[str, Any]:
-        """The top ``n`` unlabeled images for ``bucket_id`` with how each was chosen.
+    def suggest(self, labels: BucketLabels, n: int, *, explore: bool = True) -> dict[str, Any]:
+        """The top ``n`` unlabeled images for the bucket with how each was chosen.
 
         Returns ``suggestions`` ([{image_id, score, source: model|neighbour|explore}]),
         ``explore_fraction``, ``acceptance``, ``positives``, ``negatives``, ``ms``.
@@ -135,9 +158,10 @@ class Suggester:
 
         t0 = time.perf_counter()
         m = self.matrix()
-        labeled = self._rows(m, state.labeled(bucket_id))
-        model = self.model(state, bucket_id, labeled)
-        acceptance = state.acceptance(bucket_id)
+        bucket_id = labels.bucket_id
+        labeled = self._rows(m, labels.labeled)
+        model = self.model(labels, labeled)
+        acceptance = labels.acceptance
         fraction = explore_fraction(acceptance) if explore and model is not None else (1.0 if model is None else 0.0)
         n_explore = int(fraction * n) if model is not None else n
         n_neigh = (n_explore + 1) // 2 if model is not None else 0
@@ -145,33 +169,31 @@ class Suggester:
         picks: list[dict[str, Any]] = []
         taken: set[int] = set()
         if model is not None:
-            queries = [model.w]
-            best: np.ndarray = np.zeros(0, np.int64)
-            if n_neigh:
-                pos_scores = m.vectors(model.positives) @ model.w
-                best = model.positives[np.argsort(-pos_scores)[:2]]
-                queries += list(m.vectors(best))
-            k = min(len(m), n + n_neigh + 8)
+            k = min(len(m), n_model + 8)
             params = faiss.SearchParameters(sel=faiss.IDSelectorNot(faiss.IDSelectorBatch(labeled))) if len(labeled) else None
-            scores, rows = m.index.search(np.ascontiguousarray(np.vstack(queries), np.float32), k, params=params)
+            scores, rows = m.index.search(np.ascontiguousarray(model.w[None, :], np.float32), k, params=params)
             for s, r in zip(scores[0], rows[0]):
                 if len(picks) >= n_model:
                     break
                 if r >= 0:
                     picks.append({"row": int(r), "score": float(s + model.b), "source": "model"})
                     taken.add(int(r))
-            lists = [list(rows[i]) for i in range(1, len(queries))]
-            while lists and sum(p["source"] == "neighbour" for p in picks) < n_neigh and any(lists):
-                for lst in lists:
-                    while lst and (lst[0] < 0 or lst[0] in taken):
-                        lst.pop(0)
-                    if lst and sum(p["source"] == "neighbour" for p in picks) < n_neigh:
-                        r = int(lst.pop(0))
-                        picks.append({"row": r, "score": None, "source": "neighbour"})
-                        taken.add(r)
+            if n_neigh:
+                pos_scores = m.vectors(model.positives) @ model.w
+                skip = set(labeled.tolist()) | taken
+                lists = [[r for r in self._neighbours(m, int(b)) if r not in skip]
+                         for b in model.positives[np.argsort(-pos_scores)[:2]]]
+                while sum(p["source"] == "neighbour" for p in picks) < n_neigh and any(lists):
+                    for lst in lists:
+                        while lst and lst[0] in taken:
+                            lst.pop(0)
+                        if lst and sum(p["source"] == "neighbour" for p in picks) < n_neigh:
+                            r = lst.pop(0)
+                            picks.append({"row": r, "score": None, "source": "neighbour"})
+                            taken.add(r)
         n_random = n - len(picks)
         if n_random > 0:
-            rng = np.random.default_rng(_seed(bucket_id, state.last_seq) + 1)
+            rng = np.random.default_rng(_seed(bucket_id, labels.seq) + 1)
             exclude = np.union1d(labeled, np.array(sorted(taken), np.int64))
             for r in _diverse(m, _random_unlabeled(rng, len(m), exclude, 10 * n_random), n_random):
                 picks.append({"row": int(r), "score": None, "source": "explore"})
@@ -190,17 +212,37 @@ class Suggester:
                 "negatives": 0 if model is None else model.negatives,
                 "ms": round((time.perf_counter() - t0) * 1e3, 2)}
 
-    def tetris(self, state: BucketState) -> dict[str, Any] | None:
-        """The single unlabeled image some bucket's model is most sure of, and that bucket."""
+    def _neighbours(self, m: CompactMatrix, row: int) -> list[int]:
+        """The 64 nearest images of ``row`` (inner product in the compact space), cached per
+        process: a bucket's best members change slowly, so exploration rarely pays a second scan."""
+        key = (m.path, row)
+        with self._lock:
+            hit = self._neighbour_cache.get(key)
+            if hit is not None:
+                self._neighbour_cache.move_to_end(key)
+                return hit
+        _, rows = m.index.search(m.vectors(np.array([row]))[None, 0], min(len(m), 65))
+        found = [int(r) for r in rows[0] if r >= 0 and r != row]
+        with self._lock:
+            self._neighbour_cache[key] = found
+            while len(self._neighbour_cache) > 4096:
+                self._neighbour_cache.popitem(last=False)
+        return found
+
+    def tetris(self, buckets_labels: list[tuple[dict[str, Any], BucketLabels]], labeled_all: set[str]) -> dict[str, Any] | None:
+        """The single unlabeled image some bucket's model is most sure of, and that bucket.
+
+        Args:
+            buckets_labels: (bucket row, its labels) for every live bucket.
+            labeled_all: images labeled for any bucket (none of them is shown).
+        """
         import faiss
 
         m = self.matrix()
-        labeled = self._rows(m, state.labeled())
+        labeled = self._rows(m, labeled_all)
         buckets, models = [], []
-        for b in state.listing():
-            if b["system"]:
-                continue
-            model = self.model(state, b["bucket_id"], labeled)
+        for b, labels in buckets_labels:
+            model = self.model(labels, labeled)
             if model is not None:
                 buckets.append(b)
                 models.append(model)
@@ -225,13 +267,13 @@ class Suggester:
 
 def _limit_threads(rows: int) -> None:
     """Small solves and scans are fastest on one thread; spinning BLAS/OpenMP pools on a shared box
-    cost tens of ms. A server process gets its parallelism from concurrent requests; only a large
-    collection's multi-query scan (model + neighbour queries) uses two threads."""
+    cost tens of ms. A server process gets its parallelism from concurrent requests (measured at
+    1M images: a one-query scan takes 48-56 ms with one OpenMP thread, 65-89 ms with two)."""
     import faiss
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1, user_api="blas")
-    faiss.omp_set_num_threads(1 if rows < 200_000 else 2)
+    faiss.omp_set_num_threads(1)
 
 
 def _seed(bucket_id: str, seq: int) -> int:

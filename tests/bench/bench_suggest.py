@@ -1,7 +1,7 @@
 """Benchmark of bucket suggestions and curation writes, with baselines measured in the same run.
 
     PYTHONPATH=. python tests/bench/bench_suggest.py [--lake PATH | --n 2000] [--rounds 10]
-                 [--scales 100000,1000000] [--writers 16] [--skip-http]
+                 [--scales 100000,1000000] [--writers 16] [--skip-http] [--parts 1,2,3]
 
 1. **Simulated curator on Fashion-MNIST** (real lite0 features of a Fashion-MNIST lake built by
    tests/fashion.py; ``--lake`` or the largest ready one under test-artifacts/): each class is a
@@ -45,11 +45,11 @@ sys.path.insert(0, str(HERE))
 import fashion  # noqa: E402
 from common import machine  # noqa: E402
 
-from api.suggester import Suggester  # noqa: E402
+from api.suggester import Suggester, labels_of  # noqa: E402
 from lake.buckets import BucketState  # noqa: E402
 from lake.catalog import Lake  # noqa: E402
 from lake.commit import open_table  # noqa: E402
-from lake.compact import build_compact, ensure_compact, load_compact  # noqa: E402
+from lake.compact import build_compact, load_compact  # noqa: E402
 
 
 # -- a curator simulated on an in-memory log ------------------------------------------------------
@@ -74,7 +74,7 @@ def simulate_ours(suggester: Suggester, labels: dict[str, int], classes, seeds: 
         log.emit(action="add", bucket_id=bucket, image_ids=seeds[cls])
         for r in range(rounds):
             t0 = time.perf_counter()
-            out = suggester.suggest(log.state, bucket, per_round)
+            out = suggester.suggest(labels_of(log.state, bucket), per_round)
             latency.append(time.perf_counter() - t0)
             got = [s["image_id"] for s in out["suggestions"]]
             acc = [i for i in got if labels[i] == cls]
@@ -276,7 +276,6 @@ def part3(args, lake_for_http: Lake | None):
 
 
 def http_mixed(args, lake: Lake):
-    import requests
 
     sys.path.insert(0, str(HERE.parent))
     from test_buckets import Server, _session
@@ -337,14 +336,23 @@ def main():
     parser.add_argument("--scales", default="100000,1000000")
     parser.add_argument("--writers", type=int, default=16)
     parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--parts", default="1,2,3", help="which parts to run")
     args = parser.parse_args()
     args.scales = [int(s) for s in args.scales.split(",") if s]
+    args.parts = {int(p) for p in args.parts.split(",") if p}
     print("bench_suggest")
     print(machine())
     print(f"load average before: {os.getloadavg()}")
-    lake, emb, labels, y, m = part1(args)
-    part2(args, emb, y, m)
-    part3(args, None if args.skip_http else lake)
+    if 1 in args.parts:
+        lake, emb, labels, y, m = part1(args)
+    else:
+        lake = pick_lake(args)
+        emb, labels, _ = load_lake(lake)
+        y, m = np.array([labels[i] for i in emb.image_ids]), Suggester(lake).matrix()
+    if 2 in args.parts:
+        part2(args, emb, y, m)
+    if 3 in args.parts:
+        part3(args, None if args.skip_http else lake)
     print(f"\nload average after: {os.getloadavg()}")
 
 
