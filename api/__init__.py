@@ -10,15 +10,15 @@ from typing import Any
 
 from flask import Flask
 
-from api import (auth, clusters, errors, facets, grid, health, images, index_service, openapi, query, search,
-                 services, tags, upload_routes, uploads)
+from api import (auth, buckets, clusters, errors, facets, grid, health, images, index_service, openapi, query,
+                 search, services, suggest, tags, upload_routes, uploads)
 from api.openapi import API_PREFIX
 from lake.settings import Settings, load_settings
 
 __all__ = ["API_PREFIX", "AREAS", "create_app"]
 
 # One module per API area: a blueprint ``bp`` plus ``openapi_paths(settings)`` describing its routes.
-AREAS = (health, auth, images, query, search, facets, clusters, tags, grid, upload_routes, openapi)
+AREAS = (health, auth, images, query, search, buckets, suggest, facets, clusters, tags, grid, upload_routes, openapi)
 
 
 def create_app(settings: Settings | None = None, test_config: dict[str, Any] | None = None) -> Flask:
@@ -43,6 +43,8 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     services.init_app(app, settings)
     index_service.init_app(app, settings)
     uploads.init_app(app, settings)
+    buckets.init_app(app)
+    suggest.init_app(app)
     for area in AREAS:
         app.register_blueprint(area.bp, url_prefix=API_PREFIX)
     return app

@@ -256,6 +256,21 @@ class LakeReader:
         self._thumbs.put((image_id, size), jpeg)
         return jpeg
 
+    def existing_image_ids(self, image_ids: list[str]) -> set[str]:
+        """Which of ``image_ids`` (validated sha256 hex) are in ``images``. The ids go in as an
+        IN-list of literals so DuckDB prunes row groups by the sorted ``image_id`` column."""
+        for image_id in image_ids:
+            check_image_id(image_id)
+        if not image_ids:
+            return set()
+        cur = self._cursor()
+        try:
+            listed = ", ".join(_sql_string(i) for i in sorted(set(image_ids)))
+            cur.execute(f"SELECT image_id FROM images WHERE image_id IN ({listed})")
+            return {row[0] for row in cur.fetchall()}
+        finally:
+            cur.close()
+
     def check_thumbnail_size(self, size: int) -> int:
         sizes = tuple(self.settings.thumbnail_sizes)
         if size not in sizes:

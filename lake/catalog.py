@@ -125,7 +125,7 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         pa.field("action", pa.string()),
         pa.field("actor", pa.string()),
     ]),
-    _spec("bucket_events", ["event_id"], "Append-only log of curation actions; current bucket state is a query.", [
+    _spec("bucket_events", ["event_id"], "Append-only log of curation actions in seq order (dense, assigned under the table's lock); current bucket state is a fold over it (lake.buckets).", [
         pa.field("event_id", pa.string(), nullable=False),
         pa.field("bucket_id", pa.string()),
         pa.field("action", pa.string(), nullable=False),
@@ -133,6 +133,12 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         pa.field("payload", pa.string()),
         pa.field("actor", pa.string()),
         pa.field("at", _TS),
+        pa.field("seq", pa.int64()),
+        pa.field("rejected_ids", pa.list_(pa.string())),
+        pa.field("from_bucket", pa.string()),
+        pa.field("undo_of", pa.string()),
+        pa.field("client_event_id", pa.string()),
+        pa.field("actor_name", pa.string()),
     ]),
     _spec("grid", ["layout_id", "image_id"], "2D projection coordinates and grid cell per image and layout.", [
         pa.field("layout_id", pa.string(), nullable=False),

@@ -58,6 +58,11 @@ class Settings:
     search_nprobe: int = _opt(0, "IVF lists probed per query; 0 uses the build's own choice.")
     search_candidates: int = _opt(400, "PQ candidates re-ranked exactly per query (at least 10 x k).")
     search_threads: int = _opt(2, "Threads that search index shards in parallel, per server process.")
+
+    bucket_max_images: int = _opt(1000, "Most image ids one curation request may carry (HTTP 413 above).")
+    suggest_dims: int = _opt(128, "PCA dimensions of the 8-bit matrix suggestions score (bytes per image).")
+    suggest_max_n: int = _opt(200, "Most suggestions (and fast-forward images) one request may ask for.")
+    suggest_refresh_s: float = _opt(30.0, "How often a server process checks for new features (a new suggestion matrix).")
     staging_retention_h: float = _opt(24.0, "The janitor keeps staging files of unfinished runs this long.")
     dup_sim: float = _opt(0.85, "Near-duplicate threshold for `imagelake cluster`: similarity (0..1, 1 = identical only) of the duplicate descriptor at or above which images are joined into one group.")
     topic_k: int = _opt(0, "Topic clusters (k-means k); 0 picks k from the number of images (round(sqrt(n/2)), 2..4096).")
@@ -125,7 +130,8 @@ def _validate(s: Settings) -> Settings:
         raise BadInput(f"runner must be 'spark' or 'local', got {s.runner!r}")
     for name in ("partition_files", "max_image_bytes", "max_image_pixels", "sql_max_rows", "workers",
                  "threads", "upload_max_bytes", "upload_max_pixels", "sql_threads", "index_memory_mb",
-                 "index_shard_size", "search_max_k", "search_candidates", "search_threads"):
+                 "index_shard_size", "search_max_k", "search_candidates", "search_threads", "bucket_max_images",
+                 "suggest_max_n"):
         if getattr(s, name) <= 0:
             raise BadInput(f"setting {name!r} must be positive, got {getattr(s, name)!r}")
     if not s.thumbnail_sizes or any(not 16 <= v <= 1024 for v in s.thumbnail_sizes):
@@ -144,6 +150,9 @@ def _validate(s: Settings) -> Settings:
         raise BadInput(f"search_nprobe must be 0 (the build's choice) or positive, got {s.search_nprobe!r}")
     if not 0 < s.index_rebuild_fraction <= 10:
         raise BadInput(f"index_rebuild_fraction must be in (0, 10], got {s.index_rebuild_fraction!r}")
+
+    if not 8 <= s.suggest_dims <= 1024:
+        raise BadInput(f"suggest_dims must be between 8 and 1024, got {s.suggest_dims!r}")
     if s.sql_timeout_s <= 0:
         raise BadInput("sql_timeout_s must be positive")
     if s.grid_quality_sample < 0:

@@ -126,3 +126,18 @@ def test_tag_edit_errors(lake, ids, client, app):
     assert reader.get(f"/api/v1/images/{image}/tags").status_code == 200
     with pytest.raises(BadInput):
         parse_edit([])
+
+
+def test_bucket_members_train_learned_tags(lake, ids, planted, client, local_settings):
+    (a, a_variant, _), (b, b_variant, _) = planted[2][:2]
+    for name, member in (("sunsets", a), ("harbours", b)):
+        bucket = client.post("/api/v1/buckets", json={"name": name}).get_json()["bucket"]["bucket_id"]
+        assert client.post(f"/api/v1/buckets/{bucket}/images", json={"image_ids": [ids[member]]}).status_code == 200
+    summary = run_tag(lake, local_settings)
+    assert summary["learned_model"] is not None
+    con = duckdb.connect()
+    con.register("tags", open_table(lake, "tags").to_pyarrow_dataset())
+    learned = dict(con.sql("SELECT image_id, tag FROM tags WHERE source = 'learned' AND image_id IN (?, ?) "
+                           "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY score DESC) = 1",
+                           params=[ids[a_variant], ids[b_variant]]).fetchall())
+    assert learned == {ids[a_variant]: "sunsets", ids[b_variant]: "harbours"}

@@ -69,9 +69,21 @@ def train_model(lake: Lake, settings: Settings, model: str,
     return fitted
 
 
+def bucket_labels(lake: Lake) -> list[tuple[str, str]]:
+    """(image_id, bucket name) for every member of every live user bucket."""
+    from lake.buckets import bucket_state
+
+    state = bucket_state(lake)
+    return [(image_id, b["name"]) for b in state.listing() if not b.get("system")
+            for image_id in state.member_ids(b["bucket_id"], pending=False)]
+
+
 def run_tag(lake: Lake, settings: Settings, *, model: str | None = None,
             extra_labels: Iterable[tuple[str, str]] | None = None) -> dict[str, Any]:
     """Concept tags for images that lack them, then retrain and apply the learned-tag model.
+
+    The learned model trains on user tags plus ``extra_labels``; by default those are the members
+    of every live bucket, labelled with the bucket's name (a curator's buckets are tags too).
 
     Raises:
         NotFound: no features yet (run ``imagelake embed``).
@@ -90,6 +102,8 @@ def run_tag(lake: Lake, settings: Settings, *, model: str | None = None,
                 rows.append(dict(image_id=image_id, tag=tag, source="concept", score=p, model=model,
                                  run_id=run.run_id, created_at=at, action="add"))
         tables = [pa.Table.from_pylist(rows, schema=TABLES["tags"].schema)] if rows else []
+        if extra_labels is None:
+            extra_labels = bucket_labels(lake)
         fitted = train_model(lake, settings, model, extra_labels)
         n_learned = 0
         if fitted is not None:

@@ -1,0 +1,305 @@
+"""Live suggestions: II-20's interactive learning over the compact matrix (:mod:`lake.compact`).
+
+Per request, for one bucket: a linear model is fitted on the bucket's members (positives) against
+its rejected suggestions, the discard pile and random unlabeled images (negatives), then one FAISS
+scan scores every image and keeps the best unlabeled ones. The model is a class-balanced, L2-
+regularised logistic regression on the 128-d PCA codes, fitted by Newton's method (a few 129 x 129
+solves, a few ms), so it is simply refitted on every call and always reflects the latest feedback;
+there is no model state to keep in sync between server processes. (Measured on Fashion-MNIST:
+logistic regression on PCA-128 matches it on the full 1280-d embeddings, 0.947 vs 0.950 mean
+precision over rounds 1-5; a closed-form ridge fit was 10 points worse.)
+
+Exploration, as in II-20, adapts to how well the model is doing: with ``a`` the accepted share of
+the bucket's last feedback rounds, a fraction ``0.5 * (1 - a)**2`` of the suggestions (a tenth
+before any feedback) explores: half are neighbours of the bucket's best-scoring members that the
+model ranks lower (their neighbour lists are cached per process), half diverse
+random picks (farthest-first among random unlabeled images). A curator who accepts nearly
+everything gets pure exploitation; one who rejects a lot gets more of the collection shown.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lake.buckets import DISCARD, BucketState
+from lake.catalog import Lake
+from lake.compact import CompactMatrix, ensure_compact
+from lake.errors import ImagelakeError
+
+__all__ = ["BucketLabels", "Suggester", "Unavailable", "explore_fraction", "fit_logistic", "labels_of"]
+
+
+class Unavailable(ImagelakeError):
+    """No features yet: suggestions need ``imagelake embed`` first."""
+
+    status = 503
+
+
+def explore_fraction(acceptance: float | None) -> float:
+    """Share of suggestions that explore, from the recent acceptance rate (None: no feedback yet)."""
+    if acceptance is None:
+        return 0.1
+    return 0.5 * (1.0 - acceptance) ** 2
+
+
+def fit_logistic(pos: np.ndarray, neg: np.ndarray, c: float = 1.0, iterations: int = 12) -> tuple[np.ndarray, float]:
+    """L2-regularised logistic regression with balanced class weights, by Newton's method:
+    ``(w, b)`` with score = x @ w + b. Same objective as sklearn's ``LogisticRegression(C=c,
+    class_weight="balanced")``; a (d+1)-square solve per step, a few ms for d = 128.
+    """
+    x = np.hstack([np.vstack([pos, neg]).astype(np.float64), np.ones((len(pos) + len(neg), 1))])
+    y = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
+    n = len(y)
+    sw = c * np.concatenate([np.full(len(pos), n / (2 * max(1, len(pos)))), np.full(len(neg), n / (2 * max(1, len(neg))))])
+    reg = np.ones(x.shape[1])
+    reg[-1] = 0.0  # the intercept is not penalised
+    beta = np.zeros(x.shape[1])
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ beta, -30, 30)))
+        grad = x.T @ (sw * (p - y)) + reg * beta
+        hess = (x * (sw * p * (1 - p))[:, None]).T @ x + np.diag(reg + 1e-9)
+        step = np.linalg.solve(hess, grad)
+        beta -= step
+        if np.abs(step).max() < 1e-4:
+            break
+    return beta[:-1].astype(np.float32), float(beta[-1])
+
+
+@dataclass(frozen=True)
+class BucketLabels:
+    """What a bucket's model needs, copied out of the log's fold so that scoring runs without
+    holding the store's lock (a writer in the same process is never kept waiting)."""
+
+    bucket_id: str
+    positives: list[str]
+    rejected: list[str]
+    discard: list[str]
+    labeled: frozenset[str]
+    acceptance: float | None
+    seq: int
+
+
+def labels_of(state: BucketState, bucket_id: str) -> BucketLabels:
+    """Take under the store's lock (``with store.reading() as state``); use after releasing it."""
+    return BucketLabels(bucket_id, state.member_ids(bucket_id, pending=False), list(state.rejected.get(bucket_id, {})),
+                        state.member_ids(DISCARD), frozenset(state.labeled(bucket_id)),
+                        state.acceptance(bucket_id), state.last_seq)
+
+
+@dataclass
+class _Model:
+    w: np.ndarray
+    b: float
+    positives: np.ndarray      # rows
+    negatives: int
+
+
+class Suggester:
+    """One per server process; thread-safe. Maps the compact matrix on first use and re-checks the
+    features version every ``refresh_s`` seconds (a new embed run gets a new build)."""
+
+    def __init__(self, lake: Lake, *, dims: int = 128, refresh_s: float = 30.0, max_negatives: int = 500):
+        self.lake, self.dims, self.refresh_s, self.max_negatives = lake, dims, refresh_s, max_negatives
+        self._lock = threading.Lock()
+        self._matrix: CompactMatrix | None = None
+        self._checked = float("-inf")
+        self._neighbour_cache: OrderedDict[tuple[str, int], list[int]] = OrderedDict()
+
+    def matrix(self) -> CompactMatrix:
+        with self._lock:
+            if self._matrix is None or time.monotonic() - self._checked >= self.refresh_s:
+                from lake.errors import NotFound
+                try:
+                    self._matrix = ensure_compact(self.lake, self.dims)
+                except NotFound as e:
+                    if self._matrix is None:
+                        raise Unavailable(f"suggestions are not available: {e}") from None
+                self._checked = time.monotonic()
+                _limit_threads(len(self._matrix))
+            return self._matrix
+
+    # -- the model -----------------------------------------------------------------------------
+
+    def _rows(self, m: CompactMatrix, image_ids) -> np.ndarray:
+        return np.array(sorted({m.row_of[i] for i in image_ids if i in m.row_of}), np.int64)
+
+    def model(self, labels: BucketLabels, labeled_rows: np.ndarray) -> _Model | None:
+        """The bucket's model (None without a positive that has features)."""
+        m = self.matrix()
+        positives = self._rows(m, labels.positives)
+        if len(positives) == 0:
+            return None
+        rejected = self._rows(m, labels.rejected)
+        discard = self._rows(m, labels.discard[-self.max_negatives:])
+        known = np.unique(np.concatenate([rejected, discard]))[: self.max_negatives]
+        want = int(np.clip(2 * len(positives), 50, self.max_negatives)) if len(known) < self.max_negatives else 0
+        rng = np.random.default_rng(_seed(labels.bucket_id, labels.seq))
+        randoms = _random_unlabeled(rng, len(m), labeled_rows, want)
+        negatives = np.concatenate([known, randoms]).astype(np.int64)
+        w, b = fit_logistic(m.vectors(positives), m.vectors(negatives))
+        return _Model(w, b, positives, len(negatives))
+
+    # -- suggestions ---------------------------------------------------------------------------
+
+    def suggest(self, labels: BucketLabels, n: int, *, explore: bool = True) -> dict[str, Any]:
+        """The top ``n`` unlabeled images for the bucket with how each was chosen.
+
+        Returns ``suggestions`` ([{image_id, score, source: model|neighbour|explore}]),
+        ``explore_fraction``, ``acceptance``, ``positives``, ``negatives``, ``ms``.
+        """
+        import faiss
+
+        t0 = time.perf_counter()
+        m = self.matrix()
+        bucket_id = labels.bucket_id
+        labeled = self._rows(m, labels.labeled)
+        model = self.model(labels, labeled)
+        acceptance = labels.acceptance
+        fraction = explore_fraction(acceptance) if explore and model is not None else (1.0 if model is None else 0.0)
+        n_explore = int(fraction * n) if model is not None else n
+        n_neigh = (n_explore + 1) // 2 if model is not None else 0
+        n_model = n - n_explore
+        picks: list[dict[str, Any]] = []
+        taken: set[int] = set()
+        if model is not None:
+            k = min(len(m), n_model + 8)
+            params = faiss.SearchParameters(sel=faiss.IDSelectorNot(faiss.IDSelectorBatch(labeled))) if len(labeled) else None
+            scores, rows = m.index.search(np.ascontiguousarray(model.w[None, :], np.float32), k, params=params)
+            for s, r in zip(scores[0], rows[0]):
+                if len(picks) >= n_model:
+                    break
+                if r >= 0:
+                    picks.append({"row": int(r), "score": float(s + model.b), "source": "model"})
+                    taken.add(int(r))
+            if n_neigh:
+                pos_scores = m.vectors(model.positives) @ model.w
+                skip = set(labeled.tolist()) | taken
+                lists = [[r for r in self._neighbours(m, int(b)) if r not in skip]
+                         for b in model.positives[np.argsort(-pos_scores)[:2]]]
+                while sum(p["source"] == "neighbour" for p in picks) < n_neigh and any(lists):
+                    for lst in lists:
+                        while lst and lst[0] in taken:
+                            lst.pop(0)
+                        if lst and sum(p["source"] == "neighbour" for p in picks) < n_neigh:
+                            r = lst.pop(0)
+                            picks.append({"row": r, "score": None, "source": "neighbour"})
+                            taken.add(r)
+        n_random = n - len(picks)
+        if n_random > 0:
+            rng = np.random.default_rng(_seed(bucket_id, labels.seq) + 1)
+            exclude = np.union1d(labeled, np.array(sorted(taken), np.int64))
+            for r in _diverse(m, _random_unlabeled(rng, len(m), exclude, 10 * n_random), n_random):
+                picks.append({"row": int(r), "score": None, "source": "explore"})
+        if model is not None:
+            rows_ = np.array([p["row"] for p in picks if p["score"] is None], np.int64)
+            if len(rows_):
+                s = m.vectors(rows_) @ model.w + model.b
+                it = iter(s)
+                for p in picks:
+                    if p["score"] is None:
+                        p["score"] = float(next(it))
+        out = [{"image_id": m.image_ids[p["row"]], "score": None if p["score"] is None else round(p["score"], 5),
+                "source": p["source"]} for p in picks]
+        return {"suggestions": out, "explore_fraction": round(fraction, 4), "acceptance": acceptance,
+                "positives": 0 if model is None else int(len(model.positives)),
+                "negatives": 0 if model is None else model.negatives,
+                "ms": round((time.perf_counter() - t0) * 1e3, 2)}
+
+    def _neighbours(self, m: CompactMatrix, row: int) -> list[int]:
+        """The 64 nearest images of ``row`` (inner product in the compact space), cached per
+        process: a bucket's best members change slowly, so exploration rarely pays a second scan."""
+        key = (m.path, row)
+        with self._lock:
+            hit = self._neighbour_cache.get(key)
+            if hit is not None:
+                self._neighbour_cache.move_to_end(key)
+                return hit
+        _, rows = m.index.search(m.vectors(np.array([row]))[None, 0], min(len(m), 65))
+        found = [int(r) for r in rows[0] if r >= 0 and r != row]
+        with self._lock:
+            self._neighbour_cache[key] = found
+            while len(self._neighbour_cache) > 4096:
+                self._neighbour_cache.popitem(last=False)
+        return found
+
+    def tetris(self, buckets_labels: list[tuple[dict[str, Any], BucketLabels]], labeled_all: set[str]) -> dict[str, Any] | None:
+        """The single unlabeled image some bucket's model is most sure of, and that bucket.
+
+        Args:
+            buckets_labels: (bucket row, its labels) for every live bucket.
+            labeled_all: images labeled for any bucket (none of them is shown).
+        """
+        import faiss
+
+        m = self.matrix()
+        labeled = self._rows(m, labeled_all)
+        buckets, models = [], []
+        for b, labels in buckets_labels:
+            model = self.model(labels, labeled)
+            if model is not None:
+                buckets.append(b)
+                models.append(model)
+        if not models:
+            return None
+        params = faiss.SearchParameters(sel=faiss.IDSelectorNot(faiss.IDSelectorBatch(labeled))) if len(labeled) else None
+        w = np.vstack([mo.w for mo in models]).astype(np.float32)
+        bias = np.array([mo.b for mo in models], np.float32)
+        _, rows = m.index.search(np.ascontiguousarray(w), 16, params=params)
+        candidates = np.unique(rows[rows >= 0])
+        if len(candidates) == 0:
+            return None
+        # every candidate goes to the bucket whose model scores it highest; show the surest one
+        scores = m.vectors(candidates) @ w.T + bias
+        best = scores.argmax(axis=1)
+        margin = scores[np.arange(len(candidates)), best] - (np.partition(scores, -2, axis=1)[:, -2]
+                                                            if len(models) > 1 else 0.0)
+        pick = int(np.argmax(scores[np.arange(len(candidates)), best] + margin))
+        return {"image_id": m.image_ids[int(candidates[pick])], "bucket": buckets[int(best[pick])],
+                "score": round(float(scores[pick, best[pick]]), 5)}
+
+
+def _limit_threads(rows: int) -> None:
+    """Small solves and scans are fastest on one thread; spinning BLAS/OpenMP pools on a shared box
+    cost tens of ms. A server process gets its parallelism from concurrent requests (measured at
+    1M images: a one-query scan takes 48-56 ms with one OpenMP thread, 65-89 ms with two)."""
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+    faiss.omp_set_num_threads(1)
+
+
+def _seed(bucket_id: str, seq: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{bucket_id}:{seq}".encode()).digest()[:8], "little")
+
+
+def _random_unlabeled(rng: np.random.Generator, n: int, labeled: np.ndarray, want: int) -> np.ndarray:
+    if want <= 0 or n == 0:
+        return np.zeros(0, np.int64)
+    draw = np.unique(rng.integers(0, n, size=min(n, 2 * want + len(labeled) // 8 + 16)))
+    draw = draw[~np.isin(draw, labeled)]
+    if len(draw) < want and len(labeled) < n:
+        rest = np.setdiff1d(np.arange(n), labeled)
+        draw = rest[rng.permutation(len(rest))]
+    return rng.permutation(draw)[:want]
+
+
+def _diverse(m: CompactMatrix, candidates: np.ndarray, want: int) -> list[int]:
+    """Farthest-first selection: each pick is the candidate farthest from the picks so far."""
+    if len(candidates) <= want:
+        return list(candidates)
+    x = m.vectors(candidates)
+    chosen = [0]
+    dist = np.linalg.norm(x - x[0], axis=1)
+    while len(chosen) < want:
+        i = int(np.argmax(dist))
+        chosen.append(i)
+        dist = np.minimum(dist, np.linalg.norm(x - x[i], axis=1))
+    return [int(candidates[i]) for i in chosen]

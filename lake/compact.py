@@ -1,0 +1,193 @@
+"""The compact scoring matrix for suggestions: PCA-k of the L2-normalised embeddings, 8-bit scalar
+quantised (k bytes per image), as a memory-mappable FAISS ``IndexScalarQuantizer``.
+
+Why this representation (measured in tests/bench/bench_suggest.py): a bucket's linear model is a
+direction in the embedding space, and scoring a collection is one inner-product scan. The full
+float32 1280-d matrix costs 5 KB per image (5 GB at 1M, out of RAM on small boxes, ~0.3-0.5 s a
+scan); PCA-128 keeps the directions a linear model uses, and FAISS's SQ8 scan reads 128 bytes per
+image with SIMD and keeps the top-k in the same pass (no 1M-element argpartition).
+
+One build per (model, features table version): ``artifacts/suggest/<model>/v<version>-pca<k>/``
+holding ``index.faiss`` (the codes; row i = ``image_ids[i]``), ``image_ids.bin`` (32-byte binary
+sha256 per row), ``pca.npz`` (mean, components) and ``manifest.json`` (sha256 of each file) written
+last, atomically. Every server process memory-maps the same files (``IO_FLAG_MMAP_IFC``), so N
+workers share one copy through the page cache. Readers verify sizes and sha256 before loading and
+refuse a build that does not match (:class:`lake.errors.CorruptArtifact`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from lake.catalog import Lake
+from lake.errors import CorruptArtifact, NotFound
+from lake.lock import LakeLock
+
+__all__ = ["CompactMatrix", "build_compact", "compact_dir", "ensure_compact", "fit_pca", "load_compact"]
+
+FORMAT = 1
+
+
+@dataclass
+class CompactMatrix:
+    """Row ``i`` of ``index`` is image ``image_ids[i]``; ``row_of`` maps back."""
+
+    index: "object"            # faiss.IndexScalarQuantizer, inner product, d = k
+    image_ids: list[str]
+    row_of: dict[str, int]
+    mean: np.ndarray           # (d_full,) float32
+    components: np.ndarray     # (k, d_full) float32
+    model: str
+    features_version: int
+    path: str
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def k(self) -> int:
+        return int(self.components.shape[0])
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Decoded (approximate) PCA vectors of ``rows``: what models train on."""
+        rows = np.asarray(rows, np.int64)
+        if len(rows) == 0:
+            return np.zeros((0, self.k), np.float32)
+        return self.index.reconstruct_batch(rows)
+
+    def project(self, embeddings: np.ndarray) -> np.ndarray:
+        """Full embeddings → PCA space (L2-normalised first, as the build did)."""
+        x = np.asarray(embeddings, np.float32)
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return (x - self.mean) @ self.components.T
+
+
+def _slug(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", model)
+
+
+def compact_dir(lake: Lake, model: str, features_version: int, k: int) -> str:
+    return lake.artifacts_dir("suggest", _slug(model), f"v{features_version}-pca{k}")
+
+
+def fit_pca(x: np.ndarray, k: int, sample: int = 50_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and the top-``k`` principal axes (rows) of ``x``, fitted on at most ``sample`` rows."""
+    rng = np.random.default_rng(seed)
+    fit = x if len(x) <= sample else x[np.sort(rng.choice(len(x), sample, replace=False))]
+    mean = fit.mean(axis=0, dtype=np.float64)
+    centered = (fit - mean).astype(np.float64)
+    cov = centered.T @ centered / max(1, len(fit) - 1)
+    values, vectors = np.linalg.eigh(cov)
+    order = np.argsort(values)[::-1][:min(k, x.shape[1])]
+    return mean.astype(np.float32), np.ascontiguousarray(vectors[:, order].T.astype(np.float32))
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_compact(folder: str, image_ids: list[str], pca_vectors_or_embeddings: np.ndarray, *, model: str,
+                  features_version: int, k: int, mean: np.ndarray | None = None,
+                  components: np.ndarray | None = None) -> str:
+    """Write a build into ``folder`` (temp names, manifest last). With ``mean``/``components`` the
+    input is full embeddings to project; without, it is already PCA vectors (benchmarks)."""
+    import faiss
+
+    os.makedirs(folder, exist_ok=True)
+    x = np.asarray(pca_vectors_or_embeddings, np.float32)
+    if mean is None or components is None:
+        mean, components = np.zeros(x.shape[1], np.float32), np.eye(x.shape[1], dtype=np.float32)
+        pca = x
+    else:
+        pca = np.empty((len(x), components.shape[0]), np.float32)
+        for start in range(0, len(x), 65536):
+            part = x[start:start + 65536]
+            part = part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
+            pca[start:start + 65536] = (part - mean) @ components.T
+    index = faiss.IndexScalarQuantizer(pca.shape[1], faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(0)
+    index.train(pca if len(pca) <= 200_000 else pca[rng.choice(len(pca), 200_000, replace=False)])
+    index.add(pca)
+    files = {"index.faiss": None, "image_ids.bin": None, "pca.npz": None}
+    faiss.write_index(index, os.path.join(folder, "index.faiss.tmp"))
+    with open(os.path.join(folder, "image_ids.bin.tmp"), "wb") as f:
+        f.write(b"".join(bytes.fromhex(i) for i in image_ids))
+    with open(os.path.join(folder, "pca.npz.tmp"), "wb") as f:
+        np.savez(f, mean=mean, components=components)
+    for name in files:
+        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+        files[name] = {"sha256": _sha256(os.path.join(folder, name)),
+                       "bytes": os.path.getsize(os.path.join(folder, name))}
+    manifest = {"format": FORMAT, "model": model, "features_version": features_version, "k": int(pca.shape[1]),
+                "rows": len(image_ids), "kind": "pca-sq8-ip", "faiss_version": faiss.__version__, "files": files}
+    tmp = os.path.join(folder, "manifest.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(folder, "manifest.json"))
+    return folder
+
+
+def load_compact(folder: str, *, verify: bool = True) -> CompactMatrix:
+    """Memory-map a build after checking its manifest.
+
+    Raises:
+        NotFound: no manifest (not built, or a build that never finished).
+        CorruptArtifact: a file's size or sha256 differs from the manifest.
+    """
+    import faiss
+
+    try:
+        with open(os.path.join(folder, "manifest.json")) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise NotFound(f"no suggestion matrix at {folder}") from None
+    for name, meta in manifest["files"].items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path) or os.path.getsize(path) != meta["bytes"] or (verify and _sha256(path) != meta["sha256"]):
+            raise CorruptArtifact(f"suggestion matrix file {path} does not match its manifest; delete {folder} "
+                                  "and it is rebuilt on the next request")
+    index = faiss.read_index(os.path.join(folder, "index.faiss"), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+    raw = np.fromfile(os.path.join(folder, "image_ids.bin"), dtype=np.uint8).reshape(-1, 32)
+    image_ids = [r.tobytes().hex() for r in raw]
+    with np.load(os.path.join(folder, "pca.npz")) as pca:
+        mean, components = pca["mean"], pca["components"]
+    return CompactMatrix(index, image_ids, {i: r for r, i in enumerate(image_ids)}, mean, components,
+                         manifest["model"], manifest["features_version"], folder)
+
+
+def ensure_compact(lake: Lake, k: int = 128, model: str | None = None) -> CompactMatrix:
+    """The build for the lake's current features (default model), building it first if absent.
+
+    One process builds (under the ``suggest-build`` lock); the others wait, then map it.
+
+    Raises:
+        NotFound: no features yet (run ``imagelake embed``).
+    """
+    from lake.commit import open_table
+    from lake.vectors import default_model_key, load_embeddings
+
+    model = model or default_model_key(lake)
+    version = open_table(lake, "features").version()
+    folder = compact_dir(lake, model, version, k)
+    if os.path.isfile(os.path.join(folder, "manifest.json")):
+        return load_compact(folder)
+    with LakeLock(lake, "suggest-build", timeout=3600, holder=f"suggest matrix {model} v{version}"):
+        if not os.path.isfile(os.path.join(folder, "manifest.json")):
+            emb = load_embeddings(lake, model)
+            if len(emb) == 0:
+                raise NotFound("no features in the lake yet; run `imagelake embed` first")
+            x = emb.normalized()
+            mean, components = fit_pca(x, k)
+            build_compact(folder, emb.image_ids, x, model=model, features_version=version, k=k,
+                          mean=mean, components=components)
+    return load_compact(folder)

@@ -1,0 +1,391 @@
+"""Buckets: the curation log through the Flask client and through a real multi-worker server."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from api import API_PREFIX
+from jobs.ingest.driver import run_ingest
+from jobs.runner import LocalRunner
+from lake.bucket_store import Action, BucketStore
+from lake.buckets import MEMBERS_SQL, bucket_history, bucket_members, bucket_state, read_events
+from lake.catalog import Lake
+from lake.commit import ensure_tables
+from lake.settings import Settings
+from lake.tokens import create_token
+from conftest import write_images
+
+REPO = Path(__file__).resolve().parents[1]
+B = f"{API_PREFIX}/buckets"
+
+
+@pytest.fixture(scope="module")
+def image_lake(tmp_path_factory) -> tuple[Lake, list[str]]:
+    """A lake with 60 real images (ingested in-process); returns it and the image ids by seq."""
+    root = tmp_path_factory.mktemp("buckets")
+    write_images(root / "imgs", 60)
+    lake = Lake.at(root / "template")
+    ensure_tables(lake)
+    run_ingest(lake, Settings(lake=lake.root, runner="local"), str(root / "imgs"), runner=LocalRunner())
+    rows = sorted(DeltaRows.images(lake), key=lambda r: r["seq"])
+    return lake, [r["image_id"] for r in rows]
+
+
+class DeltaRows:
+    @staticmethod
+    def images(lake: Lake) -> list[dict]:
+        from lake.commit import open_table
+        return open_table(lake, "images").to_pyarrow_table(columns=["image_id", "seq"]).to_pylist()
+
+
+@pytest.fixture
+def lake(image_lake, tmp_path) -> Lake:
+    """A fresh copy of the image lake per test (the bucket log starts empty)."""
+    import shutil
+    shutil.copytree(image_lake[0].root, tmp_path / "lake")
+    return Lake.at(tmp_path / "lake")
+
+
+@pytest.fixture
+def ids(image_lake) -> list[str]:
+    return image_lake[1]
+
+
+def ok(response, status=200) -> dict:
+    body = response.get_json()
+    assert response.status_code == status, body
+    assert body["ok"] is True
+    return body
+
+
+def err(response, status) -> dict:
+    body = response.get_json()
+    assert response.status_code == status, body
+    assert body["ok"] is False and body["status"] == status and body["error"]
+    return body
+
+
+def members(client, bucket_id) -> list[str]:
+    return ok(client.get(f"{B}/{bucket_id}"))["members"]
+
+
+def create(client, name, **extra) -> str:
+    return ok(client.post(B, json={"name": name, **extra}), 201)["bucket"]["bucket_id"]
+
+
+# -- the operations -----------------------------------------------------------------------------
+
+def test_create_rename_recolor_list_and_soft_delete(client, ids, lake):
+    cats = create(client, "cats", color="#FF0000")
+    dogs = create(client, "dogs")
+    listed = ok(client.get(B))["buckets"]
+    assert [b["name"] for b in listed] == ["Discard pile", "cats", "dogs"]
+    assert listed[1]["color"] == "#ff0000" and listed[2]["color"].startswith("#")
+    bucket = ok(client.patch(f"{B}/{cats}", json={"name": "kittens", "color": "#00ff00"}))["bucket"]
+    assert (bucket["name"], bucket["color"]) == ("kittens", "#00ff00")
+    ok(client.post(f"{B}/{cats}/images", json={"image_ids": ids[:3]}))
+    assert ok(client.delete(f"{B}/{dogs}"))["bucket"]["deleted"] is True
+    assert [b["name"] for b in ok(client.get(B))["buckets"]] == ["Discard pile", "kittens"]
+    assert "dogs" in [b["name"] for b in ok(client.get(f"{B}?deleted=true"))["buckets"]]
+    # soft: the deleted bucket still answers, refuses new images, and its log stays
+    assert ok(client.get(f"{B}/{dogs}"))["bucket"]["deleted"] is True
+    assert "deleted" in err(client.post(f"{B}/{dogs}/images", json={"image_ids": ids[:1]}), 409)["error"]
+    err(client.patch(f"{B}/{dogs}", json={"name": "x"}), 409)
+    err(client.delete(f"{B}/{dogs}"), 409)
+    assert [e["action"] for e in read_events(lake)[0]] == ["create", "create", "update", "add", "delete"]
+
+
+def test_add_move_copy_remove_discard(client, ids, lake):
+    a, b = create(client, "a"), create(client, "b")
+    ok(client.post(f"{B}/{a}/images", json={"image_ids": ids[:6]}))
+    ok(client.post(f"{B}/{b}/images", json={"image_ids": ids[:2], "from": a, "mode": "move"}))
+    ok(client.post(f"{B}/{b}/images", json={"image_ids": ids[2:3], "from": a, "mode": "copy"}))
+    ok(client.delete(f"{B}/{a}/images/{ids[3]}"))
+    ok(client.post(f"{API_PREFIX}/discard", json={"image_ids": [ids[4]], "from": a}))
+    ok(client.post(f"{API_PREFIX}/discard", json={"image_ids": [ids[10]]}))
+    assert members(client, a) == [ids[2], ids[5]]
+    assert members(client, b) == ids[:3]
+    assert sorted(members(client, "discard")) == sorted([ids[4], ids[10]])
+    ok(client.delete(f"{B}/discard/images/{ids[10]}"))  # back off the pile
+    assert members(client, "discard") == [ids[4]]
+    # the SQL definition (what jobs and analysts use) agrees with the server's fold
+    assert bucket_members(lake, a) == [ids[2], ids[5]] and bucket_members(lake, b) == ids[:3]
+    assert bucket_members(lake, "discard") == [ids[4]]
+    counts = {x["bucket_id"]: x["count"] for x in ok(client.get(B))["buckets"]}
+    assert counts == {"discard": 1, a: 2, b: 3}
+    # moves need the images in the source; removes need them in the bucket
+    err(client.post(f"{B}/{b}/images", json={"image_ids": [ids[7]], "from": a, "mode": "move"}), 409)
+    err(client.delete(f"{B}/{a}/images/{ids[7]}"), 404)
+
+
+def test_bad_ids_and_limits(client, ids, settings):
+    a = create(client, "a")
+    err(client.get(f"{B}/nothex"), 400)
+    err(client.get(f"{B}/{'0' * 16}"), 404)
+    err(client.post(f"{B}/{'0' * 16}/images", json={"image_ids": ids[:1]}), 404)
+    err(client.post(f"{B}/{a}/images", json={"image_ids": ["abc"]}), 400)
+    assert "not in the lake" in err(client.post(f"{B}/{a}/images", json={"image_ids": ["f" * 64]}), 404)["error"]
+    err(client.post(f"{B}/{a}/images", json={"image_ids": ["f" * 64] * (settings.bucket_max_images + 1)}), 413)
+    err(client.post(f"{B}/{a}/images", json={"image_ids": []}), 400)
+    err(client.post(f"{B}/{a}/images", json={"image_ids": ids[:1], "mode": "teleport"}), 400)
+    err(client.post(B, json={"name": ""}), 400)
+    err(client.post(B, json={"name": "x", "color": "red"}), 400)
+    err(client.post(B, data="[1, 2]", content_type="application/json"), 400)
+    err(client.delete(f"{B}/discard"), 400)
+    assert members(client, a) == []
+
+
+def test_undo_with_nothing_to_undo_is_409(app, lake):
+    fresh = app.test_client()
+    fresh.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {create_token(lake, 'curate', 'fresh')[1]}"
+    assert "nothing to undo" in err(fresh.post(f"{API_PREFIX}/undo"), 409)["error"]
+
+
+def test_undo_restores_the_previous_state_and_only_the_callers(app, client, ids, lake):
+    other = app.test_client()
+    other.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {create_token(lake, 'curate', 'other')[1]}"
+    a, b = create(client, "a"), create(client, "b")
+    ok(client.post(f"{B}/{a}/images", json={"image_ids": ids[:4]}))
+    ok(other.post(f"{B}/{b}/images", json={"image_ids": ids[10:12]}))
+    before = (members(client, a), members(client, b))
+    ok(client.post(f"{B}/{b}/images", json={"image_ids": ids[:2], "from": a, "mode": "move"}))
+    assert members(client, a) == ids[2:4]
+    undone = ok(client.post(f"{API_PREFIX}/undo"))["event"]
+    assert undone["action"] == "undo" and (members(client, a), members(client, b)) == before
+    ok(client.delete(f"{B}/{a}"))
+    ok(client.post(f"{API_PREFIX}/undo"))          # undo the delete: the bucket is back, members intact
+    assert ok(client.get(f"{B}/{a}"))["bucket"]["deleted"] is False and members(client, a) == ids[:4]
+    ok(other.post(f"{API_PREFIX}/undo"))            # the other curator undoes only their own add
+    assert members(client, b) == [] and members(client, a) == ids[:4]
+    assert bucket_members(lake, a) == ids[:4] and bucket_members(lake, b) == []
+
+
+def test_history_by_time_travel(client, ids, lake):
+    a = create(client, "a")
+    ok(client.post(f"{B}/{a}/images", json={"image_ids": ids[:2]}))
+    version = ok(client.get(B))["version"]
+    time.sleep(0.05)
+    between = dt.datetime.now(dt.timezone.utc)
+    time.sleep(0.05)
+    ok(client.post(f"{B}/{a}/images", json={"image_ids": ids[2:5]}))
+    ok(client.patch(f"{B}/{a}", json={"name": "renamed"}))
+    then = ok(client.get(f"{B}/{a}/history?version={version}"))
+    assert then["members"] == ids[:2] and then["bucket"]["name"] == "a" and len(then["events"]) == 2
+    now = ok(client.get(f"{B}/{a}/history"))
+    assert now["members"] == ids[:5] and now["bucket"]["name"] == "renamed"
+    assert [e["action"] for e in now["events"]] == ["create", "add", "add", "update"]
+    assert bucket_members(lake, a, version=version) == ids[:2]
+    assert bucket_history(lake, a, as_of=between)["members"] == ids[:2]
+    assert ok(client.get(f"{B}/{a}/history", query_string={"as_of": between.isoformat()}))["members"] == ids[:2]
+    err(client.get(f"{B}/{a}/history?version=999"), 404)
+    err(client.get(f"{B}/{a}/history?as_of=yesterday"), 400)
+
+
+def test_retry_with_the_same_client_event_id_writes_once(client, ids, lake):
+    a = create(client, "a")
+    first = ok(client.post(f"{B}/{a}/images", json={"image_ids": ids[:1], "client_event_id": "k1"}))["event"]
+    again = ok(client.post(f"{B}/{a}/images", json={"image_ids": ids[:1]}, headers={"Idempotency-Key": "k1"}))["event"]
+    assert again["event_id"] == first["event_id"] and again["replayed"] is True
+    assert len(read_events(lake)[0]) == 2
+
+
+def test_every_write_needs_a_curate_token(app, lake, ids):
+    read = create_token(lake, "read", "reader")[1]
+    writes = [(m, r.rule) for r in app.url_map.iter_rules() if r.endpoint.split(".")[0] in ("buckets", "suggest")
+              for m in r.methods - {"GET", "HEAD", "OPTIONS"}]
+    assert len(writes) >= 9
+    anonymous, reader = app.test_client(), app.test_client()
+    reader.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {read}"
+    for method, rule in writes:
+        path = rule.replace("<bucket_id>", "0" * 16).replace("<image_id>", ids[0])
+        err(anonymous.open(path, method=method, json={"image_ids": ids[:1]}), 401)
+        err(reader.open(path, method=method, json={"image_ids": ids[:1]}), 403)
+    ok(reader.get(B))
+    err(anonymous.get(B), 401)
+    assert read_events(lake)[0] == []
+
+
+def test_group_commit_batches_concurrent_writers_in_one_process(lake, ids):
+    store = BucketStore(lake)
+    bucket = store.submit(Action("create", payload={"name": "shared"}, actor="t0"))["bucket_id"]
+
+    def work(k):
+        for j in range(20):
+            store.submit(Action("add", bucket, (ids[(k * 20 + j) % len(ids)],), actor=f"t{k}"))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    state = bucket_state(lake)
+    assert len(state.events) == 161 and [e["seq"] for e in state.events] == list(range(161))
+    assert store.commits < 161 and set(state.member_ids(bucket)) == set(ids)
+
+
+def test_members_sql_runs_on_the_plain_table(lake, ids):
+    """MEMBERS_SQL is the documented query: it runs on the table as DuckDB reads it."""
+    import duckdb
+    from deltalake import DeltaTable
+
+    store = BucketStore(lake)
+    a = store.submit(Action("create", payload={"name": "a"}, actor="t"))["bucket_id"]
+    store.submit(Action("add", a, tuple(ids[:3]), actor="t"))
+    store.submit(Action("feedback", a, (ids[3],), rejected_ids=(ids[0],), actor="t"))
+    con = duckdb.connect()
+    con.register("bucket_events", DeltaTable(lake.table_uri("bucket_events")).to_pyarrow_dataset())
+    rows = con.sql(MEMBERS_SQL).fetchall()
+    assert [(r[0], r[1]) for r in rows] == [(a, ids[1]), (a, ids[2]), (a, ids[3])]
+
+
+# -- through a real server ----------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``imagelake serve`` (gunicorn, several workers) in its own process group."""
+
+    def __init__(self, lake: Lake, workers: int = 3):
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}{API_PREFIX}"
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.proc = subprocess.Popen([sys.executable, "-m", "imagelake", "--lake", lake.root, "serve", "--port",
+                                      str(self.port), "--workers", str(workers)], cwd=REPO, env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{self.base}/health", timeout=10).status_code == 200:
+                    return
+            except requests.RequestException:
+                time.sleep(0.1)
+            if self.proc.poll() is not None:
+                pytest.fail("server died: " + self.proc.stderr.read())
+        pytest.fail("server did not start")
+
+    def kill9(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+
+def _session(lake: Lake, scope: str = "curate", name: str = "w") -> requests.Session:
+    s = requests.Session()
+    s.headers["Authorization"] = f"Bearer {create_token(lake, scope, name)[1]}"
+    return s
+
+
+def test_eight_concurrent_curators_through_a_multi_worker_server(lake, ids):
+    admin = _session(lake, "admin", "setup")
+    sessions = [_session(lake, "curate", f"curator {k}") for k in range(8)]
+    server = Server(lake, workers=3)
+    try:
+        shared = admin.post(f"{server.base}/buckets", json={"name": "shared"}, timeout=30).json()["bucket"]["bucket_id"]
+        expected: dict[str, set[str]] = {shared: set()}
+        lock = threading.Lock()
+        failures: list[str] = []
+
+        def curator(k: int) -> None:
+            http, rng = sessions[k], random.Random(k)
+            r = http.post(f"{server.base}/buckets", json={"name": f"mine {k}"}, timeout=60)
+            if r.status_code != 201:
+                failures.append(r.text)
+                return
+            mine, have = r.json()["bucket"]["bucket_id"], set()
+            for j in range(49):
+                if j % 5 == 4:
+                    image = rng.choice(ids)
+                    r = http.post(f"{server.base}/buckets/{shared}/images", json={"image_ids": [image]}, timeout=60)
+                    with lock:
+                        expected[shared].add(image)
+                elif j % 3 == 2 and have:
+                    image = sorted(have)[rng.randrange(len(have))]
+                    r = http.delete(f"{server.base}/buckets/{mine}/images/{image}", timeout=60)
+                    have.discard(image)
+                else:
+                    image = rng.choice(ids)
+                    r = http.post(f"{server.base}/buckets/{mine}/images", json={"image_ids": [image]}, timeout=60)
+                    have.add(image)
+                if r.status_code != 200:
+                    failures.append(r.text)
+            with lock:
+                expected[mine] = have
+
+        threads = [threading.Thread(target=curator, args=(k,)) for k in range(8)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert failures == []
+        events = read_events(lake)[0]
+        assert len(events) == 1 + 8 * 50
+        assert [e["seq"] for e in events] == list(range(401))
+        per_actor = {}
+        for e in events:
+            per_actor[e["actor_name"]] = per_actor.get(e["actor_name"], 0) + 1
+        assert sorted(per_actor.values()) == [1] + [50] * 8
+        for bucket_id, want in expected.items():
+            got = admin.get(f"{server.base}/buckets/{bucket_id}", timeout=30).json()["members"]
+            assert set(got) == want and set(bucket_members(lake, bucket_id)) == want
+    finally:
+        server.stop()
+
+
+def test_kill_9_during_writes_loses_no_acknowledged_action(lake, ids):
+    admin = _session(lake, "admin", "setup")
+    sessions = [_session(lake, "curate", f"w{k}") for k in range(4)]
+    server = Server(lake, workers=2)
+    acked: list[str] = []
+    stop = threading.Event()
+    try:
+        bucket = admin.post(f"{server.base}/buckets", json={"name": "b"}, timeout=30).json()["bucket"]["bucket_id"]
+        acked.append("create")
+
+        def writer(k: int) -> None:
+            http = sessions[k]
+            j = 0
+            while not stop.is_set():
+                try:
+                    r = http.post(f"{server.base}/buckets/{bucket}/images",
+                                  json={"image_ids": [ids[(k * 13 + j) % len(ids)]], "client_event_id": f"{k}-{j}"},
+                                  timeout=10)
+                except requests.RequestException:
+                    return
+                if r.status_code == 200:
+                    acked.append(r.json()["event"]["event_id"])
+                j += 1
+
+        threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+        [t.start() for t in threads]
+        time.sleep(2.0)
+        server.kill9()
+        stop.set()
+        [t.join() for t in threads]
+    finally:
+        stop.set()
+        server.stop()
+    committed = {e["event_id"] for e in read_events(lake)[0]}
+    assert len(acked) > 10
+    assert set(acked[1:]) <= committed
+    # the log is still writable after the crash (no stale lock)
+    assert BucketStore(lake).submit(Action("add", bucket, (ids[0],), actor="after"))["seq"] == len(committed)

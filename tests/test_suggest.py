@@ -1,0 +1,190 @@
+"""Suggestions on real features: 1,000 Fashion-MNIST images ingested and embedded by the real jobs
+(cached under test-artifacts/ after the first run, ~30-60 s on 2 cores), served by the Flask app."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import fashion
+from api import API_PREFIX
+from api.suggester import explore_fraction, fit_logistic
+from lake.catalog import Lake
+from lake.commit import open_table
+from lake.compact import compact_dir, ensure_compact, load_compact
+from lake.errors import CorruptArtifact
+
+pytestmark = pytest.mark.skipif(not fashion.available(), reason="Fashion-MNIST is not installed")
+B = f"{API_PREFIX}/buckets"
+SNEAKER = 7
+
+
+@pytest.fixture(scope="module")
+def fashion_lake() -> Lake:
+    return Lake.at(fashion.build(1000, seed=1))
+
+
+@pytest.fixture
+def lake(fashion_lake, tmp_path) -> Lake:
+    """A copy per test: an empty bucket log; the suggestion matrix is rebuilt in the copy."""
+    shutil.copytree(fashion_lake.root, tmp_path / "lake", ignore=shutil.ignore_patterns("artifacts"))
+    return Lake.at(tmp_path / "lake")
+
+
+@pytest.fixture(scope="module")
+def labels(fashion_lake) -> dict[str, int]:
+    rows = open_table(fashion_lake, "images").to_pyarrow_table(columns=["image_id", "uri"]).to_pylist()
+    return {r["image_id"]: fashion.label_of(r["uri"]) for r in rows}
+
+
+def ok(response, status=200) -> dict:
+    body = response.get_json()
+    assert response.status_code == status, body
+    return body
+
+
+def of_class(labels, cls, n, skip=0) -> list[str]:
+    return sorted(i for i, c in labels.items() if c == cls)[skip:skip + n]
+
+
+def test_suggestions_learn_from_feedback_and_never_repeat_labeled_images(client, labels):
+    bucket = ok(client.post(B, json={"name": "sneakers"}), 201)["bucket"]["bucket_id"]
+    ok(client.post(f"{B}/{bucket}/images", json={"image_ids": of_class(labels, SNEAKER, 5)}))
+    labeled = set(of_class(labels, SNEAKER, 5))
+    precisions = []
+    for _ in range(4):
+        out = ok(client.get(f"{B}/{bucket}/suggestions?n=20"))
+        got = [s["image_id"] for s in out["suggestions"]]
+        assert len(got) == 20 == len(set(got)) and not labeled & set(got)
+        accepted = [i for i in got if labels[i] == SNEAKER]
+        rejected = [i for i in got if labels[i] != SNEAKER]
+        precisions.append(len(accepted) / len(got))
+        ok(client.post(f"{B}/{bucket}/feedback", json={"accepted": accepted, "rejected": rejected}))
+        labeled |= set(got)
+    # chance is 0.1 (ten balanced classes); sneakers are easy for ImageNet features
+    assert min(precisions) >= 0.5 and np.mean(precisions[1:]) >= 0.8, precisions
+    members = ok(client.get(f"{B}/{bucket}"))["members"]
+    assert len(members) == 5 + sum(round(p * 20) for p in precisions)
+
+
+def test_exploration_grows_when_suggestions_are_rejected(client, labels):
+    bucket = ok(client.post(B, json={"name": "bags"}), 201)["bucket"]["bucket_id"]
+    ok(client.post(f"{B}/{bucket}/images", json={"image_ids": of_class(labels, 8, 3)}))
+    first = ok(client.get(f"{B}/{bucket}/suggestions?n=20"))
+    assert first["acceptance"] is None and first["explore_fraction"] == explore_fraction(None)
+    sources = {s["source"] for s in first["suggestions"]}
+    assert {"model", "explore"} <= sources | {"neighbour"}
+    ok(client.post(f"{B}/{bucket}/feedback", json={"rejected": [s["image_id"] for s in first["suggestions"]]}))
+    after = ok(client.get(f"{B}/{bucket}/suggestions?n=20"))
+    assert after["acceptance"] == 0.0 and after["explore_fraction"] == 0.5
+    assert sum(s["source"] != "model" for s in after["suggestions"]) == 10
+    exploit = ok(client.get(f"{B}/{bucket}/suggestions?n=20&explore=false"))
+    assert {s["source"] for s in exploit["suggestions"]} == {"model"}
+    scores = [s["score"] for s in exploit["suggestions"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_cold_bucket_gets_diverse_random_picks(client):
+    bucket = ok(client.post(B, json={"name": "empty"}), 201)["bucket"]["bucket_id"]
+    out = ok(client.get(f"{B}/{bucket}/suggestions?n=12"))
+    assert out["positives"] == 0 and len(out["suggestions"]) == 12
+    assert {s["source"] for s in out["suggestions"]} == {"explore"}
+
+
+def test_fast_forward_then_commit_keeps_and_rejects(client, labels):
+    bucket = ok(client.post(B, json={"name": "trousers"}), 201)["bucket"]["bucket_id"]
+    ok(client.post(f"{B}/{bucket}/images", json={"image_ids": of_class(labels, 1, 5)}))
+    ff = ok(client.post(f"{B}/{bucket}/fast-forward", json={"n": 15}))
+    pending = ff["event"]["image_ids"]
+    assert len(pending) == 15 and ff["bucket"]["pending"] == 15 and ff["bucket"]["count"] == 5
+    view = ok(client.get(f"{B}/{bucket}"))
+    assert sorted(view["pending"]) == sorted(pending) and len(view["members"]) == 5
+    again = ok(client.get(f"{B}/{bucket}/suggestions?n=20"))  # pending images are not suggested again
+    assert not set(pending) & {s["image_id"] for s in again["suggestions"]}
+    keep = [i for i in pending if labels[i] == 1]
+    remove = [i for i in pending if labels[i] != 1]
+    done = ok(client.post(f"{B}/{bucket}/fast-forward/commit", json={"keep": keep, "remove": remove}))
+    assert done["bucket"]["pending"] == 0 and done["bucket"]["count"] == 5 + len(keep)
+    assert ok(client.post(f"{B}/{bucket}/fast-forward/commit", json={"keep": keep[:1]}), 409)["ok"] is False
+
+
+def test_tetris_returns_an_image_and_its_bucket(client, labels):
+    assert ok(client.get(f"{API_PREFIX}/tetris/next"))["image_id"] is None
+    buckets = {}
+    for cls in (1, 5, 8):
+        b = ok(client.post(B, json={"name": fashion.CLASSES[cls]}), 201)["bucket"]["bucket_id"]
+        ok(client.post(f"{B}/{b}/images", json={"image_ids": of_class(labels, cls, 5)}))
+        buckets[b] = cls
+    right = 0
+    for _ in range(6):
+        nxt = ok(client.get(f"{API_PREFIX}/tetris/next"))
+        assert nxt["bucket"]["bucket_id"] in buckets and len(nxt["image_id"]) == 64
+        correct = labels[nxt["image_id"]] == buckets[nxt["bucket"]["bucket_id"]]
+        right += correct
+        key = "accepted" if correct else "rejected"
+        ok(client.post(f"{B}/{nxt['bucket']['bucket_id']}/feedback", json={key: [nxt["image_id"]]}))
+    assert right >= 5
+
+
+def test_bad_suggestion_requests(client, labels):
+    bucket = ok(client.post(B, json={"name": "x"}), 201)["bucket"]["bucket_id"]
+    assert ok(client.get(f"{B}/{bucket}/suggestions?n=0"), 400)["status"] == 400
+    assert ok(client.get(f"{B}/{bucket}/suggestions?n=100000"), 400)["status"] == 400
+    assert ok(client.get(f"{B}/discard/suggestions"), 400)["status"] == 400
+    assert ok(client.get(f"{B}/{'0' * 16}/suggestions"), 404)["status"] == 404
+    one = of_class(labels, 0, 1)
+    assert ok(client.post(f"{B}/{bucket}/feedback", json={"accepted": one, "rejected": one}), 400)["status"] == 400
+    assert ok(client.post(f"{B}/{bucket}/feedback", json={}), 400)["status"] == 400
+    assert ok(client.post(f"{B}/{bucket}/fast-forward", json={"n": 5}), 409)["status"] == 409  # no members yet
+    ok(client.delete(f"{B}/{bucket}"))
+    assert ok(client.get(f"{B}/{bucket}/suggestions"), 409)["status"] == 409
+
+
+def test_no_features_is_503(lake_factory, tmp_path):
+    from api import create_app
+    from lake.settings import Settings
+
+    app = create_app(Settings(lake=lake_factory("bare").root, auth=False), {"TESTING": True})
+    try:
+        c = app.test_client()
+        bucket = ok(c.post(B, json={"name": "x"}), 201)["bucket"]["bucket_id"]
+        assert ok(c.get(f"{B}/{bucket}/suggestions"), 503)["status"] == 503
+    finally:
+        app.extensions["imagelake"].close()
+
+
+def test_compact_matrix_is_a_verified_artifact(lake):
+    m = ensure_compact(lake, k=32)
+    folder = compact_dir(lake, m.model, m.features_version, 32)
+    manifest = json.load(open(os.path.join(folder, "manifest.json")))
+    assert manifest["rows"] == len(m) == 1000 and manifest["k"] == 32
+    assert os.path.getsize(os.path.join(folder, "index.faiss")) < 1000 * 32 + 4096  # ~k bytes per image
+    # PCA-32 codes keep the geometry: cosine neighbours in full space are close in compact space
+    from lake.vectors import load_embeddings
+    emb = load_embeddings(lake)
+    x = emb.normalized()
+    rows = np.array([m.row_of[i] for i in emb.image_ids])
+    approx = m.vectors(rows)
+    full_nn = np.argsort(-(x[:50] @ x.T), axis=1)[:, 1:11]
+    compact_nn = np.argsort(-(approx[:50] @ approx.T), axis=1)[:, 1:11]
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(full_nn, compact_nn)])
+    assert overlap >= 0.5, overlap
+    with open(os.path.join(folder, "image_ids.bin"), "r+b") as f:
+        f.write(b"\xff")
+    with pytest.raises(CorruptArtifact):
+        load_compact(folder)
+
+
+def test_logistic_fit_matches_sklearn():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    pos, neg = rng.normal(0.5, 1, (20, 8)), rng.normal(-0.5, 1, (200, 8))
+    w, b = fit_logistic(pos, neg)
+    ref = LogisticRegression(C=1.0, class_weight="balanced", tol=1e-8, max_iter=1000).fit(
+        np.vstack([pos, neg]), np.r_[np.ones(20), np.zeros(200)])
+    assert np.allclose(w, ref.coef_.ravel(), atol=1e-3) and abs(b - ref.intercept_[0]) < 1e-3
