@@ -44,7 +44,7 @@ def test_the_load_mix_runs_without_errors_against_gunicorn(lake, tmp_path):
     server = start_server(lake.root, port, workers=2, log_path=str(tmp_path / "server.log"), threads=4)
     try:
         prepare(f"http://127.0.0.1:{port}", token, MIX, ctx)
-        report = run_load(f"http://127.0.0.1:{port}", token, MIX, ctx, clients=4, seconds=4.0)
+        report = run_load(f"http://127.0.0.1:{port}", token, MIX, ctx, clients=4, seconds=10.0)
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -60,24 +60,6 @@ def _image(rng: random.Random, ctx: LoadContext) -> str:
     return rng.choice(ctx.image_ids)
 
 
-#: Read routes that exist today. Similarity search, suggestions and curation writes join at merge, e.g.
-#:   Op("similar by id", 4, lambda r, c: Request("GET", f"/api/v1/search/similar?image_id={_image(r, c)}&k=20"))
-#:   Op("add to bucket", 1, lambda r, c: Request("POST", f"/api/v1/buckets/{c.extra['bucket']}/images",
-#:                                               {"image_id": _image(r, c)}), ok=frozenset({200, 201}),
-#:      setup=lambda base, token, c: c.extra.setdefault(
-#:          "bucket", api_call(base, token, "POST", "/api/v1/buckets", {"name": "load"})["bucket_id"]),
-#:      verify=verify_in_table("bucket_events", "event_id", "event_id"))
-MIX: list[Op] = [
-    Op("image metadata", 3, lambda r, c: Request("GET", f"/api/v1/images/{_image(r, c)}")),
-    Op("thumbnail 64", 3, lambda r, c: Request("GET", f"/api/v1/images/{_image(r, c)}/thumbnail?size=64")),
-    Op("thumbnail 256", 1, lambda r, c: Request("GET", f"/api/v1/images/{_image(r, c)}/thumbnail?size=256")),
-    Op("browse page", 2, lambda r, c: Request(
-        "GET", f"/api/v1/images?limit=60&offset={r.randrange(0, max(1, len(c.image_ids) - 60))}")),
-    Op("sql group by", 1, lambda r, c: Request(
-        "POST", "/api/v1/sql", {"sql": "SELECT collection, count(*) AS n FROM images GROUP BY 1 ORDER BY 1"})),
-    Op("sql point", 1, lambda r, c: Request(
-        "POST", "/api/v1/sql", {"sql": f"SELECT seq, uri, width, height FROM images WHERE image_id = '{_image(r, c)}'"})),
-]
 
 def prepare(base: str, token: str, ops: list[Op], ctx: LoadContext) -> None:
     """Run each op's ``setup`` once (e.g. create the buckets curation writes go to, into ``ctx.extra``)."""
@@ -104,14 +86,51 @@ def api_call(base: str, token: str, method: str, path: str, body: Any = None) ->
 
 def verify_in_table(table: str, column: str, field: str) -> Callable[[Any, LoadContext, list[Any]], None]:
     """A ``verify`` for writes: every acknowledged body's ``field`` is a ``column`` value in ``table``
-    (e.g. ``verify_in_table("bucket_events", "event_id", "event_id")``)."""
+    (e.g. ``verify_in_table("bucket_events", "event_id", "event.event_id")``; dots walk into objects)."""
     def verify(lake, ctx: LoadContext, acked: list[Any]) -> None:
         from deltalake import DeltaTable
 
         stored = set(DeltaTable(lake.table_uri(table)).to_pyarrow_table(columns=[column]).column(0).to_pylist())
-        missing = [body.get(field) for body in acked if body.get(field) not in stored]
+        def value(body):
+            for part in field.split("."):
+                body = body.get(part) if isinstance(body, dict) else None
+            return body
+        missing = [value(body) for body in acked if value(body) not in stored]
         assert not missing, f"{len(missing)} of {len(acked)} acknowledged writes are not in {table}: {missing[:5]}"
     return verify
+
+
+def _make_bucket(base: str, token: str, ctx: LoadContext) -> None:
+    """Two buckets with a few members each, so suggestions have a model to score with."""
+    if "buckets" in ctx.extra:
+        return
+    ids = []
+    for i, name in enumerate(("load a", "load b")):
+        made = api_call(base, token, "POST", "/api/v1/buckets", {"name": name})
+        bucket = made["bucket"]["bucket_id"]
+        api_call(base, token, "POST", f"/api/v1/buckets/{bucket}/images",
+                 {"image_ids": ctx.image_ids[i * 5:(i + 1) * 5]})
+        ids.append(bucket)
+    ctx.extra["buckets"] = ids
+
+
+MIX: list[Op] = [
+    Op("image metadata", 3, lambda r, c: Request("GET", f"/api/v1/images/{_image(r, c)}")),
+    Op("thumbnail 64", 3, lambda r, c: Request("GET", f"/api/v1/images/{_image(r, c)}/thumbnail?size=64")),
+    Op("thumbnail 256", 1, lambda r, c: Request("GET", f"/api/v1/images/{_image(r, c)}/thumbnail?size=256")),
+    Op("browse page", 2, lambda r, c: Request(
+        "GET", f"/api/v1/images?limit=60&offset={r.randrange(0, max(1, len(c.image_ids) - 60))}")),
+    Op("sql group by", 1, lambda r, c: Request(
+        "POST", "/api/v1/sql", {"sql": "SELECT collection, count(*) AS n FROM images GROUP BY 1 ORDER BY 1"})),
+    Op("sql point", 1, lambda r, c: Request(
+        "POST", "/api/v1/sql", {"sql": f"SELECT seq, uri, width, height FROM images WHERE image_id = '{_image(r, c)}'"})),
+    Op("similar by id", 3, lambda r, c: Request("GET", f"/api/v1/search/similar?image_id={_image(r, c)}&k=20")),
+    Op("suggestions", 2, lambda r, c: Request("GET", f"/api/v1/buckets/{r.choice(c.extra['buckets'])}/suggestions?n=28"),
+       setup=_make_bucket),
+    Op("add to bucket", 1, lambda r, c: Request("POST", f"/api/v1/buckets/{r.choice(c.extra['buckets'])}/images",
+                                                {"image_ids": [_image(r, c)]}),
+       setup=_make_bucket, verify=verify_in_table("bucket_events", "event_id", "event.event_id")),
+]
 
 
 #: The baseline: the cheapest authenticated-free route, i.e. gunicorn + Flask + loopback alone.
