@@ -53,7 +53,7 @@ def browser():
 
 @pytest.fixture
 def page(browser, site, artifacts_dir, request):
-    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    context = browser.new_context(viewport={"width": 1280, "height": 860}, bypass_csp=True)  # lets tests evaluate JS
     page = context.new_page()
     errors: list[str] = []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
@@ -67,7 +67,9 @@ def page(browser, site, artifacts_dir, request):
     yield page
     page.screenshot(path=str(artifacts_dir / f"dashboard-{request.node.name}.png"), full_page=True)
     context.close()
-    assert errors == [], errors
+    allowed = getattr(request.node, "allowed_errors", ())
+    unexpected = [e for e in errors if not any(a in e for a in allowed)]
+    assert unexpected == [], unexpected
 
 
 def test_login_then_browse_collections_and_open_an_image(page, site):
@@ -82,7 +84,8 @@ def test_login_then_browse_collections_and_open_an_image(page, site):
     assert "collection" in page.inner_text("#details dl")
 
 
-def test_sql_preset_shows_a_table_and_a_chart(page, site):
+def test_sql_preset_shows_a_table_and_a_chart(page, site, request):
+    request.node.allowed_errors = ("/api/v1/sql", "status of 400")  # the bad query below, on purpose
     page.goto(site["base"] + "/#sql")
     page.click("#sql-presets button:has-text('Images per collection')")
     page.wait_for_selector("#sql-result table tbody tr")
@@ -106,11 +109,11 @@ def test_map_zooms_and_a_click_opens_the_image_under_the_pointer(page, site):
     box = page.locator("#map-viewer").bounding_box()
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     page.mouse.move(cx, cy)
-    for _ in range(3):
+    for _ in range(4):
         page.mouse.wheel(0, -300)
-        page.wait_for_timeout(150)
-    zoom = page.evaluate("document.querySelector('#map-viewer').dataset.zoom")
-    assert zoom is not None and float(zoom) > 1.5
+        page.wait_for_timeout(200)
+    page.wait_for_function("(() => { const d = document.querySelector('#map-viewer').dataset;"
+                           " return d.zoom && Number(d.zoom) > 1.5 * Number(d.homeZoom); })()")
     page.mouse.click(cx, cy)
     page.wait_for_selector("#details:not([hidden]) dl dt")
     assert "image_id" in page.inner_text("#details dl")
@@ -126,3 +129,31 @@ def test_search_by_upload_then_open_a_result(page, site):
     assert "similar images" in page.inner_text("#search-status")
     page.locator("#search-results .cell").first.click()
     page.wait_for_selector("#details:not([hidden]) .mini-grid .cell")
+
+
+def test_curate_create_a_bucket_add_with_keys_get_suggestions_accept_then_tetris(page, site):
+    page.goto(site["base"] + "/#curate")
+    page.fill(".new-bucket input[name=name]", "trousers")
+    page.click(".new-bucket button[type=submit]")
+    page.wait_for_selector(".bucket .name:has-text('trousers')")
+    page.wait_for_selector("#curate-grid .cell img")
+    # suggestions with no members yet are exploration picks; drop the first three into bucket 1 by key
+    for _ in range(3):
+        page.keyboard.press("1")
+        page.wait_for_timeout(300)
+    page.wait_for_function("document.querySelectorAll('#curate-grid .badge').length >= 3")
+    page.wait_for_selector(".bucket .count:has-text('3 images')")
+    page.keyboard.press("n")  # the rest of the page is rejected; the next page appears
+    page.wait_for_selector("#curate-status:has-text('feedback sent')")
+    assert page.locator("#curate-grid .cell").count() > 0
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("1")
+    page.wait_for_selector(".bucket .count:has-text('4 images')")
+    page.keyboard.press("u")  # undo the last drop
+    page.wait_for_selector(".bucket .count:has-text('3 images')")
+    page.keyboard.press("t")
+    page.wait_for_selector("#curate-tetris .falling")
+    assert "trousers" in page.inner_text("#curate-tetris .suggested")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".bucket .count:has-text('4 images')")
+    page.wait_for_selector("#curate-tetris .falling")

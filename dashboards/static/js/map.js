@@ -53,8 +53,11 @@ export async function mountMap(root, {openDetails}) {
       if (e.status !== 404 && e.status !== 400) toast(e.message, "error");
     }
   });
-  viewer.addHandler("open", () => { box.dataset.ready = "1"; });
-  viewer.addHandler("zoom", (e) => { box.dataset.zoom = String(e.zoom); });
+  viewer.addHandler("open", () => {
+    box.dataset.ready = "1";
+    box.dataset.homeZoom = String(viewer.viewport.getHomeZoom());
+  });
+  viewer.addHandler("animation-finish", () => { box.dataset.zoom = String(viewer.viewport.getZoom()); });
 
   async function overlay(choice) {
     viewer.clearOverlays();
