@@ -128,7 +128,7 @@ class Suggester:
     # -- the model -----------------------------------------------------------------------------
 
     def _rows(self, m: CompactMatrix, image_ids) -> np.ndarray:
-        return np.array(sorted({m.row_of[i] for i in image_ids if i in m.row_of}), np.int64)
+        return m.ids.rows_of(image_ids)
 
     def model(self, labels: BucketLabels, labeled_rows: np.ndarray) -> _Model | None:
         """The bucket's model (None without a positive that has features)."""
@@ -205,7 +205,7 @@ class Suggester:
                 for p in picks:
                     if p["score"] is None:
                         p["score"] = float(next(it))
-        out = [{"image_id": m.image_ids[p["row"]], "score": None if p["score"] is None else round(p["score"], 5),
+        out = [{"image_id": m.ids.image_id(p["row"]), "score": None if p["score"] is None else round(p["score"], 5),
                 "source": p["source"]} for p in picks]
         return {"suggestions": out, "explore_fraction": round(fraction, 4), "acceptance": acceptance,
                 "positives": 0 if model is None else int(len(model.positives)),
@@ -261,7 +261,7 @@ class Suggester:
         margin = scores[np.arange(len(candidates)), best] - (np.partition(scores, -2, axis=1)[:, -2]
                                                             if len(models) > 1 else 0.0)
         pick = int(np.argmax(scores[np.arange(len(candidates)), best] + margin))
-        return {"image_id": m.image_ids[int(candidates[pick])], "bucket": buckets[int(best[pick])],
+        return {"image_id": m.ids.image_id(candidates[pick]), "bucket": buckets[int(best[pick])],
                 "score": round(float(scores[pick, best[pick]]), 5)}
 
 

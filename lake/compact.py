@@ -8,8 +8,8 @@ scan); PCA-128 keeps the directions a linear model uses, and FAISS's SQ8 scan re
 image with SIMD and keeps the top-k in the same pass (no 1M-element argpartition).
 
 One build per (model, features table version): ``artifacts/suggest/<model>/v<version>-pca<k>/``
-holding ``index.faiss`` (the codes; row i = ``image_ids[i]``), ``image_ids.bin`` (32-byte binary
-sha256 per row), ``pca.npz`` (mean, components) and ``manifest.json`` (sha256 of each file) written
+holding ``index.faiss`` (the codes), ``image_ids.bin`` (row i's image id as 32 raw bytes,
+memory-mapped too), ``pca.npz`` (mean, components) and ``manifest.json`` (sha256 of each file) written
 last, atomically. Every server process memory-maps the same files (``IO_FLAG_MMAP_IFC``), so N
 workers share one copy through the page cache. Readers verify sizes and sha256 before loading and
 refuse a build that does not match (:class:`lake.errors.CorruptArtifact`).
@@ -29,18 +29,68 @@ from lake.catalog import Lake
 from lake.errors import CorruptArtifact, NotFound
 from lake.lock import LakeLock
 
-__all__ = ["CompactMatrix", "build_compact", "compact_dir", "ensure_compact", "fit_pca", "load_compact"]
+__all__ = ["CompactMatrix", "ImageIdTable", "build_compact", "compact_dir", "ensure_compact", "fit_pca", "load_compact"]
 
 FORMAT = 1
 
 
+class ImageIdTable:
+    """Row ↔ image id over the build's ``image_ids.bin`` (32 raw bytes per row, memory-mapped).
+
+    A Python list and dict of a million hex ids would cost ~200 MB in every server process; this
+    keeps 48 bytes per row (the mapped ids plus a sorted 64-bit key per row for lookups: the xor
+    of the id's four 64-bit words, so ids that share a prefix still spread out).
+    """
+
+    def __init__(self, path: str):
+        self.raw = np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, 32)
+        prefix = _fold(self.raw)
+        self._order = np.argsort(prefix, kind="stable")
+        self._sorted = prefix[self._order]
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def image_id(self, row: int) -> str:
+        return self.raw[int(row)].tobytes().hex()
+
+    def rows_of(self, image_ids) -> np.ndarray:
+        """Sorted unique rows of the ``image_ids`` that are in the build (others are skipped)."""
+        ids = [i for i in image_ids if len(i) == 64]
+        if not ids or len(self._sorted) == 0:
+            return np.zeros(0, np.int64)
+        want = np.frombuffer(bytes.fromhex("".join(ids)), np.uint8).reshape(-1, 32)
+        prefix = _fold(want)
+        by_prefix = np.argsort(prefix)
+        want, prefix = want[by_prefix], prefix[by_prefix]  # sorted probes: cache-friendly search
+        n = len(self._sorted)
+        lo = np.minimum(np.searchsorted(self._sorted, prefix), n - 1)
+        hit = self._sorted[lo] == prefix
+        shared = hit & (lo + 1 < n) & (self._sorted[np.minimum(lo + 1, n - 1)] == prefix)
+        single = np.flatnonzero(hit & ~shared)
+        cand = self._order[lo[single]]
+        rows = cand[(self.raw[cand] == want[single]).all(axis=1)].tolist()
+        for j in np.flatnonzero(shared):  # a 64-bit key shared by several ids: compare in full
+            r = lo[j]
+            while r < n and self._sorted[r] == prefix[j]:
+                if np.array_equal(self.raw[self._order[r]], want[j]):
+                    rows.append(int(self._order[r]))
+                    break
+                r += 1
+        return np.unique(np.array(rows, np.int64))
+
+
+def _fold(raw: np.ndarray) -> np.ndarray:
+    words = np.ascontiguousarray(raw).view("<u8").reshape(-1, 4)
+    return np.bitwise_xor.reduce(words, axis=1)
+
+
 @dataclass
 class CompactMatrix:
-    """Row ``i`` of ``index`` is image ``image_ids[i]``; ``row_of`` maps back."""
+    """Row ``i`` of ``index`` is image ``ids.image_id(i)``; ``ids.rows_of`` maps back."""
 
     index: "object"            # faiss.IndexScalarQuantizer, inner product, d = k
-    image_ids: list[str]
-    row_of: dict[str, int]
+    ids: ImageIdTable
     mean: np.ndarray           # (d_full,) float32
     components: np.ndarray     # (k, d_full) float32
     model: str
@@ -48,7 +98,7 @@ class CompactMatrix:
     path: str
 
     def __len__(self) -> int:
-        return len(self.image_ids)
+        return len(self.ids)
 
     @property
     def k(self) -> int:
@@ -157,12 +207,12 @@ def load_compact(folder: str, *, verify: bool = True) -> CompactMatrix:
             raise CorruptArtifact(f"suggestion matrix file {path} does not match its manifest; delete {folder} "
                                   "and it is rebuilt on the next request")
     index = faiss.read_index(os.path.join(folder, "index.faiss"), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
-    raw = np.fromfile(os.path.join(folder, "image_ids.bin"), dtype=np.uint8).reshape(-1, 32)
-    image_ids = [r.tobytes().hex() for r in raw]
+    ids = ImageIdTable(os.path.join(folder, "image_ids.bin"))
+    if len(ids) != index.ntotal:
+        raise CorruptArtifact(f"suggestion matrix {folder}: {len(ids)} ids for {index.ntotal} rows")
     with np.load(os.path.join(folder, "pca.npz")) as pca:
         mean, components = pca["mean"], pca["components"]
-    return CompactMatrix(index, image_ids, {i: r for r, i in enumerate(image_ids)}, mean, components,
-                         manifest["model"], manifest["features_version"], folder)
+    return CompactMatrix(index, ids, mean, components, manifest["model"], manifest["features_version"], folder)
 
 
 def ensure_compact(lake: Lake, k: int = 128, model: str | None = None) -> CompactMatrix:

@@ -389,3 +389,17 @@ def test_kill_9_during_writes_loses_no_acknowledged_action(lake, ids):
     assert set(acked[1:]) <= committed
     # the log is still writable after the crash (no stale lock)
     assert BucketStore(lake).submit(Action("add", bucket, (ids[0],), actor="after"))["seq"] == len(committed)
+
+
+def test_the_writer_compacts_a_log_of_many_small_files(lake, ids):
+    store = BucketStore(lake, compact_files=20)
+    bucket = store.submit(Action("create", payload={"name": "b"}, actor="t"))["bucket_id"]
+    for j in range(30):
+        store.submit(Action("add", bucket, (ids[j],), actor="t"))
+    from deltalake import DeltaTable
+    assert len(DeltaTable(lake.table_uri("bucket_events")).file_uris()) < 20
+    fresh = BucketStore(lake)  # another process starting later reads the compacted files
+    with fresh.reading() as state:
+        assert state.member_ids(bucket) == ids[:30] and len(state.events) == 31
+    assert store.submit(Action("remove", bucket, (ids[0],), actor="t"))["seq"] == 31
+    assert bucket_members(lake, bucket) == ids[1:30]

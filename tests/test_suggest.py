@@ -167,7 +167,7 @@ def test_compact_matrix_is_a_verified_artifact(lake):
     from lake.vectors import load_embeddings
     emb = load_embeddings(lake)
     x = emb.normalized()
-    rows = np.array([m.row_of[i] for i in emb.image_ids])
+    rows = np.array([m.ids.rows_of([i])[0] for i in emb.image_ids])
     approx = m.vectors(rows)
     full_nn = np.argsort(-(x[:50] @ x.T), axis=1)[:, 1:11]
     compact_nn = np.argsort(-(approx[:50] @ approx.T), axis=1)[:, 1:11]
@@ -188,3 +188,17 @@ def test_logistic_fit_matches_sklearn():
     ref = LogisticRegression(C=1.0, class_weight="balanced", tol=1e-8, max_iter=1000).fit(
         np.vstack([pos, neg]), np.r_[np.ones(20), np.zeros(200)])
     assert np.allclose(w, ref.coef_.ravel(), atol=1e-3) and abs(b - ref.intercept_[0]) < 1e-3
+
+
+def test_image_id_table_maps_rows_both_ways_even_when_keys_collide(tmp_path):
+    from lake.compact import ImageIdTable
+
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (1000, 32), dtype=np.uint8)
+    raw[7] = np.concatenate([raw[5][8:16], raw[5][:8], raw[5][16:]])  # same xor of the four words
+    raw.tofile(tmp_path / "ids.bin")
+    table = ImageIdTable(str(tmp_path / "ids.bin"))
+    ids = [raw[i].tobytes().hex() for i in (7, 5, 999, 0)]
+    assert table.rows_of(ids).tolist() == [0, 5, 7, 999]
+    assert table.rows_of(["f" * 64, "bad"]).tolist() == []
+    assert [table.image_id(r) for r in (5, 7)] == [ids[1], ids[0]]
