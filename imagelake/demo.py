@@ -98,9 +98,15 @@ def write_fashion_mnist(out: Path, limit: int, root: Path = FASHION_MNIST_DIR) -
     return n
 
 
-def build_demo(lake: Lake, settings: Settings, data_dir: str = "./demo-data", fashion_mnist: int = 5000) -> None:
+def build_demo(lake: Lake, settings: Settings, data_dir: str = "./demo-data", fashion_mnist: int = 5000) -> str:
+    """Write the demo images, run the whole pipeline over them, and make a curate token.
+
+    Returns the token (printed too: it is the dashboard login and is shown only now).
+    """
     from jobs.ingest.driver import run_ingest
+    from jobs.pipeline import PipelineRequest, run_pipeline
     from jobs.runner import make_runner
+    from lake.tokens import create_token
 
     root = Path(data_dir).absolute()
     photos = write_skimage_photos(root / "photos")
@@ -108,24 +114,17 @@ def build_demo(lake: Lake, settings: Settings, data_dir: str = "./demo-data", fa
     print(f"demo data in {root}: {photos} photos and {fashion} Fashion-MNIST images newly written")
     runner = make_runner(settings, progress=True)
     try:
-        for folder, collection in ((root / "photos", "photos"), (root / "fashion-mnist", "fashion-mnist")):
-            if folder.is_dir():
-                print(run_ingest(lake, settings, str(folder), collection=collection, runner=runner).line())
-        try:
-            from jobs.embed.driver import run_embed
-        except ImportError:
-            run_embed = None
-        if run_embed is not None:
-            from imagelake.cli import embed_line
-
-            print(embed_line(run_embed(lake, settings, runner=runner, progress=True)))
-            try:
-                from jobs.index.driver import run_index
-            except ImportError:
-                run_index = None
-            if run_index is not None:
-                from imagelake.cli import index_line
-
-                print(index_line(run_index(lake, settings, runner=runner, progress=True)))
+        sources = [(root / "photos", "photos"), (root / "fashion-mnist", "fashion-mnist")]
+        sources = [(folder, name) for folder, name in sources if folder.is_dir()]
+        for folder, collection in sources[:-1]:
+            print(run_ingest(lake, settings, str(folder), collection=collection, runner=runner).line())
+        folder, collection = sources[-1]
+        # the last folder goes through the whole pipeline: ingest, then embed/index/cluster/tag/grid over everything
+        summary = run_pipeline(lake, settings, PipelineRequest(images=str(folder), collection=collection),
+                               runner=runner, progress=True)
+        print(summary.line())
     finally:
         runner.close()
+    _, token = create_token(lake, "curate", "demo")
+    print(f"dashboard login token (curate scope, shown only now): {token}")
+    return token
