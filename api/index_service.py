@@ -153,9 +153,9 @@ def load_build(lake: Lake, row: dict[str, Any], settings: Settings) -> LoadedBui
     try:
         segments, shards, ivfs = [], [], []
         for m in manifests:
-            segments.append(_Segment(np.load(m.path("seqs.npy"), mmap_mode="r"),
-                                     np.load(m.path("ids.npy"), mmap_mode="r"),
-                                     np.load(m.path("vectors.npy"), mmap_mode="r")))
+            # plain ndarray views of the maps: np.memmap's Python-level __getitem__ costs ~20 us a call
+            segments.append(_Segment(*(np.asarray(np.load(m.path(name), mmap_mode="r"))
+                                       for name in ("seqs.npy", "ids.npy", "vectors.npy"))))
             for s in m["shards"]:
                 shard = _read_index(m.path(s["file"]))
                 shards.append(shard)

@@ -239,3 +239,21 @@ def test_shards_encoded_on_spark_equal_the_local_ones(lake, spark, tmp_path):
         assert spark_manifest["files"][shard]["sha256"] == local_manifest["files"][shard]["sha256"]
     runs = open_table(lake, "job_runs").to_pyarrow_table().to_pylist()
     assert {json.loads(r["metrics"] or "{}").get("action") for r in runs if r["job"] == "index" and r["state"] == "succeeded"} == {"full"}
+
+
+def test_cli_index_builds_then_is_up_to_date_and_a_concurrent_run_exits_3(lake):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "imagelake", "--lake", lake.root, "--runner", "local", "index",
+                               *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    first = cli("--no-progress")
+    assert first.returncode == 0, first.stderr
+    assert "full build" in first.stdout and "IDMap2,Flat" in first.stdout and "2000 vectors" in first.stdout
+    again = cli()
+    assert again.returncode == 0 and "up to date" in again.stdout
+    with LakeLock(lake, "index", timeout=0, holder="test"):
+        held = cli()
+    assert held.returncode == 3 and "lock" in held.stderr
+    bad = cli("--memory-budget", "-5")
+    assert bad.returncode == 2 and "memory budget" in bad.stderr
