@@ -114,7 +114,7 @@ def event_json(event: dict[str, Any]) -> dict[str, Any]:
 def action_response(event: dict[str, Any], status: int = 200):
     store = bucket_store()
     with store.reading(fresh=False) as state:
-        bucket = next((b for b in state.listing(include_deleted=True) if b["bucket_id"] == event.get("bucket_id")), None)
+        bucket = state.bucket_row(event["bucket_id"]) if event.get("bucket_id") else None
     response = jsonify({"ok": True, "event": event_json(event), "bucket": jsonable(bucket)})
     response.status_code = status
     return response
@@ -170,7 +170,7 @@ def get_bucket(bucket_id: str):
             raise NotFound(f"no bucket {bucket_id}; GET /api/v1/buckets lists them")
         members = state.member_ids(bucket_id, pending=False)
         pending = state.member_ids(bucket_id, pending=True)
-        row = next(b for b in state.listing(include_deleted=True) if b["bucket_id"] == bucket_id)
+        row = state.bucket_row(bucket_id)
     return jsonify({"ok": True, "bucket": jsonable(row), "members": members[offset:offset + limit],
                     "total": len(members), "pending": pending, "version": store.version})
 

@@ -107,7 +107,8 @@ class BucketState:
     undone: set[str] = field(default_factory=set)
     client_ids: dict[tuple[str, str], str] = field(default_factory=dict)
     buckets: dict[str, dict[str, Any]] = field(default_factory=_system_buckets)
-    members: dict[str, dict[str, tuple[int, bool]]] = field(default_factory=dict)
+    members: dict[str, dict[str, tuple[int, bool]]] = field(default_factory=dict)  # in (seq, image_id) order
+    pending: dict[str, set[str]] = field(default_factory=dict)
     rejected: dict[str, dict[str, int]] = field(default_factory=dict)
     feedback: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
     last_seq: int = -1
@@ -132,6 +133,7 @@ class BucketState:
 
     def _refold(self) -> None:
         self.buckets, self.members, self.rejected, self.feedback = _system_buckets(), {}, {}, {}
+        self.pending = {}
         for event in self.events:
             if event["action"] != "undo" and event["event_id"] not in self.undone:
                 self._fold(event)
@@ -154,9 +156,15 @@ class BucketState:
             if action in ("move", "discard") and e.get("from_bucket"):
                 self._leave(e["from_bucket"], ids)
             members, rejected = self.members.setdefault(b, {}), self.rejected.get(b, {})
-            for image_id in ids:
+            pending = self.pending.setdefault(b, set())
+            for image_id in sorted(ids):  # re-inserted: dict order stays (seq, image_id), as in SQL
+                members.pop(image_id, None)
                 members[image_id] = (e["seq"], action == "pending")
                 rejected.pop(image_id, None)
+                if action == "pending":
+                    pending.add(image_id)
+                else:
+                    pending.discard(image_id)
             if action == "feedback":
                 rej = e.get("rejected_ids") or []
                 self._leave(b, rej)
@@ -168,10 +176,12 @@ class BucketState:
             self._leave(b, ids)
 
     def _leave(self, bucket_id: str, image_ids: Iterable[str]) -> None:
-        members = self.members.get(bucket_id)
+        members, pending = self.members.get(bucket_id), self.pending.get(bucket_id)
         if members:
             for image_id in image_ids:
                 members.pop(image_id, None)
+                if pending:
+                    pending.discard(image_id)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -190,8 +200,11 @@ class BucketState:
     def member_ids(self, bucket_id: str, *, pending: bool | None = None) -> list[str]:
         """Members in the order they joined; ``pending`` True/False filters, None gives both."""
         members = self.members.get(bucket_id, {})
-        return [i for i, (s, p) in sorted(members.items(), key=lambda kv: (kv[1][0], kv[0]))
-                if pending is None or p == pending]
+        if pending is None:
+            return list(members)
+        if pending and not self.pending.get(bucket_id):
+            return []
+        return [i for i, (_, p) in members.items() if p == pending]
 
     def labeled(self, bucket_id: str | None = None) -> set[str]:
         """Images a bucket's suggestions must skip: members of any bucket (pending included) or of
@@ -217,6 +230,14 @@ class BucketState:
                 return event
         return None
 
+    def bucket_row(self, bucket_id: str) -> dict[str, Any] | None:
+        """One bucket's listing row (deleted ones too), or None."""
+        b = self.buckets.get(bucket_id)
+        if b is None:
+            return None
+        pending = len(self.pending.get(bucket_id, ()))
+        return {**b, "count": len(self.members.get(bucket_id, {})) - pending, "pending": pending}
+
     def listing(self, include_deleted: bool = False) -> list[dict[str, Any]]:
         """Buckets in creation order with member and pending counts."""
         out = []
@@ -224,7 +245,7 @@ class BucketState:
             if b["deleted"] and not include_deleted:
                 continue
             members = self.members.get(b["bucket_id"], {})
-            pending = sum(1 for _, p in members.values() if p)
+            pending = len(self.pending.get(b["bucket_id"], ()))
             out.append({**b, "count": len(members) - pending, "pending": pending})
         return out
 

@@ -276,6 +276,7 @@ class Server:
                 time.sleep(0.1)
             if self.proc.poll() is not None:
                 pytest.fail("server died: " + self.proc.stderr.read())
+        self.stop()
         pytest.fail("server did not start")
 
     def kill9(self) -> None:
