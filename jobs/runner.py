@@ -87,8 +87,15 @@ class SparkRunner:
     @property
     def spark(self):
         if self._spark is None:
-            from jobs.spark import spark_session
-            self._spark = spark_session(self.settings)
+            from pyspark import SparkContext
+            from pyspark.sql import SparkSession
+
+            if SparkContext._active_spark_context is not None:
+                # someone else's session (an embedding application, a test run): use it, never stop it
+                self._spark, self._owns = SparkSession.builder.getOrCreate(), False
+            else:
+                from jobs.spark import spark_session
+                self._spark = spark_session(self.settings)
         return self._spark
 
     def map_partitions(self, fn: PartitionFn, rows: pa.Table, num_partitions: int,

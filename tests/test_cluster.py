@@ -127,8 +127,11 @@ def test_cli_cluster_and_export(lake, tmp_path, capsys):
     assert len(links) == 2 and all(p.is_symlink() and p.resolve().is_file() for p in links)
     assert main(["--lake", lake.root, "export", "--cluster", cid, "--to", str(out)]) == 2  # not empty
     assert main(["--lake", lake.root, "export", "--cluster", "nope", "--to", str(tmp_path / "x")]) == 2
+    capsys.readouterr()
     assert main(["--lake", lake.root, "export", "--bucket", "b1", "--to", str(tmp_path / "y")]) == 2
-    assert "not available yet" in capsys.readouterr().err
+    assert "malformed bucket id" in capsys.readouterr().err
+    assert main(["--lake", lake.root, "export", "--bucket", "0" * 16, "--to", str(tmp_path / "y")]) == 2
+    assert "no bucket" in capsys.readouterr().err
 
 
 def test_api_clusters(lake, client, local_settings):

@@ -133,6 +133,11 @@ def test_bucket_members_train_learned_tags(lake, ids, planted, client, local_set
     for name, member in (("sunsets", a), ("harbours", b)):
         bucket = client.post("/api/v1/buckets", json={"name": name}).get_json()["bucket"]["bucket_id"]
         assert client.post(f"/api/v1/buckets/{bucket}/images", json={"image_ids": [ids[member]]}).status_code == 200
+    from imagelake.cli import main
+
+    assert main(["--lake", lake.root, "export", "--bucket", bucket, "--to", str(lake.root + "-export")]) == 0
+    exported = os.listdir(lake.root + "-export")
+    assert len(exported) == 1 and os.path.realpath(os.path.join(lake.root + "-export", exported[0])).endswith(b)
     summary = run_tag(lake, local_settings)
     assert summary["learned_model"] is not None
     con = duckdb.connect()
