@@ -17,6 +17,7 @@ from typing import Any
 from flask import Blueprint, Flask, current_app, jsonify, request
 
 from api.auth import current_principal
+from api.images import _int_arg
 from api.services import check_image_id, lake_reader
 from lake.bucket_store import Action, BucketStore
 from lake.buckets import DISCARD, bucket_history, check_bucket_id
@@ -124,19 +125,6 @@ def _path_bucket(bucket_id: str, allow_discard: bool = True, what: str = "") -> 
     if bucket_id == DISCARD and not allow_discard:
         raise BadInput(f"the discard pile cannot be {what or 'used here'}")
     return check_bucket_id(bucket_id)
-
-
-def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.args.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadInput(f"{name} must be an integer from {lo} to {hi}, got {raw!r}") from None
-    if not lo <= value <= hi:
-        raise BadInput(f"{name} must be an integer from {lo} to {hi}, got {value}")
-    return value
 
 
 # -- routes ---------------------------------------------------------------------------------------

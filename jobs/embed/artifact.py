@@ -16,11 +16,11 @@ import hashlib
 import json
 import os
 import tempfile
-import uuid
 import warnings
 from dataclasses import dataclass
 
 from lake.errors import CorruptArtifact
+from lake.artifacts import write_text_atomic
 from lake.staging import filesystem_for
 from jobs.embed.models import Embedder, ModelSpec, file_sha256
 
@@ -78,14 +78,7 @@ def _read(uri: str) -> bytes:
         return f.read()
 
 
-def _write_atomic(uri: str, data: bytes) -> None:
-    fs, path = filesystem_for(uri)
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, path)
+_write_atomic = write_text_atomic  # temp name next to the target, then rename
 
 
 def _manifest(folder: str) -> dict | None:
