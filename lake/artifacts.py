@@ -21,7 +21,8 @@ import numpy as np
 from lake.errors import CorruptArtifact
 from lake.staging import filesystem_for
 
-__all__ = ["ArrayArtifact", "write_arrays", "read_arrays", "read_manifest", "write_text_atomic", "read_text"]
+__all__ = ["ArrayArtifact", "file_sha256", "write_arrays", "read_arrays", "read_manifest", "write_text_atomic",
+           "read_text"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,15 @@ class ArrayArtifact:
     folder: str
     meta: dict[str, Any]
     arrays: dict[str, np.ndarray]
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 (hex) of a local file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_text_atomic(uri: str, data: bytes) -> None:

@@ -17,7 +17,6 @@ refuse a build that does not match (:class:`lake.errors.CorruptArtifact`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lake.artifacts import file_sha256
 from lake.catalog import Lake
 from lake.errors import CorruptArtifact, NotFound
 from lake.lock import LakeLock
@@ -138,14 +138,6 @@ def fit_pca(x: np.ndarray, k: int, sample: int = 50_000, seed: int = 0) -> tuple
     return mean.astype(np.float32), np.ascontiguousarray(vectors[:, order].T.astype(np.float32))
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_compact(folder: str, image_ids: list[str], pca_vectors_or_embeddings: np.ndarray, *, model: str,
                   features_version: int, k: int, mean: np.ndarray | None = None,
                   components: np.ndarray | None = None) -> str:
@@ -176,7 +168,7 @@ def build_compact(folder: str, image_ids: list[str], pca_vectors_or_embeddings: 
         np.savez(f, mean=mean, components=components)
     for name in files:
         os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
-        files[name] = {"sha256": _sha256(os.path.join(folder, name)),
+        files[name] = {"sha256": file_sha256(os.path.join(folder, name)),
                        "bytes": os.path.getsize(os.path.join(folder, name))}
     manifest = {"format": FORMAT, "model": model, "features_version": features_version, "k": int(pca.shape[1]),
                 "rows": len(image_ids), "kind": "pca-sq8-ip", "faiss_version": faiss.__version__, "files": files}
@@ -203,7 +195,7 @@ def load_compact(folder: str, *, verify: bool = True) -> CompactMatrix:
         raise NotFound(f"no suggestion matrix at {folder}") from None
     for name, meta in manifest["files"].items():
         path = os.path.join(folder, name)
-        if not os.path.isfile(path) or os.path.getsize(path) != meta["bytes"] or (verify and _sha256(path) != meta["sha256"]):
+        if not os.path.isfile(path) or os.path.getsize(path) != meta["bytes"] or (verify and file_sha256(path) != meta["sha256"]):
             raise CorruptArtifact(f"suggestion matrix file {path} does not match its manifest; delete {folder} "
                                   "and it is rebuilt on the next request")
     index = faiss.read_index(os.path.join(folder, "index.faiss"), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)

@@ -16,13 +16,13 @@ Nothing here downloads anything: weights come from installed packages or local f
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from typing import Any, Callable
 
+from lake.artifacts import file_sha256 as sha256_of_file
 from lake.errors import BadInput, NotFound
 
 __all__ = ["ModelSpec", "Embedder", "MODELS", "register_model", "get_model", "efficientnet_lite",
@@ -179,11 +179,7 @@ def head_split(build: Callable[[], Any], weights_path: str, head: str = "fc"):
 
 @lru_cache(maxsize=32)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_of_file(path)
 
 
 def file_sha256(path: str) -> str:

@@ -20,7 +20,6 @@ What is rendered when (measured, see README Benchmarks):
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -32,6 +31,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from lake.artifacts import file_sha256
 from lake.errors import CorruptArtifact, NotFound
 
 __all__ = ["Pyramid", "build_tiles", "TileSource", "TILE_SIZE", "BACKGROUND"]
@@ -187,19 +187,11 @@ def build_tiles(folder: str, pyramid: Pyramid, thumbnails: Iterator[tuple[np.nda
         "max_level": p.max_level, "prerendered_levels": sorted(levels),
         "prerendered_tile_bytes": tile_bytes,
         "cells": {"bytes": int(offsets[-1]), "filled": int((sizes > 0).sum()),
-                  "idx_sha256": _sha256_file(os.path.join(folder, "cells.idx")),
-                  "bin_sha256": _sha256_file(pack_path)},
+                  "idx_sha256": file_sha256(os.path.join(folder, "cells.idx")),
+                  "bin_sha256": file_sha256(pack_path)},
     }
     _write_atomic(os.path.join(folder, "manifest.json"), json.dumps(manifest, indent=1).encode())
     return manifest
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class TileSource:
@@ -222,7 +214,7 @@ class TileSource:
         m = self.manifest
         self.pyramid = Pyramid(m["width"], m["height"], m["cell_px"], m["base_px"], m["tile_size"])
         idx_path = os.path.join(folder, "cells.idx")
-        if _sha256_file(idx_path) != m["cells"]["idx_sha256"]:
+        if file_sha256(idx_path) != m["cells"]["idx_sha256"]:
             raise CorruptArtifact(f"{idx_path} does not match the manifest")
         self._offsets = np.load(idx_path)
         bin_path = os.path.join(folder, "cells.bin")

@@ -28,6 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+from lake.artifacts import file_sha256
 from lake.catalog import Lake
 from lake.errors import CorruptArtifact
 
@@ -57,14 +58,6 @@ def faiss_version() -> str:
 
 def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", version)[:3])
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
