@@ -25,7 +25,7 @@ def _rows(sql: str, max_rows: int = 10_000) -> list[tuple]:
     reader = lake_reader()
     if not current_app.extensions.get("imagelake.clusters_upgraded"):
         upgrade_table(reader.lake, "clusters")  # a lake made before the model_run column
-        reader._sql_sandbox().refresh(force=True)
+        reader.refresh_sql()
         current_app.extensions["imagelake.clusters_upgraded"] = True
     return reader.query(sql, max_rows=max_rows).rows
 

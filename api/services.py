@@ -285,6 +285,11 @@ class LakeReader:
         """
         return self._sql_sandbox().query(sql, max_rows=max_rows)
 
+    def refresh_sql(self) -> None:
+        """Make the next :meth:`query` see every commit made so far (read-your-writes after this
+        process wrote), without waiting for ``refresh_s``."""
+        self._sql_sandbox().refresh(force=True)
+
     def close(self) -> None:
         """Close this process's connection and sandbox; a later call opens them again."""
         with self._lock:

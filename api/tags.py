@@ -69,7 +69,7 @@ def edit_tags(image_id: str):
     principal = current_principal()
     actor = (principal.name or principal.token_id) if principal else None
     change = apply_edit(reader.lake, reader.settings, image_id, edit, actor, store=_store())
-    reader._sql_sandbox().refresh(force=True)  # read-your-writes in this answer
+    reader.refresh_sql()  # read-your-writes in this answer
     body = image_tags(image_id)
     body.update({"added": change["added"], "removed": change["removed"], "learned": change["learned"]})
     return jsonify(body)
