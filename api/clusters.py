@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import re
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 
 from api.images import _int_arg
 from api.services import check_image_id, lake_reader
 from lake.errors import BadInput, NotFound
-from lake.migrate import upgrade_table
 
 bp = Blueprint("clusters", __name__)
 
@@ -22,12 +21,7 @@ _CLUSTER_ID = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
 
 
 def _rows(sql: str, max_rows: int = 10_000) -> list[tuple]:
-    reader = lake_reader()
-    if not current_app.extensions.get("imagelake.clusters_upgraded"):
-        upgrade_table(reader.lake, "clusters")  # a lake made before the model_run column
-        reader.refresh_sql()
-        current_app.extensions["imagelake.clusters_upgraded"] = True
-    return reader.query(sql, max_rows=max_rows).rows
+    return lake_reader().query(sql, max_rows=max_rows).rows
 
 
 def current_runs() -> tuple[str | None, str | None]:

@@ -11,7 +11,6 @@ from api.images import _int_arg
 from api.services import check_image_id, lake_reader
 from jobs.tag.state import CURRENT_TAGS_SQL
 from lake.errors import BadInput
-from lake.migrate import upgrade_table
 from lake.vectors import load_embeddings
 
 bp = Blueprint("tags", __name__)
@@ -22,10 +21,8 @@ def _store():
     from jobs.tag.model import ModelStore
 
     store = current_app.extensions.get("imagelake.tag_model")
-    reader = lake_reader()
     if store is None:
-        upgrade_table(reader.lake, "tags")  # a lake made before the action/actor columns
-        store = current_app.extensions["imagelake.tag_model"] = ModelStore(reader.lake)
+        store = current_app.extensions["imagelake.tag_model"] = ModelStore(lake_reader().lake)
     return store
 
 

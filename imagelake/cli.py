@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="port (default 8000)")
     s.add_argument("--workers", type=int, help="worker processes (default 2)")
 
+    sub.add_parser("migrate", help="add the columns this version's catalog has to tables an older one made")
+
     s = sub.add_parser("janitor", help="remove staging leftovers and orphaned data files")
     s.add_argument("--older-than", type=float, metavar="HOURS",
                    help="age after which unfinished runs' files go (default: setting staging_retention_h)")
@@ -279,7 +281,28 @@ def _cmd_status(args, settings: Settings, lake: Lake) -> int:
 def _cmd_serve(args, settings: Settings, lake: Lake) -> int:
     from imagelake.serve import serve
 
+    if not _migrate_in_child(lake):
+        return 1
     serve(settings)
+    return 0
+
+
+def _migrate_in_child(lake: Lake) -> bool:
+    """``imagelake migrate`` in a child process: deltalake's runtime must not be forked, and the
+    server forks its workers. Read paths then never need to alter a table."""
+    import subprocess
+
+    return subprocess.call([sys.executable, "-m", "lake.migrate", lake.root]) == 0
+
+
+def _cmd_migrate(args, settings: Settings, lake: Lake) -> int:
+    from lake.migrate import upgrade_lake
+
+    added = upgrade_lake(lake)
+    for table, columns in added.items():
+        print(f"{table}: added {', '.join(columns)}")
+    if not added:
+        print("every table is up to date")
     return 0
 
 
@@ -363,7 +386,7 @@ def _cmd_settings(args, settings: Settings, lake: Lake) -> int:
 _COMMANDS = {
     "ingest": _cmd_ingest, "embed": _cmd_embed, "index": _cmd_index, "run": _cmd_run, "cluster": _cmd_cluster,
     "tag": _cmd_tag, "export": _cmd_export, "grid": _cmd_grid, "sql": _cmd_sql, "status": _cmd_status, "serve": _cmd_serve,
-    "janitor": _cmd_janitor, "demo": _cmd_demo, "token": _cmd_token, "settings": _cmd_settings,
+    "migrate": _cmd_migrate, "janitor": _cmd_janitor, "demo": _cmd_demo, "token": _cmd_token, "settings": _cmd_settings,
     "metadata": _cmd_metadata,
 }
 

@@ -45,6 +45,7 @@ log = logging.getLogger("imagelake.pipeline")
 STEPS: dict[str, str] = {
     "ingest": "jobs.ingest.driver:run_ingest",
     "embed": "jobs.embed.driver:run_embed",
+    "suggest": "jobs.suggest:run_suggest",
     "index": "jobs.index.driver:run_index",
     "cluster": "jobs.cluster.driver:run_cluster",
     "tag": "jobs.tag.driver:run_tag",

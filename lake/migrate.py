@@ -1,6 +1,12 @@
 """Adding columns to tables made by an older imagelake: new catalog columns are nullable, so a
 table created before they existed gets them with ``ALTER TABLE ... ADD COLUMNS`` (old rows read
-as null) instead of failing its next append with a schema mismatch."""
+as null) instead of failing its next append with a schema mismatch.
+
+Jobs upgrade the tables they write; ``imagelake migrate`` (run by ``imagelake serve`` before its
+workers start) upgrades every table, so read paths never alter a table.
+
+    python -m lake.migrate LAKE      # same as: imagelake --lake LAKE migrate
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from lake.catalog import Lake, table_spec
 from lake.commit import open_table
 from lake.lock import LakeLock
 
-__all__ = ["upgrade_table"]
+__all__ = ["upgrade_lake", "upgrade_table"]
 
 
 def upgrade_table(lake: Lake, name: str) -> list[str]:
@@ -28,3 +34,27 @@ def upgrade_table(lake: Lake, name: str) -> list[str]:
         if missing:
             table.alter.add_columns([Field.from_arrow(f) for f in missing])
     return [f.name for f in missing]
+
+
+def upgrade_lake(lake: Lake) -> dict[str, list[str]]:
+    """:func:`upgrade_table` for every catalog table the lake has; ``{table: added columns}`` for
+    the tables that changed. Tables that do not exist yet are left alone (they are created with
+    the current schema when first written)."""
+    from deltalake import DeltaTable
+
+    from lake.catalog import TABLES
+
+    added = {}
+    for name in TABLES:
+        if DeltaTable.is_deltatable(lake.table_uri(name)):
+            columns = upgrade_table(lake, name)
+            if columns:
+                added[name] = columns
+    return added
+
+
+if __name__ == "__main__":
+    import sys
+
+    for table, columns in upgrade_lake(Lake.at(sys.argv[1])).items():
+        print(f"{table}: added {', '.join(columns)}")

@@ -137,3 +137,26 @@ def test_serve_runs_gunicorn_and_answers_over_http(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_migrate_adds_new_catalog_columns_to_an_older_lakes_tables(tmp_path):
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    from lake.catalog import table_spec
+
+    lake = tmp_path / "lake"
+    old = pa.schema([f for f in table_spec("clusters").schema if f.name != "model_run"])  # as before that column
+    uri = str(lake / "tables" / "clusters")
+    DeltaTable.create(uri, old, name="clusters")
+    row = {f.name: None for f in old}
+    row.update(run_id="cluster-old", kind="topic", cluster_id="t1", image_id="a" * 64, level=2)
+    write_deltalake(uri, pa.Table.from_pylist([row], schema=old), mode="append")
+    done = imagelake("--lake", str(lake), "migrate")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "clusters: added model_run"
+    table = DeltaTable(uri)
+    assert "model_run" in pa.schema(table.schema()).names
+    assert table.to_pyarrow_table().to_pylist()[0]["model_run"] is None and table.to_pyarrow_table().num_rows == 1
+    again = imagelake("--lake", str(lake), "migrate")
+    assert again.returncode == 0 and again.stdout.strip() == "every table is up to date"

@@ -97,11 +97,11 @@ def test_a_step_missing_from_the_build_is_named_or_skipped(lake, local_settings,
     with pytest.raises(StepUnavailable, match="step grid is not available in this build"):
         run_pipeline(lake, local_settings, PipelineRequest(steps=("embed", "grid")))
     assert not _rows(lake, "job_runs"), "nothing may run when a named step is missing"
-    for name in ("ingest", "index", "cluster", "tag"):
+    for name in ("ingest", "suggest", "index", "cluster", "tag"):
         monkeypatch.setitem(pipeline.STEPS, name, f"jobs.{name}_not_built:run")
     summary = run_pipeline(lake, local_settings, PipelineRequest())  # default: the steps this build has
     assert [s["step"] for s in summary.steps] == ["embed"]
-    assert summary.skipped == ["ingest", "index", "cluster", "tag", "grid"]
+    assert summary.skipped == ["ingest", "suggest", "index", "cluster", "tag", "grid"]
     assert "not in this build: ingest, index, cluster, tag, grid" in summary.line()
 
 
@@ -144,7 +144,7 @@ def test_cli_exit_codes_overlap_3_failure_1_bad_input_2(tmp_path, lake, monkeypa
     assert held.returncode == 3 and "'pipeline' lock is held by pid" in err and "a scheduled run" in err
     assert not _rows(lake, "images")
     bad = _cli(*base, "--steps", "ingest,bogus")
-    assert bad.communicate(timeout=120)[1].strip().endswith("steps are ingest, embed, index, cluster, tag, grid")
+    assert bad.communicate(timeout=120)[1].strip().endswith("steps are ingest, embed, suggest, index, cluster, tag, grid")
     assert bad.returncode == 2
     missing = _cli("--lake", lake.root, "--runner", "local", "run", "--images", str(tmp_path / "nope"),
                    "--steps", "ingest")
