@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     uploads.init_app(app, settings)
     buckets.init_app(app)
     suggest.init_app(app)
+    grid.init_app(app)
     for area in AREAS:
         app.register_blueprint(area.bp, url_prefix=API_PREFIX)
     return app

@@ -10,14 +10,13 @@ original event and write nothing.
 from __future__ import annotations
 
 import datetime as dt
-import os
-import threading
 from typing import Any
 
 from flask import Blueprint, Flask, current_app, jsonify, request
 
 from api.auth import current_principal
 from api.images import _int_arg
+from api.per_process import PerProcess
 from api.services import check_image_id, lake_reader
 from lake.bucket_store import Action, BucketStore
 from lake.buckets import DISCARD, bucket_history, check_bucket_id
@@ -32,23 +31,10 @@ bp = Blueprint("buckets", __name__)
 
 # -- per-process state --------------------------------------------------------------------------
 
-class _PerProcess:
-    """Builds ``factory()`` once per process, on first use (nothing deltalake before a fork)."""
-
-    def __init__(self, factory):
-        self.factory, self._lock, self._pid, self._value = factory, threading.Lock(), None, None
-
-    def get(self):
-        with self._lock:
-            if self._pid != os.getpid():
-                self._value, self._pid = self.factory(), os.getpid()
-            return self._value
-
-
 def init_app(app: Flask) -> None:
     settings = app.config["IMAGELAKE_SETTINGS"]
     lake = Lake.at(settings.lake)
-    app.extensions["imagelake.buckets"] = _PerProcess(lambda: BucketStore(lake))
+    app.extensions["imagelake.buckets"] = PerProcess(lambda: BucketStore(lake))
 
 
 def bucket_store() -> BucketStore:

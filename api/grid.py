@@ -8,12 +8,10 @@ viewer should load ``/grid/latest`` once and then use the id it names.
 
 from __future__ import annotations
 
-import os
-import threading
-
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from api.auth import requires
+from api.per_process import PerProcess
 from api.services import check_image_id
 from jobs.grid.store import LayoutStore, LayoutView
 from lake.catalog import Lake
@@ -24,19 +22,16 @@ bp = Blueprint("grid", __name__)
 
 _IMMUTABLE = "public, max-age=31536000, immutable"
 _MAX_IDS = 100_000
-_lock = threading.Lock()
+def init_app(app: Flask) -> None:
+    settings = app.config["IMAGELAKE_SETTINGS"]
+    lake = Lake.at(settings.lake)
+    app.extensions["imagelake.grid"] = PerProcess(
+        lambda: LayoutStore(lake, refresh_s=settings.refresh_s, tile_cache=settings.grid_tile_cache))
 
 
 def layout_store() -> LayoutStore:
     """This process's store for the current app (made on first use: deltalake must not cross a fork)."""
-    with _lock:
-        held = current_app.extensions.get("imagelake_grid")
-        if held is None or held[0] != os.getpid():
-            settings = current_app.config["IMAGELAKE_SETTINGS"]
-            held = (os.getpid(), LayoutStore(Lake.at(settings.lake), refresh_s=settings.refresh_s,
-                                             tile_cache=settings.grid_tile_cache))
-            current_app.extensions["imagelake_grid"] = held
-        return held[1]
+    return current_app.extensions["imagelake.grid"].get()
 
 
 def _public_meta(meta: dict) -> dict:

@@ -45,9 +45,10 @@ from typing import Any, Iterable
 import numpy as np
 from flask import Flask, current_app
 
+from api.per_process import ProcessOwner
 from jobs.index.build import Manifest, verify_build
 from lake.catalog import Lake
-from lake.errors import BadInput, CorruptArtifact, ImagelakeError, NotFound, Unavailable
+from lake.errors import BadInput, CorruptArtifact, NotFound, Unavailable
 from lake.settings import Settings
 
 __all__ = ["Hit", "LoadedBuild", "SearchService", "init_app", "search_service"]
@@ -180,7 +181,7 @@ class SearchService:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.lake = Lake.at(settings.lake)
-        self._pid: int | None = None
+        self._owner = ProcessOwner("the search service")
         self._lock = threading.Lock()          # one loader at a time
         self._build: LoadedBuild | None = None
         self._table = None
@@ -193,13 +194,13 @@ class SearchService:
     # -- loading ---------------------------------------------------------------------------------
 
     def _ensure_process(self) -> None:
-        if self._pid == os.getpid():
+        if self._owner.owns():
             return
-        if self._pid is not None:
-            raise ImagelakeError("the search service was used before the server forked; build the app in each "
-                                 "worker (no gunicorn --preload)")
-        self._pid = os.getpid()
-        self._pool = ThreadPoolExecutor(max_workers=self.settings.search_threads, thread_name_prefix="shard-search")
+        with self._lock:
+            if not self._owner.owns():
+                self._pool = ThreadPoolExecutor(max_workers=self.settings.search_threads,
+                                                thread_name_prefix="shard-search")
+                self._owner.claim()
 
     def refresh(self, force: bool = False) -> LoadedBuild | None:
         """Pick up a newly published build (at most every ``refresh_s`` unless ``force``).
@@ -448,9 +449,9 @@ class SearchService:
         return (np.hstack([r[0] for r in results]), np.hstack([r[1] for r in results]).astype(np.int64))
 
     def close(self) -> None:
-        if self._pool is not None and self._pid == os.getpid():
+        if self._owner.release() and self._pool is not None:
             self._pool.shutdown(wait=False)
-        self._pool, self._build, self._table, self._pid = None, None, None, None
+        self._pool, self._build, self._table = None, None, None
         self._failed, self._published, self._table_version = {}, [], None
         self._checked_at = float("-inf")
 

@@ -10,7 +10,6 @@ and rebuilds a view only when its table's Delta version changed.
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
@@ -23,8 +22,9 @@ from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 from flask import Flask, current_app
 
+from api.per_process import ProcessOwner
 from lake.catalog import TABLES, Lake
-from lake.errors import BadInput, ImagelakeError, NotFound
+from lake.errors import BadInput, NotFound
 from lake.metadata_filter import facet_counts, matching_seqs
 from lake.settings import Settings
 from lake.sql import QueryResult, SqlSandbox
@@ -58,7 +58,7 @@ class LakeReader:
         self.settings = settings
         self.lake = Lake.at(settings.lake)
         self._lock = threading.RLock()
-        self._pid: int | None = None
+        self._owner = ProcessOwner("this API app's lake reader")
         self._con: duckdb.DuckDBPyConnection | None = None
         self._tables: dict[str, DeltaTable] = {}
         self._versions: dict[str, int | None] = {}
@@ -73,21 +73,15 @@ class LakeReader:
     # -- per-process state -------------------------------------------------------------------
 
     def _ensure_open(self) -> None:
-        if self._pid == os.getpid():
+        if self._owner.owns():
             return
-        if self._pid is not None:
-            # deltalake's tokio runtime panics or segfaults in a process forked after it started.
-            raise ImagelakeError(
-                "this API app read the lake before the server forked its workers, and deltalake "
-                "cannot run in a forked child after that; build the app in each worker (no "
-                "gunicorn --preload) or make no request before forking")
         self._con = duckdb.connect(config={"threads": self.settings.sql_threads,
                                            "memory_limit": self.settings.sql_memory_limit})
         self._con.execute("SET parquet_metadata_cache = true")  # Delta data files are immutable
         self._tables, self._versions, self._view_versions, self._datasets = {}, {}, {}, {}
         self._checked_at = self._sandbox_checked_at = float("-inf")
         self._sandbox = None
-        self._pid = os.getpid()
+        self._owner.claim()
 
     def refresh(self, force: bool = False) -> dict[str, int | None]:
         """Pick up new commits (at most every ``refresh_s`` unless ``force``); table -> version.
@@ -293,13 +287,13 @@ class LakeReader:
     def close(self) -> None:
         """Close this process's connection and sandbox; a later call opens them again."""
         with self._lock:
-            if self._pid != os.getpid():
+            if not self._owner.release():
                 return
             if self._sandbox is not None:
                 self._sandbox.close()
             if self._con is not None:
                 self._con.close()
-            self._con, self._sandbox, self._pid = None, None, None
+            self._con, self._sandbox = None, None
             self._tables, self._versions, self._view_versions, self._datasets = {}, {}, {}, {}
 
 

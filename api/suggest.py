@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from flask import Blueprint, Flask, current_app, jsonify, request
 
-from api.buckets import (BUCKET_ID_PARAM, _PerProcess, _body, _IDS, _int_arg, action_response, bucket_store,
+from api.buckets import (BUCKET_ID_PARAM, _body, _IDS, _int_arg, action_response, bucket_store,
                          image_ids_arg, json_body, submit)
+from api.per_process import PerProcess
 from api.suggester import Suggester, labels_of
 from lake.buckets import check_bucket_id
 from lake.catalog import Lake
@@ -25,7 +26,7 @@ bp = Blueprint("suggest", __name__)
 def init_app(app: Flask) -> None:
     settings = app.config["IMAGELAKE_SETTINGS"]
     lake = Lake.at(settings.lake)
-    app.extensions["imagelake.suggest"] = _PerProcess(
+    app.extensions["imagelake.suggest"] = PerProcess(
         lambda: Suggester(lake, dims=settings.suggest_dims, refresh_s=settings.suggest_refresh_s))
 
 
