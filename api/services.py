@@ -27,6 +27,7 @@ from lake.catalog import TABLES, Lake
 from lake.errors import BadInput, NotFound
 from lake.metadata_filter import facet_counts, matching_seqs
 from lake.settings import Settings
+from lake.thumbnail_index import ThumbnailIndex
 from lake.sql import QueryResult, SqlSandbox
 
 __all__ = ["LakeReader", "SERVED_TABLES", "check_image_id", "init_app", "lake_reader"]
@@ -69,6 +70,8 @@ class LakeReader:
         self._sandbox_checked_at = float("-inf")
         # Thumbnails are content-addressed and never rewritten: cache them without invalidation.
         self._thumbs = ByteLRU(int(settings.thumbnail_cache_mb * 1024 * 1024))
+        self._thumb_index = ThumbnailIndex()  # point lookups: one row group read, not one per data file
+        self._thumb_index_version: int | None = None
 
     # -- per-process state -------------------------------------------------------------------
 
@@ -237,18 +240,24 @@ class LakeReader:
         cached = self._thumbs.get((image_id, size))
         if cached is not None:
             return cached
-        cur = self._cursor()
-        try:
-            cur.execute("SELECT jpeg FROM thumbnails WHERE image_id = ? AND size = ? LIMIT 1",
-                        [image_id, size])
-            row = cur.fetchone()
-        finally:
-            cur.close()
-        if row is None or row[0] is None:
+        jpeg = self.thumbnail_index().get(image_id, size)
+        if jpeg is None:
             raise NotFound(f"no {size}px thumbnail of image {image_id} in the lake")
-        jpeg = bytes(row[0])
         self._thumbs.put((image_id, size), jpeg)
         return jpeg
+
+    def thumbnail_index(self) -> ThumbnailIndex:
+        """The point-lookup index over the thumbnails table's current files (new files added on a
+        new version; built on first use, or by :func:`api.warm_up` when the worker starts)."""
+        version = self.refresh().get("thumbnails")
+        if version is not None and self._thumb_index_version != version:
+            with self._lock:
+                table = self._tables.get("thumbnails")
+                files = table.file_uris() if table is not None and table.version() == version else None
+            if files is not None:
+                self._thumb_index.update(files)  # its own lock: other reads go on meanwhile
+                self._thumb_index_version = version
+        return self._thumb_index
 
     def existing_image_ids(self, image_ids: list[str]) -> set[str]:
         """Which of ``image_ids`` (validated sha256 hex) are in ``images``. The ids go in as an

@@ -1,0 +1,137 @@
+"""Point lookups of thumbnails: (image_id, size) -> JPEG bytes by reading one row group.
+
+``SELECT jpeg FROM thumbnails WHERE image_id = ?`` has to open a row group in every data file,
+because each ingest partition covers the whole (random, sha256) id range: 11 ms a lookup at 70k
+images in 18 files, and it grows with the number of files. This index keeps, per process, the
+64-bit id prefix of every thumbnail row, sorted, with the row's (file, row group, row, size); a
+lookup is a binary search and one row group read of the ``image_id`` and ``jpeg`` columns
+(measured 0.35 ms at 70k, tests/bench/bench_dashboard.py).
+
+Data files are immutable, so a new table version only adds the new files to the index; when a
+file it knows has gone (compaction, vacuum) it starts over. Memory: 24 bytes per thumbnail row
+(≈ 48 MB per process at 1M images with two sizes); building reads just the two small key columns
+(0.13 s for 140k rows on 2 cores).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lake.staging import filesystem_for
+
+__all__ = ["ThumbnailIndex", "id_prefixes"]
+
+_HEX = np.full(256, 255, np.uint8)
+_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint8)
+
+
+def id_prefixes(ids: pa.Array) -> np.ndarray:
+    """The first 16 hex digits of each id as a uint64 (ids shorter than 16 characters map to 0)."""
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    if not pa.types.is_large_string(ids.type):
+        ids = ids.cast(pa.large_string())
+    n = len(ids)
+    if n == 0:
+        return np.empty(0, np.uint64)
+    offsets = np.frombuffer(ids.buffers()[1], np.int64)[ids.offset:ids.offset + n + 1]
+    data = np.frombuffer(ids.buffers()[2], np.uint8)
+    ok = (offsets[1:] - offsets[:-1]) >= 16
+    starts = np.where(ok, offsets[:-1], 0)
+    nibbles = _HEX[data[starts[:, None] + np.arange(16)]].astype(np.uint64)
+    nibbles[~ok] = 0
+    out = np.zeros(n, np.uint64)
+    for j in range(16):
+        out = (out << np.uint64(4)) | nibbles[:, j]
+    return out
+
+
+class ThumbnailIndex:
+    """Thread-safe. :meth:`update` with the table's current data files, then :meth:`get`."""
+
+    def __init__(self, max_open_footers: int = 4096):
+        self._lock = threading.Lock()
+        self._files: list[str] = []
+        self._known: set[str] = set()
+        self._keys = np.empty(0, np.uint64)
+        self._where = np.empty((0, 4), np.int32)  # file index, row group, row in group, size
+        self._footers: OrderedDict[str, pq.FileMetaData] = OrderedDict()
+        self._max_footers = max_open_footers
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def update(self, files: Sequence[str]) -> int:
+        """Index the files not seen yet (all of them when one it knew is gone); returns rows added."""
+        with self._lock:
+            files = list(files)
+            if not self._known.issubset(files):
+                self._files, self._known = [], set()
+                self._keys, self._where = np.empty(0, np.uint64), np.empty((0, 4), np.int32)
+                self._footers.clear()
+            new = [f for f in files if f not in self._known]
+            if not new:
+                return 0
+            keys, where = [self._keys], [self._where]
+            for path in new:
+                k, w = self._index_file(path, len(self._files))
+                keys.append(k)
+                where.append(w)
+                self._files.append(path)
+                self._known.add(path)
+            keys_all, where_all = np.concatenate(keys), np.concatenate(where)
+            order = np.argsort(keys_all, kind="stable")
+            self._keys, self._where = keys_all[order], where_all[order]
+            return sum(len(k) for k in keys[1:])
+
+    def _open(self, path: str, footer: pq.FileMetaData | None = None) -> pq.ParquetFile:
+        fs, inner = filesystem_for(path)
+        return pq.ParquetFile(fs.open_input_file(inner), metadata=footer)
+
+    def _footer(self, path: str) -> pq.FileMetaData:
+        footer = self._footers.get(path)
+        if footer is None:
+            footer = self._open(path).metadata
+            self._footers[path] = footer
+            while len(self._footers) > self._max_footers:
+                self._footers.popitem(last=False)
+        else:
+            self._footers.move_to_end(path)
+        return footer
+
+    def _index_file(self, path: str, file_no: int) -> tuple[np.ndarray, np.ndarray]:
+        pf = self._open(path)
+        self._footers[path] = pf.metadata
+        keys, where = [], []
+        for rg in range(pf.num_row_groups):
+            t = pf.read_row_group(rg, columns=["image_id", "size"])
+            n = t.num_rows
+            keys.append(id_prefixes(t.column("image_id")))
+            w = np.empty((n, 4), np.int32)
+            w[:, 0], w[:, 1], w[:, 2] = file_no, rg, np.arange(n, dtype=np.int32)
+            w[:, 3] = t.column("size").to_numpy(zero_copy_only=False)
+            where.append(w)
+        if not keys:
+            return np.empty(0, np.uint64), np.empty((0, 4), np.int32)
+        return np.concatenate(keys), np.concatenate(where)
+
+    def get(self, image_id: str, size: int) -> bytes | None:
+        """The JPEG, or None when the indexed files hold no such thumbnail."""
+        key = id_prefixes(pa.array([image_id]))[0]
+        with self._lock:
+            lo, hi = np.searchsorted(self._keys, key), np.searchsorted(self._keys, key, side="right")
+            candidates = [(self._files[w[0]], int(w[1]), int(w[2])) for w in self._where[lo:hi] if w[3] == size]
+            footers = {path: self._footer(path) for path, _, _ in candidates}
+        for path, rg, row in candidates:
+            t = self._open(path, footers[path]).read_row_group(rg, columns=["image_id", "jpeg"])
+            if t.column("image_id")[row].as_py() == image_id:
+                jpeg = t.column("jpeg")[row].as_py()
+                return None if jpeg is None else bytes(jpeg)
+        return None
