@@ -1,11 +1,14 @@
 """The HTTP API: a Flask app factory, one blueprint per area, one error funnel.
 
 ``create_app()`` builds the app; it opens nothing: each server process opens its own DuckDB
-connection and Delta handles on its first request (see :mod:`api.services`).
+connection and Delta handles on its first request (see :mod:`api.services`), or, under
+``imagelake serve``, in :func:`warm_up` right after the worker starts.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Any
 
 from flask import Flask
@@ -15,7 +18,9 @@ from api import (auth, buckets, clusters, errors, facets, grid, health, images, 
 from api.openapi import API_PREFIX
 from lake.settings import Settings, load_settings
 
-__all__ = ["API_PREFIX", "AREAS", "create_app"]
+__all__ = ["API_PREFIX", "AREAS", "create_app", "warm_up"]
+
+log = logging.getLogger("imagelake.api")
 
 # One module per API area: a blueprint ``bp`` plus ``openapi_paths(settings)`` describing its routes.
 AREAS = (health, auth, images, query, search, buckets, suggest, facets, clusters, tags, grid, upload_routes, openapi)
@@ -49,3 +54,25 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     for area in AREAS:
         app.register_blueprint(area.bp, url_prefix=API_PREFIX)
     return app
+
+
+def warm_up(app: Flask) -> threading.Thread:
+    """Load what a worker's first requests would otherwise wait for — the lake's views, the
+    thumbnail index, the suggestion matrix, the similarity index — in a background thread.
+    ``imagelake serve`` calls it in each worker after the fork; never call it before forking (it
+    starts deltalake). Requests are served meanwhile; whatever is not loaded yet loads on demand."""
+    def run() -> None:
+        with app.app_context():
+            steps = (("lake views", lambda: services.lake_reader().refresh(force=True)),
+                     ("thumbnail index", lambda: services.lake_reader().thumbnail_index()),
+                     ("suggestion matrix", lambda: suggest.suggester().matrix()),
+                     ("similarity index", lambda: index_service.search_service().refresh()))
+            for name, step in steps:
+                try:
+                    step()
+                except Exception as e:  # an empty lake, no features yet: the routes say so themselves
+                    log.info("warm-up: %s not loaded: %s", name, e)
+
+    thread = threading.Thread(target=run, name="imagelake-warm-up", daemon=True)
+    thread.start()
+    return thread

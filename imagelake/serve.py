@@ -1,7 +1,9 @@
 """``imagelake serve``: the API and dashboard under gunicorn (threaded workers, no preload).
 
 Each worker builds its own app after the fork — deltalake's runtime must not be forked — so
-there is deliberately no ``--preload``.
+there is deliberately no ``--preload``; instead each worker warms itself up after the fork
+(:func:`api.warm_up`), so the first requests do not wait for the thumbnail index or the suggestion
+matrix.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class ImagelakeServer(BaseApplication):
             "bind": f"{s.host}:{s.port}", "workers": s.workers, "threads": s.threads,
             "worker_class": "gthread", "timeout": 120, "graceful_timeout": 20, "keepalive": 5,
             "preload_app": False, "accesslog": None, "errorlog": "-", "loglevel": s.log_level.lower(),
-            "proc_name": "imagelake", "limit_request_line": 8190,
+            "proc_name": "imagelake", "limit_request_line": 8190, "post_worker_init": _warm_worker,
         }.items():
             self.cfg.set(key, value)
 
@@ -32,6 +34,13 @@ class ImagelakeServer(BaseApplication):
         from dashboards import create_app
 
         return create_app(self.settings)
+
+
+def _warm_worker(worker) -> None:
+    """In each worker, after the fork: load the lake's views and indexes in the background."""
+    from api import warm_up
+
+    warm_up(worker.wsgi)
 
 
 def serve(settings: Settings) -> None:
