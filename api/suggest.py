@@ -15,7 +15,7 @@ from api.per_process import PerProcess
 from api.suggester import Suggester, labels_of
 from lake.buckets import check_bucket_id
 from lake.catalog import Lake
-from lake.errors import BadInput, Conflict
+from lake.errors import BadInput, Conflict, Unavailable
 from lake.sql import jsonable
 
 __all__ = ["bp", "init_app", "suggester"]
@@ -105,6 +105,25 @@ def fast_forward_commit(bucket_id: str):
     return action_response(submit("feedback", bucket_id, body, image_ids=tuple(keep), rejected_ids=tuple(remove)))
 
 
+@bp.get("/bucket-previews")
+def bucket_previews():
+    """``?n=`` (default 4, at most 12) most typical members of every live bucket, for the bucket bar:
+    those nearest the bucket's mean direction; the latest members when there are no features yet."""
+    n = _int_arg("n", 4, 1, 12)
+    with bucket_store().reading() as state:
+        members = {b["bucket_id"]: state.member_ids(b["bucket_id"], pending=False)
+                   for b in state.listing() if not b["system"]}
+    try:
+        engine = suggester()
+        engine.matrix()
+    except Unavailable:
+        engine = None
+    previews = {}
+    for bucket_id, ids in members.items():
+        previews[bucket_id] = engine.representatives(ids, n) if engine and ids else ids[::-1][:n]
+    return jsonify({"ok": True, "n": n, "previews": previews})
+
+
 @bp.get("/tetris/next")
 def tetris_next():
     """The one unlabeled image some bucket's model is most sure of, with that bucket."""
@@ -139,6 +158,15 @@ def openapi_paths(settings) -> dict:
                 "explore_fraction": {"type": "number"}, "acceptance": {"type": ["number", "null"]},
                 "positives": {"type": "integer"}, "negatives": {"type": "integer"}, "ms": {"type": "number"}}},
                 "Suggestions, best first, then exploration picks"), **errors(400, 404, 409, 503)}}},
+        "/bucket-previews": {"get": {
+            "summary": "The n most typical members of every live bucket (nearest the bucket's mean direction)",
+            "operationId": "bucketPreviews",
+            "parameters": [{"name": "n", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 12,
+                                                                   "default": 4}}],
+            "responses": {"200": json_response({"type": "object", "properties": {
+                "ok": {"const": True}, "n": {"type": "integer"},
+                "previews": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "string"}}}}},
+                "Bucket id -> image ids, most typical first"), **errors(400)}}},
         "/buckets/{bucket_id}/feedback": {"post": {
             "summary": "Accept (join the bucket) and reject (negatives for it) suggested images",
             "operationId": "bucketFeedback", "parameters": [BUCKET_ID_PARAM],

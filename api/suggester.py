@@ -212,6 +212,24 @@ class Suggester:
                 "negatives": 0 if model is None else model.negatives,
                 "ms": round((time.perf_counter() - t0) * 1e3, 2)}
 
+    def representatives(self, member_ids: list[str], n: int, *, sample: int = 5000) -> list[str]:
+        """The ``n`` members nearest the bucket's centre (mean direction in the compact space): its
+        most typical images, for the bucket bar. Scores the last ``sample`` members that have
+        features; members without features count only when fewer than ``n`` have them (latest first)."""
+        m = self.matrix()
+        rows = m.ids.rows_of(member_ids[-sample:])
+        best: list[str] = []
+        if len(rows):
+            v = m.vectors(rows)
+            v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+            centre = v.mean(axis=0)
+            order = np.argsort(-(v @ centre), kind="stable")[:n]
+            best = [m.ids.image_id(int(rows[i])) for i in order]
+        if len(best) < n:
+            chosen = set(best)
+            best += [i for i in reversed(member_ids) if i not in chosen][: n - len(best)]
+        return best
+
     def _neighbours(self, m: CompactMatrix, row: int) -> list[int]:
         """The 64 nearest images of ``row`` (inner product in the compact space), cached per
         process: a bucket's best members change slowly, so exploration rarely pays a second scan."""

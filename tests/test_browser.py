@@ -143,6 +143,8 @@ def test_curate_create_a_bucket_add_with_keys_get_suggestions_accept_then_tetris
         page.wait_for_timeout(300)
     page.wait_for_function("document.querySelectorAll('#curate-grid .badge').length >= 3")
     page.wait_for_selector(".bucket .count:has-text('3 images')")
+    # the bar shows the bucket's most typical members, loaded after the suggestions
+    page.wait_for_function("document.querySelectorAll('.bucket .preview img').length === 3")
     page.keyboard.press("n")  # the rest of the page is rejected; the next page appears
     page.wait_for_selector("#curate-status:has-text('feedback sent')")
     assert page.locator("#curate-grid .cell").count() > 0

@@ -130,6 +130,21 @@ def test_tetris_returns_an_image_and_its_bucket(client, labels):
     assert right >= 5
 
 
+def test_bucket_previews_are_the_most_typical_members(client, labels):
+    BAG = 8
+    bucket = ok(client.post(B, json={"name": "sneakers"}), 201)["bucket"]["bucket_id"]
+    empty = ok(client.post(B, json={"name": "empty"}), 201)["bucket"]["bucket_id"]
+    sneakers, outlier = of_class(labels, SNEAKER, 12), of_class(labels, BAG, 1)
+    ok(client.post(f"{B}/{bucket}/images", json={"image_ids": outlier + sneakers}))
+    body = ok(client.get(f"{API_PREFIX}/bucket-previews?n=5"))
+    assert body["n"] == 5 and body["previews"][empty] == []
+    shown = body["previews"][bucket]
+    assert len(shown) == 5 and set(shown) <= set(sneakers)  # the bag is the least typical member
+    assert ok(client.get(f"{API_PREFIX}/bucket-previews"))["n"] == 4
+    for bad in ("0", "13", "x"):
+        assert client.get(f"{API_PREFIX}/bucket-previews?n={bad}").status_code == 400
+
+
 def test_bad_suggestion_requests(client, labels):
     bucket = ok(client.post(B, json={"name": "x"}), 201)["bucket"]["bucket_id"]
     assert ok(client.get(f"{B}/{bucket}/suggestions?n=0"), 400)["status"] == 400
@@ -177,6 +192,39 @@ def test_compact_matrix_is_a_verified_artifact(lake):
         f.write(b"\xff")
     with pytest.raises(CorruptArtifact):
         load_compact(folder)
+
+
+def test_pipeline_suggest_step_builds_the_matrix_once_and_the_server_maps_it(lake):
+    from jobs.pipeline import PipelineRequest, run_pipeline
+    from lake.settings import Settings
+
+    settings = Settings(lake=lake.root, runner="local", suggest_dims=32)
+    first = run_pipeline(lake, settings, PipelineRequest(steps=("suggest",)))
+    assert [(s["step"], s["rows_in"], s["rows_out"]) for s in first.steps] == [("suggest", 1000, 1000)]
+    again = run_pipeline(lake, settings, PipelineRequest(steps=("suggest",)))
+    assert [s["rows_out"] for s in again.steps] == [0]  # incremental: the build for this features version exists
+    runs = open_table(lake, "job_runs").to_pyarrow_table().to_pylist()
+    ended = [json.loads(r["metrics"]) for r in sorted(runs, key=lambda r: r["started_at"])
+             if r["job"] == "suggest" and r["state"] == "succeeded"]
+    assert [m["built"] for m in ended] == [True, False] and ended[0]["dims"] == 32
+    folder = compact_dir(lake, ended[0]["model"], ended[0]["features_version"], 32)
+    stamp = os.stat(os.path.join(folder, "index.faiss")).st_mtime_ns
+    assert len(ensure_compact(lake, k=32)) == 1000  # what a server process calls: maps, does not rebuild
+    assert os.stat(os.path.join(folder, "index.faiss")).st_mtime_ns == stamp
+
+
+def test_warm_up_loads_the_thumbnail_index_and_the_matrix_before_any_request(lake):
+    from api import create_app, warm_up
+    from lake.settings import Settings
+
+    app = create_app(Settings(lake=lake.root), {"TESTING": True})
+    try:
+        warm_up(app).join(120)
+        reader = app.extensions["imagelake"]
+        assert len(reader._thumb_index) == 1000 * len(reader.settings.thumbnail_sizes)
+        assert len(app.extensions["imagelake.suggest"].get()._matrix) == 1000
+    finally:
+        app.extensions["imagelake"].close()
 
 
 def test_logistic_fit_matches_sklearn():

@@ -6,13 +6,14 @@ import {api, el, thumbUrl, toast} from "./api.js";
 const PAGE = 28;          // 4 × 7
 const PALETTE = ["#2f6fb3", "#e07b39", "#3a9b5c", "#b8439a", "#8a6d3b", "#d64550", "#5a5a9e", "#1b998b", "#c9a227"];
 
-export function mountCurate(root, {thumbLarge, openDetails, scope}) {
+export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) {
   const bar = root.querySelector("#bucket-bar");
   const gridBox = root.querySelector("#curate-grid");
   const tetrisBox = root.querySelector("#curate-tetris");
   const status = root.querySelector("#curate-status");
   const canWrite = scope !== "read";
   let buckets = [];
+  let previews = {};          // bucket id -> its most typical members (GET /bucket-previews)
   let active = null;          // bucket id suggestions are for
   let mode = "grid";
   let page = [];              // [{image_id, score, source, placed: bucket_id|null}]
@@ -26,12 +27,21 @@ export function mountCurate(root, {thumbLarge, openDetails, scope}) {
   const byKey = (n) => buckets.filter((b) => !b.system)[n - 1];
   const colorOf = (id) => (buckets.find((b) => b.bucket_id === id) || {}).color || "#888";
 
-  async function loadBuckets() {
+  async function loadBuckets(withPreviews = true) {
     const body = await api("/buckets");
     buckets = body.buckets;
     const user = buckets.filter((b) => !b.system);
     if (!user.some((b) => b.bucket_id === active)) active = user.length ? user[0].bucket_id : null;
     renderBar();
+    if (withPreviews) loadPreviews();
+  }
+
+  // The bar's thumbnails come after the suggestions: they are not on the path of the first page.
+  async function loadPreviews() {
+    try {
+      previews = (await api("/bucket-previews?n=4")).previews;
+      renderBar();
+    } catch (e) { /* the bar works without them */ }
   }
 
   function renderBar() {
@@ -44,6 +54,9 @@ export function mountCurate(root, {thumbLarge, openDetails, scope}) {
           i < 9 ? el("kbd", {class: "key"}, String(i + 1)) : "",
           el("div", {class: "name"}, b.name),
           el("div", {class: "count"}, `${b.count} images${b.pending ? ` · ${b.pending} pending` : ""}`),
+          (previews[b.bucket_id] || []).length ? el("div", {class: "preview"}, ...previews[b.bucket_id].map((id) =>
+            el("img", {src: thumbUrl(id, thumbSmall), alt: "", title: "a typical member (double-click for details)",
+                       dataset: {imageId: id}, ondblclick: (e) => { e.stopPropagation(); openDetails(id); }}))) : "",
           canWrite ? el("div", {class: "bucket-tools"},
             el("button", {type: "button", class: "link", title: "rename", onclick: (e) => { e.stopPropagation(); rename(b); }}, "rename"), " ",
             el("input", {type: "color", value: b.color || PALETTE[i % PALETTE.length], title: "recolor", "aria-label": `color of ${b.name}`,
@@ -136,8 +149,19 @@ export function mountCurate(root, {thumbLarge, openDetails, scope}) {
     return body.suggestions.map((s) => ({...s, placed: null}));
   }
 
-  function preload(items) {
-    for (const it of items) { const img = new Image(); img.src = thumbUrl(it.image_id, thumbLarge); }
+  // The next page's thumbnails are fetched only once the visible page's have arrived, so the two
+  // pages do not share the connection pool while the curator waits for the first.
+  async function preload(items) {
+    const visibleImgs = [...gridBox.querySelectorAll("img")];
+    await Promise.all(visibleImgs.map((img) => img.complete ? null : new Promise((ok) => {
+      img.addEventListener("load", ok, {once: true});
+      img.addEventListener("error", ok, {once: true});
+    })));
+    for (const it of items) {
+      const img = new Image();
+      img.fetchPriority = "low";
+      img.src = thumbUrl(it.image_id, thumbLarge);
+    }
   }
 
   async function refresh() {
@@ -151,9 +175,10 @@ export function mountCurate(root, {thumbLarge, openDetails, scope}) {
     const items = await fetchPage(PAGE * 2);
     page = items.slice(0, PAGE);
     prefetched = items.slice(PAGE);
-    preload(prefetched);
     focus = 0;
     renderGrid();
+    if (page.length) performance.mark("curate-grid-shown");  // read by tests/bench/bench_dashboard.py
+    preload(prefetched);
     say(page.length ? `${page.length} suggestions for ${(buckets.find((b) => b.bucket_id === active) || {}).name}` : "no suggestions: add images with features to the bucket");
   }
 
@@ -301,5 +326,5 @@ export function mountCurate(root, {thumbLarge, openDetails, scope}) {
   root.querySelector("#mode-grid").addEventListener("click", () => setMode("grid"));
   root.querySelector("#mode-tetris").addEventListener("click", () => setMode("tetris"));
 
-  return loadBuckets().then(refresh);
+  return loadBuckets(false).then(refresh).then(loadPreviews);
 }

@@ -1,0 +1,253 @@
+"""Curation view load time in a real browser on the 70k-image Fashion-MNIST lake (issue 8: <= 1 s).
+
+    python tests/bench/bench_dashboard.py [--n 70000] [--baseline-n 1000] [--repeat 9] [--workers 2]
+
+For each lake (the baseline's small one first, then the large one, both built once by
+tests/fashion.py with the real ingest and embed jobs and cached under test-artifacts/; the large
+one takes ~10 min of embedding on 2 cores), on a copy of it:
+
+1. the pipeline's ``suggest`` step builds the compact suggestion matrix (timed);
+2. ``imagelake serve`` starts with ``--workers`` gunicorn workers;
+3. each repetition deletes the previous bench bucket and creates a new one through the HTTP API
+   with 8 members of one class (a different class and members each time, so the suggestions and
+   their thumbnails are new to the server's caches) and 12 rejected images of another class;
+4. a fresh browser context (empty HTTP cache, the login cookie only) opens ``/#curate`` and the
+   clock stops when all 28 grid thumbnails are decoded (``img.complete && naturalWidth > 0``).
+
+"Load" is navigation start to that moment, read from the page's own ``performance.now()``. The
+first load after the server starts is reported on its own (each worker maps the matrix once). The
+baseline is the same view, same harness, on the small lake: the ratio shows what collection size
+costs the view. Also printed: time to the first suggestion cell, the suggestion request's server
+time (its ``ms`` field) and its round trip, and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path[:0] = [str(HERE), str(REPO / "tests"), str(REPO)]
+
+import requests  # noqa: E402
+
+import fashion  # noqa: E402
+from browser import running_server  # noqa: E402
+from common import machine  # noqa: E402
+
+CHROMIUM = os.environ.get("IMAGELAKE_CHROMIUM", "/usr/bin/chromium")
+PAGE = 28
+TARGET_MS = 1000.0
+
+LOADED = f"""() => {{
+  const imgs = [...document.querySelectorAll('#curate-grid .cell img')];
+  return imgs.length >= {PAGE} && imgs.every(i => i.complete && i.naturalWidth > 0);
+}}"""
+
+
+def _pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def _by_class(lake_dir: Path) -> dict[int, list[str]]:
+    from lake.catalog import Lake
+    from lake.commit import open_table
+
+    rows = open_table(Lake.at(lake_dir), "images").to_pyarrow_table(columns=["image_id", "uri"]).to_pylist()
+    out: dict[int, list[str]] = {}
+    for r in sorted(rows, key=lambda r: r["image_id"]):
+        out.setdefault(fashion.label_of(r["uri"]), []).append(r["image_id"])
+    return out
+
+
+class Api:
+    def __init__(self, base: str, token: str):
+        self.base = base + "/api/v1"
+        self.s = requests.Session()
+        self.s.headers["Authorization"] = f"Bearer {token}"
+
+    def call(self, method: str, path: str, **kw) -> dict:
+        r = self.s.request(method, self.base + path, timeout=120, **kw)
+        if r.status_code >= 400:
+            raise RuntimeError(f"{method} {path}: {r.status_code} {r.text[:300]}")
+        return r.json()
+
+
+def measure(lake_dir: Path, repeat: int, workers: int, browser, label: str) -> dict:
+    from jobs.pipeline import PipelineRequest, run_pipeline
+    from lake.catalog import Lake
+    from lake.settings import Settings
+    from lake.tokens import create_token
+
+    classes = _by_class(lake_dir)
+    lake = Lake.at(lake_dir)
+    t0 = time.perf_counter()
+    run_pipeline(lake, Settings(lake=lake.root, runner="local"), PipelineRequest(steps=("suggest",)))
+    suggest_step_s = time.perf_counter() - t0
+    _, token = create_token(lake, "curate", "dashboard bench")
+    loads, firsts, server_ms, rtts = [], [], [], []
+    first_load = None
+    with running_server(lake.root, workers=workers) as base:
+        api = Api(base, token)
+        context = browser.new_context(viewport={"width": 1280, "height": 860})
+        page = context.new_page()
+        page.goto(base + "/login")
+        page.fill("#token", token)
+        page.click("button[type=submit]")
+        page.wait_for_url(base + "/")
+        state = context.storage_state()
+        context.close()
+        for b in api.call("GET", "/buckets")["buckets"]:  # the view opens the first bucket: start from none
+            if not b["system"]:
+                api.call("DELETE", f"/buckets/{b['bucket_id']}")
+        previous = None
+        for r in range(repeat + 1):
+            if previous:
+                api.call("DELETE", f"/buckets/{previous}")
+            cls, other = r % 10, (r + 5) % 10
+            members = classes[cls][(r // 10) * 8:(r // 10) * 8 + 8]
+            rejected = classes[other][(r // 10) * 12:(r // 10) * 12 + 12]
+            bucket = api.call("POST", "/buckets", json={"name": f"bench {label} {r}"})["bucket"]["bucket_id"]
+            api.call("POST", f"/buckets/{bucket}/images", json={"image_ids": members})
+            api.call("POST", f"/buckets/{bucket}/feedback", json={"accepted": [], "rejected": rejected})
+            previous = bucket
+            context = browser.new_context(viewport={"width": 1280, "height": 860}, storage_state=state)
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("response", lambda resp: errors.append(f"{resp.status} {resp.url}") if resp.status >= 400 else None)
+            with page.expect_response(lambda resp: "/suggestions" in resp.url, timeout=60_000) as info:
+                page.goto(base + "/#curate")
+            suggest = info.value.json() if info.value.ok else {}
+            page.wait_for_function(LOADED, timeout=60_000, polling="raf")
+            load_ms = page.evaluate("performance.now()")
+            first_cell = page.evaluate("""() => { const e = performance.getEntriesByType('mark').find(m => m.name === 'curate-grid-shown');
+                                               return e ? e.startTime : null; }""")
+            rtt = page.evaluate("""() => { const e = performance.getEntriesByType('resource').find(x => x.name.includes('/suggestions'));
+                                        return e ? e.responseEnd - e.startTime : null; }""")
+            context.close()
+            if errors:
+                raise RuntimeError(f"the page reported errors: {errors[:5]}")
+            if r == 0:
+                first_load = load_ms
+                continue
+            loads.append(load_ms)
+            if first_cell is not None:
+                firsts.append(first_cell)
+            if suggest.get("ms") is not None:
+                server_ms.append(float(suggest["ms"]))
+            if rtt is not None:
+                rtts.append(rtt)
+            print(f"  {label} rep {r}: class {cls}, loaded in {load_ms:.0f} ms (suggestions {suggest.get('ms')} ms "
+                  f"on the server, {rtt or 0:.0f} ms round trip)", flush=True)
+    return {"label": label, "images": sum(len(v) for v in classes.values()), "suggest_step_s": suggest_step_s,
+            "first_load": first_load, "loads": loads, "firsts": firsts, "server_ms": server_ms, "rtts": rtts}
+
+
+def thumbnail_lookups(lake_dir: Path, samples: int = 200) -> dict:
+    """One thumbnail by id, side by side: the SQL lookup the reader used before (DuckDB over the
+    table's Parquet files) against :class:`lake.thumbnail_index.ThumbnailIndex`."""
+    import random
+
+    import duckdb
+    from deltalake import DeltaTable
+
+    from lake.thumbnail_index import ThumbnailIndex
+
+    files = DeltaTable(str(lake_dir / "tables" / "thumbnails")).file_uris()
+    con = duckdb.connect()
+    con.execute("SET parquet_metadata_cache = true")
+    con.execute("CREATE VIEW thumbnails AS SELECT * FROM read_parquet([" + ", ".join(f"'{f}'" for f in files) + "])")
+    ids = [r[0] for r in con.sql("SELECT DISTINCT image_id FROM thumbnails").fetchall()]
+    pick = random.Random(0).sample(ids, min(samples, len(ids)))
+    t0 = time.perf_counter()
+    index = ThumbnailIndex()
+    index.update(files)
+    build_s = time.perf_counter() - t0
+    sql_ms, idx_ms = [], []
+    for image_id in pick:
+        t0 = time.perf_counter()
+        a = con.execute("SELECT jpeg FROM thumbnails WHERE image_id = ? AND size = ? LIMIT 1", [image_id, 256]).fetchall()
+        sql_ms.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        b = index.get(image_id, 256)
+        idx_ms.append((time.perf_counter() - t0) * 1e3)
+        assert bytes(a[0][0]) == b, image_id
+    return {"files": len(files), "rows": len(index), "build_s": build_s, "sql_ms": sql_ms, "idx_ms": idx_ms}
+
+
+def _row(m: dict) -> str:
+    med = statistics.median
+    first_cell = f"{med(m['firsts']):7.0f}" if m["firsts"] else "      -"
+    return (f"{m['label']:<10}{m['images']:>8}  {med(m['loads']):8.0f}  {_pct(m['loads'], 0.9):6.0f}  "
+            f"{m['first_load']:10.0f}  {first_cell}  {med(m['server_ms']):9.1f}  {med(m['rtts']):7.0f}  "
+            f"{m['suggest_step_s']:8.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=70000, help="images in the measured Fashion-MNIST lake")
+    ap.add_argument("--baseline-n", type=int, default=1000, help="images in the baseline lake")
+    ap.add_argument("--repeat", type=int, default=9, help="timed loads per lake (after one first load)")
+    ap.add_argument("--workers", type=int, default=2, help="server worker processes")
+    args = ap.parse_args()
+    if not fashion.available():
+        sys.exit("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    if not shutil.which(CHROMIUM):
+        sys.exit(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    results = []
+    load_before = os.getloadavg()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            for label, n, seed in (("baseline", args.baseline_n, 1), ("measured", args.n, 0)):
+                t0 = time.perf_counter()
+                source = fashion.build(n, seed=seed)
+                print(f"{label}: lake of {n} Fashion-MNIST images ready in {time.perf_counter() - t0:.1f} s "
+                      f"({source})", flush=True)
+                with tempfile.TemporaryDirectory(prefix="imagelake-dash-") as tmp:
+                    lake_dir = Path(tmp) / "lake"
+                    shutil.copytree(source, lake_dir, ignore=shutil.ignore_patterns("artifacts"))
+                    results.append(measure(lake_dir, args.repeat, args.workers, browser, label))
+                    if label == "measured":
+                        lookups = thumbnail_lookups(lake_dir)
+        finally:
+            browser.close()
+    load_after = os.getloadavg()
+
+    print()
+    print(machine())
+    print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} (cores: {os.cpu_count()}); "
+          f"server: {args.workers} gunicorn workers; Chromium {CHROMIUM}, 1280x860, a fresh context per load")
+    print("\ncuration view load (navigation start -> all 28 grid thumbnails decoded), milliseconds")
+    print(f"{'lake':<10}{'images':>8}  {'median':>8}  {'p90':>6}  {'first load':>10}  {'1st cell':>7}  "
+          f"{'sugg. srv':>9}  {'sugg rtt':>7}  {'suggest step s':>8}")
+    for m in results:
+        print(_row(m))
+    base, big = results
+    ratio = statistics.median(big["loads"]) / statistics.median(base["loads"])
+    ok = statistics.median(big["loads"]) <= TARGET_MS
+    med = statistics.median
+    print(f"\nthumbnail point lookup at {big['images']} images ({lookups['files']} data files, "
+          f"{len(lookups['sql_ms'])} random ids, 256 px, in process): SQL over the Parquet files "
+          f"{med(lookups['sql_ms']):.2f} ms median vs index {med(lookups['idx_ms']):.2f} ms "
+          f"({med(lookups['sql_ms']) / med(lookups['idx_ms']):.0f}x); index of {lookups['rows']} rows built in "
+          f"{lookups['build_s']:.2f} s")
+    print(f"\nratio measured/baseline (median load): {ratio:.2f}x for {big['images'] / base['images']:.0f}x the images")
+    print(f"target: curation view loads in <= {TARGET_MS:.0f} ms with {big['images']} images: "
+          f"{'met' if ok else 'NOT met'} (median {statistics.median(big['loads']):.0f} ms, "
+          f"worst {max(big['loads']):.0f} ms, first load after server start {big['first_load']:.0f} ms)")
+
+
+if __name__ == "__main__":
+    main()
