@@ -102,7 +102,7 @@ def test_a_step_missing_from_the_build_is_named_or_skipped(lake, local_settings,
     summary = run_pipeline(lake, local_settings, PipelineRequest())  # default: the steps this build has
     assert [s["step"] for s in summary.steps] == ["embed"]
     assert summary.skipped == ["ingest", "suggest", "index", "cluster", "tag", "grid"]
-    assert "not in this build: ingest, index, cluster, tag, grid" in summary.line()
+    assert "not in this build: ingest, suggest, index, cluster, tag, grid" in summary.line()
 
 
 def test_run_is_incremental_with_a_job_run_per_step(tmp_path, lake, local_settings):
