@@ -6,12 +6,17 @@
   between writing Parquet and committing) go once older than ``older_than_h``. Referenced = the
   current version's files plus every file a commit still in ``_delta_log`` added or removed (so
   time travel keeps working until the log itself is cleaned).
+* Superseded artifacts: suggestion matrices of older ``features`` versions and tag-model versions
+  older than the current one, keeping the newest ``keep_artifacts`` of each (the one in use and
+  the one before it, by default) and anything younger than ``older_than_h`` (a server process may
+  still map it; Linux keeps a mapped file readable after it is unlinked anyway).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,10 +33,11 @@ class JanitorReport:
     staging_dirs: int
     orphan_files: int
     bytes_freed: int
+    old_artifacts: int = 0
 
     def line(self) -> str:
-        return (f"janitor: removed {self.staging_dirs} staging folders and {self.orphan_files} orphan data "
-                f"files ({self.bytes_freed / 1e6:.1f} MB)")
+        return (f"janitor: removed {self.staging_dirs} staging folders, {self.orphan_files} orphan data "
+                f"files and {self.old_artifacts} superseded artifacts ({self.bytes_freed / 1e6:.1f} MB)")
 
 
 def _ended_runs(lake: Lake) -> set[str]:
@@ -64,10 +70,38 @@ def _referenced(table_dir: str) -> set[str]:
     return refs
 
 
-def clean(lake: Lake, older_than_h: float = 24.0) -> JanitorReport:
-    """Remove staging leftovers and orphaned data files; returns what was removed. Local lakes only."""
+def _superseded(lake: Lake, keep: int) -> list[str]:
+    """Artifact folders that are neither among the newest ``keep`` of their kind nor current."""
+    out: list[str] = []
+    suggest = lake.artifacts_dir("suggest")
+    for model in sorted(os.listdir(suggest)) if os.path.isdir(suggest) else []:
+        builds: dict[str, list[tuple[int, str]]] = {}
+        for name in os.listdir(os.path.join(suggest, model)):
+            m = re.fullmatch(r"v(\d+)-pca(\d+)", name)
+            if m:
+                builds.setdefault(m.group(2), []).append((int(m.group(1)), name))
+        for versions in builds.values():  # per PCA width: readers map the newest features version
+            out += [os.path.join(suggest, model, name) for _, name in sorted(versions)[:-keep]]
+    tags = lake.artifacts_dir("tags", "gnb")
+    if os.path.isdir(tags):
+        try:
+            with open(os.path.join(tags, "CURRENT")) as f:
+                current = int(f.read().strip())
+        except (OSError, ValueError):
+            current = None
+        if current is not None:  # every correction writes a version; CURRENT names the one in use
+            out += [os.path.join(tags, name) for name in sorted(os.listdir(tags))
+                    if re.fullmatch(r"v\d{6}", name) and int(name[1:]) <= current - keep]
+    return out
+
+
+def clean(lake: Lake, older_than_h: float = 24.0, keep_artifacts: int = 2) -> JanitorReport:
+    """Remove staging leftovers, orphaned data files and superseded artifacts; returns what was
+    removed. Local lakes only."""
     if not lake.is_local:
         return JanitorReport(0, 0, 0)
+    if keep_artifacts < 1:
+        raise ValueError("keep_artifacts must be at least 1 (the artifact in use)")
     cutoff = time.time() - older_than_h * 3600
     dirs = files = freed = 0
     with LakeLock(lake, "commit", timeout=600, holder="janitor"):
@@ -96,4 +130,10 @@ def clean(lake: Lake, older_than_h: float = 24.0) -> JanitorReport:
                         freed += os.path.getsize(full)
                         os.remove(full)
                         files += 1
-    return JanitorReport(dirs, files, freed)
+    artifacts = 0
+    for path in _superseded(lake, keep_artifacts):
+        if os.path.getmtime(path) < cutoff:
+            freed += _size(path)
+            shutil.rmtree(path, ignore_errors=True)
+            artifacts += 1
+    return JanitorReport(dirs, files, freed, artifacts)

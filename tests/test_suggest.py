@@ -227,6 +227,33 @@ def test_warm_up_loads_the_thumbnail_index_and_the_matrix_before_any_request(lak
         app.extensions["imagelake"].close()
 
 
+def test_janitor_prunes_superseded_matrices_and_tag_models_but_keeps_what_is_in_use(lake):
+    from lake.janitor import clean
+
+    m = ensure_compact(lake, k=16)
+    ensure_compact(lake, k=32)
+    first = compact_dir(lake, m.model, m.features_version, 16)
+    # later embed runs' builds, as a scheduled lake accumulates them (copies of the real one)
+    later = [compact_dir(lake, m.model, m.features_version + d, 16) for d in (1, 2, 3)]
+    for folder in later:
+        shutil.copytree(first, folder)
+    tags = lake.artifacts_dir("tags", "gnb")
+    for v in range(1, 5):
+        os.makedirs(os.path.join(tags, f"v{v:06d}"))
+    with open(os.path.join(tags, "CURRENT"), "w") as f:
+        f.write("4")
+    assert clean(lake, older_than_h=24).old_artifacts == 0  # all young: a server may map them
+    for folder in [first] + later + [os.path.join(tags, f"v{v:06d}") for v in range(1, 5)]:
+        os.utime(folder, (1e9, 1e9))
+    report = clean(lake, older_than_h=1)
+    assert report.old_artifacts == 4 and "4 superseded artifacts" in report.line()
+    assert not os.path.exists(first) and not os.path.exists(later[0])
+    assert os.path.isdir(later[1]) and os.path.isdir(later[2])        # the newest (in use) and the one before
+    assert os.path.isdir(compact_dir(lake, m.model, m.features_version, 32))  # another width: its own newest
+    assert sorted(os.listdir(tags)) == ["CURRENT", "v000003", "v000004"]
+    assert len(load_compact(later[2])) == 1000
+
+
 def test_logistic_fit_matches_sklearn():
     from sklearn.linear_model import LogisticRegression
 
