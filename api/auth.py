@@ -19,7 +19,8 @@ from lake.catalog import Lake
 from lake.errors import BadInput, Forbidden, Unauthorized
 from lake.tokens import SCOPES, Principal, TokenStore
 
-__all__ = ["COOKIE", "bp", "current_principal", "init_app", "public", "requires", "same_origin", "set_login_cookie"]
+__all__ = ["COOKIE", "bp", "cookie_principal", "current_principal", "init_app", "public", "requires", "same_origin",
+           "set_login_cookie", "verify"]
 
 COOKIE = "imagelake_token"
 _SAFE = {"GET", "HEAD", "OPTIONS"}
@@ -48,6 +49,19 @@ def requires(scope: str) -> Callable[[F], F]:
 def current_principal() -> Principal | None:
     """The caller of this request (``None`` when auth is off or the route is public)."""
     return g.get("principal")
+
+
+def verify(token: str | None) -> Principal | None:
+    """Whose ``token`` this is; None when it is missing, unknown, revoked or malformed."""
+    return current_app.extensions["imagelake.tokens"].verify(token) if token else None
+
+
+def cookie_principal() -> Principal | None:
+    """Who the login cookie names, for the dashboard's pages (public to the hook, so they can
+    redirect to the login page instead of answering 401); an admin stand-in when auth is off."""
+    if not current_app.config["IMAGELAKE_SETTINGS"].auth:
+        return Principal("-", "auth off", "admin")
+    return verify(request.cookies.get(COOKIE))
 
 
 def _presented() -> tuple[str | None, bool]:
@@ -88,7 +102,7 @@ def _check() -> None:
     if token is None:
         raise Unauthorized("this route needs a token: send \"Authorization: Bearer <token>\" "
                            "(make one with `imagelake token create --scope read|curate|admin`)")
-    principal = current_app.extensions["imagelake.tokens"].verify(token)
+    principal = verify(token)
     if principal is None:
         raise Unauthorized("the token is unknown, revoked or malformed")
     if from_cookie and request.method not in _SAFE and not same_origin():
@@ -112,7 +126,7 @@ def login():
     token = body.get("token") if isinstance(body, dict) else None
     if not isinstance(token, str) or not token:
         raise BadInput('send a JSON object like {"token": "il_..."}')
-    principal = current_app.extensions["imagelake.tokens"].verify(token)
+    principal = verify(token)
     if principal is None:
         raise Unauthorized("the token is unknown, revoked or malformed")
     response = jsonify({"ok": True, "token_id": principal.token_id, "name": principal.name,

@@ -7,25 +7,16 @@ appears in a page: the cookie is HttpOnly, and the shell only shows the token's 
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, redirect, render_template, request, url_for
+from flask import Blueprint, redirect, render_template, request, url_for
 
-from api.auth import COOKIE, public, same_origin, set_login_cookie
+from api.auth import cookie_principal, public, same_origin, set_login_cookie, verify
 from api.services import lake_reader
-from lake.tokens import Principal
 
 bp = Blueprint("dashboard", __name__, template_folder="templates", static_folder="static",
                static_url_path="/static")
 
 _CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
         "script-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
-
-
-def _principal() -> Principal | None:
-    settings = current_app.config["IMAGELAKE_SETTINGS"]
-    if not settings.auth:
-        return Principal("-", "auth off", "admin")
-    token = request.cookies.get(COOKIE)
-    return current_app.extensions["imagelake.tokens"].verify(token) if token else None
 
 
 @bp.after_request
@@ -49,8 +40,7 @@ def login_form():
     if not same_origin():
         return render_template("login.html", error="cross-site login refused"), 403
     token = (request.form.get("token") or "").strip()
-    principal = current_app.extensions["imagelake.tokens"].verify(token) if token else None
-    if principal is None:
+    if verify(token) is None:
         return render_template("login.html", error="the token is unknown, revoked or malformed"), 401
     return set_login_cookie(redirect(url_for("dashboard.index"), code=303), token)
 
@@ -58,7 +48,7 @@ def login_form():
 @bp.get("/")
 @public
 def index():
-    principal = _principal()
+    principal = cookie_principal()
     if principal is None:
         return redirect(url_for("dashboard.login"))
     reader = lake_reader()
