@@ -20,13 +20,11 @@ answered with the original event and writes nothing.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import queue
 import secrets
 import threading
-import time
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,7 +38,7 @@ from deltalake import DeltaTable, WriterProperties, write_deltalake
 from lake.buckets import DISCARD, BucketState, events_from_arrow, check_bucket_id
 from lake.catalog import Lake, table_spec
 from lake.commit import ensure_tables, now_utc
-from lake.errors import BadInput, Conflict, ImagelakeError, LockHeld, NotFound
+from lake.errors import BadInput, Conflict, ImagelakeError, NotFound
 from lake.lock import LakeLock
 from lake.staging import filesystem_for
 
@@ -173,7 +171,8 @@ class BucketStore:
                     future.set_result(result)
 
     def _commit(self, batch: list[tuple[Action, Future]]) -> list[Any]:
-        with _table_lock(self.lake, self.lock_timeout), self._lock:
+        with LakeLock(self.lake, "bucket_events", self.lock_timeout, holder="bucket log writer",
+                      poll=(0.0005, 0.004)), self._lock:
             state = self.sync()
             results: list[Any] = []
             rows: list[dict[str, Any]] = []
@@ -220,39 +219,6 @@ class BucketStore:
             self.version = self._table.version()
         else:
             self.sync()
-
-
-@contextmanager
-def _table_lock(lake: Lake, timeout: float) -> Iterator[None]:
-    """The same ``_locks/bucket_events.lock`` flock as ``LakeLock(lake, "bucket_events")``, polled
-    every 0.5-4 ms instead of 50 ms: commits here take a few ms, so a 50 ms poll would be most of
-    a curator's latency when server processes take turns. Object-store lakes need a single writer
-    process (no flock there); the Delta commit itself still fails rather than overwrite.
-    """
-    if not lake.is_local:
-        with LakeLock(lake, "bucket_events", timeout=timeout):
-            yield
-        return
-    os.makedirs(lake.locks_dir(), exist_ok=True)
-    fd = os.open(os.path.join(lake.locks_dir(), "bucket_events.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline, pause = time.monotonic() + timeout, 0.0005
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise LockHeld("the bucket log stayed locked by another process for "
-                                   f"{timeout:.0f} s; retry the request") from None
-                time.sleep(pause)
-                pause = min(pause * 2, 0.004)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
 
 
 def _clean_ids(ids: tuple[str, ...], what: str = "image_ids") -> list[str]:
