@@ -112,3 +112,21 @@ def spark():
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def planted(tmp_path_factory):
+    """The planted near-duplicates lake (tests/planted_images.py), built once per test session:
+    (lake root, images folder, planted pairs)."""
+    from planted_images import planted_lake
+
+    return planted_lake(tmp_path_factory.getbasetemp() / "planted-template")
+
+
+@pytest.fixture
+def planted_copy(tmp_path, planted) -> Lake:
+    """A private copy of the planted lake for one test (tests write clusters, tags, buckets)."""
+    import shutil
+
+    shutil.copytree(planted[0], tmp_path / "lake")
+    return Lake.at(tmp_path / "lake")

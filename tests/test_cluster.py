@@ -5,7 +5,6 @@ through real Spark; the API routes and `imagelake export`."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import duckdb
@@ -20,18 +19,12 @@ from lake.catalog import Lake
 from lake.commit import open_table
 from lake.errors import BadInput
 from lake.settings import Settings
-from planted_images import planted_lake, write_planted
-
-
-@pytest.fixture(scope="session")
-def planted(tmp_path_factory):
-    return planted_lake(tmp_path_factory.getbasetemp() / "planted-template")
+from planted_images import write_planted
 
 
 @pytest.fixture
-def lake(tmp_path, planted) -> Lake:
-    shutil.copytree(planted[0], tmp_path / "lake")
-    return Lake.at(tmp_path / "lake")
+def lake(planted_copy) -> Lake:
+    return planted_copy
 
 
 def _names(lake: Lake) -> dict[str, str]:

@@ -4,7 +4,6 @@ change later predictions (seen by a second app, as another worker would), the vo
 from __future__ import annotations
 
 import os
-import shutil
 
 import duckdb
 import pytest
@@ -16,18 +15,11 @@ from lake.catalog import Lake
 from lake.commit import open_table
 from lake.errors import BadInput
 from lake.tokens import create_token
-from planted_images import planted_lake
-
-
-@pytest.fixture(scope="session")
-def planted(tmp_path_factory):
-    return planted_lake(tmp_path_factory.getbasetemp() / "planted-template")
 
 
 @pytest.fixture
-def lake(tmp_path, planted) -> Lake:
-    shutil.copytree(planted[0], tmp_path / "lake")
-    return Lake.at(tmp_path / "lake")
+def lake(planted_copy) -> Lake:
+    return planted_copy
 
 
 @pytest.fixture
