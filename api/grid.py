@@ -22,6 +22,8 @@ bp = Blueprint("grid", __name__)
 
 _IMMUTABLE = "public, max-age=31536000, immutable"
 _MAX_IDS = 100_000
+
+
 def init_app(app: Flask) -> None:
     settings = app.config["IMAGELAKE_SETTINGS"]
     lake = Lake.at(settings.lake)

@@ -292,7 +292,7 @@ def _migrate_in_child(lake: Lake) -> bool:
     server forks its workers. Read paths then never need to alter a table."""
     import subprocess
 
-    return subprocess.call([sys.executable, "-m", "lake.migrate", lake.root]) == 0
+    return subprocess.call([sys.executable, "-m", "imagelake", "--lake", lake.root, "migrate"]) == 0
 
 
 def _cmd_migrate(args, settings: Settings, lake: Lake) -> int:

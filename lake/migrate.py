@@ -4,8 +4,6 @@ as null) instead of failing its next append with a schema mismatch.
 
 Jobs upgrade the tables they write; ``imagelake migrate`` (run by ``imagelake serve`` before its
 workers start) upgrades every table, so read paths never alter a table.
-
-    python -m lake.migrate LAKE      # same as: imagelake --lake LAKE migrate
 """
 
 from __future__ import annotations
@@ -52,9 +50,3 @@ def upgrade_lake(lake: Lake) -> dict[str, list[str]]:
                 added[name] = columns
     return added
 
-
-if __name__ == "__main__":
-    import sys
-
-    for table, columns in upgrade_lake(Lake.at(sys.argv[1])).items():
-        print(f"{table}: added {', '.join(columns)}")
