@@ -15,7 +15,7 @@ from api.per_process import PerProcess
 from api.suggester import Suggester, labels_of
 from lake.buckets import check_bucket_id
 from lake.catalog import Lake
-from lake.errors import BadInput, Conflict, Unavailable
+from lake.errors import BadInput, Conflict
 from lake.sql import jsonable
 
 __all__ = ["bp", "init_app", "suggester"]
@@ -113,14 +113,8 @@ def bucket_previews():
     with bucket_store().reading() as state:
         members = {b["bucket_id"]: state.member_ids(b["bucket_id"], pending=False)
                    for b in state.listing() if not b["system"]}
-    try:
-        engine = suggester()
-        engine.matrix()
-    except Unavailable:
-        engine = None
-    previews = {}
-    for bucket_id, ids in members.items():
-        previews[bucket_id] = engine.representatives(ids, n) if engine and ids else ids[::-1][:n]
+    engine = suggester()
+    previews = {bucket_id: engine.representatives(ids, n) for bucket_id, ids in members.items()}
     return jsonify({"ok": True, "n": n, "previews": previews})
 
 

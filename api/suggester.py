@@ -31,15 +31,9 @@ import numpy as np
 from lake.buckets import DISCARD, BucketState
 from lake.catalog import Lake
 from lake.compact import CompactMatrix, ensure_compact
-from lake.errors import ImagelakeError
+from lake.errors import Unavailable
 
-__all__ = ["BucketLabels", "Suggester", "Unavailable", "explore_fraction", "fit_logistic", "labels_of"]
-
-
-class Unavailable(ImagelakeError):
-    """No features yet: suggestions need ``imagelake embed`` first."""
-
-    status = 503
+__all__ = ["BucketLabels", "Suggester", "explore_fraction", "fit_logistic", "labels_of"]
 
 
 def explore_fraction(acceptance: float | None) -> float:
@@ -215,9 +209,13 @@ class Suggester:
     def representatives(self, member_ids: list[str], n: int, *, sample: int = 5000) -> list[str]:
         """The ``n`` members nearest the bucket's centre (mean direction in the compact space): its
         most typical images, for the bucket bar. Scores the last ``sample`` members that have
-        features; members without features count only when fewer than ``n`` have them (latest first)."""
-        m = self.matrix()
-        rows = m.ids.rows_of(member_ids[-sample:])
+        features; members without features (all of them before the first embed run) count only
+        when fewer than ``n`` have them (latest first)."""
+        try:
+            m = self.matrix()
+        except Unavailable:  # no features in the lake yet
+            m = None
+        rows = m.ids.rows_of(member_ids[-sample:]) if m is not None else []
         best: list[str] = []
         if len(rows):
             v = m.vectors(rows)

@@ -172,6 +172,29 @@ def test_no_features_is_503(lake_factory, tmp_path):
         app.extensions["imagelake"].close()
 
 
+def test_previews_without_features_are_the_latest_members(lake_factory, tmp_path):
+    from api import create_app
+    from conftest import write_images
+    from jobs.ingest.driver import run_ingest
+    from lake.settings import Settings
+
+    bare = lake_factory("ingested-only")
+    settings = Settings(lake=bare.root, auth=False, runner="local")
+    write_images(tmp_path / "imgs", 6)
+    run_ingest(bare, settings, str(tmp_path / "imgs"))  # images, but no embed run: no features
+    ids = [r["image_id"] for r in open_table(bare, "images").to_pyarrow_table(columns=["image_id"]).to_pylist()]
+    app = create_app(settings, {"TESTING": True})
+    try:
+        c = app.test_client()
+        bucket = ok(c.post(B, json={"name": "x"}), 201)["bucket"]["bucket_id"]
+        for image_id in ids:  # one at a time: join order is the order here
+            ok(c.post(f"{B}/{bucket}/images", json={"image_ids": [image_id]}))
+        assert ok(c.get(f"{B}/{bucket}/suggestions"), 503)["status"] == 503
+        assert ok(c.get(f"{API_PREFIX}/bucket-previews?n=4"))["previews"] == {bucket: ids[::-1][:4]}
+    finally:
+        app.extensions["imagelake"].close()
+
+
 def test_compact_matrix_is_a_verified_artifact(lake):
     m = ensure_compact(lake, k=32)
     folder = compact_dir(lake, m.model, m.features_version, 32)
