@@ -408,6 +408,53 @@ def _spark_message(e: Exception) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. ``main(argv)`` returns its exit code (for in-process callers and tests);
+    ``main()`` — the console script and ``python -m imagelake`` — ends the process with it.
+
+    Why the process ends with ``os._exit``: deltalake reads tables through a pyarrow dataset over a
+    Python filesystem object, and Arrow's worker threads drop their last references to it
+    asynchronously. When that happens while CPython is finalizing, the worker asks for the GIL,
+    CPython (< 3.14) answers with ``pthread_exit``, and the forced unwind through Arrow's
+    ``noexcept`` destructor calls ``std::terminate`` ("terminate called without an active
+    exception", exit 134) after the command has already printed its result. Every command has
+    finished its own work and cleanup (Delta commits are synchronous, runners are closed in
+    ``finally``) when it returns, so the CLI flushes its streams and logs and exits without
+    finalizing the interpreter.
+    """
+    if argv is None:
+        _exit_process(_main_as_script)
+    return _run(argv)
+
+
+def _main_as_script() -> int:
+    try:
+        return _run(sys.argv[1:])
+    except SystemExit as e:  # argparse's usage errors and --help
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # --debug and unexpected errors: the traceback, then exit 1
+        import traceback
+
+        traceback.print_exc()
+        return 1
+
+
+def _exit_process(command: Any) -> None:
+    import os
+
+    code = 1
+    try:
+        code = command()
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more to say
+                pass
+        os._exit(code)
+
+
+def _run(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = _settings(args)
