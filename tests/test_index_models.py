@@ -72,3 +72,13 @@ def test_where_filters_similar_and_still_returns_k(lake, client):
     assert len(got) == 20 and set(got) <= odd
     bad = client.get(URL, query_string={"image_id": ids[0], "where": '{"nosuch": 1}'})
     assert bad.status_code == 400 and "nosuch" in bad.get_json()["error"]
+
+
+def test_grid_where_takes_the_filter_language(lake):
+    from jobs.grid.where import select_seqs
+    from lake.errors import BadInput
+
+    assert select_seqs(lake, '{"collection": "odd"}').tolist() == list(range(1, N, 2))
+    assert select_seqs(lake, "collection = 'even'").tolist() == list(range(0, N, 2))
+    with pytest.raises(BadInput, match="nosuch"):
+        select_seqs(lake, '{"nosuch": 1}')
