@@ -38,6 +38,19 @@ def _k() -> int:
     return k
 
 
+def _field(name: str) -> str | None:
+    raw = request.args.get(name)
+    if raw is None and request.method == "POST" and request.mimetype == "multipart/form-data":
+        raw = request.form.get(name)
+    return raw or None
+
+
+def _allowed():
+    """The seqs the ``where`` metadata filter selects, or None (no filter); a bad filter is a 400."""
+    where = _field("where")
+    return None if where is None else lake_reader().matching_seqs(where)
+
+
 def _results(hits: list[Hit], build_id: str) -> dict:
     sizes = tuple(current_app.config["IMAGELAKE_SETTINGS"].thumbnail_sizes)
     size = 256 if 256 in sizes else max(sizes)
@@ -52,25 +65,26 @@ def similar_by_id():
     if not image_id:
         raise BadInput("pass ?image_id=<sha256 of the image> (or POST an image as multipart field 'image')")
     check_image_id(image_id)
-    k = _k()
+    k, model, allowed = _k(), _field("model"), _allowed()
     service = search_service()
-    build = service.require_build()
-    if service.seq_of(image_id) is None:
+    build = service.require_build(model)
+    if service.seq_of(image_id, model) is None:
         lake_reader().image(image_id)  # 404 if the lake does not know it at all
-    hits = service.similar_to_image(image_id, k)
+    hits = service.similar_to_image(image_id, k, model=model, allowed=allowed)
     return jsonify(_results(hits, build.build_id))
 
 
 @bp.post("/search/similar")
 @requires("read")  # a search writes nothing: the read scope is enough, even for a POST
 def similar_by_upload():
-    k = _k()
+    k, model, allowed = _k(), _field("model"), _allowed()
     upload = read_upload("image")
     service = search_service()
-    build = service.require_build()
+    build = service.require_build(model)
     embedded = upload_embedder().embed(upload.data, build.model)
-    own = service.seq_of(upload.sha256)
-    hits = service.similar_to_vector(embedded.vector, k, exclude_seqs=[] if own is None else [own])
+    own = service.seq_of(upload.sha256, model)
+    hits = service.similar_to_vector(embedded.vector, k, exclude_seqs=[] if own is None else [own],
+                                     model=model, allowed=allowed)
     return jsonify(_results(hits, build.build_id))
 
 

@@ -1,4 +1,8 @@
-"""``--where``: the operator's predicate over ``images`` columns, validated before it touches the lake.
+"""``--where``: a metadata filter (JSON, :mod:`lake.metadata_filter`) or the operator's SQL predicate
+over ``images`` columns, validated before it touches the lake.
+
+Text that starts with ``{`` is the metadata filter language (images and metadata columns, bound
+parameters). Anything else is kept, for operators' scripts, as a raw SQL predicate:
 
 The text must parse as one SQL *expression* (DuckDB's expression parser: no statements, no
 ``;``-chained extras). It is then applied as a filter on a connection where ``images`` is the only
@@ -28,7 +32,12 @@ def select_seqs(lake: Lake, where: str, timeout_s: float = 30.0) -> np.ndarray:
             file access, or it ran longer than ``timeout_s``.
     """
     if where is None or not where.strip():
-        raise BadInput("--where is empty; give a predicate over images columns, e.g. \"collection = 'cats'\"")
+        raise BadInput("--where is empty; give a metadata filter, e.g. '{\"collection\": \"cats\"}', "
+                       "or a predicate over images columns, e.g. \"collection = 'cats'\"")
+    if where.lstrip().startswith("{"):
+        from lake.metadata_filter import matching_seqs
+
+        return matching_seqs(lake, where)
     try:
         expr = duckdb.SQLExpression(where)
     except duckdb.Error as e:

@@ -431,10 +431,14 @@ def _publish(lake: Lake, build_id: str, manifest: Manifest, kind: str, base_buil
 
 def _prune(lake: Lake, keep: int = KEEP_BUILDS) -> list[str]:
     """Remove build folders that are unfinished or older than the ``keep`` newest published builds
-    (and the bases those need). Call with the ``index`` lock held: nothing else is building."""
-    rows = published_builds(lake)
+    *of their model* (and the bases those need): indexing one model never removes another's builds.
+    Call with the ``index`` lock held: nothing else is building."""
+    per_model: dict[str, int] = {}
     kept: set[str] = set()
-    for row in rows[:keep]:
+    for row in published_builds(lake):          # newest first
+        per_model[row["model"]] = per_model.get(row["model"], 0) + 1
+        if per_model[row["model"]] > keep:
+            continue
         kept.add(row["build_id"])
         if row["base_build_id"]:
             kept.add(row["base_build_id"])
