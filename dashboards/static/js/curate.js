@@ -44,9 +44,17 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     } catch (e) { /* the bar works without them */ }
   }
 
+  // The bar is re-rendered whenever counts or previews arrive; the new-bucket form is made once
+  // and kept outside the re-rendered list, so a name being typed (and the input's focus) survives.
+  const list = el("div", {class: "bucket-list"});
+  const newBucket = canWrite ? el("form", {class: "new-bucket", onsubmit: createBucket},
+    el("input", {name: "name", placeholder: "new bucket", "aria-label": "new bucket name", maxlength: 200, required: true}),
+    el("button", {type: "submit"}, "+")) : null;
+  bar.replaceChildren(list, ...(newBucket ? [newBucket] : []));
+
   function renderBar() {
     const user = buckets.filter((b) => !b.system);
-    bar.replaceChildren(
+    list.replaceChildren(
       ...user.map((b, i) => {
         const node = el("div", {class: `bucket${b.bucket_id === active ? " active" : ""}`, style: `--bucket:${b.color || PALETTE[i % PALETTE.length]}`,
                                 dataset: {bucketId: b.bucket_id}, tabindex: 0, role: "button",
@@ -71,23 +79,22 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
           if (id) place(id, b.bucket_id);
         });
         return node;
-      }),
-      canWrite ? el("form", {class: "new-bucket", onsubmit: createBucket},
-        el("input", {name: "name", placeholder: "new bucket", "aria-label": "new bucket name", maxlength: 200, required: true}),
-        el("button", {type: "submit"}, "+")) : "");
+      }));
   }
 
   async function createBucket(event) {
     event.preventDefault();
-    const input = event.target.elements.name;
+    const form = event.target, input = form.elements.name, button = form.querySelector("button");
+    if (button.disabled) return;  // one bucket per press, however fast the clicks come
     const color = PALETTE[buckets.filter((b) => !b.system).length % PALETTE.length];
+    button.disabled = true;
     try {
       const body = await api("/buckets", {method: "POST", json: {name: input.value.trim(), color}});
       input.value = "";
       active = body.bucket.bucket_id;
       await loadBuckets();
       refresh();
-    } catch (e) { toast(e.message, "error"); }
+    } catch (e) { toast(e.message, "error"); } finally { button.disabled = false; }
   }
 
   async function rename(b) {
