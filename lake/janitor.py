@@ -12,7 +12,7 @@
 * VACUUM: files that a commit removed (a metadata re-import rewrites the table, a bucket-log
   compaction rewrites the log, every such rewrite leaves the old copy) go once removed longer than
   ``vacuum_retention_h`` ago. A reader of any version committed within the retention still finds
-  every file it needs; older versions can no longer be read (time travel ends at the retention).
+  every file it needs; older versions may not be readable (time travel ends at the retention).
   Only tombstoned files (deltalake's "lite" vacuum): never a file the log does not know, which may be
   a writer's uncommitted one.
 * Superseded artifacts: suggestion matrices of older ``features`` versions and tag-model versions

@@ -7,6 +7,7 @@ metadata re-imports (full overwrites) and bucket-log compactions whose old copie
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -22,7 +23,6 @@ import pytest
 from deltalake import DeltaTable
 
 from lake.bucket_store import Action, BucketStore
-from lake.buckets import read_events
 from lake.catalog import Lake
 from lake.janitor import clean
 from lake.metadata import import_metadata
@@ -30,8 +30,8 @@ from lake.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A janitor process that sweeps the lake with older-than 0 (and vacuum retention 0, the harshest
-# settings) back to back until the stop file appears; it prints how many sweeps it made.
+# A janitor process that sweeps the lake with older-than 0 (and the default or the given vacuum
+# retention) back to back until the stop file appears; it prints its sweeps and orphans removed.
 _JANITOR_LOOP = """
 import os, sys
 from lake.catalog import Lake
@@ -181,13 +181,7 @@ def rewritten_lake(image_lake, tmp_path) -> Lake:
 
 def _rows(lake: Lake, name: str) -> list[dict]:
     table = DeltaTable(lake.table_uri(name)).to_pyarrow_table()
-    return sorted(table.to_pylist(), key=lambda r: json_key(r))
-
-
-def json_key(row: dict) -> str:
-    import json
-
-    return json.dumps(row, sort_keys=True, default=str)
+    return sorted(table.to_pylist(), key=lambda r: json.dumps(r, sort_keys=True, default=str))
 
 
 def _live_files(lake: Lake, name: str) -> set[str]:
