@@ -98,9 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("migrate", help="add the columns this version's catalog has to tables an older one made")
 
-    s = sub.add_parser("janitor", help="remove staging leftovers and orphaned data files")
+    s = sub.add_parser("janitor", help="remove staging leftovers and orphaned data files; VACUUM the tables")
     s.add_argument("--older-than", type=float, metavar="HOURS",
                    help="age after which unfinished runs' files go (default: setting staging_retention_h)")
+    s.add_argument("--vacuum-retention", type=int, metavar="HOURS",
+                   help="VACUUM table files removed over HOURS ago; versions younger stay readable "
+                        "(default: setting vacuum_retention_h)")
 
     s = sub.add_parser("demo", help="build a demo lake from bundled images and serve it")
     s.add_argument("--data", default="./demo-data", help="where the demo images are written")
@@ -310,7 +313,10 @@ def _cmd_janitor(args, settings: Settings, lake: Lake) -> int:
     from lake.janitor import clean
 
     hours = settings.staging_retention_h if args.older_than is None else args.older_than
-    print(clean(lake, hours).line())
+    vacuum = settings.vacuum_retention_h if args.vacuum_retention is None else args.vacuum_retention
+    if vacuum < 0:
+        raise BadInput(f"--vacuum-retention must be 0 or more hours, got {vacuum}")
+    print(clean(lake, hours, vacuum_retention_h=vacuum).line())
     return 0
 
 

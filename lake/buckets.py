@@ -280,7 +280,19 @@ def read_events(lake: Lake, version: int | None = None, as_of: dt.datetime | Non
     table = _open(lake, version, as_of)
     if table is None:
         return [], None
-    return events_from_arrow(table.to_pyarrow_table()), table.version()
+    return events_from_arrow(_read(table, version, as_of)), table.version()
+
+
+def _read(table: DeltaTable, version: int | None, as_of: dt.datetime | None) -> pa.Table:
+    """The whole log at the loaded version. An old version may name files that VACUUM deleted
+    (``imagelake janitor``, past ``vacuum_retention_h``): that version is gone, a 404, not a 500."""
+    try:
+        return table.to_pyarrow_table()
+    except FileNotFoundError:
+        if version is None and as_of is None:
+            raise
+        raise NotFound(f"bucket_events version {table.version()} is older than the vacuum retention "
+                       "(setting vacuum_retention_h): the janitor's vacuum deleted its files") from None
 
 
 def bucket_state(lake: Lake, version: int | None = None, as_of: dt.datetime | None = None) -> BucketState:
@@ -305,7 +317,7 @@ def bucket_members(lake: Lake, bucket_id: str, *, include_pending: bool = False,
     """
     check_bucket_id(bucket_id)
     table = _open(lake, version)
-    arrow = table.to_pyarrow_table() if table is not None else table_spec("bucket_events").schema.empty_table()
+    arrow = _read(table, version, None) if table is not None else table_spec("bucket_events").schema.empty_table()
     if bucket_id != DISCARD and not _created(arrow, bucket_id):
         raise NotFound(f"no bucket {bucket_id}")
     con = duckdb.connect()

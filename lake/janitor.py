@@ -5,7 +5,16 @@
 * Data files inside a Delta table folder that no version of the table references (a writer killed
   between writing Parquet and committing) go once older than ``older_than_h``. Referenced = the
   current version's files plus every file a commit still in ``_delta_log`` added or removed (so
-  time travel keeps working until the log itself is cleaned).
+  time travel keeps working until the log itself is cleaned). A file a live writer has written but
+  not committed yet looks the same, so each table is swept holding every lock its writers hold
+  while they write and commit: ``commit`` for all tables, and ``bucket_events`` too for the bucket
+  log (its writer takes only that one, so curation never waits on a batch job's commit).
+* VACUUM: files that a commit removed (a metadata re-import rewrites the table, a bucket-log
+  compaction rewrites the log, every such rewrite leaves the old copy) go once removed longer than
+  ``vacuum_retention_h`` ago. A reader of any version committed within the retention still finds
+  every file it needs; older versions may not be readable (time travel ends at the retention).
+  Only tombstoned files (deltalake's "lite" vacuum): never a file the log does not know, which may be
+  a writer's uncommitted one.
 * Superseded artifacts: suggestion matrices of older ``features`` versions and tag-model versions
   older than the current one, keeping the newest ``keep_artifacts`` of each (the one in use and
   the one before it, by default) and anything younger than ``older_than_h`` (a server process may
@@ -19,25 +28,53 @@ import os
 import re
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 from lake.catalog import TABLES, Lake
 from lake.commit import open_table
 from lake.lock import LakeLock
 
-__all__ = ["JanitorReport", "clean"]
+__all__ = ["JanitorReport", "Vacuumed", "clean", "vacuum_table"]
+
+# Locks a table's writers hold from writing a data file until its commit lands, besides ``commit``.
+_WRITER_LOCKS = {"bucket_events": "bucket_events"}
+
+
+@dataclass(frozen=True)
+class Vacuumed:
+    """What VACUUM reclaimed from one table."""
+
+    table: str
+    files: int
+    bytes: int
 
 
 @dataclass(frozen=True)
 class JanitorReport:
     staging_dirs: int
     orphan_files: int
-    bytes_freed: int
+    bytes_freed: int  # everything, vacuum included
     old_artifacts: int = 0
+    vacuumed: tuple[Vacuumed, ...] = ()  # the tables VACUUM reclaimed files from
+    vacuum_retention_h: int | None = None  # None: no vacuum ran
+
+    @property
+    def vacuum_bytes(self) -> int:
+        return sum(v.bytes for v in self.vacuumed)
 
     def line(self) -> str:
-        return (f"janitor: removed {self.staging_dirs} staging folders, {self.orphan_files} orphan data "
-                f"files and {self.old_artifacts} superseded artifacts ({self.bytes_freed / 1e6:.1f} MB)")
+        """The report for people: a summary line, then one line per vacuumed table."""
+        out = (f"janitor: removed {self.staging_dirs} staging folders, {self.orphan_files} orphan data "
+               f"files and {self.old_artifacts} superseded artifacts "
+               f"({(self.bytes_freed - self.vacuum_bytes) / 1e6:.1f} MB)")
+        if self.vacuum_retention_h is None:
+            return out
+        out += (f"\nvacuum (files removed from tables over {self.vacuum_retention_h} h ago): "
+                f"{sum(v.files for v in self.vacuumed)} files, {self.vacuum_bytes} bytes")
+        for v in self.vacuumed:
+            out += f"\n  {v.table}: {v.files} files, {v.bytes} bytes ({v.bytes / 1e6:.1f} MB)"
+        return out
 
 
 def _ended_runs(lake: Lake) -> set[str]:
@@ -70,6 +107,20 @@ def _referenced(table_dir: str) -> set[str]:
     return refs
 
 
+def _tombstone_sizes(table_dir: str) -> dict[str, int]:
+    """Size of each file a commit in ``_delta_log`` removed, as that commit recorded it."""
+    sizes: dict[str, int] = {}
+    log_dir = os.path.join(table_dir, "_delta_log")
+    for name in os.listdir(log_dir):
+        if name.endswith(".json"):
+            with open(os.path.join(log_dir, name)) as f:
+                for line in f:
+                    remove = json.loads(line).get("remove")
+                    if remove and remove.get("size") is not None:
+                        sizes[remove["path"]] = int(remove["size"])
+    return sizes
+
+
 def _superseded(lake: Lake, keep: int) -> list[str]:
     """Artifact folders that are neither among the newest ``keep`` of their kind nor current."""
     out: list[str] = []
@@ -95,13 +146,64 @@ def _superseded(lake: Lake, keep: int) -> list[str]:
     return out
 
 
-def clean(lake: Lake, older_than_h: float = 24.0, keep_artifacts: int = 2) -> JanitorReport:
-    """Remove staging leftovers, orphaned data files and superseded artifacts; returns what was
-    removed. Local lakes only."""
+def _sweep_orphans(lake: Lake, name: str, table_dir: str, cutoff: float) -> tuple[int, int]:
+    """Remove ``name``'s unreferenced data files older than ``cutoff``; (files, bytes). Call with
+    the table's writer locks held: a file written but not yet committed is unreferenced too."""
+    files = freed = 0
+    refs = _referenced(table_dir) | {a for a in open_table(lake, name).get_add_actions(flatten=True)
+                                      .column("path").to_pylist()}
+    for dirpath, dirnames, filenames in os.walk(table_dir):
+        dirnames[:] = [d for d in dirnames if d != "_delta_log"]
+        for f in filenames:
+            full = os.path.join(dirpath, f)
+            rel = os.path.relpath(full, table_dir)
+            if rel in refs or not f.endswith(".parquet"):
+                continue
+            if os.path.getmtime(full) < cutoff:
+                freed += os.path.getsize(full)
+                os.remove(full)
+                files += 1
+    return files, freed
+
+
+def vacuum_table(lake: Lake, name: str, retention_h: int) -> Vacuumed:
+    """VACUUM one table: delete the files its commits removed over ``retention_h`` hours ago.
+
+    A dry run lists them first (and sizes them: deltalake reports names only); the real vacuum runs
+    only when there is something to delete, because each one adds two commits to the log. Call with
+    the table's writer locks held, so that no commit lands between the two. Local lakes.
+    """
+    table = open_table(lake, name)
+    table_dir = lake.table_uri(name)
+    sizes = {}
+    for rel in table.vacuum(retention_hours=retention_h, dry_run=True, enforce_retention_duration=False):
+        try:
+            sizes[rel] = os.path.getsize(os.path.join(table_dir, rel))
+        except FileNotFoundError:  # a tombstone stays in the log after its file went: listed every time
+            pass
+    if not sizes:
+        return Vacuumed(name, 0, 0)
+    removed = table.vacuum(retention_hours=retention_h, dry_run=False, enforce_retention_duration=False)
+    late = [rel for rel in removed if rel not in sizes]  # crossed the retention since the dry run
+    if late:
+        logged = _tombstone_sizes(table_dir)
+        sizes.update({rel: logged[rel] for rel in late if rel in logged})
+    gone = [rel for rel in removed if rel in sizes and not os.path.exists(os.path.join(table_dir, rel))]
+    return Vacuumed(name, len(gone), sum(sizes[rel] for rel in gone))
+
+
+def clean(lake: Lake, older_than_h: float = 24.0, keep_artifacts: int = 2,
+          vacuum_retention_h: int | None = 168) -> JanitorReport:
+    """Remove staging leftovers, orphaned data files and superseded artifacts, and VACUUM every
+    table past ``vacuum_retention_h`` hours (``None``: no vacuum); returns what was removed. Local
+    lakes only."""
     if not lake.is_local:
         return JanitorReport(0, 0, 0)
     if keep_artifacts < 1:
         raise ValueError("keep_artifacts must be at least 1 (the artifact in use)")
+    if vacuum_retention_h is not None and vacuum_retention_h < 0:
+        raise ValueError("vacuum_retention_h must be 0 or more hours")
+    vacuumed: list[Vacuumed] = []
     cutoff = time.time() - older_than_h * 3600
     dirs = files = freed = 0
     with LakeLock(lake, "commit", timeout=600, holder="janitor"):
@@ -117,23 +219,21 @@ def clean(lake: Lake, older_than_h: float = 24.0, keep_artifacts: int = 2) -> Ja
             table_dir = lake.table_uri(name)
             if not os.path.isdir(os.path.join(table_dir, "_delta_log")):
                 continue
-            refs = _referenced(table_dir) | {a for a in open_table(lake, name).get_add_actions(flatten=True)
-                                              .column("path").to_pylist()}
-            for dirpath, dirnames, filenames in os.walk(table_dir):
-                dirnames[:] = [d for d in dirnames if d != "_delta_log"]
-                for f in filenames:
-                    full = os.path.join(dirpath, f)
-                    rel = os.path.relpath(full, table_dir)
-                    if rel in refs or not f.endswith(".parquet"):
-                        continue
-                    if os.path.getmtime(full) < cutoff:
-                        freed += os.path.getsize(full)
-                        os.remove(full)
-                        files += 1
+            with ExitStack() as held:
+                if name in _WRITER_LOCKS:  # held briefly: curators wait on it (poll as they do)
+                    held.enter_context(LakeLock(lake, _WRITER_LOCKS[name], timeout=600, holder="janitor",
+                                                poll=(0.0005, 0.004)))
+                n, b = _sweep_orphans(lake, name, table_dir, cutoff)
+                files, freed = files + n, freed + b
+                if vacuum_retention_h is not None:
+                    v = vacuum_table(lake, name, int(vacuum_retention_h))
+                    if v.files:
+                        vacuumed.append(v)
+                        freed += v.bytes
     artifacts = 0
     for path in _superseded(lake, keep_artifacts):
         if os.path.getmtime(path) < cutoff:
             freed += _size(path)
             shutil.rmtree(path, ignore_errors=True)
             artifacts += 1
-    return JanitorReport(dirs, files, freed, artifacts)
+    return JanitorReport(dirs, files, freed, artifacts, tuple(vacuumed), vacuum_retention_h)

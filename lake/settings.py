@@ -64,6 +64,7 @@ class Settings:
     suggest_max_n: int = _opt(200, "Most suggestions (and fast-forward images) one request may ask for.")
     suggest_refresh_s: float = _opt(30.0, "How often a server process checks for new features (a new suggestion matrix).")
     staging_retention_h: float = _opt(24.0, "The janitor keeps staging files of unfinished runs this long.")
+    vacuum_retention_h: int = _opt(168, "The janitor's VACUUM deletes table files that commits removed over this many hours ago; versions younger than this stay readable (time travel).")
     dup_sim: float = _opt(0.85, "Near-duplicate threshold for `imagelake cluster`: similarity (0..1, 1 = identical only) of the duplicate descriptor at or above which images are joined into one group.")
     topic_k: int = _opt(0, "Topic clusters (k-means k); 0 picks k from the number of images (round(sqrt(n/2)), 2..4096).")
     cluster_pca_dim: int = _opt(128, "Embeddings are PCA-reduced to this many dimensions for duplicate search and topic k-means (0: no reduction).")
@@ -155,6 +156,8 @@ def _validate(s: Settings) -> Settings:
         raise BadInput(f"suggest_dims must be between 8 and 1024, got {s.suggest_dims!r}")
     if s.sql_timeout_s <= 0:
         raise BadInput("sql_timeout_s must be positive")
+    if s.vacuum_retention_h < 0:
+        raise BadInput(f"vacuum_retention_h must be 0 or more hours, got {s.vacuum_retention_h!r}")
     if s.grid_quality_sample < 0:
         raise BadInput(f"grid_quality_sample must be 0 or more, got {s.grid_quality_sample!r}")
     return s
