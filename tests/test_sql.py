@@ -562,3 +562,16 @@ def test_the_statement_tree_is_checked_everywhere(fresh_box, sql, says):
 ])
 def test_read_only_queries_pass_the_tree_check(fresh_box, sql):
     assert fresh_box.query(sql).columns
+
+
+def test_cli_sql_refuses_a_cte_insert_and_an_oversized_result_with_exit_2(fresh_lake, capsys, monkeypatch):
+    from imagelake.cli import main
+
+    cte = CTE_WRITES[0].format(id=_image(1)["image_id"])
+    assert main(["--lake", fresh_lake.root, "sql", cte]) == 2
+    assert "only read-only SELECT" in capsys.readouterr().err
+    monkeypatch.setenv("IMAGELAKE_SQL_MAX_BYTES", str(1024 * 1024))
+    assert main(["--lake", fresh_lake.root, "sql", BIG]) == 2
+    assert "sql_max_bytes" in capsys.readouterr().err
+    assert main(["--lake", fresh_lake.root, "sql", "SELECT count(*) AS n FROM tags", "--format", "csv"]) == 0
+    assert capsys.readouterr().out == "n\n0\n"
