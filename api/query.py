@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request
+import json
+
+from flask import Blueprint, current_app, request
 
 from api.auth import requires
 from api.services import lake_reader
 from lake.errors import BadInput
-from lake.sql import jsonable
 
 bp = Blueprint("query", __name__)
 
@@ -28,15 +29,13 @@ def sql():
     max_rows = body.get("max_rows", limit)
     if isinstance(max_rows, bool) or not isinstance(max_rows, int) or not 1 <= max_rows <= limit:
         raise BadInput(f"max_rows must be an integer from 1 to {limit}, got {max_rows!r}")
-    result = reader.query(text, max_rows=max_rows)
-    return jsonify({
-        "ok": True,
-        "columns": result.columns,
-        "types": result.types,
-        "rows": [jsonable(list(row)) for row in result.rows],
-        "truncated": result.truncated,
-        "elapsed_ms": result.elapsed_ms,
-    })
+    # the sandbox encodes the rows inside the time limit and sql_max_bytes; only the small
+    # envelope is added here
+    result = reader.query(text, max_rows=max_rows, as_json=True)
+    head = json.dumps({"ok": True, "columns": result.columns, "types": result.types,
+                       "truncated": result.truncated, "elapsed_ms": result.elapsed_ms})
+    body = head[:-1] + ', "rows": ' + result.rows_json + "}"
+    return current_app.response_class(body, mimetype="application/json")
 
 
 def openapi_paths(settings) -> dict:
@@ -44,8 +43,10 @@ def openapi_paths(settings) -> dict:
 
     return {"/sql": {"post": {
         "summary": "Read-only SQL over every lake table",
-        "description": f"One SELECT statement; at most {settings.sql_max_rows} rows and "
-                       f"{settings.sql_timeout_s} s. A query that runs too long is a 400. Needs the read scope.",
+        "description": f"One read-only SELECT statement over every lake table but tokens; at most "
+                       f"{settings.sql_max_rows} rows, {settings.sql_max_bytes} bytes and {settings.sql_timeout_s} s "
+                       "(encoding included). A query that runs too long is a 400, a result over the byte "
+                       "limit a 413. Needs the read scope.",
         "operationId": "sql",
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
             "type": "object", "required": ["sql"], "properties": {

@@ -280,13 +280,15 @@ class LakeReader:
             raise BadInput(f"thumbnail size {size} is not made; use one of {', '.join(map(str, sizes))}")
         return size
 
-    def query(self, sql: str, *, max_rows: int | None = None) -> QueryResult:
-        """Run untrusted SQL in the sandbox (read-only, single statement, time- and row-limited).
+    def query(self, sql: str, *, max_rows: int | None = None, as_json: bool = False) -> QueryResult:
+        """Run untrusted SQL in the sandbox (read-only, single statement, time-, row- and byte-limited;
+        ``as_json`` also encodes the rows inside those limits, see :meth:`SqlSandbox.query`).
 
         Raises:
             BadInput: forbidden or invalid SQL; QueryTimeout (a BadInput) when it runs too long.
+            TooLarge: the result is over ``sql_max_bytes``.
         """
-        return self._sql_sandbox().query(sql, max_rows=max_rows)
+        return self._sql_sandbox().query(sql, max_rows=max_rows, as_json=as_json)
 
     def refresh_sql(self) -> None:
         """Make the next :meth:`query` see every commit made so far (read-your-writes after this

@@ -38,9 +38,11 @@ class Settings:
     max_image_pixels: int = _opt(100_000_000, "Images with more pixels are rejected (decompression-bomb guard).")
     thumbnail_sizes: tuple = _opt((64, 256), "Longest side in px of the JPEG thumbnails made at ingest.")
     thumbnail_quality: int = _opt(85, "JPEG quality of thumbnails.")
-    sql_timeout_s: float = _opt(10.0, "Read-only SQL is interrupted after this many seconds.")
+    sql_timeout_s: float = _opt(10.0, "Read-only SQL is interrupted after this many seconds (fetching and encoding the rows included).")
     sql_max_rows: int = _opt(10_000, "Rows one SQL query returns at most; more sets truncated=true.")
+    sql_max_bytes: int = _opt(64 * 1024 * 1024, "Largest SQL result in bytes (its Arrow data, and its JSON in the API), counted while fetching; more is refused (HTTP 413).")
     sql_memory_limit: str = _opt("2GB", "DuckDB memory_limit for SQL queries.")
+    sql_max_temp_size: str = _opt("1GiB", "DuckDB max_temp_directory_size: disk SQL queries may spill to, in a private temporary folder removed when the sandbox closes.")
     sql_threads: int = _opt(2, "DuckDB threads for SQL queries.")
     host: str = _opt("127.0.0.1", "Address `imagelake serve` binds to.")
     port: int = _opt(8000, "Port `imagelake serve` listens on.")
@@ -130,7 +132,7 @@ def _validate(s: Settings) -> Settings:
     if s.runner not in {"spark", "local"}:
         raise BadInput(f"runner must be 'spark' or 'local', got {s.runner!r}")
     for name in ("partition_files", "max_image_bytes", "max_image_pixels", "sql_max_rows", "workers",
-                 "threads", "upload_max_bytes", "upload_max_pixels", "sql_threads", "index_memory_mb",
+                 "threads", "upload_max_bytes", "upload_max_pixels", "sql_threads", "sql_max_bytes", "index_memory_mb",
                  "index_shard_size", "search_max_k", "search_candidates", "search_threads", "bucket_max_images",
                  "suggest_max_n"):
         if getattr(s, name) <= 0:

@@ -1,10 +1,21 @@
 """The read-only SQL sandbox: one DuckDB connection with every lake table as a view.
 
-Each table in :data:`lake.catalog.TABLES` is queryable under its own name and always shows the
-table's current Delta version (re-checked at most every ``settings.refresh_s`` seconds). A query
-is one SELECT (DESCRIBE, SHOW, SUMMARIZE and WITH count as SELECT), runs on its own cursor under a
-time limit and returns at most ``max_rows`` rows. File and network access, extensions and settings
-are locked off, so SQL can read the lake's tables and nothing else.
+Each table in :data:`SQL_TABLES` (every catalog table but ``tokens``, whose rows hold the hashes of
+the API secrets) is queryable under its own name and always shows the table's current Delta version
+(re-checked at most every ``settings.refresh_s`` seconds). A query is one SELECT (DESCRIBE, SHOW,
+SUMMARIZE and WITH count as SELECT) whose whole parse tree reads only (:mod:`lake.sql_guard`), runs
+on its own cursor under a time limit and returns at most ``max_rows`` rows and ``sql_max_bytes``
+bytes. File and network access, extensions and settings are locked off, so SQL can read the lake's
+tables and nothing else.
+
+Nothing in the connection is writable: a table with data is a view over its Parquet files, an empty
+one a view over a typed ``SELECT CAST(NULL AS ...) ... WHERE false``. DuckDB spills to a private
+folder (``tempfile.mkdtemp``) capped at ``sql_max_temp_size`` and removed on :meth:`SqlSandbox.close`.
+
+The time limit covers fetching and converting rows, not only DuckDB's execution: the watchdog
+interrupts DuckDB, and the fetch loop checks the deadline between batches (Python conversion of
+a million decimals takes seconds after DuckDB has finished). ``as_json`` encodes the rows inside
+the same limits, so the API's response is bounded in time and bytes too.
 
 Rows are fetched through Arrow: DuckDB's own conversion of TIMESTAMP WITH TIME ZONE needs ``pytz``,
 which pandas 3 no longer installs. So MAP values arrive as lists of (key, value) pairs, INTERVAL
@@ -20,9 +31,12 @@ import io
 import json
 import logging
 import math
+import shutil
+import tempfile
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,13 +46,16 @@ from deltalake import DeltaTable
 
 from lake.catalog import TABLES, Lake
 from lake.commit import ensure_tables
-from lake.errors import BadInput, ImagelakeError, QueryTimeout
+from lake.errors import BadInput, ImagelakeError, QueryTimeout, TooLarge
 from lake.settings import Settings
+from lake.sql_guard import FILE_ACCESS, check_statement
 
-__all__ = ["QueryResult", "SqlSandbox", "format_result", "jsonable"]
+__all__ = ["QueryResult", "SQL_TABLES", "SqlSandbox", "format_result", "jsonable"]
 
 log = logging.getLogger(__name__)
-_EMPTY = "imagelake_empty"  # schema holding a zero-row table per catalog table, for empty views
+SQL_TABLES = tuple(name for name in TABLES if name != "tokens")  # tokens: secrets' hashes, never in SQL
+_BATCH_ROWS = 128   # rows per Arrow batch: the byte cap and the deadline are checked between batches
+_CHECK_EVERY = 64   # rows JSON-encoded between deadline checks
 
 
 @dataclass(frozen=True)
@@ -48,10 +65,28 @@ class QueryResult:
     rows: list[tuple]         # Python values (see the module docstring)
     truncated: bool           # more rows existed than the cap
     elapsed_ms: float
+    rows_json: str | None = None   # with as_json: the rows as one JSON array (jsonable values)
 
 
 def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+def _too_large(max_bytes: int) -> TooLarge:
+    return TooLarge(f"the query's result is larger than the {_size(max_bytes)} limit (setting "
+                    "sql_max_bytes); select fewer rows or columns (a LIMIT, a WHERE) or raise sql_max_bytes")
+
+
+def _timed_out(timeout_s: float) -> QueryTimeout:
+    return QueryTimeout(f"query ran past the {timeout_s:g} s limit and was stopped; add a LIMIT or a WHERE")
 
 
 class SqlSandbox:
@@ -61,28 +96,45 @@ class SqlSandbox:
         ensure_tables(lake)
         self._lake, self._settings = lake, settings
         self._lock = threading.Lock()
-        self._tables = {name: DeltaTable(lake.table_uri(name)) for name in TABLES}
+        self._tables = {name: DeltaTable(lake.table_uri(name)) for name in SQL_TABLES}
         self._versions: dict[str, int] = {}
         self._registered: dict[str, Any] = {}   # non-local lakes: Arrow objects each cursor registers
         self._checked_at = -math.inf
+        self._temp_dir = tempfile.mkdtemp(prefix="imagelake-sql-")   # mode 0700, this sandbox's only
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._temp_dir, ignore_errors=True)
         self._con: duckdb.DuckDBPyConnection | None = duckdb.connect()
         con = self._con
-        con.execute(f"CREATE SCHEMA {_EMPTY}")
-        for name, spec in TABLES.items():
-            con.register("_schema", spec.schema.empty_table())
-            con.execute(f'CREATE TABLE {_EMPTY}."{name}" AS SELECT * FROM _schema')
-            con.unregister("_schema")
-        con.execute(f"SET memory_limit={_quote(settings.sql_memory_limit)}")
+        self._empty = {name: self._empty_select(con, name) for name in SQL_TABLES}
+        try:
+            con.execute(f"SET memory_limit={_quote(settings.sql_memory_limit)}")
+            con.execute(f"SET max_temp_directory_size={_quote(settings.sql_max_temp_size)}")
+        except duckdb.Error as e:
+            self.close()
+            raise BadInput(f"bad sql_memory_limit or sql_max_temp_size (sizes like '2GB', '1GiB'): "
+                           f"{str(e).splitlines()[0]}") from None
+        con.execute(f"SET temp_directory={_quote(self._temp_dir)}")
         con.execute(f"SET threads={int(settings.sql_threads)}")
         con.execute("SET TimeZone='UTC'")
         con.execute("SET parquet_metadata_cache=true")   # Delta data files never change
         con.execute("SET autoinstall_known_extensions=false")
         con.execute("SET autoload_known_extensions=false")
-        if lake.is_local:
-            con.execute(f"SET allowed_directories=[{_quote(lake.path('tables') + '/')}]")
-        con.execute("SET enable_external_access=false")   # after allowed_directories, or that SET fails
+        if lake.is_local:   # each served table's own folder: never tokens/, never the lake root
+            folders = ", ".join(_quote(lake.table_uri(name) + "/") for name in SQL_TABLES)
+            con.execute(f"SET allowed_directories=[{folders}]")
+        # after allowed_directories and temp_directory, or those SETs fail; DuckDB adds the temp
+        # folder to allowed_directories here, which is why lake.sql_guard refuses file functions
+        con.execute("SET enable_external_access=false")
         con.execute("SET lock_configuration=true")
         self.refresh(force=True)
+
+    @staticmethod
+    def _empty_select(con: duckdb.DuckDBPyConnection, name: str) -> str:
+        """A zero-row SELECT with the table's columns and DuckDB types: an empty table's view
+        source that, unlike an in-memory table, nothing can insert into."""
+        schema = TABLES[name].schema
+        types = con.from_arrow(schema.empty_table()).types
+        columns = ", ".join(f"CAST(NULL AS {t}) AS {_ident(f.name)}" for f, t in zip(schema, types))
+        return f"SELECT {columns} WHERE false"
 
     def refresh(self, force: bool = False) -> dict[str, int]:
         """Re-point views of tables whose Delta version changed; a no-op within ``refresh_s`` of the
@@ -106,34 +158,41 @@ class SqlSandbox:
     def _bind(self, name: str, table: DeltaTable) -> None:
         files = table.file_uris()
         if not files:
-            source = f'{_EMPTY}."{name}"'
+            select = self._empty[name]
         elif self._lake.is_local:
             # an evolving table's older files lack the columns added since: match columns by name
             union = ", union_by_name=true" if TABLES[name].evolving else ""
-            source = f"read_parquet([{', '.join(_quote(f) for f in files)}]{union})"
+            select = f"SELECT * FROM read_parquet([{', '.join(_quote(f) for f in files)}]{union})"
         else:  # registered on each query's cursor: such views are not shared between connections
             self._registered[name] = table.to_pyarrow_dataset()
             self._con.execute(f'DROP VIEW IF EXISTS "{name}"')
             return
         self._registered.pop(name, None)
-        self._con.execute(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * FROM {source}')
+        self._con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {select}')
 
-    def query(self, sql: str, *, max_rows: int | None = None,
-              timeout_s: float | None = None) -> QueryResult:
+    def query(self, sql: str, *, max_rows: int | None = None, timeout_s: float | None = None,
+              max_bytes: int | None = None, as_json: bool = False) -> QueryResult:
         """Run one read-only SELECT and return at most ``max_rows`` rows.
 
         Args:
             max_rows: row cap (default ``settings.sql_max_rows``); more rows set ``truncated``.
-            timeout_s: time limit (default ``settings.sql_timeout_s``) for running and fetching.
+            timeout_s: time limit (default ``settings.sql_timeout_s``) for running, fetching,
+                converting and (``as_json``) encoding the rows.
+            max_bytes: cap (default ``settings.sql_max_bytes``) on the fetched Arrow data and on the
+                JSON text of the rows; checked while fetching, so a huge result stops early.
+            as_json: also fill ``rows_json`` (what the HTTP API sends), inside both limits.
         Raises:
-            BadInput: empty SQL, a parse error, more than one statement, anything but a SELECT,
-                an unknown table or column, file or network access, or any other query error.
+            BadInput: empty SQL, a parse error, more than one statement, anything but a read-only
+                SELECT, an unknown table or column, file or network access, or any other query error.
             QueryTimeout: the query ran past ``timeout_s`` and was stopped.
+            TooLarge: the result is larger than ``max_bytes``.
         """
         max_rows = self._settings.sql_max_rows if max_rows is None else int(max_rows)
         timeout_s = self._settings.sql_timeout_s if timeout_s is None else float(timeout_s)
-        if max_rows < 0 or timeout_s <= 0:
-            raise BadInput(f"max_rows must be >= 0 and timeout_s > 0, got {max_rows} and {timeout_s}")
+        max_bytes = self._settings.sql_max_bytes if max_bytes is None else int(max_bytes)
+        if max_rows < 0 or timeout_s <= 0 or max_bytes <= 0:
+            raise BadInput(f"max_rows must be >= 0, timeout_s and max_bytes > 0, got {max_rows}, "
+                           f"{timeout_s} and {max_bytes}")
         if not sql or not sql.strip():
             raise BadInput("the SQL is empty; send one SELECT statement")
         self.refresh()
@@ -144,13 +203,14 @@ class SqlSandbox:
         try:
             for name, source in registered.items():
                 cursor.register(name, source)
-            return self._run(cursor, sql, max_rows, timeout_s)
+            return self._run(cursor, sql, max_rows, timeout_s, max_bytes, as_json)
         finally:
             cursor.close()
 
     def _run(self, cursor: duckdb.DuckDBPyConnection, sql: str, max_rows: int,
-             timeout_s: float) -> QueryResult:
+             timeout_s: float, max_bytes: int, as_json: bool) -> QueryResult:
         started = time.perf_counter()
+        deadline = time.monotonic() + timeout_s
         try:
             statements = cursor.extract_statements(sql)
         except duckdb.Error as e:
@@ -163,6 +223,7 @@ class SqlSandbox:
         if kind != duckdb.StatementType.SELECT:
             what = "PIVOT or other multi-part" if kind.name == "MULTI" else kind.name
             raise BadInput(f"only read-only SELECT queries are allowed, not {what} statements")
+        check_statement(cursor, statements[0].query, list(SQL_TABLES))
         done, fired = threading.Event(), threading.Event()
 
         def watchdog() -> None:  # repeats the interrupt in case one lands before execution starts
@@ -181,19 +242,19 @@ class SqlSandbox:
         try:
             relation = cursor.sql(statements[0].query)
             columns, types = list(relation.columns), [str(t) for t in relation.types]
-            rows = _fetch(relation.to_arrow_reader(min(max_rows + 1, 4096)), max_rows + 1)
+            reader = relation.to_arrow_reader(min(max_rows + 1, _BATCH_ROWS))
+            rows = _fetch(reader, max_rows + 1, max_bytes, deadline, timeout_s)
+            rows_json = _encode(rows[:max_rows], max_bytes, deadline, timeout_s) if as_json else None
         except duckdb.InterruptException:
             if fired.is_set():
-                raise QueryTimeout(f"query ran past the {timeout_s:g} s limit and was stopped; "
-                                   "add a LIMIT or a WHERE") from None
+                raise _timed_out(timeout_s) from None
             raise BadInput("the query was interrupted") from None
         except duckdb.PermissionException:
-            raise BadInput("file and network access are disabled in SQL queries; query the "
-                           f"lake's views instead: {', '.join(TABLES)}") from None
+            raise BadInput(f"{FILE_ACCESS}: {', '.join(SQL_TABLES)}") from None
         except duckdb.CatalogException as e:
             message = str(e).splitlines()[0]
             if "Table with name" in message:  # DuckDB's "did you mean" names system tables
-                raise BadInput(f"{message} The lake's tables are: {', '.join(TABLES)}") from None
+                raise BadInput(f"{message} The lake's tables are: {', '.join(SQL_TABLES)}") from None
             raise BadInput(f"query failed: {e}") from None
         except duckdb.Error as e:
             raise BadInput(f"query failed: {e}") from None
@@ -202,31 +263,59 @@ class SqlSandbox:
             watcher.join()
         truncated = len(rows) > max_rows
         return QueryResult(columns, types, rows[:max_rows], truncated,
-                           (time.perf_counter() - started) * 1000)
+                           (time.perf_counter() - started) * 1000, rows_json)
 
     def _check_open(self) -> None:
         if self._con is None:
             raise ImagelakeError("the SQL sandbox is closed; make a new SqlSandbox")
 
     def close(self) -> None:
-        """Close the connection; later calls raise. Safe to call twice."""
+        """Close the connection and remove its spill folder; later calls raise. Safe to call twice."""
         with self._lock:
             if self._con is not None:
                 self._con.close()
                 self._con = None
+            self._cleanup()
 
 
-def _fetch(reader: pa.RecordBatchReader, limit: int) -> list[tuple]:
+def _fetch(reader: pa.RecordBatchReader, limit: int, max_bytes: int, deadline: float,
+           timeout_s: float) -> list[tuple]:
+    """Up to ``limit`` rows as Python tuples, batch by batch: the Arrow bytes are counted before a
+    batch is converted, and the deadline is checked after each conversion."""
     rows: list[tuple] = []
+    size = 0
     try:
         for batch in reader:
             batch = batch.slice(0, limit - len(rows))
+            size += batch.nbytes
+            if size > max_bytes:
+                raise _too_large(max_bytes)
             rows.extend(zip(*(column.to_pylist() for column in batch.columns)))
+            if time.monotonic() > deadline:
+                raise _timed_out(timeout_s)
             if len(rows) >= limit:
                 break
     finally:
         reader.close()
     return rows
+
+
+def _encode(rows: list[tuple], max_bytes: int, deadline: float, timeout_s: float) -> str:
+    """``rows`` as one JSON array of :func:`jsonable` values (ASCII, so characters are bytes),
+    refused once it passes ``max_bytes`` or the deadline."""
+    parts: list[str] = []
+    size = 2
+    for i, row in enumerate(rows):
+        text = json.dumps(jsonable(list(row)), separators=(",", ":"))
+        size += len(text) + 1
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        parts.append(text)
+        if i % _CHECK_EVERY == 0 and time.monotonic() > deadline:
+            raise _timed_out(timeout_s)
+    if time.monotonic() > deadline:
+        raise _timed_out(timeout_s)
+    return "[" + ",".join(parts) + "]"
 
 
 def jsonable(value: Any) -> Any:
