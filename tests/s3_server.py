@@ -23,7 +23,7 @@ import uuid
 
 import pytest
 
-__all__ = ["S3Server", "s3_server", "s3_lake"]
+__all__ = ["S3Server", "s3_server", "s3_lake", "lake_root"]
 
 
 class S3Server:
@@ -80,6 +80,14 @@ def s3_lake(s3_server, monkeypatch):
     for k, v in s3_server.storage_options().items():
         monkeypatch.setenv(k, v)
     return f"s3://{s3_server.make_bucket()}/lake"
+
+
+@pytest.fixture(params=["local", "s3"])
+def lake_root(request, tmp_path) -> str:
+    """A lake root on local disk, then on the S3 server: run the test against both."""
+    if request.param == "local":
+        return str(tmp_path / "lake")
+    return request.getfixturevalue("s3_lake")
 
 
 def _serve() -> None:

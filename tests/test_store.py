@@ -13,14 +13,12 @@ from deltalake import DeltaTable, write_deltalake
 from lake.catalog import Lake
 from lake.errors import BadInput, NotFound
 from lake.store import LakeStore, StoreTimeouts, StoreUnavailable
-from s3_server import S3Server, s3_lake, s3_server  # noqa: F401  (fixtures)
+from s3_server import S3Server, lake_root, s3_lake, s3_server  # noqa: F401  (fixtures)
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path) -> LakeStore:
-    if request.param == "local":
-        return LakeStore(str(tmp_path / "lake"))
-    return LakeStore.for_lake(Lake.at(request.getfixturevalue("s3_lake")))
+@pytest.fixture
+def store(lake_root) -> LakeStore:
+    return LakeStore.for_lake(Lake.at(lake_root))
 
 
 def test_round_trip_overwrite_and_head(store):
