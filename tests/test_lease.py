@@ -19,7 +19,8 @@ import pytest
 from lake.catalog import Lake
 from lake.errors import LockHeld
 from lake.lease import Lease, LeaseRecord
-from lake.store import LakeStore
+from lake.lock import LakeLock
+from lake.store import LakeStore, StoreUnavailable
 from s3_server import lake_root, s3_lake, s3_server  # noqa: F401  (fixtures)
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -49,6 +50,12 @@ def _hold_forever(root: str, key: str, ttl: float, ready) -> None:
     lease.acquire(timeout=30)
     ready.set()
     time.sleep(600)
+
+
+def _hold_lake_lock(root: str, name: str, ttl: float, ready, go) -> None:
+    with LakeLock(Lake.at(root), name, timeout=0, holder="imagelake run", ttl_s=ttl):
+        ready.set()
+        go.wait(120)
 
 
 # -- tests ------------------------------------------------------------------------------------
@@ -165,3 +172,98 @@ def test_garbage_in_the_lease_object_is_taken_over(store, caplog):
         assert lease.try_acquire() is True
     assert "holds no valid lease record" in caplog.text
     lease.release()
+
+
+# -- LakeLock on an object-store lake ------------------------------------------------------------
+
+def _start_holder(root: str, name: str, ttl: float = 30.0):
+    ready, go = SPAWN.Event(), SPAWN.Event()
+    child = SPAWN.Process(target=_hold_lake_lock, args=(root, name, ttl, ready, go))
+    child.start()
+    assert ready.wait(120), "the holder process did not take the lock"
+    return child, go
+
+
+def test_lake_lock_on_s3_excludes_a_second_process(s3_lake):
+    lake = Lake.at(s3_lake)
+    child, go = _start_holder(s3_lake, "pipeline")
+    try:
+        with pytest.raises(LockHeld, match=rf"the lake's 'pipeline' lock is held by pid {child.pid} on .* "
+                                           r"imagelake run \(lease until .*\); wait for that run"):
+            with LakeLock(lake, "pipeline", timeout=0, holder="second run"):
+                pytest.fail("two processes held the pipeline lock at once")
+        record = LeaseRecord.parse(LakeStore.for_lake(lake).read_bytes("_locks/pipeline.lease"))
+        assert (record.pid, record.state) == (child.pid, "held")
+
+        # a blocking acquire waits for the holder to let go
+        started = time.monotonic()
+        go.set()
+        with LakeLock(lake, "pipeline", timeout=30, holder="second run") as lock:
+            waited = time.monotonic() - started
+            lock.check()
+            record = LeaseRecord.parse(LakeStore.for_lake(lake).read_bytes("_locks/pipeline.lease"))
+            assert (record.pid, record.owner, record.state) == (os.getpid(), "second run", "held")
+        assert waited < 10
+        assert LeaseRecord.parse(LakeStore.for_lake(lake).read_bytes("_locks/pipeline.lease")).state == "released"
+    finally:
+        go.set()
+        child.join(60)
+    assert child.exitcode == 0
+
+
+def test_lake_lock_on_s3_is_reentrant_and_per_name(s3_lake):
+    lake = Lake.at(s3_lake)
+    lock = LakeLock(lake, "commit", timeout=0)
+    with lock:
+        with lock:
+            with LakeLock(lake, "ingest", timeout=0):  # another name is another lease
+                pass
+        with pytest.raises(LockHeld):
+            with LakeLock(lake, "commit", timeout=0):
+                pass
+    with LakeLock(lake, "commit", timeout=0):
+        pass
+
+
+def test_lake_lock_of_a_killed_holder_is_taken_over(s3_lake, caplog):
+    child, _ = _start_holder(s3_lake, "tag-model", ttl=1.5)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(30)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="lake.lease"):
+        with LakeLock(Lake.at(s3_lake), "tag-model", timeout=20, holder="after the crash"):
+            pass
+    assert time.monotonic() - started < 6
+    assert f"took over the expired lease _locks/tag-model.lease from pid {child.pid}" in caplog.text
+
+
+def test_lake_lock_on_an_unreachable_store_fails_fast(s3_lake, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="is unreachable"):
+        with LakeLock(Lake.at(s3_lake), "pipeline", timeout=0):
+            pass
+    assert time.monotonic() - started < 5
+
+
+def test_local_lake_lock_stays_a_kernel_lock(tmp_path):
+    """Local lakes keep fcntl (the kernel frees it when a holder dies; no requests): while held,
+    the lock file is flock-ed and no lease object exists."""
+    import fcntl
+
+    lake = Lake.at(tmp_path / "lake")
+    with LakeLock(lake, "bucket_events", timeout=1, holder="writer", poll=(0.0005, 0.004)):
+        path = tmp_path / "lake" / "_locks" / "bucket_events.lock"
+        fd = os.open(path, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        assert path.read_text() == f"pid {os.getpid()} writer"
+    assert sorted(p.name for p in (tmp_path / "lake" / "_locks").iterdir()) == ["bucket_events.lock"]
