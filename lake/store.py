@@ -20,6 +20,10 @@ Object stores are reached with ``obstore`` (Rust ``object_store``), configured b
 ``storage_options`` mapping in deltalake's spelling (``AWS_ENDPOINT_URL``, ``AWS_ALLOW_HTTP``, ...),
 so one configuration serves the tables and everything else.
 
+obstore's runtime threads do not survive ``fork``: a process forked after its parent made a remote
+call would hang on its first one, so it gets a clear error instead (start such processes with
+``spawn``, or fork before the first remote call, as pyspark's worker daemon does).
+
 Local etags are ``<inode>-<mtime_ns>-<size>``: every write makes a new inode, so an etag names one
 version of the object. Remote etags are the store's own.
 """
@@ -299,6 +303,7 @@ class LakeStore:
     # -- remote helpers ------------------------------------------------------------------------
 
     def _call(self, op: str, key: str, fn, *args, passthrough: tuple = (), **kwargs):
+        _check_not_forked()
         try:
             return fn(*args, **kwargs)
         except passthrough:
@@ -330,6 +335,19 @@ class _DirLock:
             os.close(self.fd)
 
 
+_REMOTE_PID: int | None = None  # the process that started obstore's runtime
+
+
+def _check_not_forked() -> None:
+    global _REMOTE_PID
+    if _REMOTE_PID is None:
+        _REMOTE_PID = os.getpid()
+    elif _REMOTE_PID != os.getpid():
+        raise StoreUnavailable(
+            f"this process was forked from {_REMOTE_PID} after that one used the object store, and the "
+            "store client does not survive a fork; start worker processes with multiprocessing 'spawn'")
+
+
 @functools.lru_cache(maxsize=16)
 def _cached(root: str, opts: tuple, pid: int) -> LakeStore:
     return LakeStore(root, dict(opts))
@@ -359,6 +377,7 @@ def _open_remote(root: str, storage_options: Mapping[str, str], t: StoreTimeouts
     from obstore.exceptions import BaseError
     from obstore.store import from_url
 
+    _check_not_forked()
     scheme = root.split("://", 1)[0].lower()
     if scheme not in {"s3", "s3a", "gs", "az", "abfs", "abfss", "azure"}:
         raise BadInput(f"lake root {root!r}: the scheme {scheme}:// is not supported; use a local path, "

@@ -174,3 +174,30 @@ def test_wrong_credentials():
         assert "AWS_ACCESS_KEY_ID" in str(e.value) and "\n" not in str(e.value)
     finally:
         server.stop()
+
+
+def test_a_forked_child_gets_an_error_not_a_hang(s3_lake):
+    """obstore's runtime does not survive fork: the child's first call must fail at once."""
+    import os
+    import signal
+    import warnings
+
+    store = LakeStore.for_lake(s3_lake)
+    store.write_bytes("x", b"1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pid = os.fork()
+    if pid == 0:  # the child: exit 7 on the expected error, 1 otherwise; never return into pytest
+        code = 1
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's Python-level handler
+        signal.alarm(20)  # a hang ends the child (killed by SIGALRM) instead of the test run
+        try:
+            LakeStore.for_lake(s3_lake).read_bytes("x")
+        except StoreUnavailable as e:
+            code = 7 if "does not survive a fork" in str(e) else 1
+        finally:
+            os._exit(code)
+    started = time.monotonic()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 7
+    assert time.monotonic() - started < 10
