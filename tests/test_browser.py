@@ -218,7 +218,7 @@ def own_bucket(page, site):
     assert key <= 9
     page.goto(site["base"] + "/#curate")
     page.reload()
-    page.click(f".bucket[data-bucket-id='{bucket_id}']")
+    page.click(f".bucket[data-bucket-id='{bucket_id}'] .name")  # the middle may be a tool button
     page.wait_for_selector(f".bucket.active[data-bucket-id='{bucket_id}']")
     page.wait_for_selector("#curate-grid .cell img")
     page.wait_for_function("document.querySelector('#curate-status').textContent.includes('suggestions for')")
