@@ -102,7 +102,11 @@ def action_response(event: dict[str, Any], status: int = 200):
     store = bucket_store()
     with store.reading(fresh=False) as state:
         bucket = state.bucket_row(event["bucket_id"]) if event.get("bucket_id") else None
-    response = jsonify({"ok": True, "event": event_json(event), "bucket": jsonable(bucket)})
+        undone = state.by_id.get(event["undo_of"]) if event.get("undo_of") else None
+    body = {"ok": True, "event": event_json(event), "bucket": jsonable(bucket)}
+    if event.get("action") == "undo":
+        body["undone"] = event_json(undone) if undone else None  # what the undo cancelled, for the UI
+    response = jsonify(body)
     response.status_code = status
     return response
 

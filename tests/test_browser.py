@@ -191,3 +191,109 @@ def test_curate_create_a_bucket_add_with_keys_get_suggestions_accept_then_tetris
     page.keyboard.press("Enter")
     page.wait_for_selector(".bucket .count:has-text('4 images')")
     page.wait_for_selector("#curate-tetris .falling")
+
+
+# -- the curation workflow as a person sees it (issue 18) -----------------------------------------
+
+VIEWPORT = {"width": 1280, "height": 860}
+
+
+def _in_viewport(locator) -> bool:
+    box = locator.bounding_box()
+    return bool(box) and box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= VIEWPORT["width"] \
+        and box["y"] + box["height"] <= VIEWPORT["height"]
+
+
+@pytest.fixture
+def own_bucket(page, site):
+    """A bucket of the test's own, active in the curate view; yields (bucket_id, its number key);
+    deleted afterwards so the other tests keep their bucket numbering."""
+    auth = {"Authorization": f"Bearer {site['token']}"}
+    name = f"own {os.urandom(3).hex()}"
+    made = requests.post(site["base"] + "/api/v1/buckets", json={"name": name}, headers=auth, timeout=30)
+    assert made.status_code == 201, made.text
+    bucket_id = made.json()["bucket"]["bucket_id"]
+    listing = requests.get(site["base"] + "/api/v1/buckets", headers=auth, timeout=30).json()["buckets"]
+    key = [b["bucket_id"] for b in listing if not b.get("system")].index(bucket_id) + 1
+    assert key <= 9
+    page.goto(site["base"] + "/#curate")
+    page.reload()
+    page.click(f".bucket[data-bucket-id='{bucket_id}'] .name")  # the middle may be a tool button
+    page.wait_for_selector(f".bucket.active[data-bucket-id='{bucket_id}']")
+    page.wait_for_selector("#curate-grid .cell img")
+    page.wait_for_function("document.querySelector('#curate-status').textContent.includes('suggestions for')")
+    yield bucket_id, str(key)
+    requests.delete(f"{site['base']}/api/v1/buckets/{bucket_id}", headers=auth, timeout=30)
+
+
+def _members(site, bucket_id) -> set[str]:
+    auth = {"Authorization": f"Bearer {site['token']}"}
+    body = requests.get(f"{site['base']}/api/v1/buckets/{bucket_id}", headers=auth, timeout=30).json()
+    return {m["image_id"] if isinstance(m, dict) else m for m in body["members"]}
+
+
+def test_tetris_and_grid_are_never_on_screen_together(page, site, own_bucket):
+    bucket_id, key = own_bucket
+    grid, tetris = page.locator("#curate-grid"), page.locator("#curate-tetris")
+    assert grid.is_visible() and not tetris.is_visible()
+    page.keyboard.press(key)  # Tetris needs a bucket with a member to suggest into
+    page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('1 images')")
+    page.keyboard.press("t")
+    card = page.locator("#curate-tetris .falling")
+    card.wait_for(state="visible")
+    assert not grid.is_visible(), "the grid is still painted in Tetris mode"
+    assert page.locator("#curate-tetris .falling").count() == 1
+    assert _in_viewport(card), "the Tetris card is below the fold"
+    page.keyboard.press("t")
+    page.locator("#curate-grid .cell").first.wait_for(state="visible")
+    assert not tetris.is_visible(), "the last Tetris card stays under the grid"
+
+
+def test_a_fast_next_page_keeps_the_drop_made_just_before(page, site, own_bucket):
+    bucket_id, key = own_bucket
+    first = page.locator("#curate-grid .cell").first.get_attribute("data-image-id")
+    page.keyboard.press(key)
+    page.keyboard.press("n")  # at once, before the add has answered
+    page.wait_for_selector("#curate-status:has-text('feedback sent')")
+    assert first in _members(site, bucket_id), "the drop was lost: the feedback counted the image as rejected"
+
+
+def test_placing_a_whole_page_then_next_shows_the_next_page(page, site, own_bucket):
+    bucket_id, key = own_bucket
+    cells = page.locator("#curate-grid .cell")
+    count = cells.count()
+    for _ in range(count):
+        page.keyboard.press(key)
+    page.wait_for_function(f"document.querySelectorAll('#curate-grid .badge').length === {count}")
+    page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('{count} images')")
+    shown = set(cells.evaluate_all("cs => cs.map(c => c.dataset.imageId)"))
+    page.keyboard.press("n")  # nothing is left to reject: no feedback to send, no 400
+    page.wait_for_selector(f"#curate-status:has-text('feedback sent: {count} accepted, 0 rejected')")
+    page.locator("#curate-grid .cell img").first.wait_for(state="visible")
+    after = set(cells.evaluate_all("cs => cs.map(c => c.dataset.imageId)"))
+    assert after and not after & shown
+    assert page.locator("#curate-grid .badge").count() == 0
+
+
+def test_undo_takes_the_badge_back_and_says_what_it_undid(page, site, own_bucket):
+    bucket_id, key = own_bucket
+    first = page.locator("#curate-grid .cell").first
+    page.keyboard.press(key)
+    first.locator(".badge").wait_for(state="visible")
+    page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('1 images')")
+    page.keyboard.press("u")
+    page.wait_for_selector("#curate-status:has-text('undone: add of 1 image to')")
+    page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('0 images')")
+    assert first.locator(".badge").count() == 0, "the cell keeps its bucket badge after the undo"
+    assert _members(site, bucket_id) == set()
+
+
+def test_every_sql_preset_runs(page, site):
+    page.goto(site["base"] + "/#sql")
+    names = page.locator("#sql-presets button").all_inner_texts()
+    assert len(names) >= 5
+    for name in names:
+        page.click(f"#sql-presets button:has-text('{name}')")
+        page.wait_for_function("(() => { const s = document.querySelector('#sql-status');"
+                               " return s && s.textContent && !s.textContent.includes('running'); })()")
+        assert "error" not in (page.get_attribute("#sql-status", "class") or ""), name

@@ -114,30 +114,67 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
 
   // -- actions on images -----------------------------------------------------------------
 
+  // A placement shows at once (the badge), before the server answers, so a fast `n` never counts
+  // the image as rejected; a failed write takes the badge back and says why.
   async function place(imageId, bucketId) {
     if (!canWrite) return toast("this token may only look (read scope)", "error");
+    const before = placedOf(imageId);
+    const tetris = mode === "tetris";  // the next Tetris card must come after the write
+    if (!tetris) mark(imageId, bucketId);
     try {
       await api(`/buckets/${bucketId}/images`, {method: "POST", json: {image_ids: [imageId]}});
-      mark(imageId, bucketId);
+      if (tetris) mark(imageId, bucketId);
       await loadBuckets();
-    } catch (e) { toast(e.message, "error"); }
+    } catch (e) { unmark(imageId, before); toast(e.message, "error"); }
   }
 
   async function discard(imageId) {
     if (!canWrite) return;
+    const before = placedOf(imageId);
+    const tetris = mode === "tetris";
+    if (!tetris) mark(imageId, "discard");
     try {
       await api("/discard", {method: "POST", json: {image_ids: [imageId]}});
-      mark(imageId, "discard");
-    } catch (e) { toast(e.message, "error"); }
+      if (tetris) mark(imageId, "discard");
+    } catch (e) { unmark(imageId, before); toast(e.message, "error"); }
+  }
+
+  const placedOf = (imageId) => (page.find((p) => p.image_id === imageId) || {}).placed || null;
+
+  function unmark(imageId, previous) {
+    const item = page.find((p) => p.image_id === imageId);
+    if (item) item.placed = previous;
+    if (mode === "grid") renderGrid();
+  }
+
+  function describe(event) {
+    const n = (event.image_ids || []).length;
+    const name = event.bucket_id === "discard" ? "the discard pile" : `"${(buckets.find((b) => b.bucket_id === event.bucket_id) || {}).name || event.bucket_id}"`;
+    const images = `${n} image${n === 1 ? "" : "s"}`;
+    switch (event.action) {
+      case "add": case "copy": return event.bucket_id === "discard" ? `discard of ${images}` : `add of ${images} to ${name}`;
+      case "discard": return `discard of ${images}`;
+      case "pending": return `fast-forward of ${images} into ${name}`;
+      case "move": return `move of ${images} to ${name}`;
+      case "remove": return `removal of ${images} from ${name}`;
+      case "feedback": return `feedback on ${name}`;
+      case "create": return `creation of ${name}`;
+      default: return `${event.action} of ${name}`;
+    }
   }
 
   async function undo() {
     try {
       const body = await api("/undo", {method: "POST", json: {}});
-      say(`undone: ${body.event.payload_action || body.event.action || "last action"}`);
-      for (const item of page) if ((body.event.image_ids || []).includes(item.image_id)) item.placed = null;
-      await loadBuckets();
+      const undone = body.undone || {};
+      await loadBuckets(false);
+      say(`undone: ${describe(undone)}`);
+      const ids = new Set(undone.image_ids || []);
+      const back = undone.action === "move" ? (undone.from_bucket || null) : null;
+      for (const item of page) if (ids.has(item.image_id)) item.placed = back;
+      if (review && undone.action === "pending") review = null;  // the images under review left the bucket
       if (mode === "grid") renderGrid(); else nextTetris();
+      loadPreviews();
     } catch (e) { toast(e.message, "error"); }
   }
 
@@ -219,8 +256,10 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     page = (prefetched || []).filter((p) => !shown.has(p.image_id)).slice(0, PAGE);
     focus = 0;
     renderGrid();
+    say(`${page.length} suggestions; sending feedback…`);
     try {
-      if (canWrite && (accepted.length || rejected.length)) {
+      // the accepted ones are members already (each drop was an add): only the untouched are news
+      if (canWrite && rejected.length) {
         await api(`/buckets/${active}/feedback`, {method: "POST", json: {accepted: [], rejected}});
       }
       const fresh = await fetchPage(PAGE * 2);

@@ -4,7 +4,7 @@ import {drawChart} from "./chart.js";
 
 export const PRESETS = {
   "Images per collection": "SELECT collection, count(*) AS images FROM images GROUP BY 1 ORDER BY 2 DESC",
-  "Bucket sizes over time": `SELECT date_trunc('hour', at) AS hour, count(*) FILTER (WHERE action IN ('add','copy','move')) AS added,
+  "Bucket sizes over time": `SELECT date_trunc('hour', "at") AS hour, count(*) FILTER (WHERE action IN ('add','copy','move')) AS added,
   count(*) FILTER (WHERE action = 'remove') AS removed FROM bucket_events GROUP BY 1 ORDER BY 1`,
   "Tag counts": "SELECT tag, count(*) AS images FROM tags GROUP BY 1 ORDER BY 2 DESC LIMIT 30",
   "Cluster sizes": "SELECT kind, cluster_id, count(*) AS images FROM clusters GROUP BY 1, 2 ORDER BY 3 DESC LIMIT 30",
