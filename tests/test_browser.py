@@ -297,3 +297,42 @@ def test_every_sql_preset_runs(page, site):
         page.wait_for_function("(() => { const s = document.querySelector('#sql-status');"
                                " return s && s.textContent && !s.textContent.includes('running'); })()")
         assert "error" not in (page.get_attribute("#sql-status", "class") or ""), name
+
+
+def test_a_second_key_moves_the_image_and_the_badge_follows(page, site, own_bucket):
+    bucket_id, key = own_bucket
+    auth = {"Authorization": f"Bearer {site['token']}"}
+    other = requests.post(site["base"] + "/api/v1/buckets", json={"name": "second choice"}, headers=auth, timeout=30)
+    other_id = other.json()["bucket"]["bucket_id"]
+    try:
+        page.reload()
+        page.click(f".bucket[data-bucket-id='{bucket_id}'] .name")
+        page.wait_for_function("document.querySelector('#curate-status').textContent.includes('suggestions for')")
+        other_key = str(int(key) + 1)
+        first = page.locator("#curate-grid .cell").first
+        image_id = first.get_attribute("data-image-id")
+        page.keyboard.press(key)
+        page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('1 images')")
+        page.keyboard.press("ArrowLeft")  # back onto the placed image
+        page.keyboard.press(other_key)
+        page.wait_for_selector(f".bucket[data-bucket-id='{other_id}'] .count:has-text('1 images')")
+        page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('0 images')")
+        assert first.locator(".badge").inner_text() == "second choice"
+        assert image_id in _members(site, other_id) and image_id not in _members(site, bucket_id)
+    finally:
+        requests.delete(f"{site['base']}/api/v1/buckets/{other_id}", headers=auth, timeout=30)
+
+
+def test_escape_closes_the_drawer_and_the_focused_cell_stays_in_view(page, site, own_bucket):
+    page.set_viewport_size({"width": 1366, "height": 768})
+    for _ in range(3):
+        page.keyboard.press("ArrowDown")  # row 4 of 4: below the fold at 768 px unless scrolled to
+    focused = page.locator("#curate-grid .cell.focused")
+    focused.wait_for(state="visible")
+    box = focused.bounding_box()
+    assert box and box["y"] >= -1 and box["y"] + box["height"] <= 768 + 1, box  # sub-pixel layout
+    assert "confidence" in (focused.get_attribute("title") or "") or "score" not in (focused.get_attribute("title") or "")
+    focused.dblclick()
+    page.locator("#details").wait_for(state="visible")
+    page.keyboard.press("Escape")
+    page.locator("#details").wait_for(state="hidden")

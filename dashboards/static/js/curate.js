@@ -119,10 +119,13 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
   async function place(imageId, bucketId) {
     if (!canWrite) return toast("this token may only look (read scope)", "error");
     const before = placedOf(imageId);
+    if (before === bucketId) return;
     const tetris = mode === "tetris";  // the next Tetris card must come after the write
     if (!tetris) mark(imageId, bucketId);
+    // a second key on a placed image moves it: an image sits in one bucket of this page at a time
+    const json = before ? {image_ids: [imageId], from: before, mode: "move"} : {image_ids: [imageId]};
     try {
-      await api(`/buckets/${bucketId}/images`, {method: "POST", json: {image_ids: [imageId]}});
+      await api(`/buckets/${bucketId}/images`, {method: "POST", json});
       if (tetris) mark(imageId, bucketId);
       await loadBuckets();
     } catch (e) { unmark(imageId, before); toast(e.message, "error"); }
@@ -131,10 +134,11 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
   async function discard(imageId) {
     if (!canWrite) return;
     const before = placedOf(imageId);
+    if (before === "discard") return;
     const tetris = mode === "tetris";
     if (!tetris) mark(imageId, "discard");
     try {
-      await api("/discard", {method: "POST", json: {image_ids: [imageId]}});
+      await api("/discard", {method: "POST", json: before ? {image_ids: [imageId], from: before} : {image_ids: [imageId]}});
       if (tetris) mark(imageId, "discard");
     } catch (e) { unmark(imageId, before); toast(e.message, "error"); }
   }
@@ -226,11 +230,14 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     say(page.length ? `${page.length} suggestions for ${(buckets.find((b) => b.bucket_id === active) || {}).name}` : "no suggestions: add images with features to the bucket");
   }
 
+  // scores are logits; a person reads a share
+  const confidence = (score) => `${Math.round(100 / (1 + Math.exp(-Number(score))))}%`;
+
   function renderGrid() {
     const items = review ? review.map((id) => ({image_id: id, placed: review.removed?.has(id) ? "discard" : active, source: "pending"})) : page;
     gridBox.replaceChildren(...items.map((it, i) => {
       const node = el("button", {type: "button", class: `cell${i === focus ? " focused" : ""}`, draggable: "true",
-                                 title: it.score != null ? `${it.source} · score ${Number(it.score).toFixed(3)}` : it.source,
+                                 title: it.score != null ? `${it.source} · confidence ${confidence(it.score)}` : it.source,
                                  dataset: {imageId: it.image_id, index: i},
                                  onclick: () => { focus = i; renderGrid(); },
                                  ondblclick: () => openDetails(it.image_id)},
@@ -240,6 +247,8 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
       node.addEventListener("dragstart", (e) => e.dataTransfer.setData("text/x-image-id", it.image_id));
       return node;
     }));
+    const focused = gridBox.querySelector(".cell.focused");
+    if (focused && visible && mode === "grid") focused.scrollIntoView({block: "nearest"});  // keys act on what is seen
     if (review) {
       gridBox.append(el("div", {class: "review-bar"},
         `Fast-forward: ${review.length} images pending. Click x on the ones that do not belong, then `,

@@ -5,6 +5,9 @@ import {api, el, thumbUrl} from "./api.js";
 export function mountDetails(root, {thumbSize, onOpen}) {
   const body = root.querySelector("#details-body");
   root.querySelector("#details-close").addEventListener("click", () => close());
+  document.addEventListener("keydown", (e) => {
+    if (e.key === "Escape" && !root.hidden) { e.preventDefault(); e.stopImmediatePropagation(); close(); }
+  }, true);  // before the view's own keys
 
   function close() {
     root.hidden = true;
