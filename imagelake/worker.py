@@ -9,8 +9,9 @@ while the headers are incomplete the connection goes back to the worker's poller
 thread. So:
 
 * a connection silent for ``keepalive`` seconds is closed (new, half-sent, or kept alive);
-* the request line and headers must be complete within :data:`HEADER_TIMEOUT_S` of their first
-  byte, else the client gets a 408 and the connection is closed.
+* the request line and headers must be complete within :data:`HEADER_TIMEOUT_S` of the
+  connection's opening (on a kept-alive connection: of the next request's first byte), else the
+  client gets a 408 and the connection is closed — also one that has gone silent meanwhile.
 
 Bodies and slow readers are left to the reverse proxy in front (README, "Deploying behind a
 reverse proxy"): a 20 MB upload over a slow link looks the same as a slow attack from here. TLS
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections import deque
 
 from gunicorn.workers import gthread
 
@@ -42,14 +44,37 @@ class BoundedThreadWorker(gthread.ThreadWorker):
             if state == "pending":
                 return gthread._DEFER if self.alive else False
             if state == "late":
-                self.log.info("closing %s: no complete request headers within %.0f s", conn.client,
-                              HEADER_TIMEOUT_S)
-                try:
-                    conn.sock.send(_TIMEOUT_RESPONSE, socket.MSG_DONTWAIT)
-                except OSError:
-                    pass
+                self._send_timeout(conn)
                 return False
         return super().handle(conn)
+
+    def _send_timeout(self, conn) -> None:
+        self.log.info("closing %s: no complete request headers within %.0f s", conn.client, HEADER_TIMEOUT_S)
+        try:
+            conn.sock.send(_TIMEOUT_RESPONSE, socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+
+    def murder_pending(self):
+        """Close parked connections that were silent for ``keepalive`` seconds or whose headers
+        are past their deadline (in the main loop, about once a second); a client that sent part
+        of a request gets the 408 first."""
+        now = time.monotonic()
+        keep = deque()
+        for conn in self.pending_conns:
+            deadline = getattr(conn, "_imagelake_deadline", None)
+            if conn.timeout > now and (deadline is None or deadline > now):
+                keep.append(conn)
+                continue
+            try:
+                self.poller.unregister(conn.sock)
+            except (OSError, KeyError, ValueError):
+                pass
+            if conn.parser is not None and conn.parser.unreader.buf.getvalue():
+                self._send_timeout(conn)
+            self.nr_conns -= 1
+            conn.close()
+        self.pending_conns = keep
 
     def _collect_headers(self, conn) -> str:
         """Move what the socket holds into the parser's buffer without blocking: ``"ready"`` when
