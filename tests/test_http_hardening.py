@@ -371,6 +371,12 @@ def test_idle_and_half_sent_connections_do_not_stall_a_real_server(lake):
             login = session.post(f"{base}/api/v1/session", json={"token": token}, headers={"Origin": base},
                                  timeout=10)
             assert login.status_code == 200 and session.get(f"{base}/api/v1/images", timeout=10).status_code == 200
+            # behind a TLS proxy on this host: the https page is this site once the proxy says https
+            https_page = {"Origin": base.replace("http:", "https:")}
+            assert requests.post(f"{base}/api/v1/session", json={"token": token}, headers=https_page,
+                                 timeout=10).status_code == 403
+            assert requests.post(f"{base}/api/v1/session", json={"token": token}, timeout=10,
+                                 headers={**https_page, "X-Forwarded-Proto": "https"}).status_code == 200
             # the dribbler (now silent) is cut off with a 408 once its headers are HEADER_TIMEOUT_S late
             dribbler.settimeout(HEADER_TIMEOUT_S + 10)
             answer = b""
@@ -387,3 +393,21 @@ def test_idle_and_half_sent_connections_do_not_stall_a_real_server(lake):
         finally:
             for s in idle + half + [dribbler]:
                 s.close()
+
+
+def test_the_gunicorn_config_file_matches_imagelake_serve():
+    import runpy
+
+    from gunicorn.config import Config
+
+    from imagelake.serve import ImagelakeServer
+    from imagelake.worker import BoundedThreadWorker
+
+    server = ImagelakeServer(Settings())
+    conf = runpy.run_path(str(Path(__file__).resolve().parents[1] / "infra" / "gunicorn.conf.py"))
+    from_file = Config()
+    for key in ("worker_class", "keepalive", "worker_connections", "timeout", "graceful_timeout", "preload_app",
+                "limit_request_line", "limit_request_fields", "limit_request_field_size"):
+        from_file.set(key, conf[key])
+        assert getattr(from_file, key) == getattr(server.cfg, key), key
+    assert server.cfg.worker_class is BoundedThreadWorker
