@@ -4,8 +4,9 @@ Default rule: ``GET``/``HEAD`` need the ``read`` scope, every other method ``cur
 ask for more with :func:`requires`. A token comes as ``Authorization: Bearer il_...`` (scripts) or
 in the ``imagelake_token`` cookie that ``POST /session`` sets (the dashboard; HttpOnly,
 SameSite=Strict). A cookie-authenticated write must also come from the same origin (``Origin``, or
-``Sec-Fetch-Site``, or ``Referer``), so a cross-site form post is refused with 403 even in browsers
-that ignore SameSite. With the setting ``auth = false`` every route is open (a trusted laptop only).
+``Sec-Fetch-Site``, or ``Referer``; scheme, host and port), so a cross-site form post is refused
+with 403 even in browsers that ignore SameSite; the login itself needs the same evidence and a JSON
+body, so no other site can log a browser into its own token. With the setting ``auth = false`` every route is open (a trusted laptop only).
 """
 
 from __future__ import annotations
@@ -143,8 +144,8 @@ def login():
     the body must be ``application/json`` (a form cannot send that without a CORS preflight, which
     this server never grants) and the request must come from this site."""
     if request.mimetype != "application/json":
-        raise Unsupported(f"send the token as Content-Type: application/json, not "
-                          f"{request.mimetype or 'no content type'!r}")
+        sent = repr(request.mimetype) if request.mimetype else "none"
+        raise Unsupported(f'send {{"token": "il_..."}} as Content-Type: application/json (sent: {sent})')
     body = request.get_json(silent=True)
     token = body.get("token") if isinstance(body, dict) else None
     if not isinstance(token, str) or not token:
