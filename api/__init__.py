@@ -14,7 +14,7 @@ from typing import Any
 from flask import Flask
 
 from api import (auth, buckets, clusters, errors, facets, grid, health, images, index_service, openapi, query,
-                 search, services, suggest, tags, upload_routes, uploads)
+                 request_limits, search, services, suggest, tags, upload_routes, uploads)
 from api.openapi import API_PREFIX
 from lake.settings import Settings, load_settings
 
@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     settings = settings if settings is not None else load_settings()
     app = Flask(__name__, static_folder=None)  # the dashboard serves its own static files
     app.config.update(MAX_CONTENT_LENGTH=settings.upload_max_bytes)
-    app.json.sort_keys = False  # keep table column order in responses
+    request_limits.init_app(app)  # bounded JSON nesting, form limits that name themselves
     if test_config:
         app.config.update(test_config)
     app.config["IMAGELAKE_SETTINGS"] = settings

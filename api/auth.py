@@ -4,8 +4,9 @@ Default rule: ``GET``/``HEAD`` need the ``read`` scope, every other method ``cur
 ask for more with :func:`requires`. A token comes as ``Authorization: Bearer il_...`` (scripts) or
 in the ``imagelake_token`` cookie that ``POST /session`` sets (the dashboard; HttpOnly,
 SameSite=Strict). A cookie-authenticated write must also come from the same origin (``Origin``, or
-``Sec-Fetch-Site``, or ``Referer``), so a cross-site form post is refused with 403 even in browsers
-that ignore SameSite. With the setting ``auth = false`` every route is open (a trusted laptop only).
+``Sec-Fetch-Site``, or ``Referer``; scheme, host and port), so a cross-site form post is refused
+with 403 even in browsers that ignore SameSite; the login itself needs the same evidence and a JSON
+body, so no other site can log a browser into its own token. With the setting ``auth = false`` every route is open (a trusted laptop only).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from urllib.parse import urlparse
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 
 from lake.catalog import Lake
-from lake.errors import BadInput, Forbidden, Unauthorized
+from lake.errors import BadInput, Forbidden, Unauthorized, Unsupported
 from lake.tokens import SCOPES, Principal, TokenStore
 
 __all__ = ["COOKIE", "bp", "cookie_principal", "current_principal", "init_app", "public", "requires", "same_origin",
@@ -75,17 +76,33 @@ def _presented() -> tuple[str | None, bool]:
     return (cookie, True) if cookie else (None, False)
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin_tuple(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of a URL, the port filled in from the scheme; None when malformed."""
+    try:
+        parts = urlparse(url)
+        scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+        port = parts.port or _DEFAULT_PORTS.get(scheme)
+    except ValueError:  # a port that is not a number, or out of range
+        return None
+    return (scheme, host, port) if scheme and host and port else None
+
+
 def same_origin() -> bool:
-    """Whether this request demonstrably comes from a page of this site."""
-    host = request.host
+    """Whether this request demonstrably comes from a page of this site: same scheme, host and
+    port (an ``https://`` page is another origin than this ``http://`` server; behind a TLS proxy,
+    gunicorn takes the scheme from ``X-Forwarded-Proto``)."""
+    here = _origin_tuple(f"{request.scheme}://{request.host}")
     origin = request.headers.get("Origin")
     if origin:
-        return origin != "null" and urlparse(origin).netloc == host
+        return origin != "null" and here is not None and _origin_tuple(origin) == here
     site = request.headers.get("Sec-Fetch-Site")
     if site:
         return site in {"same-origin", "none"}
     referer = request.headers.get("Referer")
-    return bool(referer) and urlparse(referer).netloc == host
+    return bool(referer) and here is not None and _origin_tuple(referer) == here
 
 
 def _check() -> None:
@@ -121,11 +138,20 @@ def _add_www_authenticate(response):
 @bp.post("/session")
 @public
 def login():
-    """Trade a token for an HttpOnly, SameSite=Strict cookie (the dashboard's login)."""
-    body = request.get_json(force=True, silent=True)
+    """Trade a token for an HttpOnly, SameSite=Strict cookie (the dashboard's login).
+
+    A cross-site page must not log a visitor's browser into the page author's token (login CSRF):
+    the body must be ``application/json`` (a form cannot send that without a CORS preflight, which
+    this server never grants) and the request must come from this site."""
+    if request.mimetype != "application/json":
+        sent = repr(request.mimetype) if request.mimetype else "none"
+        raise Unsupported(f'send {{"token": "il_..."}} as Content-Type: application/json (sent: {sent})')
+    body = request.get_json(silent=True)
     token = body.get("token") if isinstance(body, dict) else None
     if not isinstance(token, str) or not token:
         raise BadInput('send a JSON object like {"token": "il_..."}')
+    if not same_origin():
+        raise Forbidden("cross-site login refused: log in from this site's own page")
     principal = verify(token)
     if principal is None:
         raise Unauthorized("the token is unknown, revoked or malformed")
@@ -177,7 +203,8 @@ def openapi_paths(settings) -> dict:
             "operationId": "login", "security": [],
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
                 "type": "object", "required": ["token"], "properties": {"token": {"type": "string"}}}}}},
-            "responses": {"200": json_response(session, "Logged in; the cookie is set"), **errors(400, 401)},
+            "responses": {"200": json_response(session, "Logged in; the cookie is set"),
+                          **errors(400, 401, 403, 415)},
         },
         "get": {
             "summary": "Who the caller is (token id, name, scope)",

@@ -1,18 +1,38 @@
 """The one error funnel: every failure leaves the API as ``{"ok": false, "error": msg, "status": N}``.
 
 :class:`lake.errors.ImagelakeError` subclasses carry their HTTP status; werkzeug's HTTP errors
-(unknown route, wrong method, body too large, malformed JSON) keep theirs; anything else is a 500
-whose traceback is logged and whose message says nothing about the internals.
+(unknown route, wrong method, body too large, malformed JSON) keep theirs; anything else is a 500.
+
+A 5xx body names nothing internal — no path, no library message, no exception text — only a
+request id (also sent as ``X-Request-Id``); the server log has the failure and its traceback under
+that id. The one exception is 503 :class:`~lake.errors.Unavailable`, whose messages are written for
+users ("no index build is published yet; run `imagelake index`") and name no path.
 """
 
 from __future__ import annotations
 
+import re
+import uuid
+
 from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
-from lake.errors import ImagelakeError
+from api.request_limits import FormLimit
+from lake.errors import ImagelakeError, Unavailable
 
-__all__ = ["error_response", "init_app"]
+__all__ = ["error_response", "init_app", "without_paths"]
+
+_PATHISH = re.compile(r"[^\s'\"()]*/[^\s'\"()]*")
+
+
+def without_paths(text: str) -> str:
+    """``text`` with every path or URI cut to its last component (``/srv/lake/index/b7: ...`` ->
+    ``b7: ...``), for public status lines that must not show where the lake lives."""
+    def last(match: re.Match) -> str:
+        token = match.group(0)
+        core = token.rstrip(":,;.")
+        return (core.rstrip("/").rsplit("/", 1)[-1] or "-") + token[len(core):]
+    return _PATHISH.sub(last, text)
 
 
 def error_response(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -29,14 +49,28 @@ def _http_message(e: HTTPException) -> str:
     if isinstance(e, MethodNotAllowed):
         allowed = ", ".join(sorted(e.valid_methods or ()))
         return f"method {request.method} is not allowed on {request.path}; allowed: {allowed}"
+    if isinstance(e, FormLimit):
+        return e.description
     if isinstance(e, RequestEntityTooLarge):
         limit = request.max_content_length
-        return f"request body too large; the limit is {limit} bytes" if limit else "request body too large"
+        return (f"request body too large: over {limit} bytes (upload_max_bytes)" if limit
+                else "request body too large")
     return e.description or e.name
+
+
+def _internal(e: BaseException, status: int) -> Response:
+    """A 5xx: log what failed under a fresh request id and answer with that id alone."""
+    request_id = uuid.uuid4().hex[:16]
+    current_app.logger.error("request %s: %s %s failed with %s %s: %s", request_id, request.method,
+                             request.path, status, type(e).__name__, e, exc_info=e)
+    return error_response(f"internal error (request id {request_id}; the server log has the details)",
+                          status, {"X-Request-Id": request_id})
 
 
 def _handle_http(e: HTTPException) -> Response:
     status = e.code or 500
+    if status >= 500:
+        return _internal(e, status)
     headers = {}
     if isinstance(e, MethodNotAllowed) and e.valid_methods:
         headers["Allow"] = ", ".join(sorted(e.valid_methods))
@@ -44,15 +78,13 @@ def _handle_http(e: HTTPException) -> Response:
 
 
 def _handle_lake(e: ImagelakeError) -> Response:
-    if e.status >= 500:
-        current_app.logger.error("%s %s failed: %s", request.method, request.path, e, exc_info=e)
+    if e.status >= 500 and not isinstance(e, Unavailable):
+        return _internal(e, e.status)
     return error_response(str(e) or type(e).__name__, e.status)
 
 
 def _handle_unexpected(e: Exception) -> Response:
-    current_app.logger.error("%s %s failed with an unexpected error", request.method, request.path,
-                             exc_info=e)
-    return error_response("internal error", 500)
+    return _internal(e, 500)
 
 
 def init_app(app: Flask) -> None:

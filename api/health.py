@@ -1,10 +1,14 @@
-"""``GET /health``: is the lake readable, and at which table versions."""
+"""``GET /health``: is the lake readable, and at which table versions.
+
+Public, so it says nothing about where the lake lives: no lake path, and a refused build's reason
+with its paths cut to file names (the server log has the full text)."""
 
 from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
 from api.auth import public
+from api.errors import without_paths
 from api.index_service import search_service
 from api.services import lake_reader
 
@@ -18,8 +22,9 @@ def health():
     builds = {}
     index = search_service().status()
     if index:
+        index["refused"] = [{**r, "error": without_paths(r["error"])} for r in index.get("refused", [])]
         builds["index"] = index
-    return jsonify({"ok": True, "tables": reader.versions(), "builds": builds, "lake": reader.lake.root})
+    return jsonify({"ok": True, "tables": reader.versions(), "builds": builds})
 
 
 def openapi_paths(settings) -> dict:
@@ -34,14 +39,14 @@ def openapi_paths(settings) -> dict:
 
 def openapi_schemas(settings) -> dict:
     return {"Health": {
-        "type": "object", "required": ["ok", "tables", "builds", "lake"],
+        "type": "object", "required": ["ok", "tables", "builds"],
         "properties": {
             "ok": {"const": True},
             "tables": {"type": "object", "description": "table -> Delta version (null: not created)",
                        "additionalProperties": {"type": ["integer", "null"]}},
             "builds": {"type": "object", "description": "loaded artifact builds; 'index': the similarity "
                        "index served (state serving | serving_previous | unavailable, build_id, "
-                       "published_build_id, refused: builds that failed verification, with the reason)"},
-            "lake": {"type": "string"},
+                       "published_build_id, refused: builds that failed verification, with the reason "
+                       "(paths cut to file names))"},
         },
     }}

@@ -10,7 +10,9 @@ from lake.sql import jsonable
 
 bp = Blueprint("images", __name__)
 
-_IMMUTABLE = "public, max-age=31536000, immutable"
+# private: these answers need a token, so a shared cache (a proxy, a CDN) must not keep them and
+# hand them to others; the browser's own cache keeps them for good (content-addressed, never rewritten).
+_IMMUTABLE = "private, max-age=31536000, immutable"
 
 
 @bp.get("/images")

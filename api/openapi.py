@@ -31,13 +31,13 @@ IMAGE_ID_PARAM = {
 _ERROR_TEXT = {
     400: "Bad input: a malformed id, a bad parameter, forbidden or failing SQL",
     401: "No token, or an unknown, revoked or malformed one",
-    403: "The token's scope is too small, or a cross-site cookie write",
+    403: "The token's scope is too small, or a cross-site cookie write or login",
     404: "Unknown route or resource",
     405: "Method not allowed on this route",
     409: "Conflict with the current state",
-    413: "Request body larger than upload_max_bytes, or too many pixels",
-    415: "Unsupported image format",
-    500: "Internal error (logged)",
+    413: "Request body larger than upload_max_bytes, too many form parts or pixels (the message names the limit)",
+    415: "Unsupported image format, or a body that is not application/json where JSON is required",
+    500: "Internal error: the message names only a request id; the server log has the details under it",
     503: "Not available yet (e.g. no index build published)",
 }
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from api.errors import without_paths
 from lake.buckets import DISCARD, BucketState
 from lake.catalog import Lake
 from lake.compact import CompactMatrix, ensure_compact
@@ -114,7 +115,7 @@ class Suggester:
                     self._matrix = ensure_compact(self.lake, self.dims)
                 except NotFound as e:
                     if self._matrix is None:
-                        raise Unavailable(f"suggestions are not available: {e}") from None
+                        raise Unavailable(f"suggestions are not available: {without_paths(str(e))}") from None
                 self._checked = time.monotonic()
                 _limit_threads(len(self._matrix))
             return self._matrix

@@ -213,7 +213,7 @@ def add_image(lake: Lake, settings: Settings, data: bytes, sha256: str, fmt: str
     """
     if not lake.is_local:
         raise Unavailable("adding images needs a local or shared-filesystem lake (the upload is stored "
-                          f"under <lake>/uploads); {lake.root!r} is an object-store URI")
+                          "under <lake>/uploads); this lake is on an object store")
     collection = collection or DEFAULT_COLLECTION
     ensure_tables(lake, ["images", "sources", "thumbnails", "rejects", "features", "job_runs"])
     timings: dict[str, float] = {}

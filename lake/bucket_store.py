@@ -25,6 +25,7 @@ import os
 import queue
 import secrets
 import threading
+import unicodedata
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -298,10 +299,37 @@ def _plan(state: BucketState, a: Action, seq: int) -> dict[str, Any]:
     return event
 
 
+MAX_NAME = 200
+# Bidirectional formatting controls: they reorder how the text around a name is shown (a name
+# could make a listing read differently from what it holds).
+_BIDI = {0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)}
+
+
 def _name(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip() or len(value) > 200:
-        raise BadInput("a bucket name must be a non-empty string of at most 200 characters")
-    return value.strip()
+    """A bucket name as stored: NFC-normalised, trimmed, 1 to 200 characters, printable.
+
+    Names end up in every listing, export and SQL result: a NUL, a line break, a lone surrogate
+    (which fails every UTF-8 conversion of the log) or a bidi override would corrupt or disguise
+    them, so each is refused with the rule it breaks."""
+    if not isinstance(value, str):
+        raise BadInput(f"a bucket name must be a string, got {type(value).__name__}")
+    for i, ch in enumerate(value):
+        code = ord(ch)
+        category = unicodedata.category(ch)
+        if category == "Cs":
+            raise BadInput(f"a bucket name must be valid Unicode: a lone surrogate U+{code:04X} at position {i}")
+        if category in ("Cc", "Zl", "Zp"):
+            raise BadInput(f"a bucket name must not contain control characters or line breaks "
+                           f"(U+{code:04X} at position {i})")
+        if code in _BIDI:
+            raise BadInput(f"a bucket name must not contain bidirectional formatting characters "
+                           f"(U+{code:04X} at position {i})")
+    name = unicodedata.normalize("NFC", value).strip()
+    if not name:
+        raise BadInput("a bucket name must not be empty or only spaces")
+    if len(name) > MAX_NAME:
+        raise BadInput(f"a bucket name must be at most {MAX_NAME} characters; this one has {len(name)}")
+    return name
 
 
 def _color(value: Any) -> str | None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -46,6 +47,8 @@ from deltalake.exceptions import TableNotFoundError
 
 from lake.catalog import Lake, table_spec
 from lake.errors import BadInput, NotFound
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ACTIONS", "DISCARD", "MEMBERS_SQL", "BucketState", "bucket_history", "bucket_members",
@@ -271,7 +274,11 @@ def _open(lake: Lake, version: int | None = None, as_of: dt.datetime | None = No
         elif as_of is not None:
             table.load_as_version(as_of)
     except Exception as e:  # deltalake raises several types for a version outside the log
-        raise NotFound(f"bucket_events has no version {version if version is not None else as_of}: {e}") from None
+        # The library's text names the table's path: it goes to the log, not to the caller.
+        log.info("bucket_events version %s not loadable: %s", version if version is not None else as_of, e)
+        latest = DeltaTable(lake.table_uri("bucket_events")).version()
+        what = f"version {version}" if version is not None else f"version as of {as_of.isoformat()}"
+        raise NotFound(f"bucket_events has no {what}; its versions are 0 to {latest}") from None
     return table
 
 

@@ -36,6 +36,7 @@ import pyarrow as pa
 
 from lake.catalog import TABLES, Lake
 from lake.errors import BadInput
+from lake.json_input import loads_bounded
 
 __all__ = [
     "FILTER_FROM", "FilterColumn", "column_kind", "filter_columns", "connection_columns",
@@ -122,7 +123,7 @@ def parse_filter(value: Any) -> dict | None:
         if not value.strip():
             return None
         try:
-            value = json.loads(value)
+            value = loads_bounded(value)
         except ValueError as e:
             raise BadInput(f"the filter is not valid JSON ({e}); send an object like "
                            '{"year": {">=": 1900}, "subjects": {"contains": "fish"}}') from None

@@ -89,8 +89,9 @@ def test_secrets_are_stored_hashed(lake):
 def test_cookie_login_allows_same_site_writes_and_refuses_cross_site_ones(app, lake):
     _, token = create_token(lake, "curate")
     client = app.test_client()
-    assert client.post(f"{API_PREFIX}/session", json={"token": "il_bad"}).status_code == 401
-    response = client.post(f"{API_PREFIX}/session", json={"token": token})
+    here = {"Origin": "http://localhost"}
+    assert client.post(f"{API_PREFIX}/session", json={"token": "il_bad"}, headers=here).status_code == 401
+    response = client.post(f"{API_PREFIX}/session", json={"token": token}, headers=here)
     assert response.status_code == 200 and response.get_json()["scope"] == "curate"
     cookie = response.headers["Set-Cookie"]
     assert f"{COOKIE}=" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie

@@ -36,7 +36,7 @@ def test_without_a_login_the_shell_redirects_to_the_login_page(dashboard):
 def test_login_cookie_opens_the_shell_with_every_view_and_asset(dashboard, lake):
     _, token = create_token(lake, "curate", "ann")
     client = dashboard.test_client()
-    assert client.post("/api/v1/session", json={"token": token}).status_code == 200
+    assert client.post("/api/v1/session", json={"token": token}, headers={"Origin": "http://localhost"}).status_code == 200
     page = client.get("/")
     assert page.status_code == 200
     html = page.get_data(as_text=True)
