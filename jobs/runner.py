@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from lake.settings import Settings
 
-__all__ = ["FAIL_ONCE_ENV", "PartitionContext", "PartitionFn", "Runner", "LocalRunner", "SparkRunner", "make_runner",
+__all__ = ["FAIL_ONCE_ENV", "PartitionContext", "collect_arrow", "PartitionFn", "Runner", "LocalRunner", "SparkRunner", "make_runner",
            "partition_bounds"]
 
 
@@ -117,7 +117,7 @@ class SparkRunner:
                                        daemon=True)
             watcher.start()
         try:
-            table = result.toArrow()
+            table = collect_arrow(result, out_schema)
         finally:
             stop.set()
             if watcher is not None:
@@ -128,6 +128,19 @@ class SparkRunner:
         if self._spark is not None and self._owns:
             self._spark.stop()
             self._spark = None
+
+
+def collect_arrow(df, schema: pa.Schema) -> pa.Table:
+    """``df``'s rows as one Arrow table on the driver, on every supported pyspark.
+
+    ``DataFrame.toArrow()`` exists from pyspark 4.0; on 3.5 the same Arrow stream is read with
+    ``_collect_as_arrow()`` (what ``toPandas`` uses there), which returns no batch for no rows.
+    Chosen by feature detection, so a 3.5 cluster runs the same jobs.
+    """
+    if hasattr(df, "toArrow"):
+        return df.toArrow()
+    batches = df._collect_as_arrow()
+    return pa.Table.from_batches(batches) if batches else schema.empty_table()
 
 
 class _SparkPartition:
