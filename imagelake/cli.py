@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", metavar="SRC", help="what ingest reads (required when ingest is a step)")
     s.add_argument("--collection", help="collection name for ingest (default: the folder's name)")
     s.add_argument("--steps", metavar="LIST",
-                   help="comma-separated steps, run in pipeline order (default: every step this build has, "
-                        "of ingest,embed,index,cluster,tag,grid)")
+                   help="comma-separated steps, run in pipeline order (default: every step, "
+                        "ingest,embed,suggest,index,cluster,tag,grid; one not installed fails the run)")
     s.add_argument("--model", default="efficientnet-lite0", help="embedding model for embed (and the steps after it)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
