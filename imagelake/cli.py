@@ -273,7 +273,7 @@ def _cmd_status(args, settings: Settings, lake: Lake) -> int:
     from imagelake.status import render_status
     from lake.status import lake_status
 
-    status = lake_status(lake)
+    status = lake_status(lake, abandon_after_h=settings.run_abandon_h)
     print(json.dumps(status, default=str, indent=2) if args.format == "json" else render_status(status))
     return 0
 
@@ -367,7 +367,8 @@ def _cmd_metadata(args, settings: Settings, lake: Lake) -> int:
     from jobs.runs import job_run
 
     types = parse_type_overrides(args.type)
-    with job_run(lake.ensure(), "metadata", {k: v for k, v in vars(args).items() if k != "func"}) as run:
+    with job_run(lake.ensure(), "metadata", {k: v for k, v in vars(args).items() if k != "func"},
+                 settings=settings) as run:
         summary = import_metadata(lake, args.file, key=args.key, key_column=args.key_column,
                                   collection=args.collection, types=types, lists=args.list,
                                   list_sep=args.list_sep, fmt=args.format, run_id=run.run_id)

@@ -243,7 +243,7 @@ def run_pipeline(lake: Lake, settings: Settings, request: PipelineRequest, runne
             args = {"steps": list(steps), "images": request.images, "collection": request.collection,
                     "model": request.model, "device": request.device, "master": settings.master,
                     "runner": settings.runner}
-            with job_run(lake, "pipeline", args) as run:
+            with job_run(lake, "pipeline", args, settings=settings) as run:
                 summary = PipelineSummary(run.run_id)
                 run.metrics["steps"] = summary.steps
                 for name in steps:

@@ -120,7 +120,7 @@ def run_embed(lake: Lake, settings: Settings, model: str = "efficientnet-lite0",
     owns_runner = runner is None
     runner = runner or make_runner(settings, progress=progress)
     try:
-        with job_run(lake, "embed", args) as run:
+        with job_run(lake, "embed", args, settings=settings) as run:
             pending = select_pending(lake, spec.key)
             run.rows_in = pending.num_rows
             summary: dict[str, Any] = dict(run_id=run.run_id, model=spec.key, pending=pending.num_rows,

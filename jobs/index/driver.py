@@ -269,7 +269,7 @@ def run_index(lake: Lake, settings: Settings, model: str | None = None, *, rebui
         owns = runner is None
         runner = runner or make_runner(settings, progress=progress)
         try:
-            with job_run(lake, "index", args) as run:
+            with job_run(lake, "index", args, settings=settings) as run:
                 summary = _run(lake, settings, model_key, run, rebuild=rebuild, budget=budget,
                                shard_size=shard_size, flat_below=flat_below, max_train=max_train, opq=opq,
                                factory=factory, runner=runner)
