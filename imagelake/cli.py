@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("embed", help="extract features for images that lack them")
     s.add_argument("--model", default="efficientnet-lite0", help="model name from the registry")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="what embedding computes in, part of the features key (auto: fp32 on CPU and on "
+                        "a cluster, bf16/fp16 on a local GPU or with --device cuda)")
     s.add_argument("--no-progress", action="store_true")
 
     s = sub.add_parser("run", help="the whole pipeline, incrementally: ingest, embed, index, cluster, tag, grid")
@@ -47,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "ingest,embed,suggest,index,cluster,tag,grid; one not installed fails the run)")
     s.add_argument("--model", default="efficientnet-lite0", help="embedding model for embed (and the steps after it)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="what embedding computes in, part of the features key (auto: fp32 on CPU and on "
+                        "a cluster, bf16/fp16 on a local GPU or with --device cuda)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     s = sub.add_parser("cluster", help="near-duplicate groups and topic clusters")
@@ -162,7 +168,7 @@ def _cmd_embed(args, settings: Settings, lake: Lake) -> int:
         from jobs.embed.driver import run_embed
     except ImportError as e:
         raise BadInput(f"embedding needs the 'embed' extra (pip install 'imagelake[embed]'): {e}") from None
-    summary = run_embed(lake, settings, model=args.model, device=args.device,
+    summary = run_embed(lake, settings, model=args.model, device=args.device, precision=args.precision,
                         progress=not args.no_progress and sys.stderr.isatty())
     print(embed_line(summary))
     return 0
@@ -178,7 +184,7 @@ def _cmd_run(args, settings: Settings, lake: Lake) -> int:
     from jobs.pipeline import PipelineRequest, parse_steps, run_pipeline
 
     request = PipelineRequest(images=args.images, collection=args.collection, model=args.model,
-                              device=args.device,
+                              device=args.device, precision=args.precision,
                               steps=None if args.steps is None else parse_steps(args.steps))
     summary = run_pipeline(lake, settings, request, progress=not args.no_progress and sys.stderr.isatty())
     print(summary.line())

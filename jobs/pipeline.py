@@ -7,7 +7,8 @@ naming the step, the missing module and the fix (install the extra, or leave the
 ``--steps``). Scheduled runs therefore never report success while a step silently did nothing. A step function is called with the arguments it
 accepts among :class:`PipelineRequest`'s fields (by name, checked against its signature)::
 
-    fn(lake, settings, *, runner=..., progress=..., images=..., collection=..., model=..., device=...)
+    fn(lake, settings, *, runner=..., progress=..., images=..., collection=..., model=..., device=...,
+       precision=...)
 
 and must be incremental (a re-run on unchanged input does nothing new), record its own
 ``job_runs`` row with :func:`jobs.runs.job_run`, and return a summary (a dataclass or a dict) whose
@@ -76,6 +77,7 @@ class PipelineRequest:
     collection: str | None = None
     model: str = "efficientnet-lite0"
     device: str = "auto"
+    precision: str = "auto"  # embed: auto, fp32, bf16 or fp16 (part of the features key)
     steps: tuple[str, ...] | None = None  # None: every step in STEPS (each must be installed)
 
 
@@ -154,21 +156,26 @@ def _resolve(requested: Sequence[str] | None) -> dict[str, Callable[..., Any]]:
     return functions
 
 
-def _features_key(model: str) -> str | None:
-    """The ``features.model`` key (``name@version``) the embed step writes for registry name ``model``."""
+def _features_key(lake: Lake, model: str) -> str | None:
+    """The stored ``features.model`` key of registry name ``model`` when this run has no embed
+    step: its current version's key with the most rows, in whatever precision (``+bf16``)."""
     try:
         from jobs.embed.models import get_model
     except ImportError:
         return None  # no embed extra: later steps use the model with the most features
-    return get_model(model).key
+    from lake.vectors import features_key
+
+    key = get_model(model).key
+    return features_key(lake, key) or key
 
 
-def _step_kwargs(name: str, fn: Callable[..., Any], request: PipelineRequest, runner: Runner,
-                 progress: bool) -> dict[str, Any]:
+def _step_kwargs(lake: Lake, name: str, fn: Callable[..., Any], request: PipelineRequest, runner: Runner,
+                 progress: bool, embedded_key: str | None) -> dict[str, Any]:
     offered = {f.name: getattr(request, f.name) for f in dataclasses.fields(request) if f.name != "steps"}
     offered.update(runner=runner, progress=progress)
     if name != "embed":  # steps after embed select features by their stored key, not the registry name
-        offered["model"] = _features_key(request.model)
+        offered["model"] = embedded_key or _features_key(lake, request.model)
+        offered.pop("precision", None)
     params = inspect.signature(fn).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return {k: v for k, v in offered.items() if v is not None}
@@ -241,17 +248,20 @@ def run_pipeline(lake: Lake, settings: Settings, request: PipelineRequest, runne
         runner = runner or make_runner(settings, progress=progress)
         try:
             args = {"steps": list(steps), "images": request.images, "collection": request.collection,
-                    "model": request.model, "device": request.device, "master": settings.master,
+                    "model": request.model, "device": request.device, "precision": request.precision,
+                    "master": settings.master,
                     "runner": settings.runner}
             with job_run(lake, "pipeline", args, settings=settings) as run:
                 summary = PipelineSummary(run.run_id)
                 run.metrics["steps"] = summary.steps
+                embedded_key = None  # the features key the embed step wrote (it names the precision)
                 for name in steps:
                     fn = functions[name]
                     t0 = time.perf_counter()
                     log.info("pipeline %s: step %s", run.run_id, name)
                     try:
-                        result = fn(lake, settings, **_step_kwargs(name, fn, request, runner, progress))
+                        result = fn(lake, settings, **_step_kwargs(lake, name, fn, request, runner, progress,
+                                                                   embedded_key))
                     except LockHeld as e:
                         raise LockHeld(f"step {name}: {e}") from e
                     except (KeyboardInterrupt, SystemExit):
@@ -261,6 +271,8 @@ def run_pipeline(lake: Lake, settings: Settings, request: PipelineRequest, runne
                                               "seconds": round(time.perf_counter() - t0, 3)})
                         raise _step_error(name, e) from e
                     summary.steps.append(_record(lake, name, result, time.perf_counter() - t0))
+                    if name == "embed" and isinstance(result, dict) and isinstance(result.get("model"), str):
+                        embedded_key = result["model"]
                 run.rows_in = (summary.steps[0].get("rows_in") or 0) if summary.steps else 0
                 run.rows_out = sum(s.get("rows_out") or 0 for s in summary.steps)
             summary.seconds = run.metrics.get("seconds", 0.0)

@@ -98,6 +98,15 @@ class SparkRunner:
                 self._spark = spark_session(self.settings)
         return self._spark
 
+    @property
+    def master(self) -> str:
+        """The master tasks run on (the running session's, else the one a session would get),
+        without starting Spark."""
+        from pyspark import SparkContext
+
+        sc = self._spark.sparkContext if self._spark is not None else SparkContext._active_spark_context
+        return sc.master if sc is not None else self.settings.master
+
     def map_partitions(self, fn: PartitionFn, rows: pa.Table, num_partitions: int,
                        out_schema: pa.Schema, desc: str = "") -> pa.Table:
         from pyspark.sql.pandas.types import from_arrow_schema

@@ -77,7 +77,7 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         pa.field("run_id", pa.string()),
         pa.field("rejected_at", _TS),
     ]),
-    _spec("features", ["image_id", "model"], "Embeddings and top-k concept probabilities per image and model version.", [
+    _spec("features", ["image_id", "model"], "Embeddings and top-k concept probabilities per image and features key: model is name@version for float32 vectors, name@version+bf16 (or +fp16) for vectors computed in reduced precision; one key never mixes precisions.", [
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("model", pa.string(), nullable=False),
         pa.field("embedding", pa.list_(pa.float32())),

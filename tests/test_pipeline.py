@@ -155,6 +155,21 @@ def test_run_is_incremental_with_a_job_run_per_step(tmp_path, lake, local_settin
     assert all(s["seconds"] >= 0 for s in steps) and json.loads(top["args"])["steps"] == ["ingest", "embed"]
 
 
+def test_steps_after_embed_use_the_key_embed_wrote_with_its_precision(tmp_path, lake, local_settings):
+    write_images(tmp_path / "imgs", 4)
+    request = PipelineRequest(images=str(tmp_path / "imgs"), steps=("ingest", "embed", "index"), precision="bf16")
+    summary = run_pipeline(lake, local_settings, request)
+    key = _model_key() + "+bf16"
+    assert [s["rows_out"] for s in summary.steps][:2] == [4, 4]
+    assert {r["model"] for r in _rows(lake, "features", ["model"])} == {key}
+    builds = [r for r in _rows(lake, "index_builds") if r["state"] == "published"]
+    assert [(b["model"], b["ntotal"]) for b in builds] == [(key, 4)]
+    again = run_pipeline(lake, local_settings, PipelineRequest(steps=("index",)))  # no embed step: the stored key
+    index_runs = [json.loads(r["args"]) for r in _rows(lake, "job_runs")
+                  if r["job"] == "index" and r["state"] == "succeeded"]
+    assert [a["model"] for a in index_runs] == [key, key] and again.steps[0]["step"] == "index"
+
+
 def test_a_failing_step_stops_the_run_names_the_step_and_is_recorded(tmp_path, lake, local_settings, monkeypatch):
     monkeypatch.setitem(pipeline.STEPS, "embed", f"{__name__}:_boom")
     write_images(tmp_path / "imgs", 2)
