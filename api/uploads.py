@@ -151,11 +151,9 @@ class UploadEmbedder:
 
     def _runtime(self, model_key: str):
         from jobs.embed.artifact import ensure_onnx
-        from jobs.embed.models import get_model
+        from jobs.embed.models import get_model, split_key
         from jobs.embed.runtime import get_runtime
         from lake.lock import LakeLock
-
-        from jobs.embed.models import split_key
 
         base, _ = split_key(model_key)  # the weights; an upload is embedded in fp32 whatever the key's precision
         spec = get_model(base.split("@", 1)[0])

@@ -226,7 +226,7 @@ def test_torch_runtime_path_agrees_with_onnx(lake):
         assert _cos(row["embedding"], before[image_id]["embedding"]) >= 0.9999
 
 
-def test_precision_is_part_of_the_features_key_and_keys_never_mix_precisions(lake):
+def test_precision_is_part_of_the_features_key_and_keys_never_mix_precisions(lake, photo_files):
     """A bf16 run (torch computes in bfloat16; on CPU here, as a GPU run would on CUDA) writes
     ``name@version+bf16``; the fp32 key (the old, suffix-less one) is a separate, complete set."""
     from jobs.index.driver import resolve_model_key
@@ -251,6 +251,13 @@ def test_precision_is_part_of_the_features_key_and_keys_never_mix_precisions(lak
     runs = [json.loads(r["args"]) for r in open_table(lake, "job_runs").to_pyarrow_table().to_pylist()
             if r["job"] == "embed" and r["state"] == "succeeded"]
     assert [a["precision"] for a in runs].count("bf16") == 2 and [a["model"] for a in runs].count(LITE0.key) == 1
+    # an upload searched against a bf16 index is embedded (fp32, on the server's CPU), not refused
+    from api.uploads import UploadEmbedder
+
+    with open(photo_files["chelsea"], "rb") as f:
+        up = UploadEmbedder(Settings(lake=lake.root)).embed(f.read(), bf16["model"])
+    assert up.model == bf16["model"]
+    assert np.allclose(up.vector, full[_ids(lake)["chelsea"]]["embedding"], atol=1e-4)
 
 
 def test_one_precision_per_run_is_decided_before_tasks_start(lake):

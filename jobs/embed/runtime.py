@@ -11,8 +11,8 @@
 Every runtime says its ``precision`` (``fp32``, ``bf16``, ``fp16``): the part of the features key
 (``name@version+bf16``) that tells vectors of different numerics apart.
 
-Runtimes are built once per worker process and cached here by (model, engine, device, threads):
-Spark reuses Python workers across tasks, so the model loads once per executor core, not per task.
+Runtimes are built once per worker process and cached here by (model, engine, device, threads,
+precision): Spark reuses Python workers across tasks, so the model loads once per executor core, not per task.
 """
 
 from __future__ import annotations
