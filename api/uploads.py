@@ -151,12 +151,13 @@ class UploadEmbedder:
 
     def _runtime(self, model_key: str):
         from jobs.embed.artifact import ensure_onnx
-        from jobs.embed.models import get_model
+        from jobs.embed.models import get_model, split_key
         from jobs.embed.runtime import get_runtime
         from lake.lock import LakeLock
 
-        spec = get_model(model_key.split("@", 1)[0])
-        if spec.key != model_key:
+        base, _ = split_key(model_key)  # the weights; an upload is embedded in fp32 whatever the key's precision
+        spec = get_model(base.split("@", 1)[0])
+        if spec.key != base:
             raise Conflict(f"the index was built from {model_key}, but this server's {spec.name} is {spec.key}; "
                            "re-embed and re-index (`imagelake embed`, `imagelake index`)")
         with self._lock:

@@ -37,16 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("embed", help="extract features for images that lack them")
     s.add_argument("--model", default="efficientnet-lite0", help="model name from the registry")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="what embedding computes in, part of the features key (auto: fp32 on CPU and on "
+                        "a cluster, bf16/fp16 on a local GPU or with --device cuda)")
     s.add_argument("--no-progress", action="store_true")
 
     s = sub.add_parser("run", help="the whole pipeline, incrementally: ingest, embed, index, cluster, tag, grid")
     s.add_argument("--images", metavar="SRC", help="what ingest reads (required when ingest is a step)")
     s.add_argument("--collection", help="collection name for ingest (default: the folder's name)")
     s.add_argument("--steps", metavar="LIST",
-                   help="comma-separated steps, run in pipeline order (default: every step this build has, "
-                        "of ingest,embed,index,cluster,tag,grid)")
+                   help="comma-separated steps, run in pipeline order (default: every step, "
+                        "ingest,embed,suggest,index,cluster,tag,grid; one not installed fails the run)")
     s.add_argument("--model", default="efficientnet-lite0", help="embedding model for embed (and the steps after it)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="what embedding computes in, part of the features key (auto: fp32 on CPU and on "
+                        "a cluster, bf16/fp16 on a local GPU or with --device cuda)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     s = sub.add_parser("cluster", help="near-duplicate groups and topic clusters")
@@ -165,7 +171,7 @@ def _cmd_embed(args, settings: Settings, lake: Lake) -> int:
         from jobs.embed.driver import run_embed
     except ImportError as e:
         raise BadInput(f"embedding needs the 'embed' extra (pip install 'imagelake[embed]'): {e}") from None
-    summary = run_embed(lake, settings, model=args.model, device=args.device,
+    summary = run_embed(lake, settings, model=args.model, device=args.device, precision=args.precision,
                         progress=not args.no_progress and sys.stderr.isatty())
     print(embed_line(summary))
     return 0
@@ -181,7 +187,7 @@ def _cmd_run(args, settings: Settings, lake: Lake) -> int:
     from jobs.pipeline import PipelineRequest, parse_steps, run_pipeline
 
     request = PipelineRequest(images=args.images, collection=args.collection, model=args.model,
-                              device=args.device,
+                              device=args.device, precision=args.precision,
                               steps=None if args.steps is None else parse_steps(args.steps))
     summary = run_pipeline(lake, settings, request, progress=not args.no_progress and sys.stderr.isatty())
     print(summary.line())
@@ -276,7 +282,7 @@ def _cmd_status(args, settings: Settings, lake: Lake) -> int:
     from imagelake.status import render_status
     from lake.status import lake_status
 
-    status = lake_status(lake)
+    status = lake_status(lake, abandon_after_h=settings.run_abandon_h)
     print(json.dumps(status, default=str, indent=2) if args.format == "json" else render_status(status))
     return 0
 
@@ -373,7 +379,8 @@ def _cmd_metadata(args, settings: Settings, lake: Lake) -> int:
     from jobs.runs import job_run
 
     types = parse_type_overrides(args.type)
-    with job_run(lake.ensure(), "metadata", {k: v for k, v in vars(args).items() if k != "func"}) as run:
+    with job_run(lake.ensure(), "metadata", {k: v for k, v in vars(args).items() if k != "func"},
+                 settings=settings) as run:
         summary = import_metadata(lake, args.file, key=args.key, key_column=args.key_column,
                                   collection=args.collection, types=types, lists=args.list,
                                   list_sep=args.list_sep, fmt=args.format, run_id=run.run_id)

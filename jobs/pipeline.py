@@ -1,11 +1,14 @@
 """``imagelake run``: every job in order, incrementally, on one Spark session, under one lock.
 
 The steps are named in :data:`STEPS` as ``"module:function"`` strings and imported only when a run
-needs them, so a build without (say) the grid job still runs the other steps, and a step whose
-module is missing fails with a message naming it. A step function is called with the arguments it
+needs them. Every step of a run must import: a default run (no ``--steps``) whose install lacks a
+step's module or one of its packages fails before anything runs, with exit code 2 and a message
+naming the step, the missing module and the fix (install the extra, or leave the step out with
+``--steps``). Scheduled runs therefore never report success while a step silently did nothing. A step function is called with the arguments it
 accepts among :class:`PipelineRequest`'s fields (by name, checked against its signature)::
 
-    fn(lake, settings, *, runner=..., progress=..., images=..., collection=..., model=..., device=...)
+    fn(lake, settings, *, runner=..., progress=..., images=..., collection=..., model=..., device=...,
+       precision=...)
 
 and must be incremental (a re-run on unchanged input does nothing new), record its own
 ``job_runs`` row with :func:`jobs.runs.job_run`, and return a summary (a dataclass or a dict) whose
@@ -59,7 +62,7 @@ _ROWS_OUT = ("rows_out", "embedded", "committed_rows", "rows", "ok")
 
 
 class StepUnavailable(BadInput):
-    """The step's module or function is not part of this build."""
+    """A step of the run cannot be imported: its module, a package it needs, or its function is missing."""
 
 
 class StepFailed(ImagelakeError):
@@ -74,21 +77,20 @@ class PipelineRequest:
     collection: str | None = None
     model: str = "efficientnet-lite0"
     device: str = "auto"
-    steps: tuple[str, ...] | None = None  # None: every step this build has (missing ones are skipped)
+    precision: str = "auto"  # embed: auto, fp32, bf16 or fp16 (part of the features key)
+    steps: tuple[str, ...] | None = None  # None: every step in STEPS (each must be installed)
 
 
 @dataclass
 class PipelineSummary:
     run_id: str
     steps: list[dict[str, Any]] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def line(self) -> str:
         parts = ", ".join(f"{s['step']} {s.get('rows_out') or 0} rows out in {s['seconds']:.1f} s"
                           for s in self.steps)
-        missing = f"; not in this build: {', '.join(self.skipped)}" if self.skipped else ""
-        return f"run {self.run_id}: {len(self.steps)} steps ({parts}) in {self.seconds:.1f} s{missing}"
+        return f"run {self.run_id}: {len(self.steps)} steps ({parts}) in {self.seconds:.1f} s"
 
 
 def parse_steps(text: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -114,53 +116,66 @@ def resolve_step(name: str) -> Callable[..., Any]:
     """Import the function registered for ``name``.
 
     Raises:
-        StepUnavailable: the module or function is missing from this build.
+        StepUnavailable: the step's module, a module it imports, or the function is missing; the
+            message names the missing module.
     """
     target = STEPS[name]
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-            raise StepUnavailable(f"step {name} is not available in this build (no module {module_name})") from None
-        raise StepUnavailable(f"step {name} needs a package that is not installed: {e}") from None
+        missing = e.name or str(e)
+        if module_name == missing or module_name.startswith(missing + "."):
+            raise StepUnavailable(f"step {name} is not in this install: no module {module_name}") from None
+        raise StepUnavailable(f"step {name} needs module {missing!r}, which is not installed") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise StepUnavailable(f"step {name} is not available in this build ({target} does not exist)")
+        raise StepUnavailable(f"step {name} is not in this install: {target} does not exist")
     return fn
 
 
-def _resolve(requested: Sequence[str] | None) -> tuple[dict[str, Callable[..., Any]], list[str]]:
-    """Named steps must all resolve; the default (None) skips those this build lacks, saying so."""
-    if requested is not None:
-        return {name: resolve_step(name) for name in parse_steps(requested)}, []
-    functions, skipped = {}, []
-    for name in STEPS:
+def _resolve(requested: Sequence[str] | None) -> dict[str, Callable[..., Any]]:
+    """Every step of the run, imported; all that fail are named in one error.
+
+    ``requested`` None means every step: a step missing from the install is then a failure too,
+    not a skip, and the message says which ``--steps`` list leaves the missing ones out.
+    """
+    names = parse_steps(requested)
+    functions, errors = {}, []
+    for name in names:
         try:
             functions[name] = resolve_step(name)
         except StepUnavailable as e:
-            log.info("%s", e)
-            skipped.append(name)
-    if skipped:
-        log.warning("skipping steps not in this build: %s", ", ".join(skipped))
-    return functions, skipped
+            errors.append(str(e))
+    if errors:
+        rest = [n for n in names if n in functions]
+        fix = "install the missing packages (pip install 'imagelake[all]' has every step's)"
+        if rest:
+            fix += f", or leave {'that step' if len(errors) == 1 else 'those steps'} out: --steps {','.join(rest)}"
+        raise StepUnavailable("; ".join(errors) + "; " + fix)
+    return functions
 
 
-def _features_key(model: str) -> str | None:
-    """The ``features.model`` key (``name@version``) the embed step writes for registry name ``model``."""
+def _features_key(lake: Lake, model: str) -> str | None:
+    """The stored ``features.model`` key of registry name ``model`` when this run has no embed
+    step: its current version's key with the most rows, in whatever precision (``+bf16``)."""
     try:
         from jobs.embed.models import get_model
     except ImportError:
         return None  # no embed extra: later steps use the model with the most features
-    return get_model(model).key
+    from lake.vectors import features_key
+
+    key = get_model(model).key
+    return features_key(lake, key) or key
 
 
-def _step_kwargs(name: str, fn: Callable[..., Any], request: PipelineRequest, runner: Runner,
-                 progress: bool) -> dict[str, Any]:
+def _step_kwargs(lake: Lake, name: str, fn: Callable[..., Any], request: PipelineRequest, runner: Runner,
+                 progress: bool, embedded_key: str | None) -> dict[str, Any]:
     offered = {f.name: getattr(request, f.name) for f in dataclasses.fields(request) if f.name != "steps"}
     offered.update(runner=runner, progress=progress)
     if name != "embed":  # steps after embed select features by their stored key, not the registry name
-        offered["model"] = _features_key(request.model)
+        offered["model"] = embedded_key or _features_key(lake, request.model)
+        offered.pop("precision", None)
     params = inspect.signature(fn).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return {k: v for k, v in offered.items() if v is not None}
@@ -218,10 +233,11 @@ def run_pipeline(lake: Lake, settings: Settings, request: PipelineRequest, runne
         the run id and, per step, its own run id, rows in/out and seconds.
     Raises:
         LockHeld: another pipeline run holds this lake (exit code 3 in the CLI).
-        StepUnavailable: a requested step is not in this build (checked before anything runs).
+        StepUnavailable: a step of the run (every step, without ``request.steps``) is not
+            installed: its module or a package it imports is missing (checked before anything runs).
         StepFailed, or the failing step's own error class: a step failed; the message names it.
     """
-    functions, skipped = _resolve(request.steps)  # fail before taking locks or starting Spark
+    functions = _resolve(request.steps)  # fail before taking locks or starting Spark
     steps = tuple(functions)
     if "ingest" in steps and not request.images:
         raise BadInput("the ingest step needs --images SRC (or leave ingest out with --steps)")
@@ -231,18 +247,21 @@ def run_pipeline(lake: Lake, settings: Settings, request: PipelineRequest, runne
         owned = runner is None
         runner = runner or make_runner(settings, progress=progress)
         try:
-            args = {"steps": list(steps), "skipped": skipped, "images": request.images, "collection": request.collection,
-                    "model": request.model, "device": request.device, "master": settings.master,
+            args = {"steps": list(steps), "images": request.images, "collection": request.collection,
+                    "model": request.model, "device": request.device, "precision": request.precision,
+                    "master": settings.master,
                     "runner": settings.runner}
-            with job_run(lake, "pipeline", args) as run:
-                summary = PipelineSummary(run.run_id, skipped=skipped)
+            with job_run(lake, "pipeline", args, settings=settings) as run:
+                summary = PipelineSummary(run.run_id)
                 run.metrics["steps"] = summary.steps
+                embedded_key = None  # the features key the embed step wrote (it names the precision)
                 for name in steps:
                     fn = functions[name]
                     t0 = time.perf_counter()
                     log.info("pipeline %s: step %s", run.run_id, name)
                     try:
-                        result = fn(lake, settings, **_step_kwargs(name, fn, request, runner, progress))
+                        result = fn(lake, settings, **_step_kwargs(lake, name, fn, request, runner, progress,
+                                                                   embedded_key))
                     except LockHeld as e:
                         raise LockHeld(f"step {name}: {e}") from e
                     except (KeyboardInterrupt, SystemExit):
@@ -252,6 +271,8 @@ def run_pipeline(lake: Lake, settings: Settings, request: PipelineRequest, runne
                                               "seconds": round(time.perf_counter() - t0, 3)})
                         raise _step_error(name, e) from e
                     summary.steps.append(_record(lake, name, result, time.perf_counter() - t0))
+                    if name == "embed" and isinstance(result, dict) and isinstance(result.get("model"), str):
+                        embedded_key = result["model"]
                 run.rows_in = (summary.steps[0].get("rows_in") or 0) if summary.steps else 0
                 run.rows_out = sum(s.get("rows_out") or 0 for s in summary.steps)
             summary.seconds = run.metrics.get("seconds", 0.0)

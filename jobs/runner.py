@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from lake.settings import Settings
 
-__all__ = ["FAIL_ONCE_ENV", "PartitionContext", "PartitionFn", "Runner", "LocalRunner", "SparkRunner", "make_runner",
+__all__ = ["FAIL_ONCE_ENV", "PartitionContext", "collect_arrow", "PartitionFn", "Runner", "LocalRunner", "SparkRunner", "make_runner",
            "partition_bounds"]
 
 
@@ -98,6 +98,15 @@ class SparkRunner:
                 self._spark = spark_session(self.settings)
         return self._spark
 
+    @property
+    def master(self) -> str:
+        """The master tasks run on (the running session's, else the one a session would get),
+        without starting Spark."""
+        from pyspark import SparkContext
+
+        sc = self._spark.sparkContext if self._spark is not None else SparkContext._active_spark_context
+        return sc.master if sc is not None else self.settings.master
+
     def map_partitions(self, fn: PartitionFn, rows: pa.Table, num_partitions: int,
                        out_schema: pa.Schema, desc: str = "") -> pa.Table:
         from pyspark.sql.pandas.types import from_arrow_schema
@@ -117,7 +126,7 @@ class SparkRunner:
                                        daemon=True)
             watcher.start()
         try:
-            table = result.toArrow()
+            table = collect_arrow(result, out_schema)
         finally:
             stop.set()
             if watcher is not None:
@@ -128,6 +137,19 @@ class SparkRunner:
         if self._spark is not None and self._owns:
             self._spark.stop()
             self._spark = None
+
+
+def collect_arrow(df, schema: pa.Schema) -> pa.Table:
+    """``df``'s rows as one Arrow table on the driver, on every supported pyspark.
+
+    ``DataFrame.toArrow()`` exists from pyspark 4.0; on 3.5 the same Arrow stream is read with
+    ``_collect_as_arrow()`` (what ``toPandas`` uses there), which returns no batch for no rows.
+    Chosen by feature detection, so a 3.5 cluster runs the same jobs.
+    """
+    if hasattr(df, "toArrow"):
+        return df.toArrow()
+    batches = df._collect_as_arrow()
+    return pa.Table.from_batches(batches) if batches else schema.empty_table()
 
 
 class _SparkPartition:

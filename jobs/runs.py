@@ -1,4 +1,10 @@
-"""Job-run bookkeeping: a ``job_runs`` row when a run starts and one when it ends."""
+"""Job-run bookkeeping: a ``job_runs`` row when a run starts and one when it ends.
+
+A process killed mid-run (``kill -9``, the OOM killer, a lost node) writes no end row, so its run
+would read ``running`` forever. The running row names the process (host, pid, process identity),
+and every run started with settings first marks earlier runs whose process is gone as
+``abandoned`` (:func:`mark_abandoned`; how "gone" is judged: :mod:`lake.run_liveness`).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from lake.catalog import Lake
-from lake.commit import commit_rows, now_utc
+from lake.commit import commit_rows, now_utc, open_table
+from lake.migrate import upgrade_table
+from lake.run_liveness import abandon_reason, latest_runs, this_process
+from lake.settings import Settings
 
-__all__ = ["JobRun", "job_run", "new_run_id"]
+__all__ = ["JobRun", "job_run", "new_run_id", "abandoned_runs", "mark_abandoned"]
 
 log = logging.getLogger("imagelake.jobs")
 
@@ -32,16 +41,51 @@ class JobRun:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def abandoned_runs(lake: Lake, abandon_after_h: float) -> list[tuple[dict[str, Any], str]]:
+    """(running row, reason) of every run whose latest row is ``running`` and that is abandoned."""
+    rows = open_table(lake, "job_runs").to_pyarrow_table().to_pylist()
+    out = []
+    for row in latest_runs(rows).values():
+        if row["state"] == "running":
+            reason = abandon_reason(row, abandon_after_h)
+            if reason:
+                out.append((row, reason))
+    return out
+
+
+def mark_abandoned(lake: Lake, abandon_after_h: float, by: str) -> list[str]:
+    """Write an ``abandoned`` row (ended_at = now, error = why) for each abandoned run; returns
+    their run ids. Idempotent: a run already marked (by anyone) is not marked again."""
+    found = abandoned_runs(lake, abandon_after_h)
+    if not found:
+        return []
+    now = now_utc()
+    rows = [{k: row.get(k) for k in ("run_id", "job", "started_at", "args", "host", "pid", "process")}
+            | dict(state="abandoned", ended_at=now, error=f"abandoned: {reason} (noticed by run {by})")
+            for row, reason in found]
+    commit_rows(lake, "job_runs", rows, run_id=f"{by}:abandoned", dedupe=True)
+    ids = [r["run_id"] for r in rows]
+    log.warning("marked %d run(s) abandoned: %s", len(ids), ", ".join(ids))
+    return ids
+
+
 @contextmanager
 def job_run(lake: Lake, job: str, args: dict[str, Any] | None = None,
-            run_id: str | None = None) -> Iterator[JobRun]:
+            run_id: str | None = None, settings: Settings | None = None) -> Iterator[JobRun]:
     """Records the run in ``job_runs`` (state running, then succeeded or failed with the error).
 
     The body fills ``rows_in``, ``rows_out`` and ``metrics``; an exception is recorded and re-raised.
+    With ``settings`` (every CLI job passes them), runs abandoned by dead processes are marked
+    first (``settings.run_abandon_h`` for the ones judged by age); the per-upload runs of the API
+    leave that to the jobs.
     """
     run = JobRun(run_id or new_run_id(job), job)
+    upgrade_table(lake, "job_runs")  # lakes made before host/pid/process existed
+    if settings is not None:
+        mark_abandoned(lake, settings.run_abandon_h, by=run.run_id)
     started = now_utc()
-    base = dict(run_id=run.run_id, job=job, started_at=started, args=json.dumps(args or {}, default=str))
+    base = dict(run_id=run.run_id, job=job, started_at=started, args=json.dumps(args or {}, default=str),
+                **this_process())
     commit_rows(lake, "job_runs", [dict(base, state="running")], run_id=f"{run.run_id}:start")
     t0 = time.perf_counter()
     try:

@@ -35,7 +35,7 @@ def run_suggest(lake: Lake, settings: Settings, *, model: str | None = None) -> 
     version = open_table(lake, "features").version()
     folder = compact_dir(lake, model, version, settings.suggest_dims)
     existed = os.path.isfile(os.path.join(folder, "manifest.json"))
-    with job_run(lake, "suggest", {"model": model, "dims": settings.suggest_dims}) as run:
+    with job_run(lake, "suggest", {"model": model, "dims": settings.suggest_dims}, settings=settings) as run:
         matrix = ensure_compact(lake, settings.suggest_dims, model)
         run.rows_in = len(matrix)
         run.rows_out = 0 if existed else len(matrix)

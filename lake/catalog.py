@@ -77,7 +77,7 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         pa.field("run_id", pa.string()),
         pa.field("rejected_at", _TS),
     ]),
-    _spec("features", ["image_id", "model"], "Embeddings and top-k concept probabilities per image and model version.", [
+    _spec("features", ["image_id", "model"], "Embeddings and top-k concept probabilities per image and features key: model is name@version for float32 vectors, name@version+bf16 (or +fp16) for vectors computed in reduced precision; one key never mixes precisions.", [
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("model", pa.string(), nullable=False),
         pa.field("embedding", pa.list_(pa.float32())),
@@ -192,7 +192,7 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         pa.field("row", pa.string()),
         pa.field("rejected_at", _TS),
     ]),
-    _spec("job_runs", ["run_id", "state"], "One row when a job run starts and one when it ends (state running, then succeeded or failed).", [
+    _spec("job_runs", ["run_id", "state"], "One row when a job run starts and one when it ends (state running, then succeeded or failed; abandoned, written by a later run, when the run's process died without ending it). host, pid and process name the run's process (null in rows of older versions).", [
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("job", pa.string(), nullable=False),
         pa.field("state", pa.string(), nullable=False),
@@ -203,6 +203,9 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         pa.field("metrics", pa.string()),
         pa.field("error", pa.string()),
         pa.field("args", pa.string()),
+        pa.field("host", pa.string()),
+        pa.field("pid", pa.int64()),
+        pa.field("process", pa.string()),
     ]),
 )}
 

@@ -77,6 +77,7 @@ class Settings:
 
     grid_quality_sample: int = _opt(2000, "Cells scored for a layout's neighbourhood-preservation quality (exact kNN over all images for each; 0: skip; all cells when fewer).")
     grid_tile_cache: bool = _opt(True, "Keep deep-zoom tiles rendered on first request as files under the layout's tile folder.")
+    run_abandon_h: float = _opt(72.0, "A `running` job run whose process cannot be checked from here (another host or container, or a row from an older version) counts as abandoned once this many hours old; 0: never by age. Runs on this host are checked by their process at once.")
     log_level: str = _opt("WARNING", "Python log level for jobs and the server (DEBUG, INFO, WARNING, ERROR).")
     sources: tuple = field(default=(), compare=False, metadata={"internal": True})
 

@@ -18,7 +18,7 @@ from lake.catalog import Lake
 from lake.commit import open_table
 from lake.errors import NotFound
 
-__all__ = ["Embeddings", "load_embeddings", "default_model_key", "list_to_matrix"]
+__all__ = ["Embeddings", "load_embeddings", "default_model_key", "features_key", "list_to_matrix"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def list_to_matrix(column: pa.ChunkedArray | pa.Array, d: int | None = None) -> 
 
 
 def default_model_key(lake: Lake) -> str:
-    """The model key (``name@version``) with the most features rows: what jobs use when not told.
+    """The features key (``name@version``, maybe ``+bf16``) with the most rows: what jobs use when not told.
 
     Raises:
         NotFound: the features table is empty (run ``imagelake embed`` first).
@@ -74,6 +74,23 @@ def default_model_key(lake: Lake) -> str:
     if not rows:
         raise NotFound("no features in the lake yet; run `imagelake embed` first")
     return rows[0][0]
+
+
+def features_key(lake: Lake, model_key: str) -> str | None:
+    """The stored features key of ``model_key`` (``name@version``) with the most rows, whatever
+    its precision (``name@version`` = fp32, ``name@version+bf16``, ...); fp32 wins a tie. None
+    when the lake has no features of that model version."""
+    features = open_table(lake, "features")
+    if not features.file_uris():
+        return None
+    con = duckdb.connect()
+    try:
+        con.register("features", features.to_pyarrow_dataset())
+        rows = con.sql("SELECT model, count(*) n FROM features WHERE model = $k OR starts_with(model, $k || '+') "
+                       "GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1", params={"k": model_key}).fetchall()
+    finally:
+        con.close()
+    return rows[0][0] if rows else None
 
 
 def load_embeddings(lake: Lake, model: str | None = None, *, where: str | None = None,

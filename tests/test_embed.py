@@ -226,6 +226,69 @@ def test_torch_runtime_path_agrees_with_onnx(lake):
         assert _cos(row["embedding"], before[image_id]["embedding"]) >= 0.9999
 
 
+def test_precision_is_part_of_the_features_key_and_keys_never_mix_precisions(lake, photo_files):
+    """A bf16 run (torch computes in bfloat16; on CPU here, as a GPU run would on CUDA) writes
+    ``name@version+bf16``; the fp32 key (the old, suffix-less one) is a separate, complete set."""
+    from jobs.index.driver import resolve_model_key
+    from lake.vectors import features_key
+
+    bf16 = run_embed(lake, SETTINGS, runner=LocalRunner(), device="cpu", engine="torch", precision="bf16",
+                     batch_size=4)
+    assert bf16["model"] == f"{LITE0.key}+bf16" and bf16["precision"] == "bf16"
+    assert bf16["runtimes"] == ["torch-cpu-bfloat16"] and bf16["embedded"] == 6
+    assert set(r["model"] for r in _features(lake).values()) == {f"{LITE0.key}+bf16"}
+    assert resolve_model_key(lake, "efficientnet-lite0") == f"{LITE0.key}+bf16"  # index picks the stored key
+    fp32 = run_embed(lake, SETTINGS, runner=LocalRunner(), device="cpu")  # nothing of the bf16 rows counts
+    assert fp32["model"] == LITE0.key and fp32["precision"] == "fp32" and fp32["embedded"] == 6
+    low, full = _features(lake, bf16["model"]), _features(lake, fp32["model"])
+    assert set(low) == set(full) and len(full) == 6
+    diffs = [float(np.max(np.abs(np.subtract(low[i]["embedding"], full[i]["embedding"])))) for i in full]
+    assert max(diffs) > 1e-3, "bf16 vectors are not float32 ones: that is why they get their own key"
+    assert min(_cos(low[i]["embedding"], full[i]["embedding"]) for i in full) > 0.98
+    assert features_key(lake, LITE0.key) == LITE0.key  # a tie goes to fp32
+    again = run_embed(lake, SETTINGS, runner=LocalRunner(), device="cpu", engine="torch", precision="bf16")
+    assert again["embedded"] == 0 and again["pending"] == bf16["pending"] - 6, "each key is incremental on its own"
+    runs = [json.loads(r["args"]) for r in open_table(lake, "job_runs").to_pyarrow_table().to_pylist()
+            if r["job"] == "embed" and r["state"] == "succeeded"]
+    assert [a["precision"] for a in runs].count("bf16") == 2 and [a["model"] for a in runs].count(LITE0.key) == 1
+    # an upload searched against a bf16 index is embedded (fp32, on the server's CPU), not refused
+    from api.uploads import UploadEmbedder
+
+    with open(photo_files["chelsea"], "rb") as f:
+        up = UploadEmbedder(Settings(lake=lake.root)).embed(f.read(), bf16["model"])
+    assert up.model == bf16["model"]
+    assert np.allclose(up.vector, full[_ids(lake)["chelsea"]]["embedding"], atol=1e-4)
+
+
+def test_one_precision_per_run_is_decided_before_tasks_start(lake):
+    from jobs.embed.driver import run_precision
+    from jobs.embed.models import split_key
+    from jobs.embed.partition import EmbedJob, embed_partition
+    from jobs.runner import PartitionContext
+    from lake.errors import BadInput
+
+    assert split_key(LITE0.key) == (LITE0.key, "fp32") and split_key(LITE0.key + "+fp16") == (LITE0.key, "fp16")
+    assert LITE0.key_for("fp32") == LITE0.key and LITE0.key_for("bf16") == LITE0.key + "+bf16"
+    local = LocalRunner()
+    assert run_precision("cpu", None, local) == "fp32"
+    assert run_precision("auto", None, local) == "fp32"  # no GPU here: decided on this machine
+    assert run_precision("auto", "onnx", local) == "fp32"
+    assert run_precision("auto", None, local, "bf16") == "bf16"
+    from pyspark import SparkContext
+    if SparkContext._active_spark_context is None:  # a cluster master: executors may differ, auto is fp32
+        assert run_precision("auto", None, SparkRunner(Settings(master="spark://executors:7077"))) == "fp32"
+    for bad, message in [(("cpu", "onnx", local, "bf16"), "ONNX engine computes in fp32"),
+                         (("cpu", None, local, "int8"), "precision must be auto or one of fp32, bf16, fp16")]:
+        with pytest.raises(BadInput, match=message):
+            run_precision(*bad)
+    # a task cannot compute in another precision than its run's: it fails, it never writes
+    job = EmbedJob(spec=LITE0, run_id="r", staging_dir=lake.staging_dir("r"), device="cpu", engine="onnx",
+                   precision="bf16")
+    rows = pa.table({"image_id": ["x"], "uri": ["/nowhere.jpg"]}).to_batches()
+    with pytest.raises(BadInput, match="ONNX engine computes in fp32, not bf16"):
+        list(embed_partition(iter(rows), PartitionContext(0), job=job))
+
+
 class TinyNet(torch.nn.Module):
     """A torchvision-style network: features, global pooling, then a head called ``fc``."""
 

@@ -92,17 +92,48 @@ def test_steps_are_parsed_in_pipeline_order_and_bad_names_are_refused():
             parse_steps(bad)
 
 
-def test_a_step_missing_from_the_build_is_named_or_skipped(lake, local_settings, monkeypatch):
+def test_a_step_missing_from_the_install_fails_the_run_unless_left_out(tmp_path, lake, local_settings, monkeypatch):
     monkeypatch.setitem(pipeline.STEPS, "grid", "jobs.grid_not_built.driver:run_grid")
-    with pytest.raises(StepUnavailable, match="step grid is not available in this build"):
+    with pytest.raises(StepUnavailable, match="step grid is not in this install: no module jobs.grid_not_built"):
         run_pipeline(lake, local_settings, PipelineRequest(steps=("embed", "grid")))
     assert not _rows(lake, "job_runs"), "nothing may run when a named step is missing"
-    for name in ("ingest", "suggest", "index", "cluster", "tag"):
-        monkeypatch.setitem(pipeline.STEPS, name, f"jobs.{name}_not_built:run")
-    summary = run_pipeline(lake, local_settings, PipelineRequest())  # default: the steps this build has
-    assert [s["step"] for s in summary.steps] == ["embed"]
-    assert summary.skipped == ["ingest", "suggest", "index", "cluster", "tag", "grid"]
-    assert "not in this build: ingest, suggest, index, cluster, tag, grid" in summary.line()
+    # a step whose own import needs a package that is not installed: the default run fails, naming it
+    (tmp_path / "pkgs").mkdir()
+    (tmp_path / "pkgs" / "step_needing_a_package.py").write_text("import imagelake_absent_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
+    monkeypatch.setitem(pipeline.STEPS, "tag", "step_needing_a_package:run")
+    write_images(tmp_path / "imgs", 2)
+    with pytest.raises(StepUnavailable) as failed:
+        run_pipeline(lake, local_settings, PipelineRequest(images=str(tmp_path / "imgs")))  # default: every step
+    message = str(failed.value)
+    assert "step tag needs module 'imagelake_absent_dependency', which is not installed" in message
+    assert "step grid is not in this install" in message
+    assert message.endswith("or leave those steps out: --steps ingest,embed,suggest,index,cluster")
+    assert not _rows(lake, "job_runs") and not _rows(lake, "images"), "nothing may run"
+    # left out with --steps, the missing steps are never imported and the run succeeds
+    summary = run_pipeline(lake, local_settings, PipelineRequest(images=str(tmp_path / "imgs"), steps=("ingest",)))
+    assert [(s["step"], s["rows_out"]) for s in summary.steps] == [("ingest", 2)]
+
+
+def test_cli_default_run_exits_2_naming_a_missing_package(tmp_path, lake):
+    """A real install without faiss (shadowed on PYTHONPATH by a package that is "not installed")."""
+    shadow = tmp_path / "shadow" / "faiss"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'faiss'\", name='faiss')\n")
+    write_images(tmp_path / "imgs", 2)
+    env = {"PYTHONPATH": f"{tmp_path / 'shadow'}{os.pathsep}{REPO}"}
+    base = ("--lake", lake.root, "--runner", "local", "run", "--images", str(tmp_path / "imgs"), "--no-progress")
+    proc = subprocess.run([sys.executable, "-m", "imagelake", *base], cwd=REPO, env=dict(os.environ, **env),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("imagelake: error: step cluster needs module 'faiss', which is not installed")
+    assert "pip install 'imagelake[all]'" in proc.stderr and "out: --steps ingest,embed," in proc.stderr
+    assert proc.stdout == ""
+    assert not Path(lake.table_uri("images")).exists() or not _rows(lake, "images")
+    only = subprocess.run([sys.executable, "-m", "imagelake", *base, "--steps", "ingest"], cwd=REPO,
+                          env=dict(os.environ, **env), capture_output=True, text=True, timeout=300)
+    assert only.returncode == 0, only.stderr
+    assert len(_rows(lake, "images")) == 2
 
 
 def test_run_is_incremental_with_a_job_run_per_step(tmp_path, lake, local_settings):
@@ -122,6 +153,21 @@ def test_run_is_incremental_with_a_job_run_per_step(tmp_path, lake, local_settin
     steps = json.loads(top["metrics"])["steps"]
     assert [runs[s["run_id"]]["job"] for s in steps] == ["ingest", "embed"]  # each step's own row
     assert all(s["seconds"] >= 0 for s in steps) and json.loads(top["args"])["steps"] == ["ingest", "embed"]
+
+
+def test_steps_after_embed_use_the_key_embed_wrote_with_its_precision(tmp_path, lake, local_settings):
+    write_images(tmp_path / "imgs", 4)
+    request = PipelineRequest(images=str(tmp_path / "imgs"), steps=("ingest", "embed", "index"), precision="bf16")
+    summary = run_pipeline(lake, local_settings, request)
+    key = _model_key() + "+bf16"
+    assert [s["rows_out"] for s in summary.steps][:2] == [4, 4]
+    assert {r["model"] for r in _rows(lake, "features", ["model"])} == {key}
+    builds = [r for r in _rows(lake, "index_builds") if r["state"] == "published"]
+    assert [(b["model"], b["ntotal"]) for b in builds] == [(key, 4)]
+    again = run_pipeline(lake, local_settings, PipelineRequest(steps=("index",)))  # no embed step: the stored key
+    index_runs = [json.loads(r["args"]) for r in _rows(lake, "job_runs")
+                  if r["job"] == "index" and r["state"] == "succeeded"]
+    assert [a["model"] for a in index_runs] == [key, key] and again.steps[0]["step"] == "index"
 
 
 def test_a_failing_step_stops_the_run_names_the_step_and_is_recorded(tmp_path, lake, local_settings, monkeypatch):

@@ -170,7 +170,7 @@ def run_cluster(lake: Lake, settings: Settings, *, sim: float | None = None, lev
     runner = runner or make_runner(settings, progress=progress)
     args = dict(sim=sim, levels=levels, k=k, recluster=recluster, model=emb.model)
     try:
-        with job_run(lake, "cluster", args) as run:
+        with job_run(lake, "cluster", args, settings=settings) as run:
             timings: dict[str, float] = {}
             t0 = time.perf_counter()
             pixels = pixel_descriptors(lake, settings, emb.image_ids, runner)

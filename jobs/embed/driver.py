@@ -1,7 +1,8 @@
 """The embed job's driver: pick the images still to embed, fan out, commit once.
 
-Incremental: only images of ``images`` without a ``features`` row for the model's key
-(``name@version``) are selected (an anti-join in DuckDB over the Delta tables). Idempotent: the
+Incremental: only images of ``images`` without a ``features`` row for the run's features key
+(``name@version``, or ``name@version+bf16`` for a reduced-precision run: see
+:func:`run_precision`) are selected (an anti-join in DuckDB over the Delta tables). Idempotent: the
 commit of ``features`` and ``rejects`` is once per run id and drops keys already present, so a
 re-run, a retried task or a crashed-and-restarted run never duplicates a row. Images that failed
 to decode are retried by the next run (the file may be readable by then); their ``rejects`` row is
@@ -20,9 +21,9 @@ import duckdb
 import pyarrow as pa
 
 from jobs.embed.artifact import ensure_onnx
-from jobs.embed.models import get_model
+from jobs.embed.models import PRECISIONS, get_model
 from jobs.embed.partition import STATS_SCHEMA, EmbedJob, embed_partition
-from jobs.embed.runtime import resolve_device
+from jobs.embed.runtime import reduced_precision, resolve_device
 from jobs.runner import Runner, SparkRunner, default_parallelism, make_runner
 from jobs.runs import job_run
 from lake.catalog import TABLES, Lake
@@ -32,7 +33,7 @@ from lake.lock import LakeLock
 from lake.settings import Settings
 from lake.staging import filesystem_for
 
-__all__ = ["run_embed", "select_pending"]
+__all__ = ["run_embed", "run_precision", "select_pending"]
 
 log = logging.getLogger("imagelake.jobs.embed")
 
@@ -62,6 +63,32 @@ def select_pending(lake: Lake, model_key: str) -> pa.Table:
         con.close()
 
 
+def run_precision(device: str, engine: str | None, runner: Runner, precision: str = "auto") -> str:
+    """The one precision every task of the run computes in (and the features key says).
+
+    ``auto``: fp32 on CPU (and with the ONNX engine); on CUDA the GPU's reduced precision (bf16,
+    else fp16). Device ``auto`` is decided here only where the tasks run on this machine (the
+    in-process runner, or a ``local[...]`` master): on a cluster executors may or may not have a
+    GPU, so ``auto`` means fp32 there and GPU executors compute in fp32 too (``--device cuda``, or
+    ``--precision bf16``, asks for reduced precision everywhere).
+
+    Raises:
+        BadInput: an unknown precision, or a reduced one with the ONNX engine (fp32 only).
+    """
+    if precision != "auto":
+        if precision not in PRECISIONS:
+            raise BadInput(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision != "fp32" and engine == "onnx":
+            raise BadInput(f"the ONNX engine computes in fp32; {precision} needs the torch engine")
+        return precision
+    if engine == "onnx" or device == "cpu":
+        return "fp32"
+    if device == "cuda":
+        return reduced_precision()
+    on_this_machine = not isinstance(runner, SparkRunner) or runner.master.startswith("local")
+    return reduced_precision() if on_this_machine and resolve_device("auto") == "cuda" else "fp32"
+
+
 def _task_threads(runner: Runner) -> int:
     """The cores one task owns: ``spark.task.cpus`` under Spark, all of them in process."""
     if isinstance(runner, SparkRunner):
@@ -80,7 +107,7 @@ def _remove_staging(staging_dir: str) -> None:
 def run_embed(lake: Lake, settings: Settings, model: str = "efficientnet-lite0",
               device: Literal["auto", "cpu", "cuda"] = "auto", runner: Runner | None = None,
               progress: bool = False, *, batch_size: int | None = None, partition_rows: int = 2048,
-              engine: Literal["onnx", "torch"] | None = None) -> dict[str, Any]:
+              engine: Literal["onnx", "torch"] | None = None, precision: str = "auto") -> dict[str, Any]:
     """Embed every image that has no features for ``model``'s current version.
 
     Args:
@@ -95,8 +122,10 @@ def run_embed(lake: Lake, settings: Settings, model: str = "efficientnet-lite0",
         batch_size: images per model call; default 64 on CPU, 256 on CUDA.
         partition_rows: most images per task (Spark gets at least one task per core).
         engine: force ``onnx`` or ``torch``; default ONNX Runtime on CPU, torch on CUDA.
+        precision: ``auto`` (see :func:`run_precision`), ``fp32``, ``bf16`` or ``fp16``: what every
+            task computes in; reduced precision is stored under ``name@version+bf16`` (``+fp16``).
     Returns:
-        ``run_id``, ``model`` (the stored key), ``pending`` (images selected), ``embedded``
+        ``run_id``, ``model`` (the stored features key), ``precision``, ``pending`` (images selected), ``embedded``
         (feature rows committed), ``rejected`` (images that failed now), ``rejects_committed``
         (new rejects rows), ``features_version``, ``runtimes``, ``seconds``, ``images_per_s``, and
         ``decode_ms_per_image`` / ``model_ms_per_image`` (task time per image).
@@ -116,20 +145,23 @@ def run_embed(lake: Lake, settings: Settings, model: str = "efficientnet-lite0",
         raise BadInput(f"partition_rows must be positive, got {partition_rows!r}")
     lake.ensure()
     ensure_tables(lake, ["images", "features", "rejects", "job_runs"])
-    args = dict(model=spec.key, device=device, engine=engine, batch_size=batch_size)
     owns_runner = runner is None
     runner = runner or make_runner(settings, progress=progress)
     try:
-        with job_run(lake, "embed", args) as run:
-            pending = select_pending(lake, spec.key)
+        precision = run_precision(device, engine, runner, precision)
+        key = spec.key_for(precision)
+        args = dict(model=key, device=device, engine=engine, precision=precision, batch_size=batch_size)
+        with job_run(lake, "embed", args, settings=settings) as run:
+            pending = select_pending(lake, key)
             run.rows_in = pending.num_rows
-            summary: dict[str, Any] = dict(run_id=run.run_id, model=spec.key, pending=pending.num_rows,
-                                           embedded=0, rejected=0, rejects_committed=0, runtimes=[])
+            summary: dict[str, Any] = dict(run_id=run.run_id, model=key, precision=precision,
+                                           pending=pending.num_rows, embedded=0, rejected=0,
+                                           rejects_committed=0, runtimes=[])
             if pending.num_rows:
-                summary.update(_embed(lake, settings, spec, device, engine, runner, pending, run.run_id,
-                                      batch_size, partition_rows))
+                summary.update(_embed(lake, settings, spec, device, engine, precision, runner, pending,
+                                      run.run_id, batch_size, partition_rows))
             run.rows_out = summary["embedded"]
-            run.metrics.update({k: v for k, v in summary.items() if k not in ("run_id", "model")})
+            run.metrics.update({k: v for k, v in summary.items() if k not in ("run_id", "model", "precision")})
         summary["seconds"] = run.metrics["seconds"]
         summary["images_per_s"] = round(pending.num_rows / summary["seconds"], 2) if summary["seconds"] else None
         return summary
@@ -138,10 +170,10 @@ def run_embed(lake: Lake, settings: Settings, model: str = "efficientnet-lite0",
             runner.close()
 
 
-def _embed(lake, settings, spec, device, engine, runner, pending, run_id, batch_size, partition_rows):
+def _embed(lake, settings, spec, device, engine, precision, runner, pending, run_id, batch_size, partition_rows):
     on_gpu = engine != "onnx" and resolve_device(device) == "cuda"  # as the driver sees it
     artifact = None
-    if engine != "torch" and device != "cuda":
+    if engine != "torch" and device != "cuda" and precision == "fp32":
         # With auto, executors without a GPU fall back to ONNX: have the export ready for them.
         with LakeLock(lake, f"export-{spec.name}", timeout=600, holder=f"embed {run_id}"):
             artifact = ensure_onnx(lake.artifacts_dir(), spec)
@@ -152,9 +184,9 @@ def _embed(lake, settings, spec, device, engine, runner, pending, run_id, batch_
     job = EmbedJob(spec=spec, run_id=run_id, staging_dir=lake.staging_dir(run_id), device=device,
                    engine=engine, artifact=artifact, batch_size=batch_size or (256 if on_gpu else 64),
                    threads=threads, decode_threads=min(8, threads) if on_gpu else (1 if threads > 1 else 0),
-                   max_pixels=settings.max_image_pixels)
+                   max_pixels=settings.max_image_pixels, precision=precision)
     stats = runner.map_partitions(partial(embed_partition, job=job), pending.select(_PENDING_COLUMNS),
-                                  parts, STATS_SCHEMA, desc=f"embed {spec.key}")
+                                  parts, STATS_SCHEMA, desc=f"embed {job.model_key}")
     s = stats.to_pydict()
     feats = commit_staged(lake, "features", [f for f in s["features_file"] if f], run_id=run_id, dedupe=True)
     rejs = commit_staged(lake, "rejects", [f for f in s["rejects_file"] if f], run_id=run_id, dedupe=True)

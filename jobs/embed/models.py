@@ -6,9 +6,13 @@ contract whatever the architecture: ``uint8 NHWC RGB images -> (pooled embedding
 normalisation happens inside it, so the ONNX export and the CUDA path both take raw pixels (a
 quarter of the bytes of float input) and cannot disagree about preprocessing.
 
-The ``features.model`` column holds :attr:`ModelSpec.key` (``name@version``). Bump ``version``
-when the weights or the preprocessing change: the embed job then embeds everything again under
-the new key and keeps the old rows.
+The ``features.model`` column holds the *features key*: ``name@version`` for float32 vectors,
+``name@version+bf16`` / ``name@version+fp16`` for vectors a GPU computed in reduced precision
+(:meth:`ModelSpec.key_for`). One key never mixes precisions: a run picks one precision before any
+task starts and every task computes in it. Keys written before precision was part of the key have
+no suffix and hold float32 vectors (CPU runs); they read as ``fp32``. Bump ``version`` when the
+weights or the preprocessing change: the embed job then embeds everything again under the new key
+and keeps the old rows.
 
 Nothing here downloads anything: weights come from installed packages or local files.
 """
@@ -25,8 +29,25 @@ from typing import Any, Callable
 from lake.artifacts import file_sha256 as sha256_of_file
 from lake.errors import BadInput, NotFound
 
-__all__ = ["ModelSpec", "Embedder", "MODELS", "register_model", "get_model", "efficientnet_lite",
-           "head_split", "file_sha256"]
+__all__ = ["ModelSpec", "Embedder", "MODELS", "PRECISIONS", "register_model", "get_model", "efficientnet_lite",
+           "head_split", "file_sha256", "split_key"]
+
+#: Precisions a features key can name; ``fp32`` has no suffix (``name@version``).
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``"name@version+bf16"`` -> ``("name@version", "bf16")``; no suffix is ``fp32``.
+
+    Raises:
+        BadInput: an unknown precision suffix.
+    """
+    base, plus, precision = key.partition("+")
+    if not plus:
+        return key, "fp32"
+    if precision not in PRECISIONS[1:]:
+        raise BadInput(f"features key {key!r} names precision {precision!r}; one of {', '.join(PRECISIONS[1:])}")
+    return base, precision
 
 
 @dataclass(frozen=True)
@@ -59,7 +80,14 @@ class ModelSpec:
 
     @property
     def key(self) -> str:
+        """The float32 features key, ``name@version`` (also the model's identity: weights + recipe)."""
         return f"{self.name}@{self.version}"
+
+    def key_for(self, precision: str) -> str:
+        """The features key of vectors computed in ``precision``: ``key`` for fp32, else ``key+<precision>``."""
+        if precision not in PRECISIONS:
+            raise BadInput(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        return self.key if precision == "fp32" else f"{self.key}+{precision}"
 
 
 MODELS: dict[str, ModelSpec] = {}

@@ -57,6 +57,9 @@ class EmbedJob:
         artifact: the verified ONNX export (required for the ONNX engine).
         threads: intra-op threads of the CPU runtime (the cores one task owns).
         decode_threads: decoder threads per task; 0 decodes inline, between model calls.
+        precision: what every task computes in (``fp32``, ``bf16``, ``fp16``), decided by the
+            driver; the rows are stored under ``spec.key_for(precision)``, and a task whose runtime
+            would compute in another precision fails instead of mixing it into the key.
 
     The stats' ``decode_s`` is the time the task waited for decoded images (all of the decoding
     when inline, only what the model did not hide when threaded); ``model_s`` the runtime's time.
@@ -73,6 +76,11 @@ class EmbedJob:
     decode_threads: int = 0
     top_k: int = 50
     max_pixels: int = 100_000_000
+    precision: str = "fp32"
+
+    @property
+    def model_key(self) -> str:
+        return self.spec.key_for(self.precision)
 
 
 def top_concepts(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -136,7 +144,11 @@ def embed_partition(batches: Iterator[pa.RecordBatch], ctx: PartitionContext, *,
     into ``rejects`` rows so they carry the same key as ingest's).
     """
     device = "cpu" if job.engine == "onnx" else resolve_device(job.device)
-    runtime = get_runtime(job.spec, device, artifact=job.artifact, threads=job.threads, engine=job.engine)
+    runtime = get_runtime(job.spec, device, artifact=job.artifact, threads=job.threads, engine=job.engine,
+                          precision=job.precision)
+    if runtime.precision != job.precision:
+        raise RuntimeError(f"embed task {ctx.partition_id}: the {runtime.name} runtime computes in "
+                           f"{runtime.precision}, the run writes {job.model_key} ({job.precision})")
     features = StagedWriter(job.staging_dir, "features", ctx.partition_id, TABLES["features"].schema)
     rejects = StagedWriter(job.staging_dir, "rejects", ctx.partition_id, TABLES["rejects"].schema)
     pool = ThreadPoolExecutor(job.decode_threads, thread_name_prefix="decode") if job.decode_threads else None
@@ -167,7 +179,7 @@ def embed_partition(batches: Iterator[pa.RecordBatch], ctx: PartitionContext, *,
             n = len(ok)
             features.write(pa.table({
                 "image_id": pa.array([row["image_id"] for row, _ in ok], pa.string()),
-                "model": pa.array([job.spec.key] * n, pa.string()),
+                "model": pa.array([job.model_key] * n, pa.string()),
                 "embedding": _list_column(emb.astype(np.float32, copy=False), pa.float32()),
                 "concept_ids": _list_column(ids, pa.int16()),
                 "concept_probs": _list_column(probs, pa.float32()),

@@ -5,10 +5,14 @@
   matched to the cores one task owns (``spark.task.cpus``; all cores in process).
 * :class:`TorchRuntime` — CUDA (bf16, or fp16 where bf16 is unsupported; channels_last; pinned
   host memory and non-blocking copies). Also runs on CPU in float32, which is how its code path is
-  tested on machines without a GPU.
+  tested on machines without a GPU. Given a ``precision`` it computes in exactly that one, on
+  either device (the embed driver always gives one, so one run never mixes precisions).
 
-Runtimes are built once per worker process and cached here by (model, engine, device, threads):
-Spark reuses Python workers across tasks, so the model loads once per executor core, not per task.
+Every runtime says its ``precision`` (``fp32``, ``bf16``, ``fp16``): the part of the features key
+(``name@version+bf16``) that tells vectors of different numerics apart.
+
+Runtimes are built once per worker process and cached here by (model, engine, device, threads,
+precision): Spark reuses Python workers across tasks, so the model loads once per executor core, not per task.
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ from jobs.embed.artifact import OnnxArtifact, read_verified
 from jobs.embed.models import Embedder, ModelSpec
 from lake.errors import BadInput
 
-__all__ = ["Runtime", "OnnxRuntime", "TorchRuntime", "get_runtime", "resolve_device", "cuda_available"]
+__all__ = ["Runtime", "OnnxRuntime", "TorchRuntime", "get_runtime", "resolve_device", "cuda_available",
+           "reduced_precision"]
 
 Device = Literal["auto", "cpu", "cuda"]
 
 
 class Runtime(Protocol):
     name: str
+    precision: str
 
     def embed(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``images``: uint8 ``[N, S, S, 3]`` RGB. Returns float32 ``[N, D]`` and ``[N, classes]``."""
@@ -62,8 +68,17 @@ def resolve_device(device: Device) -> Literal["cpu", "cuda"]:
     return device
 
 
+def reduced_precision() -> str:
+    """The precision CUDA runs use on this process's GPU: ``bf16``, or ``fp16`` where the GPU lacks
+    bf16 (before Ampere)."""
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 class OnnxRuntime:
     name = "onnxruntime"
+    precision = "fp32"
 
     def __init__(self, artifact: OnnxArtifact, threads: int = 1):
         import onnxruntime as ort
@@ -87,18 +102,26 @@ class TorchRuntime:
 
     name = "torch"
 
-    def __init__(self, spec: ModelSpec, device: str = "cuda", threads: int | None = None):
+    _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+    def __init__(self, spec: ModelSpec, device: str = "cuda", threads: int | None = None,
+                 precision: str | None = None):
         import torch
 
         self.torch = torch
         self.device = torch.device(device)
+        if precision is None:
+            precision = reduced_precision() if self.device.type == "cuda" else "fp32"
+        if precision not in self._DTYPES:
+            raise BadInput(f"precision must be one of {', '.join(self._DTYPES)}, got {precision!r}")
+        self.precision = precision
+        self.dtype = getattr(torch, self._DTYPES[precision])
         if self.device.type == "cuda":
-            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             torch.backends.cudnn.benchmark = True
-        else:
-            self.dtype = torch.float32
-            if threads:
-                torch.set_num_threads(threads)
+            if precision == "fp32":  # fp32 must mean fp32: TF32 convolutions keep 10-bit mantissas
+                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        elif threads:
+            torch.set_num_threads(threads)
         self.model = Embedder(spec).to(self.device, dtype=self.dtype, memory_format=torch.channels_last)
         self.name = f"torch-{self.device.type}-{str(self.dtype).removeprefix('torch.')}"
 
@@ -132,15 +155,19 @@ def _task_gpu() -> str:
 
 
 def get_runtime(spec: ModelSpec, device: Literal["cpu", "cuda"], *, artifact: OnnxArtifact | None = None,
-                threads: int = 1, engine: Literal["onnx", "torch"] | None = None) -> Runtime:
+                threads: int = 1, engine: Literal["onnx", "torch"] | None = None,
+                precision: str | None = None) -> Runtime:
     """The per-process runtime for ``spec`` on ``device`` (built on first use, then reused).
 
     ``engine`` defaults to ONNX Runtime on CPU and torch on CUDA; the CPU ONNX engine needs the
-    ``artifact`` the driver prepared.
+    ``artifact`` the driver prepared. ``precision`` (None: the device's default, fp32 on CPU)
+    other than fp32 needs the torch engine.
     """
-    engine = engine or ("torch" if device == "cuda" else "onnx")
+    engine = engine or ("torch" if device == "cuda" or precision not in (None, "fp32") else "onnx")
+    if engine == "onnx" and precision not in (None, "fp32"):
+        raise BadInput(f"the ONNX engine computes in fp32, not {precision}; use the torch engine")
     torch_device = _task_gpu() if device == "cuda" else device
-    key = (spec.key, engine, torch_device, threads, artifact.sha256 if artifact else None, os.getpid())
+    key = (spec.key, engine, torch_device, threads, artifact.sha256 if artifact else None, precision, os.getpid())
     runtime = _CACHE.get(key)
     if runtime is None:
         if engine == "onnx":
@@ -150,7 +177,7 @@ def get_runtime(spec: ModelSpec, device: Literal["cpu", "cuda"], *, artifact: On
                 raise BadInput("the ONNX engine needs the exported artifact; call ensure_onnx first")
             runtime = OnnxRuntime(artifact, threads)
         else:
-            runtime = TorchRuntime(spec, torch_device, threads)
+            runtime = TorchRuntime(spec, torch_device, threads, precision)
         _CACHE.clear()  # one model per worker at a time: models are large, jobs use one
         _CACHE[key] = runtime
     return runtime

@@ -67,7 +67,7 @@ def run_grid(lake: Lake, settings: Settings, *, where: str | None = None, seed: 
             raise Conflict(f"layout {layout_id!r} exists already; choose another --layout-id")
     seqs = select_seqs(lake, where, timeout_s=settings.sql_timeout_s) if where is not None else None
     args = {"where": where, "seed": seed, "layout_id": layout_id, "model": model}
-    with job_run(lake, "grid", args) as run:
+    with job_run(lake, "grid", args, settings=settings) as run:
         layout_id = layout_id or run.run_id
         t_all = time.perf_counter()
         emb = load_embeddings(lake, model, seqs=seqs)

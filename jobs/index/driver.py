@@ -49,7 +49,7 @@ from lake.commit import commit_rows, ensure_tables, now_utc, open_table
 from lake.errors import BadInput, NotFound
 from lake.lock import LakeLock
 from lake.settings import Settings
-from lake.vectors import default_model_key, list_to_matrix
+from lake.vectors import default_model_key, features_key, list_to_matrix
 
 __all__ = ["run_index", "resolve_model_key", "published_builds", "latest_build", "DRIFT_RATIO", "KEEP_BUILDS"]
 
@@ -76,14 +76,17 @@ def _ensure_builds_table(lake: Lake) -> None:
 
 
 def resolve_model_key(lake: Lake, model: str | None) -> str:
-    """``name@version`` for a registry name, a stored key as is, the most common key by default."""
+    """The features key to index: a stored key (``name@version[+bf16]``) as is; for a registry
+    name, its current version's stored key with the most rows (fp32 or reduced precision, see
+    :func:`lake.vectors.features_key`); by default the key with most rows."""
     if not model:
         return default_model_key(lake)
     if "@" in model:
         return model
     from jobs.embed.models import get_model
 
-    return get_model(model).key
+    key = get_model(model).key
+    return features_key(lake, key) or key
 
 
 def published_builds(lake: Lake, model_key: str | None = None) -> list[dict]:
@@ -269,7 +272,7 @@ def run_index(lake: Lake, settings: Settings, model: str | None = None, *, rebui
         owns = runner is None
         runner = runner or make_runner(settings, progress=progress)
         try:
-            with job_run(lake, "index", args) as run:
+            with job_run(lake, "index", args, settings=settings) as run:
                 summary = _run(lake, settings, model_key, run, rebuild=rebuild, budget=budget,
                                shard_size=shard_size, flat_below=flat_below, max_train=max_train, opq=opq,
                                factory=factory, runner=runner)

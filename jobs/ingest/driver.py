@@ -92,7 +92,8 @@ def run_ingest(lake: Lake, settings: Settings, images: str, collection: str | No
         owned = runner is None
         runner = runner or make_runner(settings, progress=progress)
         try:
-            with job_run(lake, "ingest", {"images": images, "collection": collection}, run_id=run_id) as run:
+            with job_run(lake, "ingest", {"images": images, "collection": collection}, run_id=run_id,
+                         settings=settings) as run:
                 summary = IngestSummary(run.run_id, listed=listing.num_rows)
                 todo = new_files(lake, listing)
                 summary.new = run.rows_in = todo.num_rows

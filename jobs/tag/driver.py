@@ -92,7 +92,7 @@ def run_tag(lake: Lake, settings: Settings, *, model: str | None = None,
     ensure_tables(lake, ["features", "images", "tags", "job_runs"])
     upgrade_table(lake, "tags")
     model = model or default_model_key(lake)
-    with job_run(lake, "tag", {"model": model}) as run:
+    with job_run(lake, "tag", {"model": model}, settings=settings) as run:
         at = now_utc()
         pending = _pending_concepts(lake, model)
         rows: list[dict] = []
