@@ -207,10 +207,13 @@ def test_compact_matrix_is_a_verified_artifact(lake):
     x = emb.normalized()
     rows = np.array([m.ids.rows_of([i])[0] for i in emb.image_ids])
     approx = m.vectors(rows)
-    full_nn = np.argsort(-(x[:50] @ x.T), axis=1)[:, 1:11]
-    compact_nn = np.argsort(-(approx[:50] @ approx.T), axis=1)[:, 1:11]
-    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(full_nn, compact_nn)])
-    assert overlap >= 0.5, overlap
+    # (the views of one photo are a tight cluster whose order inside 32 dims cannot keep exactly, so
+    # the check is that the compact top 10 stay among the full-space top 30; chance is 1.5%)
+    queries = np.random.default_rng(0).choice(len(x), 50, replace=False)
+    full_nn = np.argsort(-(x[queries] @ x.T), axis=1)[:, 1:31]
+    compact_nn = np.argsort(-(approx[queries] @ approx.T), axis=1)[:, 1:11]
+    kept = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(full_nn, compact_nn)])
+    assert kept >= 0.7, kept
     with open(os.path.join(folder, "image_ids.bin"), "r+b") as f:
         f.write(b"\xff")
     with pytest.raises(CorruptArtifact):
