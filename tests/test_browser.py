@@ -27,6 +27,9 @@ VIEWPORT = {"width": 1280, "height": 860}
 # subject to the page's policy)
 _REPORT_CSP = ("document.addEventListener('securitypolicyviolation', e => console.error("
                "'Content Security Policy violation: ' + e.effectiveDirective + ' blocked ' + (e.blockedURI || 'inline')))")
+# .ci/run sets IMAGELAKE_REQUIRE_BROWSER=1: there a missing Chromium fails these tests instead of skipping them
+if os.environ.get("IMAGELAKE_REQUIRE_BROWSER") == "1" and not shutil.which(CHROMIUM):
+    raise RuntimeError(f"IMAGELAKE_REQUIRE_BROWSER=1 but {CHROMIUM} is not installed")
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"{CHROMIUM} is not installed")]
 
