@@ -1,5 +1,7 @@
 """The dashboard in a real headless Chromium (playwright driving Debian's /usr/bin/chromium)
-against `imagelake serve`. Screenshots of each view go to test-artifacts/."""
+against `imagelake serve`, with the page's Content-Security-Policy enforced: a violation is a console
+error, and any console error fails the test. Assertions are about what a person sees: key elements
+are visible and inside the 1280x860 viewport. Screenshots of each view go to test-artifacts/."""
 
 from __future__ import annotations
 
@@ -17,15 +19,27 @@ from lake.settings import Settings
 from lake.tokens import create_token
 
 CHROMIUM = os.environ.get("IMAGELAKE_CHROMIUM", "/usr/bin/chromium")
+VIEWPORT = {"width": 1280, "height": 860}
+# Tests wait with functions ("() => ..."), never expression strings: Playwright runs those through
+# eval() in the page, which the policy (no 'unsafe-eval') refuses.
+# Chromium logs a blocked load or script as a console error naming the policy; this also reports
+# violations it reports only as an event (added through the DevTools protocol, so not itself
+# subject to the page's policy)
+_REPORT_CSP = ("document.addEventListener('securitypolicyviolation', e => console.error("
+               "'Content Security Policy violation: ' + e.effectiveDirective + ' blocked ' + (e.blockedURI || 'inline')))")
+# .ci/run sets IMAGELAKE_REQUIRE_BROWSER=1: there a missing Chromium fails these tests instead of skipping them
+if os.environ.get("IMAGELAKE_REQUIRE_BROWSER") == "1" and not shutil.which(CHROMIUM):
+    raise RuntimeError(f"IMAGELAKE_REQUIRE_BROWSER=1 but {CHROMIUM} is not installed")
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"{CHROMIUM} is not installed")]
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    """A lake run through the whole pipeline: 240 Fashion-MNIST images plus 50 generated ones."""
-    from imagelake.demo import write_fashion_mnist
+    """A lake run through the whole pipeline: 240 labelled photos (tests/photo_lake.py) plus 50
+    generated ones."""
     from jobs.pipeline import PipelineRequest, run_pipeline
+    from photo_lake import write_labelled
 
     root = tmp_path_factory.mktemp("browser")
     lake = Lake.at(root / "lake")
@@ -34,9 +48,8 @@ def site(tmp_path_factory):
     write_images(root / "dogs", 20, start=500, size=(96, 72))
     for folder in ("cats", "dogs"):
         run_ingest(lake, settings, str(root / folder))
-    if not write_fashion_mnist(root / "fashion", 240):
-        pytest.skip("Debian's dataset-fashion-mnist is not installed")
-    run_pipeline(lake, settings, PipelineRequest(images=str(root / "fashion"), collection="fashion"))
+    write_labelled(root / "photos", 240, seed=5)
+    run_pipeline(lake, settings, PipelineRequest(images=str(root / "photos"), collection="photos"))
     _, token = create_token(lake, "curate", "browser test")
     with running_server(lake.root) as base:
         yield {"base": base, "token": token, "lake": lake, "root": root}
@@ -52,16 +65,40 @@ def browser():
         b.close()
 
 
+def assert_seen(locator, what: str = "") -> dict:
+    """The element is visible and wholly inside the viewport (a person sees it without scrolling)."""
+    locator.wait_for(state="visible")
+    box = locator.bounding_box()
+    assert box and box["width"] > 0 and box["height"] > 0, (what, box)
+    assert box["x"] >= 0 and box["y"] >= 0, (what, box)
+    assert box["x"] + box["width"] <= VIEWPORT["width"] and box["y"] + box["height"] <= VIEWPORT["height"], (what, box)
+    return box
+
+
+def assert_seen_text(locator, what: str = "") -> str:
+    """:func:`assert_seen`, then the element's text as shown."""
+    assert_seen(locator, what)
+    return locator.inner_text()
+
+
 @pytest.fixture
-def page(browser, site, artifacts_dir, request):
-    context = browser.new_context(viewport={"width": 1280, "height": 860}, bypass_csp=True)  # lets tests evaluate JS
+def errors() -> list[str]:
+    """What the page reported as wrong: console errors (CSP violations among them), uncaught
+    exceptions and HTTP responses >= 400. Must be empty at the end of each test unless allowed."""
+    return []
+
+
+@pytest.fixture
+def page(browser, site, artifacts_dir, request, errors):
+    context = browser.new_context(viewport=VIEWPORT)  # the page's CSP is enforced (no bypass_csp)
+    context.add_init_script(_REPORT_CSP)
     page = context.new_page()
-    errors: list[str] = []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
     page.goto(site["base"] + "/")
     page.wait_for_url("**/login")
+    assert_seen(page.locator("#token"), "the login field")
     page.fill("#token", site["token"])
     page.click("button[type=submit]")
     page.wait_for_url(site["base"] + "/")
@@ -77,12 +114,18 @@ def test_login_then_browse_collections_and_open_an_image(page, site):
     page.goto(site["base"] + "/#browse")
     page.wait_for_selector("#browse-grid .cell img")
     assert page.locator("#browse-collections button").all_inner_texts()[0] == "all (290)"
-    page.wait_for_function("[...document.querySelectorAll('#browse-grid img')].slice(0, 5).every(i => i.complete && i.naturalWidth > 0)")
+    assert_seen(page.locator("#browse-collections button").first, "the collection filter")
+    assert_seen(page.locator("#browse-grid .cell img").first, "the first image")
+    page.wait_for_function("() => [...document.querySelectorAll('#browse-grid img')].slice(0, 5)"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
     page.click("#browse-collections button:has-text('dogs')")
-    page.wait_for_function("document.querySelector('#browse-title').textContent.includes('20 images')")
+    page.wait_for_function("() => document.querySelector('#browse-title').textContent.includes('20 images')")
+    assert_seen(page.locator("#browse-title"), "the title naming the collection")
     page.locator("#browse-grid .cell").first.click()
     page.wait_for_selector("#details:not([hidden]) dl dt")
     assert "collection" in page.inner_text("#details dl")
+    assert_seen(page.locator("#details img").first, "the opened image")
+    assert_seen(page.locator("#details dl dt").first, "the image's metadata")
 
 
 def test_sql_preset_shows_a_table_and_a_chart(page, site, request):
@@ -93,43 +136,69 @@ def test_sql_preset_shows_a_table_and_a_chart(page, site, request):
     rows = page.locator("#sql-result tbody tr").all_inner_texts()
     assert any("cats" in r and "30" in r for r in rows)
     assert page.locator("#sql-chart svg rect.bar").count() == 3
+    assert_seen(page.locator("#sql-result tbody tr").last, "the result's last row")
+    assert_seen(page.locator("#sql-chart svg"), "the chart")
     page.fill("#sql-text", "SELECT nope FROM images")
     page.click("#sql-form button[type=submit]")
     page.wait_for_selector("#sql-status.error")
+    assert "nope" in assert_seen_text(page.locator("#sql-status.error"), "the error")
+
+
+def test_the_pages_policy_is_enforced_and_a_violation_fails_the_test(page, site, errors, request):
+    """No bypass: an inline script and an image from another origin are blocked, and each is
+    reported as an error (which the page fixture turns into a failure unless allowed, as here)."""
+    request.node.allowed_errors = ("Content Security Policy",)
+    page.evaluate("""() => {
+        const s = document.createElement('script');
+        s.textContent = 'window.__inlineRan = true';
+        document.body.append(s);
+        const i = document.createElement('img');
+        i.src = 'http://203.0.113.9/x.png';
+        document.body.append(i);
+    }""")
+    page.wait_for_function("() => document.readyState === 'complete'")
+    page.wait_for_timeout(300)
+    assert page.evaluate("() => window.__inlineRan === true") is False
+    csp = [e for e in errors if "Content Security Policy" in e]
+    assert any("script-src" in e for e in csp) and any("img-src" in e for e in csp), errors
 
 
 def test_logout_returns_to_the_login_page(page, site):
     page.click("#logout")
     page.wait_for_url("**/login")
+    assert_seen(page.locator("#token"), "the login field")
 
 
 def test_map_zooms_and_a_click_opens_the_image_under_the_pointer(page, site):
     page.goto(site["base"] + "/#map")
     page.wait_for_selector("#map-viewer[data-ready='1'] canvas")
     page.wait_for_timeout(500)
-    box = page.locator("#map-viewer").bounding_box()
+    box = assert_seen(page.locator("#map-viewer"), "the map")
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     page.mouse.move(cx, cy)
     for _ in range(4):
         page.mouse.wheel(0, -300)
         page.wait_for_timeout(200)
-    page.wait_for_function("(() => { const d = document.querySelector('#map-viewer').dataset;"
-                           " return d.zoom && Number(d.zoom) > 1.5 * Number(d.homeZoom); })()")
+    page.wait_for_function("() => { const d = document.querySelector('#map-viewer').dataset;"
+                           " return d.zoom && Number(d.zoom) > 1.5 * Number(d.homeZoom); }")
     page.mouse.click(cx, cy)
     page.wait_for_selector("#details:not([hidden]) dl dt")
     assert "image_id" in page.inner_text("#details dl")
+    assert_seen(page.locator("#details img").first, "the image under the pointer")
 
 
 def test_search_by_upload_then_open_a_result(page, site):
-    sample = next((site["root"] / "fashion").rglob("*.png"))
+    sample = next((site["root"] / "photos").rglob("*.png"))
     page.goto(site["base"] + "/#search")
     page.set_input_files("#search-file", str(sample))
     page.click("#search-form button[type=submit]")
     page.wait_for_selector("#search-results .cell img")
     assert page.locator("#search-results .cell").count() >= 10
-    assert "similar images" in page.inner_text("#search-status")
+    assert "similar images" in assert_seen_text(page.locator("#search-status"), "the result count")
+    assert_seen(page.locator("#search-results .cell img").first, "the best match")
     page.locator("#search-results .cell").first.click()
     page.wait_for_selector("#details:not([hidden]) .mini-grid .cell")
+    assert_seen(page.locator("#details .mini-grid .cell").first, "the match's own neighbours")
 
 
 def test_a_bucket_name_being_typed_survives_the_bar_reloading(page, site):
@@ -151,10 +220,8 @@ def test_a_bucket_name_being_typed_survives_the_bar_reloading(page, site):
     assert page.input_value(".new-bucket input[name=name]") == "typed while loading"
     page.click(".new-bucket button[type=submit]")
     name = page.locator(".bucket .name:has-text('typed while loading')")
-    name.wait_for(state="visible")
+    assert_seen(name, "the new bucket")
     assert page.input_value(".new-bucket input[name=name]") == ""
-    box = name.bounding_box()
-    assert box and box["y"] + box["height"] <= 860 and box["x"] + box["width"] <= 1280  # in the viewport
     # the other curate test expects to own the lake's only bucket
     auth = {"Authorization": f"Bearer {site['token']}"}
     for bucket in requests.get(site["base"] + "/api/v1/buckets", headers=auth, timeout=30).json()["buckets"]:
@@ -165,18 +232,19 @@ def test_a_bucket_name_being_typed_survives_the_bar_reloading(page, site):
 
 def test_curate_create_a_bucket_add_with_keys_get_suggestions_accept_then_tetris(page, site):
     page.goto(site["base"] + "/#curate")
-    page.fill(".new-bucket input[name=name]", "trousers")
+    page.fill(".new-bucket input[name=name]", "astronauts")
     page.click(".new-bucket button[type=submit]")
-    page.wait_for_selector(".bucket .name:has-text('trousers')")
+    assert_seen(page.locator(".bucket .name:has-text('astronauts')"), "the new bucket")
     page.wait_for_selector("#curate-grid .cell img")
+    assert_seen(page.locator("#curate-grid .cell img").first, "the first suggestion")
     # suggestions with no members yet are exploration picks; drop the first three into bucket 1 by key
     for _ in range(3):
         page.keyboard.press("1")
         page.wait_for_timeout(300)
-    page.wait_for_function("document.querySelectorAll('#curate-grid .badge').length >= 3")
-    page.wait_for_selector(".bucket .count:has-text('3 images')")
+    page.wait_for_function("() => document.querySelectorAll('#curate-grid .badge').length >= 3")
+    assert_seen(page.locator(".bucket .count:has-text('3 images')"), "the bucket's count")
     # the bar shows the bucket's most typical members, loaded after the suggestions
-    page.wait_for_function("document.querySelectorAll('.bucket .preview img').length === 3")
+    page.wait_for_function("() => document.querySelectorAll('.bucket .preview img').length === 3")
     page.keyboard.press("n")  # the rest of the page is rejected; the next page appears
     page.wait_for_selector("#curate-status:has-text('feedback sent')")
     assert page.locator("#curate-grid .cell").count() > 0
@@ -186,8 +254,8 @@ def test_curate_create_a_bucket_add_with_keys_get_suggestions_accept_then_tetris
     page.keyboard.press("u")  # undo the last drop
     page.wait_for_selector(".bucket .count:has-text('3 images')")
     page.keyboard.press("t")
-    page.wait_for_selector("#curate-tetris .falling")
-    assert "trousers" in page.inner_text("#curate-tetris .suggested")
+    page.wait_for_selector("#curate-tetris .falling")  # in the window: see the Tetris test below
+    assert "astronauts" in page.inner_text("#curate-tetris .suggested")
     page.keyboard.press("Enter")
     page.wait_for_selector(".bucket .count:has-text('4 images')")
     page.wait_for_selector("#curate-tetris .falling")
@@ -221,7 +289,7 @@ def own_bucket(page, site):
     page.click(f".bucket[data-bucket-id='{bucket_id}'] .name")  # the middle may be a tool button
     page.wait_for_selector(f".bucket.active[data-bucket-id='{bucket_id}']")
     page.wait_for_selector("#curate-grid .cell img")
-    page.wait_for_function("document.querySelector('#curate-status').textContent.includes('suggestions for')")
+    page.wait_for_function("() => document.querySelector('#curate-status').textContent.includes('suggestions for')")
     yield bucket_id, str(key)
     requests.delete(f"{site['base']}/api/v1/buckets/{bucket_id}", headers=auth, timeout=30)
 
@@ -264,7 +332,7 @@ def test_placing_a_whole_page_then_next_shows_the_next_page(page, site, own_buck
     count = cells.count()
     for _ in range(count):
         page.keyboard.press(key)
-    page.wait_for_function(f"document.querySelectorAll('#curate-grid .badge').length === {count}")
+    page.wait_for_function(f"() => document.querySelectorAll('#curate-grid .badge').length === {count}")
     page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('{count} images')")
     shown = set(cells.evaluate_all("cs => cs.map(c => c.dataset.imageId)"))
     page.keyboard.press("n")  # nothing is left to reject: no feedback to send, no 400
@@ -294,8 +362,8 @@ def test_every_sql_preset_runs(page, site):
     assert len(names) >= 5
     for name in names:
         page.click(f"#sql-presets button:has-text('{name}')")
-        page.wait_for_function("(() => { const s = document.querySelector('#sql-status');"
-                               " return s && s.textContent && !s.textContent.includes('running'); })()")
+        page.wait_for_function("() => { const s = document.querySelector('#sql-status');"
+                               " return s && s.textContent && !s.textContent.includes('running'); }")
         assert "error" not in (page.get_attribute("#sql-status", "class") or ""), name
 
 
@@ -307,7 +375,7 @@ def test_a_second_key_moves_the_image_and_the_badge_follows(page, site, own_buck
     try:
         page.reload()
         page.click(f".bucket[data-bucket-id='{bucket_id}'] .name")
-        page.wait_for_function("document.querySelector('#curate-status').textContent.includes('suggestions for')")
+        page.wait_for_function("() => document.querySelector('#curate-status').textContent.includes('suggestions for')")
         other_key = str(int(key) + 1)
         first = page.locator("#curate-grid .cell").first
         image_id = first.get_attribute("data-image-id")
@@ -336,3 +404,23 @@ def test_escape_closes_the_drawer_and_the_focused_cell_stays_in_view(page, site,
     page.locator("#details").wait_for(state="visible")
     page.keyboard.press("Escape")
     page.locator("#details").wait_for(state="hidden")
+
+
+def test_tetris_mode_shows_the_falling_image_and_its_bucket_in_the_window(page, site):
+    auth = {"Authorization": f"Bearer {site['token']}"}
+    api = site["base"] + "/api/v1"
+    from lake.commit import open_table
+
+    image_ids = open_table(site["lake"], "images").to_pyarrow_table(columns=["image_id"]).column("image_id").to_pylist()
+    bucket = requests.post(f"{api}/buckets", json={"name": "tetris"}, headers=auth, timeout=30).json()["bucket"]
+    try:
+        requests.post(f"{api}/buckets/{bucket['bucket_id']}/images", json={"image_ids": image_ids[:3]},
+                      headers=auth, timeout=30).raise_for_status()
+        page.goto(site["base"] + "/#curate")
+        page.wait_for_selector("#curate-grid .cell img")
+        page.keyboard.press("t")
+        assert_seen(page.locator("#curate-tetris .falling"), "the falling image")
+        assert "suggested:" in assert_seen_text(page.locator("#curate-tetris .suggested"), "the suggested bucket")
+        assert page.locator("#curate-grid").is_hidden()
+    finally:
+        assert requests.delete(f"{api}/buckets/{bucket['bucket_id']}", headers=auth, timeout=30).status_code == 200

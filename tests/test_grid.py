@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -315,30 +316,17 @@ def test_read_token_can_post_cells(app, grid_lake):
 
 # -- end to end with real images ----------------------------------------------------------------
 
-FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
-
-
-@pytest.mark.skipif(not __import__("os").path.exists(FMNIST), reason="Fashion-MNIST is not installed")
 def test_real_images_ingest_embed_grid_end_to_end(tmp_path, capsys):
-    """Fashion-MNIST trousers, bags and sneakers → ingest → embed (ONNX, in process) → grid."""
-    import gzip
-
+    """Views of three scikit-image photos (astronaut, coffee, rocket) → ingest → embed (ONNX, in
+    process) → grid: the layout puts views of the same photo next to each other."""
     from jobs.embed import run_embed
     from jobs.ingest.driver import run_ingest
     from jobs.runner import LocalRunner
+    from photo_lake import write_photos
 
-    with gzip.open(FMNIST) as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(FMNIST.replace("images-idx3", "labels-idx1")) as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8)
-    folder = tmp_path / "fmnist"
-    folder.mkdir()
-    label_of = {}
-    for cls in (1, 7, 8):  # trouser, sneaker, bag
-        for i in np.flatnonzero(labels == cls)[:12]:
-            path = folder / f"{cls}_{i}.png"
-            Image.fromarray(images[i]).save(path)
-            label_of[hashlib.sha256(path.read_bytes()).hexdigest()] = cls
+    folder = tmp_path / "photos"
+    written = write_photos(folder, 12, ("astronaut", "coffee", "rocket"), seed=3)
+    label_of = {hashlib.sha256(Path(p).read_bytes()).hexdigest(): label for p, label in written.items()}
     lake = Lake.at(tmp_path / "lake")
     settings = Settings(lake=lake.root, runner="local")
     run_ingest(lake, settings, str(folder), runner=LocalRunner())

@@ -15,7 +15,7 @@ import pytest
 from deltalake import DeltaTable
 
 from api.index_service import SearchService
-from fashion_lake import FASHION_AVAILABLE, copy_lake, fashion_template
+from photo_lake import copy_lake, photo_template
 from jobs.index.build import file_sha256, read_manifest, verify_build
 from jobs.index.driver import latest_build, published_builds, run_index
 from jobs.index.plan import choose_plan
@@ -27,7 +27,6 @@ from lake.lock import LakeLock
 from lake.settings import Settings
 from lake.vectors import load_embeddings
 
-pytestmark = pytest.mark.skipif(not FASHION_AVAILABLE, reason="needs Debian's dataset-fashion-mnist")
 
 N_IMAGES = 2000
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Lake:
-    return fashion_template(tmp_path_factory.getbasetemp(), N_IMAGES)[0]
+    return photo_template(tmp_path_factory.getbasetemp(), N_IMAGES)[0]
 
 
 @pytest.fixture

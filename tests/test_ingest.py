@@ -19,6 +19,7 @@ from deltalake import DeltaTable
 from PIL import Image
 
 from conftest import make_jpeg, write_images
+from kill import kill_when, staged_files, staging_folders, unfinished_runs
 from jobs.ingest.decode import Rejected, inspect_image
 from jobs.ingest.driver import run_ingest
 from jobs.ingest.partition import ingest_partition
@@ -201,20 +202,23 @@ def _cli(*args, env=None, **kw):
 
 
 def test_kill_9_during_ingest_then_rerun_loses_and_duplicates_nothing(tmp_path):
+    """Three runs killed while their tasks are staging files (after the first staged file, after
+    several, after most), each proven mid-run; then a clean run completes the lake exactly."""
+    from lake.catalog import Lake
+
     src = tmp_path / "imgs"
     write_images(src, 160, size=(640, 480))
     lake_dir = tmp_path / "lake"
     env = dict(os.environ, PYTHONPATH=str(REPO), IMAGELAKE_RUNNER="local", IMAGELAKE_PARTITION_FILES="20")
-    for delay in (1.0, 2.0, 3.0):
+    for at in (1, 8, 20):  # 8 partitions, each staging a file per table: up to 32 files
+        before, old = unfinished_runs(lake_dir), staging_folders(lake_dir)
         proc = _cli("--lake", str(lake_dir), "ingest", "--images", str(src), env=env, start_new_session=True)
-        time.sleep(delay)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        # whatever state the kill left, every table is readable
-        from lake.catalog import Lake
+        kill_when(proc, lambda: staged_files(lake_dir, "ingest", old) >= at, f"{at} staged files")
+        new = unfinished_runs(lake_dir) - before
+        assert len(new) == 1 and next(iter(new)).startswith("ingest-"), new   # killed before its end row
+        # whatever state the kill left, every table is readable and nothing was committed twice
         lake = Lake.at(lake_dir)
-        images = rows(lake, "images", ["image_id"]) if (lake_dir / "tables" / "images").exists() else []
+        images = rows(lake, "images", ["image_id"])
         assert len(images) == len({r["image_id"] for r in images})
     done = _cli("--lake", str(lake_dir), "ingest", "--images", str(src), env=env)
     out, err = done.communicate(timeout=300)
@@ -234,6 +238,18 @@ def test_kill_9_during_ingest_then_rerun_loses_and_duplicates_nothing(tmp_path):
                   .column("path").to_pylist()}
     on_disk = {p.name for p in (lake_dir / "tables" / "images").glob("*.parquet")}
     assert on_disk == referenced
+
+
+def test_a_kill_trial_whose_run_ends_first_fails():
+    """The kill helper refuses a clean run as a kill trial (what the old fixed-delay trials allowed)."""
+    quick = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    with pytest.raises(pytest.fail.Exception, match=r"the run ended \(exit 0\) before the kill point"):
+        kill_when(quick, lambda: False, "the kill point")
+    slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kill_when(slow, lambda: True, "the start")
+    assert slow.returncode == -signal.SIGKILL
 
 
 def test_janitor_removes_orphans_but_keeps_committed_data(tmp_path, lake, local_settings):

@@ -14,14 +14,13 @@ from PIL import Image
 
 from api import API_PREFIX, create_app
 from api.uploads import check_image
-from fashion_lake import FASHION_AVAILABLE, copy_lake, fashion_template
+from photo_lake import copy_lake, photo_template
 from jobs.index.driver import latest_build, run_index
 from jobs.runner import LocalRunner
 from lake.catalog import Lake
 from lake.errors import BadInput, TooLarge, Unsupported
 from lake.settings import Settings
 
-pytestmark = pytest.mark.skipif(not FASHION_AVAILABLE, reason="needs Debian's dataset-fashion-mnist")
 
 URL = f"{API_PREFIX}/search/similar"
 
@@ -33,7 +32,7 @@ def build(lake: Lake, **kw) -> dict:
 
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory) -> tuple[Lake, Path, dict]:
-    template, images = fashion_template(tmp_path_factory.getbasetemp(), 2000)
+    template, images = photo_template(tmp_path_factory.getbasetemp(), 2000)
     lake = copy_lake(template, tmp_path_factory.mktemp("search") / "lake")
     return lake, images, build(lake)
 

@@ -1,5 +1,6 @@
-"""Suggestions on real features: 1,000 Fashion-MNIST images ingested and embedded by the real jobs
-(cached under test-artifacts/ after the first run, ~30-60 s on 2 cores), served by the Flask app."""
+"""Suggestions on real features: the session's photo lake (tests/photo_lake.py: 2,000 labelled views
+of scikit-image photos, digits and generated scenes, ingested and embedded once by the real jobs),
+served by the Flask app. A bucket's class is one photo: its members are different views of it."""
 
 from __future__ import annotations
 
@@ -10,35 +11,35 @@ import shutil
 import numpy as np
 import pytest
 
-import fashion
 from api import API_PREFIX
 from api.suggester import explore_fraction, fit_logistic
 from lake.catalog import Lake
 from lake.commit import open_table
 from lake.compact import compact_dir, ensure_compact, load_compact
 from lake.errors import CorruptArtifact
+from photo_lake import label_of, photo_template
 
-pytestmark = pytest.mark.skipif(not fashion.available(), reason="Fashion-MNIST is not installed")
 B = f"{API_PREFIX}/buckets"
-SNEAKER = 7
+N = 2000
+CAT, ROCKET, ASTRONAUT, COFFEE = "chelsea", "rocket", "astronaut", "coffee"
 
 
 @pytest.fixture(scope="module")
-def fashion_lake() -> Lake:
-    return Lake.at(fashion.build(1000, seed=1))
+def photo_lake(tmp_path_factory) -> Lake:
+    return photo_template(tmp_path_factory.getbasetemp(), N)[0]
 
 
 @pytest.fixture
-def lake(fashion_lake, tmp_path) -> Lake:
+def lake(photo_lake, tmp_path) -> Lake:
     """A copy per test: an empty bucket log; the suggestion matrix is rebuilt in the copy."""
-    shutil.copytree(fashion_lake.root, tmp_path / "lake", ignore=shutil.ignore_patterns("artifacts"))
+    shutil.copytree(photo_lake.root, tmp_path / "lake", ignore=shutil.ignore_patterns("artifacts"))
     return Lake.at(tmp_path / "lake")
 
 
 @pytest.fixture(scope="module")
-def labels(fashion_lake) -> dict[str, int]:
-    rows = open_table(fashion_lake, "images").to_pyarrow_table(columns=["image_id", "uri"]).to_pylist()
-    return {r["image_id"]: fashion.label_of(r["uri"]) for r in rows}
+def labels(photo_lake) -> dict[str, str]:
+    rows = open_table(photo_lake, "images").to_pyarrow_table(columns=["image_id", "uri"]).to_pylist()
+    return {r["image_id"]: label_of(r["uri"]) for r in rows}
 
 
 def ok(response, status=200) -> dict:
@@ -52,28 +53,28 @@ def of_class(labels, cls, n, skip=0) -> list[str]:
 
 
 def test_suggestions_learn_from_feedback_and_never_repeat_labeled_images(client, labels):
-    bucket = ok(client.post(B, json={"name": "sneakers"}), 201)["bucket"]["bucket_id"]
-    ok(client.post(f"{B}/{bucket}/images", json={"image_ids": of_class(labels, SNEAKER, 5)}))
-    labeled = set(of_class(labels, SNEAKER, 5))
+    bucket = ok(client.post(B, json={"name": "cats"}), 201)["bucket"]["bucket_id"]
+    ok(client.post(f"{B}/{bucket}/images", json={"image_ids": of_class(labels, CAT, 5)}))
+    labeled = set(of_class(labels, CAT, 5))
     precisions = []
     for _ in range(4):
         out = ok(client.get(f"{B}/{bucket}/suggestions?n=20"))
         got = [s["image_id"] for s in out["suggestions"]]
         assert len(got) == 20 == len(set(got)) and not labeled & set(got)
-        accepted = [i for i in got if labels[i] == SNEAKER]
-        rejected = [i for i in got if labels[i] != SNEAKER]
+        accepted = [i for i in got if labels[i] == CAT]
+        rejected = [i for i in got if labels[i] != CAT]
         precisions.append(len(accepted) / len(got))
         ok(client.post(f"{B}/{bucket}/feedback", json={"accepted": accepted, "rejected": rejected}))
         labeled |= set(got)
-    # chance is 0.1 (ten balanced classes); sneakers are easy for ImageNet features
+    # chance is 0.0625 (125 of the 2,000 images are views of the cat photo)
     assert min(precisions) >= 0.5 and np.mean(precisions[1:]) >= 0.8, precisions
     members = ok(client.get(f"{B}/{bucket}"))["members"]
     assert len(members) == 5 + sum(round(p * 20) for p in precisions)
 
 
 def test_exploration_grows_when_suggestions_are_rejected(client, labels):
-    bucket = ok(client.post(B, json={"name": "bags"}), 201)["bucket"]["bucket_id"]
-    ok(client.post(f"{B}/{bucket}/images", json={"image_ids": of_class(labels, 8, 3)}))
+    bucket = ok(client.post(B, json={"name": "rockets"}), 201)["bucket"]["bucket_id"]
+    ok(client.post(f"{B}/{bucket}/images", json={"image_ids": of_class(labels, ROCKET, 3)}))
     first = ok(client.get(f"{B}/{bucket}/suggestions?n=20"))
     assert first["acceptance"] is None and first["explore_fraction"] == explore_fraction(None)
     sources = {s["source"] for s in first["suggestions"]}
@@ -96,8 +97,8 @@ def test_cold_bucket_gets_diverse_random_picks(client):
 
 
 def test_fast_forward_then_commit_keeps_and_rejects(client, labels):
-    bucket = ok(client.post(B, json={"name": "trousers"}), 201)["bucket"]["bucket_id"]
-    ok(client.post(f"{B}/{bucket}/images", json={"image_ids": of_class(labels, 1, 5)}))
+    bucket = ok(client.post(B, json={"name": "astronauts"}), 201)["bucket"]["bucket_id"]
+    ok(client.post(f"{B}/{bucket}/images", json={"image_ids": of_class(labels, ASTRONAUT, 5)}))
     ff = ok(client.post(f"{B}/{bucket}/fast-forward", json={"n": 15}))
     pending = ff["event"]["image_ids"]
     assert len(pending) == 15 and ff["bucket"]["pending"] == 15 and ff["bucket"]["count"] == 5
@@ -105,8 +106,8 @@ def test_fast_forward_then_commit_keeps_and_rejects(client, labels):
     assert sorted(view["pending"]) == sorted(pending) and len(view["members"]) == 5
     again = ok(client.get(f"{B}/{bucket}/suggestions?n=20"))  # pending images are not suggested again
     assert not set(pending) & {s["image_id"] for s in again["suggestions"]}
-    keep = [i for i in pending if labels[i] == 1]
-    remove = [i for i in pending if labels[i] != 1]
+    keep = [i for i in pending if labels[i] == ASTRONAUT]
+    remove = [i for i in pending if labels[i] != ASTRONAUT]
     done = ok(client.post(f"{B}/{bucket}/fast-forward/commit", json={"keep": keep, "remove": remove}))
     assert done["bucket"]["pending"] == 0 and done["bucket"]["count"] == 5 + len(keep)
     assert ok(client.post(f"{B}/{bucket}/fast-forward/commit", json={"keep": keep[:1]}), 409)["ok"] is False
@@ -115,8 +116,8 @@ def test_fast_forward_then_commit_keeps_and_rejects(client, labels):
 def test_tetris_returns_an_image_and_its_bucket(client, labels):
     assert ok(client.get(f"{API_PREFIX}/tetris/next"))["image_id"] is None
     buckets = {}
-    for cls in (1, 5, 8):
-        b = ok(client.post(B, json={"name": fashion.CLASSES[cls]}), 201)["bucket"]["bucket_id"]
+    for cls in (ASTRONAUT, COFFEE, "coins"):
+        b = ok(client.post(B, json={"name": cls}), 201)["bucket"]["bucket_id"]
         ok(client.post(f"{B}/{b}/images", json={"image_ids": of_class(labels, cls, 5)}))
         buckets[b] = cls
     right = 0
@@ -131,15 +132,14 @@ def test_tetris_returns_an_image_and_its_bucket(client, labels):
 
 
 def test_bucket_previews_are_the_most_typical_members(client, labels):
-    BAG = 8
-    bucket = ok(client.post(B, json={"name": "sneakers"}), 201)["bucket"]["bucket_id"]
+    bucket = ok(client.post(B, json={"name": "coffee"}), 201)["bucket"]["bucket_id"]
     empty = ok(client.post(B, json={"name": "empty"}), 201)["bucket"]["bucket_id"]
-    sneakers, outlier = of_class(labels, SNEAKER, 12), of_class(labels, BAG, 1)
-    ok(client.post(f"{B}/{bucket}/images", json={"image_ids": outlier + sneakers}))
+    cups, outlier = of_class(labels, COFFEE, 12), of_class(labels, "digit_3", 1)
+    ok(client.post(f"{B}/{bucket}/images", json={"image_ids": outlier + cups}))
     body = ok(client.get(f"{API_PREFIX}/bucket-previews?n=5"))
     assert body["n"] == 5 and body["previews"][empty] == []
     shown = body["previews"][bucket]
-    assert len(shown) == 5 and set(shown) <= set(sneakers)  # the bag is the least typical member
+    assert len(shown) == 5 and set(shown) <= set(cups)  # the handwritten digit is the least typical member
     assert ok(client.get(f"{API_PREFIX}/bucket-previews"))["n"] == 4
     for bad in ("0", "13", "x"):
         assert client.get(f"{API_PREFIX}/bucket-previews?n={bad}").status_code == 400
@@ -151,7 +151,7 @@ def test_bad_suggestion_requests(client, labels):
     assert ok(client.get(f"{B}/{bucket}/suggestions?n=100000"), 400)["status"] == 400
     assert ok(client.get(f"{B}/discard/suggestions"), 400)["status"] == 400
     assert ok(client.get(f"{B}/{'0' * 16}/suggestions"), 404)["status"] == 404
-    one = of_class(labels, 0, 1)
+    one = of_class(labels, CAT, 1)
     assert ok(client.post(f"{B}/{bucket}/feedback", json={"accepted": one, "rejected": one}), 400)["status"] == 400
     assert ok(client.post(f"{B}/{bucket}/feedback", json={}), 400)["status"] == 400
     assert ok(client.post(f"{B}/{bucket}/fast-forward", json={"n": 5}), 409)["status"] == 409  # no members yet
@@ -199,18 +199,21 @@ def test_compact_matrix_is_a_verified_artifact(lake):
     m = ensure_compact(lake, k=32)
     folder = compact_dir(lake, m.model, m.features_version, 32)
     manifest = json.load(open(os.path.join(folder, "manifest.json")))
-    assert manifest["rows"] == len(m) == 1000 and manifest["k"] == 32
-    assert os.path.getsize(os.path.join(folder, "index.faiss")) < 1000 * 32 + 4096  # ~k bytes per image
+    assert manifest["rows"] == len(m) == N and manifest["k"] == 32
+    assert os.path.getsize(os.path.join(folder, "index.faiss")) < N * 32 + 4096  # ~k bytes per image
     # PCA-32 codes keep the geometry: cosine neighbours in full space are close in compact space
     from lake.vectors import load_embeddings
     emb = load_embeddings(lake)
     x = emb.normalized()
     rows = np.array([m.ids.rows_of([i])[0] for i in emb.image_ids])
     approx = m.vectors(rows)
-    full_nn = np.argsort(-(x[:50] @ x.T), axis=1)[:, 1:11]
-    compact_nn = np.argsort(-(approx[:50] @ approx.T), axis=1)[:, 1:11]
-    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(full_nn, compact_nn)])
-    assert overlap >= 0.5, overlap
+    # (the views of one photo are a tight cluster whose order inside 32 dims cannot keep exactly, so
+    # the check is that the compact top 10 stay among the full-space top 30; chance is 1.5%)
+    queries = np.random.default_rng(0).choice(len(x), 50, replace=False)
+    full_nn = np.argsort(-(x[queries] @ x.T), axis=1)[:, 1:31]
+    compact_nn = np.argsort(-(approx[queries] @ approx.T), axis=1)[:, 1:11]
+    kept = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(full_nn, compact_nn)])
+    assert kept >= 0.7, kept
     with open(os.path.join(folder, "image_ids.bin"), "r+b") as f:
         f.write(b"\xff")
     with pytest.raises(CorruptArtifact):
@@ -223,7 +226,7 @@ def test_pipeline_suggest_step_builds_the_matrix_once_and_the_server_maps_it(lak
 
     settings = Settings(lake=lake.root, runner="local", suggest_dims=32)
     first = run_pipeline(lake, settings, PipelineRequest(steps=("suggest",)))
-    assert [(s["step"], s["rows_in"], s["rows_out"]) for s in first.steps] == [("suggest", 1000, 1000)]
+    assert [(s["step"], s["rows_in"], s["rows_out"]) for s in first.steps] == [("suggest", N, N)]
     again = run_pipeline(lake, settings, PipelineRequest(steps=("suggest",)))
     assert [s["rows_out"] for s in again.steps] == [0]  # incremental: the build for this features version exists
     runs = open_table(lake, "job_runs").to_pyarrow_table().to_pylist()
@@ -232,7 +235,7 @@ def test_pipeline_suggest_step_builds_the_matrix_once_and_the_server_maps_it(lak
     assert [m["built"] for m in ended] == [True, False] and ended[0]["dims"] == 32
     folder = compact_dir(lake, ended[0]["model"], ended[0]["features_version"], 32)
     stamp = os.stat(os.path.join(folder, "index.faiss")).st_mtime_ns
-    assert len(ensure_compact(lake, k=32)) == 1000  # what a server process calls: maps, does not rebuild
+    assert len(ensure_compact(lake, k=32)) == N  # what a server process calls: maps, does not rebuild
     assert os.stat(os.path.join(folder, "index.faiss")).st_mtime_ns == stamp
 
 
@@ -244,8 +247,8 @@ def test_warm_up_loads_the_thumbnail_index_and_the_matrix_before_any_request(lak
     try:
         warm_up(app).join(120)
         reader = app.extensions["imagelake"]
-        assert len(reader._thumb_index) == 1000 * len(reader.settings.thumbnail_sizes)
-        assert len(app.extensions["imagelake.suggest"].get()._matrix) == 1000
+        assert len(reader._thumb_index) == N * len(reader.settings.thumbnail_sizes)
+        assert len(app.extensions["imagelake.suggest"].get()._matrix) == N
     finally:
         app.extensions["imagelake"].close()
 
@@ -274,7 +277,7 @@ def test_janitor_prunes_superseded_matrices_and_tag_models_but_keeps_what_is_in_
     assert os.path.isdir(later[1]) and os.path.isdir(later[2])        # the newest (in use) and the one before
     assert os.path.isdir(compact_dir(lake, m.model, m.features_version, 32))  # another width: its own newest
     assert sorted(os.listdir(tags)) == ["CURRENT", "v000003", "v000004"]
-    assert len(load_compact(later[2])) == 1000
+    assert len(load_compact(later[2])) == N
 
 
 def test_logistic_fit_matches_sklearn():

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from api import API_PREFIX, create_app
-from fashion_lake import FASHION_AVAILABLE, copy_lake, fashion_template
+from photo_lake import copy_lake, photo_template
 from jobs.index.driver import latest_build, run_index
 from jobs.runner import LocalRunner
 from lake.catalog import Lake
@@ -21,15 +21,14 @@ from lake.lock import LakeLock
 from lake.settings import Settings
 from lake.tokens import create_token
 
-pytestmark = pytest.mark.skipif(not FASHION_AVAILABLE, reason="needs Debian's dataset-fashion-mnist")
 
 TAG, ADD, SIMILAR = f"{API_PREFIX}/tag", f"{API_PREFIX}/images", f"{API_PREFIX}/search/similar"
 
 
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory) -> tuple[Lake, Path, dict]:
-    """A copy of the shared Fashion-MNIST lake (real features) with a published IVF build."""
-    template, images = fashion_template(tmp_path_factory.getbasetemp(), 2000)
+    """A copy of the shared photo lake (tests/photo_lake.py, real features) with a published IVF build."""
+    template, images = photo_template(tmp_path_factory.getbasetemp(), 2000)
     lake = copy_lake(template, tmp_path_factory.mktemp("upload") / "lake")
     build = run_index(lake, Settings(lake=lake.root, runner="local"), runner=LocalRunner(), flat_below=0,
                       shard_size=1000)
@@ -48,7 +47,7 @@ def jpeg(arr: np.ndarray, quality: int = 90) -> bytes:
 
 
 def variant(images: Path, index: int, seed: int) -> tuple[bytes, str]:
-    """A Fashion-MNIST image of the lake with one pixel nudged (new bytes, same picture); and the original's id."""
+    """An image of the lake with one pixel nudged (new bytes, same picture); and the original's id."""
     path = sorted(images.rglob("*.png"))[index]
     original = path.read_bytes()
     arr = np.array(Image.open(io.BytesIO(original)))
