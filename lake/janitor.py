@@ -1,6 +1,6 @@
 """The janitor: removes what killed or retried work left behind, never anything a reader needs.
 
-* Staging folders of runs that ended (``job_runs`` says succeeded or failed) go at once; those of
+* Staging folders of runs that ended (``job_runs`` says succeeded, failed or abandoned) go at once; those of
   runs that never ended (killed) go once older than ``older_than_h``.
 * Data files inside a Delta table folder that no version of the table references (a writer killed
   between writing Parquet and committing) go once older than ``older_than_h``. Referenced = the
@@ -79,7 +79,7 @@ class JanitorReport:
 
 def _ended_runs(lake: Lake) -> set[str]:
     t = open_table(lake, "job_runs").to_pyarrow_table(columns=["run_id", "state"])
-    return {r["run_id"] for r in t.to_pylist() if r["state"] in ("succeeded", "failed")}
+    return {r["run_id"] for r in t.to_pylist() if r["state"] in ("succeeded", "failed", "abandoned")}
 
 
 def _size(path: str) -> int:

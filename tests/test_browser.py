@@ -263,15 +263,6 @@ def test_curate_create_a_bucket_add_with_keys_get_suggestions_accept_then_tetris
 
 # -- the curation workflow as a person sees it (issue 18) -----------------------------------------
 
-VIEWPORT = {"width": 1280, "height": 860}
-
-
-def _in_viewport(locator) -> bool:
-    box = locator.bounding_box()
-    return bool(box) and box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= VIEWPORT["width"] \
-        and box["y"] + box["height"] <= VIEWPORT["height"]
-
-
 @pytest.fixture
 def own_bucket(page, site):
     """A bucket of the test's own, active in the curate view; yields (bucket_id, its number key);
@@ -311,7 +302,7 @@ def test_tetris_and_grid_are_never_on_screen_together(page, site, own_bucket):
     card.wait_for(state="visible")
     assert not grid.is_visible(), "the grid is still painted in Tetris mode"
     assert page.locator("#curate-tetris .falling").count() == 1
-    assert _in_viewport(card), "the Tetris card is below the fold"
+    assert_seen(card, "the Tetris card")
     page.keyboard.press("t")
     page.locator("#curate-grid .cell").first.wait_for(state="visible")
     assert not tetris.is_visible(), "the last Tetris card stays under the grid"
