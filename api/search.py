@@ -94,6 +94,15 @@ def openapi_paths(settings) -> dict:
     k_param = {"name": "k", "in": "query", "required": False, "description": "how many results",
                "schema": {"type": "integer", "minimum": 1, "maximum": settings.search_max_k,
                           "default": min(DEFAULT_K, settings.search_max_k)}}
+    model_param = {"name": "model", "in": "query", "required": False,
+                   "description": "a features key (name@version[+bf16]) or a registry name; default: the indexed "
+                                  "model whose build holds most images. Each model's newest published build "
+                                  "answers for it; an unknown model is a 404",
+                   "schema": {"type": "string", "maxLength": 200}}
+    where_param = {"name": "where", "in": "query", "required": False,
+                   "description": "metadata filter language (JSON, as in GET /images?where=): only images it "
+                                  "selects are returned; still k hits when that many match",
+                   "schema": {"type": "string"}}
     ok = json_response(ref("SimilarResults"), "The most similar images, best first (the query image excluded)")
     return {"/search/similar": {
         "get": {
@@ -101,20 +110,21 @@ def openapi_paths(settings) -> dict:
             "operationId": "similarToImage",
             "parameters": [{"name": "image_id", "in": "query", "required": True,
                             "description": "sha256 of the query image's bytes",
-                            "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}, k_param],
+                            "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}, k_param, model_param, where_param],
             "responses": {"200": ok, **errors(400, 404, 503)},
         },
         "post": {
             "summary": "Images most similar to an uploaded image (embedded with the index's model)",
             "operationId": "similarToUpload",
-            "parameters": [k_param],
+            "parameters": [k_param, model_param, where_param],
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                 "type": "object", "required": ["image"],
                 "properties": {"image": {"type": "string", "contentMediaType": "application/octet-stream",
                                          "description": "JPEG, PNG, WebP, GIF, BMP or TIFF; at most "
                                                         f"{settings.upload_max_bytes} bytes and "
                                                         f"{settings.upload_max_pixels} pixels"},
-                               "k": {"type": "integer"}}}}}},
+                               "k": {"type": "integer"}, "model": {"type": "string"},
+                               "where": {"type": "string", "description": "as the where query parameter"}}}}}},
             "responses": {"200": ok, **errors(400, 409, 413, 415, 503)},
         },
     }}

@@ -452,3 +452,13 @@ def test_thumbnail_cache_is_bounded_and_least_recently_used():
     assert cache.bytes <= 100 and cache.get(0) is not None and cache.get(1) is None
     cache.put("big", bytes(50))               # over an eighth of the budget: not cached
     assert cache.get("big") is None
+
+
+def test_openapi_documents_the_search_parameters_the_route_reads(client):
+    """GET and POST /search/similar read k, model and where (api/search.py); each is documented."""
+    spec = client.get(f"{API_PREFIX}/openapi.json").get_json()
+    for method in ("get", "post"):
+        names = {p["name"] for p in spec["paths"]["/search/similar"][method]["parameters"]}
+        assert {"k", "model", "where"} <= names, (method, names)
+    form = spec["paths"]["/search/similar"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert {"image", "k", "model", "where"} <= set(form["properties"])
