@@ -12,7 +12,9 @@ Every set is built from data installed offline:
   siblings ("face-unwell" / "face-negative", "hand-fingers-open" / "hand-fingers-partial").
 * ``photos``: crops (30-70 % of each side), colour jitter and flips of scikit-image's sample photos;
   the class is the source photo. Small crops of one photo show different content, so it is not
-  trivial; this one needs no network at all and is what tests/test_suggest_quality.py uses.
+  trivial (in practice every method reaches the ceiling: a sanity check, not a contest).
+* ``shapes``: generated, hard: eight shapes drawn over random photo crops (the class is the shape,
+  the background a nuisance); tests/test_suggest_quality.py uses it as the regression guard.
 
 Lakes are cached under ``$IMAGELAKE_QUALITY_CACHE`` (default /tmp/imagelake-quality), never in git.
 """
@@ -31,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 CACHE = Path(os.environ.get("IMAGELAKE_QUALITY_CACHE", "/tmp/imagelake-quality"))
-SETS = ("fashion-2k", "emoji", "emoji-hard", "photos")
+SETS = ("fashion-2k", "emoji", "emoji-hard", "shapes", "photos")
 
 
 @dataclass
@@ -129,6 +131,60 @@ def write_photos(out: Path, per_class: int = 30, seed: int = 0, size=(160, 120))
     return n
 
 
+def write_shapes(out: Path, per_class: int = 24, seed: int = 0, size: int = 96) -> int:
+    """Generated and hard: eight shapes (disc, square, triangle, ring, cross, bar, stripes, dots) in
+    random colours, sizes and places over random crops of scikit-image's photos; the class is the
+    shape, so the background (most of each image's pixels) is a nuisance a model must learn to
+    ignore. No network, a few seconds to write: the regression guard's data."""
+    from PIL import ImageDraw
+
+    from common import _sources
+
+    rng = np.random.default_rng(seed)
+    sources = _sources()
+    kinds = ("disc", "square", "triangle", "ring", "cross", "bar", "stripes", "dots")
+    n = 0
+    for kind in kinds:
+        folder = out / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            src = sources[int(rng.integers(len(sources)))]
+            h, w = src.shape[:2]
+            side = int(min(h, w) * rng.uniform(0.3, 0.8))
+            y0, x0 = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+            im = Image.fromarray(src[y0:y0 + side, x0:x0 + side]).resize((size, size), Image.Resampling.BILINEAR)
+            d = ImageDraw.Draw(im)
+            colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+            r = size * rng.uniform(0.2, 0.35)
+            cx, cy = rng.uniform(r, size - r, 2)
+            box = (cx - r, cy - r, cx + r, cy + r)
+            if kind == "disc":
+                d.ellipse(box, fill=colour)
+            elif kind == "square":
+                d.rectangle(box, fill=colour)
+            elif kind == "triangle":
+                d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+            elif kind == "ring":
+                d.ellipse(box, outline=colour, width=max(3, int(r / 3)))
+            elif kind == "cross":
+                d.rectangle((cx - r, cy - r / 4, cx + r, cy + r / 4), fill=colour)
+                d.rectangle((cx - r / 4, cy - r, cx + r / 4, cy + r), fill=colour)
+            elif kind == "bar":
+                d.rectangle((cx - r, cy - r / 5, cx + r, cy + r / 5), fill=colour)
+            elif kind == "stripes":
+                for k in range(4):
+                    yy = cy - r + k * r / 2
+                    d.rectangle((cx - r, yy, cx + r, yy + r / 5), fill=colour)
+            else:
+                for a in range(3):
+                    for b in range(3):
+                        px, py = cx - r + a * r, cy - r + b * r
+                        d.ellipse((px - r / 6, py - r / 6, px + r / 6, py + r / 6), fill=colour)
+            im.save(folder / f"{kind}_{i:03d}.png")
+            n += 1
+    return n
+
+
 # -- lakes --------------------------------------------------------------------------------------
 
 def build_lake(name: str, cache: Path = CACHE, **kw) -> Path | None:
@@ -153,6 +209,8 @@ def build_lake(name: str, cache: Path = CACHE, **kw) -> Path | None:
         written = write_emoji(images, *((15, 150) if name == "emoji" else (8, 14)), pkg)
     elif name == "photos":
         written = write_photos(images, **kw)
+    elif name == "shapes":
+        written = write_shapes(images, **kw)
     else:
         raise ValueError(f"unknown set {name!r}; one of {SETS}")
     if not written and not any(images.rglob("*.png")):
@@ -410,7 +468,7 @@ def engine_variants(ds: LabeledSet, names: list[str]) -> dict:
     return {f"engine[{n}]": (lambda kw=configs[n]: Suggester(lake, **kw)) for n in names}
 
 
-VARIANTS: dict[str, dict] = {}
+VARIANTS: dict[str, dict] = {"c1": {"c": 1.0}}
 
 
 def main(argv=None):
