@@ -7,11 +7,15 @@ regularised logistic regression on the 128-d PCA codes, fitted by Newton's metho
 solves, a few ms), so it is simply refitted on every call and always reflects the latest feedback;
 there is no model state to keep in sync between server processes. (Measured on Fashion-MNIST:
 logistic regression on PCA-128 matches it on the full 1280-d embeddings, 0.947 vs 0.950 mean
-precision over rounds 1-5; a closed-form ridge fit was 10 points worse.)
+precision over rounds 1-5; a closed-form ridge fit was 10 points worse. tests/bench/
+bench_suggest_quality.py measured it again on four kinds of images: PCA-128 is within 0.4-1 point
+of the full embeddings at the same C, so the compression is not what lost; the regularisation
+was: C = 10 instead of 1 gains 1.5-4 points of the ceiling on every set.)
 
-Exploration, as in II-20, adapts to how well the model is doing: with ``a`` the accepted share of
-the bucket's last feedback rounds, a fraction ``0.5 * (1 - a)**2`` of the suggestions (a tenth
-before any feedback) explores: half are neighbours of the bucket's best-scoring members that the
+Exploration, as in II-20, adapts to how well the model is doing, but only once acceptance drops:
+with ``a`` the accepted share of the bucket's last feedback rounds, nothing explores while
+``a >= 0.5`` (an exploring pick on a page the model fills well is a lost hit: measured, 1-3 points
+of the ceiling), and below it a fraction ``0.5 * (1 - a)**2`` (a tenth before any feedback) explores: half are neighbours of the bucket's best-scoring members that the
 model ranks lower (their neighbour lists are cached per process), half diverse
 random picks (farthest-first among random unlabeled images). A curator who accepts nearly
 everything gets pure exploitation; one who rejects a lot gets more of the collection shown.
@@ -41,6 +45,8 @@ def explore_fraction(acceptance: float | None) -> float:
     """Share of suggestions that explore, from the recent acceptance rate (None: no feedback yet)."""
     if acceptance is None:
         return 0.1
+    if acceptance >= 0.5:  # the model is doing well: exploring only spends the curator's page
+        return 0.0
     return 0.5 * (1.0 - acceptance) ** 2
 
 
@@ -100,8 +106,10 @@ class Suggester:
     """One per server process; thread-safe. Maps the compact matrix on first use and re-checks the
     features version every ``refresh_s`` seconds (a new embed run gets a new build)."""
 
-    def __init__(self, lake: Lake, *, dims: int = 128, refresh_s: float = 30.0, max_negatives: int = 500):
+    def __init__(self, lake: Lake, *, dims: int = 128, refresh_s: float = 30.0, max_negatives: int = 500,
+                 c: float = 10.0):
         self.lake, self.dims, self.refresh_s, self.max_negatives = lake, dims, refresh_s, max_negatives
+        self.c = c
         self._lock = threading.Lock()
         self._matrix: CompactMatrix | None = None
         self._checked = float("-inf")
@@ -138,7 +146,7 @@ class Suggester:
         rng = np.random.default_rng(_seed(labels.bucket_id, labels.seq))
         randoms = _random_unlabeled(rng, len(m), labeled_rows, want)
         negatives = np.concatenate([known, randoms]).astype(np.int64)
-        w, b = fit_logistic(m.vectors(positives), m.vectors(negatives))
+        w, b = fit_logistic(m.vectors(positives), m.vectors(negatives), c=self.c)
         return _Model(w, b, positives, len(negatives))
 
     # -- suggestions ---------------------------------------------------------------------------

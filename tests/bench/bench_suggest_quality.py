@@ -1,0 +1,514 @@
+"""Labeled image sets for the suggestion-quality benchmark, written as ``<folder>/<class>/<file>.png``
+and turned into real lakes (ingest + lite0 embed with the project's own jobs, LocalRunner on CPU).
+
+Every set is built from data installed offline:
+
+* ``fashion-2k``: the first 2,000 Fashion-MNIST images (:func:`imagelake.demo.write_fashion_mnist`).
+* ``emoji``: the Google emoji PNGs of the npm package ``emoji-datasource-google`` (fetch it once with
+  ``npm pack emoji-datasource-google`` into the cache folder); a class is an emoji subcategory with
+  15-150 images ("animal-mammal", "clothing", "food-fruit", ...). Alpha is flattened onto white,
+  as a viewer shows them (the decoder's RGB conversion would turn transparent pixels black).
+* ``emoji-hard``: the same package's small subcategories, 8-14 images each, many of them fine-grained
+  siblings ("face-unwell" / "face-negative", "hand-fingers-open" / "hand-fingers-partial").
+* ``photos``: crops (30-70 % of each side), colour jitter and flips of scikit-image's sample photos;
+  the class is the source photo. Small crops of one photo show different content, so it is not
+  trivial (in practice every method reaches the ceiling: a sanity check, not a contest).
+* ``shapes``: generated, hard: eight shapes drawn over random photo crops (the class is the shape,
+  the background a nuisance); tests/test_suggest_quality.py uses it as the regression guard.
+
+Lakes are cached under ``$IMAGELAKE_QUALITY_CACHE`` (default /tmp/imagelake-quality), never in git.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance
+
+CACHE = Path(os.environ.get("IMAGELAKE_QUALITY_CACHE", "/tmp/imagelake-quality"))
+SETS = ("fashion-2k", "emoji", "emoji-hard", "shapes", "photos")
+
+
+@dataclass
+class LabeledSet:
+    """Row ``i`` of ``full`` (L2-normalised lite0 embedding) is image ``image_ids[i]`` of class ``y[i]``."""
+
+    name: str
+    lake_root: str
+    image_ids: list[str]
+    y: np.ndarray            # int class per row
+    classes: list[str]
+    full: np.ndarray         # (n, 1280) float32, unit rows
+    concepts: "object"       # scipy CSR (n, 1000): the stored top-50 concept probabilities
+
+    @property
+    def labels(self) -> dict[str, int]:
+        return dict(zip(self.image_ids, self.y.tolist()))
+
+
+# -- writers ------------------------------------------------------------------------------------
+
+def write_fashion(out: Path, n: int = 2000) -> int:
+    from imagelake.demo import write_fashion_mnist
+
+    return write_fashion_mnist(out, n)
+
+
+def emoji_package(cache: Path = CACHE) -> Path | None:
+    """The unpacked ``emoji-datasource-google`` package (``npm pack`` into the cache on first use)."""
+    root = cache / "npm"
+    pkg = root / "package"
+    if (pkg / "emoji.json").is_file():
+        return pkg
+    root.mkdir(parents=True, exist_ok=True)
+    tgz = sorted(root.glob("emoji-datasource-google-*.tgz"))
+    if not tgz:
+        try:
+            subprocess.run(["npm", "pack", "emoji-datasource-google"], cwd=root, check=True, timeout=300,
+                           capture_output=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        tgz = sorted(root.glob("emoji-datasource-google-*.tgz"))
+        if not tgz:
+            return None
+    with tarfile.open(tgz[-1]) as t:
+        t.extractall(root, filter="data")
+    return pkg if (pkg / "emoji.json").is_file() else None
+
+
+def write_emoji(out: Path, lo: int, hi: int, pkg: Path) -> int:
+    """Subcategories with ``lo``..``hi`` Google images, one folder each, flattened onto white."""
+    entries = [e for e in json.loads((pkg / "emoji.json").read_text()) if e.get("has_img_google")]
+    by_sub: dict[str, list[dict]] = {}
+    for e in entries:
+        if (pkg / "img" / "google" / "64" / e["image"]).is_file():
+            by_sub.setdefault(e["subcategory"], []).append(e)
+    n = 0
+    for sub, items in sorted(by_sub.items()):
+        if not lo <= len(items) <= hi:
+            continue
+        folder = out / sub.replace(" ", "_").replace("&", "and")
+        folder.mkdir(parents=True, exist_ok=True)
+        for e in items:
+            target = folder / e["image"]
+            if not target.exists():
+                im = Image.open(pkg / "img" / "google" / "64" / e["image"]).convert("RGBA")
+                white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                Image.alpha_composite(white, im).convert("RGB").save(target)
+            n += 1
+    return n
+
+
+def write_photos(out: Path, per_class: int = 30, seed: int = 0, size=(160, 120)) -> int:
+    """``per_class`` crops of every scikit-image sample photo (class = source photo)."""
+    from common import _sources
+
+    rng = np.random.default_rng(seed)
+    n = 0
+    for k, src in enumerate(_sources()):
+        folder = out / f"photo{k:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        h, w = src.shape[:2]
+        for i in range(per_class):
+            ch, cw = int(h * rng.uniform(0.3, 0.7)), int(w * rng.uniform(0.3, 0.7))
+            y0, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            im = Image.fromarray(src[y0:y0 + ch, x0:x0 + cw]).resize(size, Image.Resampling.BILINEAR)
+            im = ImageEnhance.Color(im).enhance(rng.uniform(0.6, 1.4))
+            im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.8, 1.2))
+            if rng.random() < 0.5:
+                im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            buf = io.BytesIO()
+            im.save(buf, "PNG")
+            (folder / f"crop_{i:03d}.png").write_bytes(buf.getvalue())
+            n += 1
+    return n
+
+
+def write_shapes(out: Path, per_class: int = 24, seed: int = 0, size: int = 96) -> int:
+    """Generated and hard: eight shapes (disc, square, triangle, ring, cross, bar, stripes, dots) in
+    random colours, sizes and places over random crops of scikit-image's photos; the class is the
+    shape, so the background (most of each image's pixels) is a nuisance a model must learn to
+    ignore. No network, a few seconds to write: the regression guard's data."""
+    from PIL import ImageDraw
+
+    from common import _sources
+
+    rng = np.random.default_rng(seed)
+    sources = _sources()
+    kinds = ("disc", "square", "triangle", "ring", "cross", "bar", "stripes", "dots")
+    n = 0
+    for kind in kinds:
+        folder = out / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            src = sources[int(rng.integers(len(sources)))]
+            h, w = src.shape[:2]
+            side = int(min(h, w) * rng.uniform(0.3, 0.8))
+            y0, x0 = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+            im = Image.fromarray(src[y0:y0 + side, x0:x0 + side]).resize((size, size), Image.Resampling.BILINEAR)
+            d = ImageDraw.Draw(im)
+            colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+            r = size * rng.uniform(0.2, 0.35)
+            cx, cy = rng.uniform(r, size - r, 2)
+            box = (cx - r, cy - r, cx + r, cy + r)
+            if kind == "disc":
+                d.ellipse(box, fill=colour)
+            elif kind == "square":
+                d.rectangle(box, fill=colour)
+            elif kind == "triangle":
+                d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+            elif kind == "ring":
+                d.ellipse(box, outline=colour, width=max(3, int(r / 3)))
+            elif kind == "cross":
+                d.rectangle((cx - r, cy - r / 4, cx + r, cy + r / 4), fill=colour)
+                d.rectangle((cx - r / 4, cy - r, cx + r / 4, cy + r), fill=colour)
+            elif kind == "bar":
+                d.rectangle((cx - r, cy - r / 5, cx + r, cy + r / 5), fill=colour)
+            elif kind == "stripes":
+                for k in range(4):
+                    yy = cy - r + k * r / 2
+                    d.rectangle((cx - r, yy, cx + r, yy + r / 5), fill=colour)
+            else:
+                for a in range(3):
+                    for b in range(3):
+                        px, py = cx - r + a * r, cy - r + b * r
+                        d.ellipse((px - r / 6, py - r / 6, px + r / 6, py + r / 6), fill=colour)
+            im.save(folder / f"{kind}_{i:03d}.png")
+            n += 1
+    return n
+
+
+# -- lakes --------------------------------------------------------------------------------------
+
+def build_lake(name: str, cache: Path = CACHE, **kw) -> Path | None:
+    """Write the set's images, ingest and embed them (cached: reused while ``ready`` exists).
+    None when the set's source data is not installed."""
+    from jobs.embed import run_embed
+    from jobs.ingest.driver import run_ingest
+    from jobs.runner import LocalRunner
+    from lake.catalog import Lake
+    from lake.settings import Settings
+
+    folder = cache / (name if not kw else name + "-" + "-".join(f"{k}{v}" for k, v in sorted(kw.items())))
+    if (folder / "ready").is_file():
+        return folder / "lake"
+    images = folder / "images"
+    if name == "fashion-2k":
+        written = write_fashion(images, kw.get("n", 2000))
+    elif name in ("emoji", "emoji-hard"):
+        pkg = emoji_package(cache)
+        if pkg is None:
+            return None
+        written = write_emoji(images, *((15, 150) if name == "emoji" else (8, 14)), pkg)
+    elif name == "photos":
+        written = write_photos(images, **kw)
+    elif name == "shapes":
+        written = write_shapes(images, **kw)
+    else:
+        raise ValueError(f"unknown set {name!r}; one of {SETS}")
+    if not written and not any(images.rglob("*.png")):
+        return None
+    lake = Lake.at(folder / "lake")
+    settings = Settings(lake=lake.root, runner="local", partition_files=4096)
+    run_ingest(lake, settings, str(images), collection=name, runner=LocalRunner())
+    run_embed(lake, settings, device="cpu", runner=LocalRunner(), partition_rows=4096)
+    (folder / "ready").write_text("ok\n")
+    return folder / "lake"
+
+
+def load_set(name: str, lake_root: Path) -> LabeledSet:
+    """Embeddings, concepts and labels (the class is the image file's folder) of a built lake."""
+    from scipy import sparse
+
+    from lake.catalog import Lake
+    from lake.commit import open_table
+    from lake.vectors import load_embeddings
+
+    lake = Lake.at(lake_root)
+    emb = load_embeddings(lake)
+    uris = {r["image_id"]: r["uri"] for r in
+            open_table(lake, "images").to_pyarrow_table(columns=["image_id", "uri"]).to_pylist()}
+    names = [Path(uris[i]).parent.name for i in emb.image_ids]
+    classes = sorted(set(names))
+    y = np.array([classes.index(c) for c in names])
+    row = {i: r for r, i in enumerate(emb.image_ids)}
+    rows, cols, vals = [], [], []
+    for f in open_table(lake, "features").to_pyarrow_table(columns=["image_id", "concept_ids", "concept_probs"]).to_pylist():
+        if f["image_id"] in row:
+            rows += [row[f["image_id"]]] * len(f["concept_ids"])
+            cols += f["concept_ids"]
+            vals += f["concept_probs"]
+    concepts = sparse.csr_matrix((vals, (rows, cols)), shape=(len(emb), 1000), dtype=np.float32)
+    return LabeledSet(name, str(lake_root), list(emb.image_ids), y, classes, emb.normalized().astype(np.float32),
+                      concepts)
+
+
+# -- the simulated curator -----------------------------------------------------------------------
+
+ROUNDS, SEED_MEMBERS = 5, 5
+
+
+def seed_rows(ds: LabeledSet, seed: int) -> dict[int, np.ndarray]:
+    """5 seed members per class (classes with more than 5 images), drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for c in range(len(ds.classes)):
+        rows = np.flatnonzero(ds.y == c)
+        if len(rows) > SEED_MEMBERS:
+            out[c] = np.sort(rng.choice(rows, SEED_MEMBERS, replace=False))
+    return out
+
+
+def simulate_policy(ds: LabeledSet, pick, per_round: int, seed: int, rounds: int = ROUNDS) -> np.ndarray:
+    """Hits (classes x rounds) of ``pick(pos, rejected, seen, rng) -> rows`` (an exploitation loop
+    in NumPy: the baselines and the oracle)."""
+    seeds = seed_rows(ds, seed)
+    hits = np.zeros((len(seeds), rounds))
+    for ci, (c, rows) in enumerate(sorted(seeds.items())):
+        rng = np.random.default_rng(seed * 1000 + c)
+        pos, rejected = list(rows), []
+        seen = np.zeros(len(ds.y), bool)
+        seen[rows] = True
+        for r in range(rounds):
+            top = pick(ds, c, np.array(pos), np.array(rejected, np.int64), seen, per_round, rng)
+            right = top[ds.y[top] == c]
+            hits[ci, r] = len(right)
+            pos += right.tolist()
+            rejected += top[ds.y[top] != c].tolist()
+            seen[top] = True
+    return hits
+
+
+def _one_to_two(ds, pos, rejected, seen, rng):
+    """II-20's negatives: the latest rejected, topped up with random unlabeled, 2 per positive."""
+    want = 2 * len(pos)
+    neg = rejected[-want:].tolist()
+    if len(neg) < want:
+        extra = rng.permutation(np.flatnonzero(~seen))[: want - len(neg)]
+        neg += extra.tolist()
+    return np.array(neg, np.int64)
+
+
+def _top(scores: np.ndarray, seen: np.ndarray, k: int) -> np.ndarray:
+    scores = np.where(seen, -np.inf, scores)
+    k = min(k, int((~seen).sum()))
+    top = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, np.int64)
+    return top[np.argsort(-scores[top])]
+
+
+def pick_ii20(ds, c, pos, rejected, seen, k, rng):
+    from sklearn.svm import LinearSVC
+
+    neg = _one_to_two(ds, pos, rejected, seen, rng)
+    x = ds.concepts[np.concatenate([pos, neg])]
+    clf = LinearSVC(C=1.0, max_iter=5000).fit(x, np.r_[np.ones(len(pos)), np.zeros(len(neg))])
+    return _top(np.asarray(ds.concepts @ clf.coef_.ravel()).ravel(), seen, k)
+
+
+def pick_logreg(ds, c, pos, rejected, seen, k, rng):
+    from sklearn.linear_model import LogisticRegression
+
+    neg = _one_to_two(ds, pos, rejected, seen, rng)
+    clf = LogisticRegression(C=1.0, max_iter=1000).fit(ds.full[np.concatenate([pos, neg])],
+                                                       np.r_[np.ones(len(pos)), np.zeros(len(neg))])
+    return _top(ds.full @ clf.coef_.ravel().astype(np.float32), seen, k)
+
+
+def pick_knn(ds, c, pos, rejected, seen, k, rng):
+    """Nearest to any member (cosine on the full embeddings)."""
+    return _top((ds.full @ ds.full[pos].T).max(axis=1), seen, k)
+
+
+def pick_oracle(ds, c, pos, rejected, seen, k, rng):
+    return _top((ds.y == c).astype(np.float32) + rng.random(len(ds.y)) * 1e-3, seen, k)
+
+
+BASELINES = {"II-20 (LinearSVC, top-50 concepts)": pick_ii20, "LogReg full 1280-d": pick_logreg,
+             "kNN to members": pick_knn, "oracle": pick_oracle}
+
+
+class _Log:
+    """A BucketState fed events directly (the engine without the HTTP layer)."""
+
+    def __init__(self):
+        from lake.buckets import BucketState
+
+        self.state, self.seq = BucketState(), 0
+
+    def emit(self, **event):
+        self.seq += 1
+        self.state.apply({"event_id": f"e{self.seq}", "seq": self.seq, "actor": "bench", **event})
+
+
+def simulate_engine(ds: LabeledSet, suggester, per_round: int, seed: int, rounds: int = ROUNDS):
+    """Hits of :class:`api.suggester.Suggester` called directly, and its per-round ``ms``."""
+    from api.suggester import labels_of
+
+    labels, seeds = ds.labels, seed_rows(ds, seed)
+    hits, ms = np.zeros((len(seeds), rounds)), []
+    for ci, (c, rows) in enumerate(sorted(seeds.items())):
+        log, bucket = _Log(), f"{seed:08x}{c:08x}"
+        log.emit(action="create", bucket_id=bucket, payload='{"name": "c"}')
+        log.emit(action="add", bucket_id=bucket, image_ids=[ds.image_ids[r] for r in rows])
+        for r in range(rounds):
+            out = suggester.suggest(labels_of(log.state, bucket), per_round)
+            ms.append(out["ms"])
+            got = [s["image_id"] for s in out["suggestions"]]
+            acc = [i for i in got if labels[i] == c]
+            hits[ci, r] = len(acc)
+            log.emit(action="feedback", bucket_id=bucket, image_ids=acc, rejected_ids=[i for i in got if labels[i] != c])
+    return hits, ms
+
+
+from api import API_PREFIX  # noqa: E402
+
+
+class ServedAPI:
+    """The served engine end to end: the real Flask app over the set's lake (a private copy with
+    an empty bucket log), driven through Flask's test client with an admin token."""
+
+    def __init__(self, ds: LabeledSet, workdir: Path):
+        import shutil
+
+        from api import create_app
+        from lake.catalog import Lake
+        from lake.settings import Settings
+        from lake.tokens import create_token
+
+        root = workdir / ds.name
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.copytree(ds.lake_root, root, ignore=shutil.ignore_patterns("artifacts", "bucket_events"))
+        self.lake = Lake.at(root)
+        self.app = create_app(Settings().replace(lake=str(root), refresh_s=0.0), {"TESTING": True})
+        self.client = self.app.test_client()
+        self.client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {create_token(self.lake, 'admin', 'bench')[1]}"
+        self.base = f"{API_PREFIX}/buckets"
+        with self.app.app_context():  # build the suggestion matrix now, not inside the first round's ms
+            from api.suggest import suggester
+            suggester().matrix()
+
+    def _ok(self, response, status=200) -> dict:
+        body = response.get_json()
+        if response.status_code != status:
+            raise RuntimeError(f"{response.status_code}: {body}")
+        return body
+
+    def simulate(self, ds: LabeledSet, per_round: int, seed: int, rounds: int = ROUNDS):
+        labels, seeds = ds.labels, seed_rows(ds, seed)
+        hits, ms = np.zeros((len(seeds), rounds)), []
+        for ci, (c, rows) in enumerate(sorted(seeds.items())):
+            b = self._ok(self.client.post(self.base, json={"name": f"{ds.classes[c]} s{seed} n{per_round}"}), 201)
+            b = b["bucket"]["bucket_id"]
+            self._ok(self.client.post(f"{self.base}/{b}/images", json={"image_ids": [ds.image_ids[r] for r in rows]}))
+            for r in range(rounds):
+                out = self._ok(self.client.get(f"{self.base}/{b}/suggestions?n={per_round}"))
+                ms.append(out["ms"])
+                got = [s["image_id"] for s in out["suggestions"]]
+                acc = [i for i in got if labels[i] == c]
+                hits[ci, r] = len(acc)
+                self._ok(self.client.post(f"{self.base}/{b}/feedback",
+                                          json={"accepted": acc, "rejected": [i for i in got if labels[i] != c]}))
+            # undo the bucket's events (feedback x rounds, add, create): a member of any bucket is
+            # never suggested for another, so a finished bucket would otherwise help the next one
+            for _ in range(rounds + 2):
+                self._ok(self.client.post(f"{API_PREFIX}/undo"))
+        return hits, ms
+
+    def close(self):
+        self.app.extensions["imagelake"].close()
+
+
+def share(hits: np.ndarray, oracle: np.ndarray) -> float:
+    """Cumulative hits over the rounds divided by the oracle's (all buckets, all seeds)."""
+    return float(hits.sum() / max(1.0, oracle.sum()))
+
+
+def evaluate(ds: LabeledSet, per_round: int, seeds, served=None, variants: dict | None = None) -> dict:
+    """{method: (hits per seed stacked: (seeds*classes, rounds), ms list)} for one set and page size."""
+    out: dict[str, tuple[np.ndarray, list]] = {}
+    if served is not None:
+        runs = [served.simulate(ds, per_round, s) for s in seeds]
+        out["served (HTTP API)"] = (np.vstack([h for h, _ in runs]), sum((m for _, m in runs), []))
+    for name, make in (variants or {}).items():
+        eng = make()
+        runs = [simulate_engine(ds, eng, per_round, s) for s in seeds]
+        out[name] = (np.vstack([h for h, _ in runs]), sum((m for _, m in runs), []))
+    for name, pick in BASELINES.items():
+        out[name] = (np.vstack([simulate_policy(ds, pick, per_round, s) for s in seeds]), [])
+    return out
+
+
+def report(ds: LabeledSet, per_round: int, results: dict) -> list[str]:
+    oracle = results["oracle"][0]
+    lines = [f"  {ds.name}: {len(ds.y)} images, {len(ds.classes)} classes, {per_round} per round, "
+             f"{len(oracle)} bucket runs",
+             f"    {'method':38s}" + "".join(f"   r{r + 1}" for r in range(ROUNDS)) + "  prec1-5  share  round ms p50/p90"]
+    for name, (hits, ms) in results.items():
+        prec = hits.mean(axis=0) / per_round
+        lat = f"  {np.percentile(ms, 50):6.1f} / {np.percentile(ms, 90):5.1f}" if ms else ""
+        lines.append(f"    {name:38s}" + "".join(f" {p:5.2f}" for p in prec) +
+                     f"   {hits.sum() / (len(hits) * ROUNDS * per_round):5.3f}  {share(hits, oracle):5.3f}{lat}")
+    return lines
+
+
+def engine_variants(ds: LabeledSet, names: list[str]) -> dict:
+    """Suggester configurations for the lever study (``--variants``), run directly (no HTTP)."""
+    from api.suggester import Suggester
+    from lake.catalog import Lake
+
+    lake = Lake.at(ds.lake_root)
+    configs = {"engine": {}, **VARIANTS}
+    return {f"engine[{n}]": (lambda kw=configs[n]: Suggester(lake, **kw)) for n in names}
+
+
+VARIANTS: dict[str, dict] = {"c1": {"c": 1.0}}
+
+
+def main(argv=None):
+    import argparse
+    import sys
+    import tempfile
+    import time
+
+    here = Path(__file__).resolve().parent
+    sys.path[:0] = [str(here), str(here.parent.parent)]
+    from common import machine
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sets", default=",".join(SETS))
+    parser.add_argument("--per-round", default="8,28")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--no-api", action="store_true", help="skip the HTTP run of the served engine")
+    parser.add_argument("--variants", default="", help="engine configurations to run directly: " + ",".join(VARIANTS))
+    args = parser.parse_args(argv)
+    print("bench_suggest_quality")
+    print(machine())
+    seeds = [int(s) for s in args.seeds.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    for name in args.sets.split(","):
+        t0 = time.perf_counter()
+        root = build_lake(name)
+        if root is None:
+            print(f"\n  {name}: source data not installed, skipped")
+            continue
+        ds = load_set(name, root)
+        served = None if args.no_api else ServedAPI(ds, work)
+        variants = engine_variants(ds, [v for v in args.variants.split(",") if v])
+        try:
+            for per_round in (int(p) for p in args.per_round.split(",")):
+                print("\n" + "\n".join(report(ds, per_round, evaluate(ds, per_round, seeds, served, variants))), flush=True)
+        finally:
+            if served is not None:
+                served.close()
+        print(f"    ({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
