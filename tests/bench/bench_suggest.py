@@ -45,10 +45,9 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import fashion  # noqa: E402
-from common import machine  # noqa: E402
+from common import BucketLog, machine  # noqa: E402
 
 from api.suggester import Suggester, labels_of  # noqa: E402
-from lake.buckets import BucketState  # noqa: E402
 from lake.catalog import Lake  # noqa: E402
 from lake.commit import open_table  # noqa: E402
 from lake.compact import build_compact, load_compact  # noqa: E402
@@ -56,22 +55,11 @@ from lake.compact import build_compact, load_compact  # noqa: E402
 
 # -- a curator simulated on an in-memory log ------------------------------------------------------
 
-class Log:
-    """A BucketState fed events directly (no Delta commit: this measures the suggestion round)."""
-
-    def __init__(self):
-        self.state, self.seq = BucketState(), 0
-
-    def emit(self, **event):
-        self.seq += 1
-        self.state.apply({"event_id": f"e{self.seq}", "seq": self.seq, "actor": "bench", **event})
-
-
 def simulate_ours(suggester: Suggester, labels: dict[str, int], classes, seeds: dict[int, list[str]],
                   rounds: int, per_round: int):
     precision, latency = np.zeros((len(classes), rounds)), []
     for ci, cls in enumerate(classes):
-        log, bucket = Log(), f"{cls:016x}"
+        log, bucket = BucketLog(), f"{cls:016x}"
         log.emit(action="create", bucket_id=bucket, payload='{"name": "c"}')
         log.emit(action="add", bucket_id=bucket, image_ids=seeds[cls])
         for r in range(rounds):

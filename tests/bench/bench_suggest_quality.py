@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image
 
 CACHE = Path(os.environ.get("IMAGELAKE_QUALITY_CACHE", "/tmp/imagelake-quality"))
 SETS = ("fashion-2k", "emoji", "emoji-hard", "shapes", "photos")
@@ -108,22 +108,15 @@ def write_emoji(out: Path, lo: int, hi: int, pkg: Path) -> int:
 
 def write_photos(out: Path, per_class: int = 30, seed: int = 0, size=(160, 120)) -> int:
     """``per_class`` crops of every scikit-image sample photo (class = source photo)."""
-    from common import _sources
+    from common import _sources, jittered_crop
 
     rng = np.random.default_rng(seed)
     n = 0
     for k, src in enumerate(_sources()):
         folder = out / f"photo{k:02d}"
         folder.mkdir(parents=True, exist_ok=True)
-        h, w = src.shape[:2]
         for i in range(per_class):
-            ch, cw = int(h * rng.uniform(0.3, 0.7)), int(w * rng.uniform(0.3, 0.7))
-            y0, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-            im = Image.fromarray(src[y0:y0 + ch, x0:x0 + cw]).resize(size, Image.Resampling.BILINEAR)
-            im = ImageEnhance.Color(im).enhance(rng.uniform(0.6, 1.4))
-            im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.8, 1.2))
-            if rng.random() < 0.5:
-                im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            im = jittered_crop(src, rng, size, scale=(0.3, 0.7))
             buf = io.BytesIO()
             im.save(buf, "PNG")
             (folder / f"crop_{i:03d}.png").write_bytes(buf.getvalue())
@@ -334,27 +327,16 @@ BASELINES = {"II-20 (LinearSVC, top-50 concepts)": pick_ii20, "LogReg full 1280-
              "kNN to members": pick_knn, "oracle": pick_oracle}
 
 
-class _Log:
-    """A BucketState fed events directly (the engine without the HTTP layer)."""
-
-    def __init__(self):
-        from lake.buckets import BucketState
-
-        self.state, self.seq = BucketState(), 0
-
-    def emit(self, **event):
-        self.seq += 1
-        self.state.apply({"event_id": f"e{self.seq}", "seq": self.seq, "actor": "bench", **event})
-
-
 def simulate_engine(ds: LabeledSet, suggester, per_round: int, seed: int, rounds: int = ROUNDS):
     """Hits of :class:`api.suggester.Suggester` called directly, and its per-round ``ms``."""
+    from common import BucketLog
+
     from api.suggester import labels_of
 
     labels, seeds = ds.labels, seed_rows(ds, seed)
     hits, ms = np.zeros((len(seeds), rounds)), []
     for ci, (c, rows) in enumerate(sorted(seeds.items())):
-        log, bucket = _Log(), f"{seed:08x}{c:08x}"
+        log, bucket = BucketLog(), f"{seed:08x}{c:08x}"
         log.emit(action="create", bucket_id=bucket, payload='{"name": "c"}')
         log.emit(action="add", bucket_id=bucket, image_ids=[ds.image_ids[r] for r in rows])
         for r in range(rounds):

@@ -62,6 +62,33 @@ def _sources() -> list[np.ndarray]:
     return out
 
 
+def jittered_crop(src: np.ndarray, rng: np.random.Generator, size, scale=(0.5, 1.0)) -> Image.Image:
+    """A random crop of ``scale`` × each side of ``src``, resized to ``size``, colour- and
+    brightness-jittered, mirrored half the time."""
+    h, w = src.shape[:2]
+    ch, cw = int(h * rng.uniform(*scale)), int(w * rng.uniform(*scale))
+    y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    im = Image.fromarray(src[y:y + ch, x:x + cw]).resize(size, Image.Resampling.BILINEAR)
+    im = ImageEnhance.Color(im).enhance(rng.uniform(0.6, 1.4))
+    im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.8, 1.2))
+    if rng.random() < 0.5:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return im
+
+
+class BucketLog:
+    """A BucketState fed events directly (no Delta commit, no HTTP: the suggestion engine alone)."""
+
+    def __init__(self):
+        from lake.buckets import BucketState
+
+        self.state, self.seq = BucketState(), 0
+
+    def emit(self, **event):
+        self.seq += 1
+        self.state.apply({"event_id": f"e{self.seq}", "seq": self.seq, "actor": "bench", **event})
+
+
 def write_photos(folder: Path, n: int, size=(640, 480), seed: int = 0, start: int = 0) -> list[Path]:
     """``n`` realistic JPEGs: random crops of scikit-image photos, resized, colour-jittered, flipped."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -69,15 +96,7 @@ def write_photos(folder: Path, n: int, size=(640, 480), seed: int = 0, start: in
     sources = _sources()
     paths = []
     for i in range(start, start + n):
-        src = sources[i % len(sources)]
-        h, w = src.shape[:2]
-        ch, cw = int(h * rng.uniform(0.5, 1.0)), int(w * rng.uniform(0.5, 1.0))
-        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        im = Image.fromarray(src[y:y + ch, x:x + cw]).resize(size, Image.Resampling.BILINEAR)
-        im = ImageEnhance.Color(im).enhance(rng.uniform(0.6, 1.4))
-        im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.8, 1.2))
-        if rng.random() < 0.5:
-            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        im = jittered_crop(sources[i % len(sources)], rng, size, scale=(0.5, 1.0))
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=int(rng.integers(80, 95)))
         p = folder / f"photo_{i:06d}.jpg"
