@@ -107,9 +107,9 @@ class Suggester:
     features version every ``refresh_s`` seconds (a new embed run gets a new build)."""
 
     def __init__(self, lake: Lake, *, dims: int = 128, refresh_s: float = 30.0, max_negatives: int = 500,
-                 c: float = 10.0):
+                 c: float = 10.0, tetris_others: bool = True, tetris_margin: float = 0.0):
         self.lake, self.dims, self.refresh_s, self.max_negatives = lake, dims, refresh_s, max_negatives
-        self.c = c
+        self.c, self.tetris_others, self.tetris_margin = c, tetris_others, tetris_margin
         self._lock = threading.Lock()
         self._matrix: CompactMatrix | None = None
         self._checked = float("-inf")
@@ -133,15 +133,23 @@ class Suggester:
     def _rows(self, m: CompactMatrix, image_ids) -> np.ndarray:
         return m.ids.rows_of(image_ids)
 
-    def model(self, labels: BucketLabels, labeled_rows: np.ndarray) -> _Model | None:
-        """The bucket's model (None without a positive that has features)."""
+    def model(self, labels: BucketLabels, labeled_rows: np.ndarray,
+              others: np.ndarray | None = None) -> _Model | None:
+        """The bucket's model (None without a positive that has features). ``others``: rows of other
+        buckets' members, negatives too (Tetris mode, where the models compete for each image)."""
         m = self.matrix()
         positives = self._rows(m, labels.positives)
         if len(positives) == 0:
             return None
         rejected = self._rows(m, labels.rejected)
         discard = self._rows(m, labels.discard[-self.max_negatives:])
-        known = np.unique(np.concatenate([rejected, discard]))[: self.max_negatives]
+        parts = [rejected, discard] if others is None else [rejected, discard, np.setdiff1d(others, positives)]
+        known = np.unique(np.concatenate(parts))
+        if others is None:
+            known = known[: self.max_negatives]
+        elif len(known) > self.max_negatives:
+            known = np.random.default_rng(_seed(labels.bucket_id, labels.seq) + 2).choice(
+                known, self.max_negatives, replace=False)
         want = int(np.clip(2 * len(positives), 50, self.max_negatives)) if len(known) < self.max_negatives else 0
         rng = np.random.default_rng(_seed(labels.bucket_id, labels.seq))
         randoms = _random_unlabeled(rng, len(m), labeled_rows, want)
@@ -265,9 +273,12 @@ class Suggester:
 
         m = self.matrix()
         labeled = self._rows(m, labeled_all)
+        member_rows = [self._rows(m, labels.positives) for _, labels in buckets_labels]
         buckets, models = [], []
-        for b, labels in buckets_labels:
-            model = self.model(labels, labeled)
+        for i, (b, labels) in enumerate(buckets_labels):
+            others = (np.concatenate([r for j, r in enumerate(member_rows) if j != i])
+                      if self.tetris_others and len(member_rows) > 1 else None)
+            model = self.model(labels, labeled, others)
             if model is not None:
                 buckets.append(b)
                 models.append(model)
@@ -285,7 +296,7 @@ class Suggester:
         best = scores.argmax(axis=1)
         margin = scores[np.arange(len(candidates)), best] - (np.partition(scores, -2, axis=1)[:, -2]
                                                             if len(models) > 1 else 0.0)
-        pick = int(np.argmax(scores[np.arange(len(candidates)), best] + margin))
+        pick = int(np.argmax(scores[np.arange(len(candidates)), best] + self.tetris_margin * margin))
         return {"image_id": m.ids.image_id(candidates[pick]), "bucket": buckets[int(best[pick])],
                 "score": round(float(scores[pick, best[pick]]), 5)}
 
