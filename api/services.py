@@ -27,6 +27,7 @@ from lake.catalog import TABLES, Lake
 from lake.errors import BadInput, NotFound
 from lake.metadata_filter import facet_counts, matching_seqs
 from lake.settings import Settings
+from lake.store import open_delta, store_errors
 from lake.thumbnail_index import ThumbnailIndex
 from lake.sql import QueryResult, SqlSandbox
 
@@ -91,7 +92,7 @@ class LakeReader:
 
         A table that does not exist yet has version ``None`` and is served as empty.
         """
-        with self._lock:
+        with self._lock, store_errors(self.lake):
             self._ensure_open()
             if force or time.monotonic() - self._checked_at >= self.settings.refresh_s:
                 for name in TABLES:
@@ -107,7 +108,7 @@ class LakeReader:
         table = self._tables.get(name)
         if table is None:
             try:
-                table = DeltaTable(self.lake.table_uri(name))
+                table = open_delta(self.lake, name)  # bounded timeouts on an object store
             except TableNotFoundError:
                 return None
             self._tables[name] = table
@@ -240,7 +241,8 @@ class LakeReader:
         cached = self._thumbs.get((image_id, size))
         if cached is not None:
             return cached
-        jpeg = self.thumbnail_index().get(image_id, size)
+        with store_errors(self.lake):
+            jpeg = self.thumbnail_index().get(image_id, size)
         if jpeg is None:
             raise NotFound(f"no {size}px thumbnail of image {image_id} in the lake")
         self._thumbs.put((image_id, size), jpeg)

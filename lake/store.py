@@ -42,7 +42,8 @@ from typing import Any, Iterator, Mapping
 
 from lake.errors import BadInput, NotFound, Unavailable
 
-__all__ = ["LakeStore", "ObjectInfo", "StoreUnavailable", "StoreTimeouts", "delta_storage_options"]
+__all__ = ["LakeStore", "ObjectInfo", "StoreUnavailable", "StoreTimeouts", "delta_storage_options", "open_delta",
+           "as_store_unavailable", "store_errors", "arrow_filesystem"]
 
 
 class StoreUnavailable(Unavailable):
@@ -503,7 +504,8 @@ def delta_storage_options(lake: Any, *, timeout_s: float = 5.0, connect_timeout_
 _STORE_TEXT = re.compile(r"error sending request|connection refused|Connection refused|dns error|timed out|"
                          r"NoSuchBucket|InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|"
                          r"Generic S3 error|Generic GCS error|Generic MicrosoftAzure error|"
-                         r"Failed to connect|tcp connect error|operation timed out|retries, max_retries", re.I)
+                         r"Failed to connect|tcp connect error|operation timed out|retries, max_retries|NETWORK_CONNECTION|"
+                         r"Could not connect to server|Couldn't connect", re.I)
 
 
 def as_store_unavailable(e: BaseException, root: str) -> StoreUnavailable | None:
@@ -523,3 +525,62 @@ def as_store_unavailable(e: BaseException, root: str) -> StoreUnavailable | None
            else "request failed")
     return StoreUnavailable(f"the object store of the lake is unavailable ({why}); check AWS_ENDPOINT_URL, "
                             "the credentials and the network, then retry")
+
+
+class store_errors:
+    """``with store_errors(lake):`` turns a failure to reach an object-store lake (deltalake,
+    pyarrow, obstore) into :class:`StoreUnavailable` (HTTP 503, CLI exit 2); anything else passes."""
+
+    def __init__(self, lake: Any):
+        self.root = str(getattr(lake, "root", lake))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if e is None or not isinstance(e, Exception):
+            return False
+        translated = as_store_unavailable(e, self.root)
+        if translated is None or translated is e:
+            return False
+        raise translated from None
+
+
+def open_delta(lake: Any, name: str):
+    """``DeltaTable`` of the lake's table ``name`` with :func:`delta_storage_options` (bounded
+    timeouts and retries on an object store). Raises deltalake's TableNotFoundError as it is, and
+    StoreUnavailable when the store cannot be reached."""
+    from deltalake import DeltaTable
+
+    with store_errors(lake):
+        return DeltaTable(lake.table_uri(name), storage_options=delta_storage_options(lake))
+
+
+@functools.lru_cache(maxsize=8)
+def _arrow_s3(endpoint: str, region: str, pid: int):
+    from pyarrow import fs as pafs
+
+    kwargs: dict[str, Any] = {"connect_timeout": 2.0, "request_timeout": 10.0,
+                              "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2)}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def arrow_filesystem(uri: str):
+    """(pyarrow filesystem, path in it) for a file of an object-store lake, with short timeouts and
+    few retries (pyarrow's defaults take many seconds to give up on a dead endpoint); local
+    paths and non-S3 URIs as ``pyarrow.fs.FileSystem.from_uri``."""
+    from pyarrow import fs as pafs
+
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), uri
+    scheme, _, rest = uri.partition("://")
+    if scheme.lower() not in {"s3", "s3a"}:
+        return pafs.FileSystem.from_uri(uri)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or ""
+    return _arrow_s3(endpoint, region, os.getpid()), rest
