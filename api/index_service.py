@@ -55,6 +55,7 @@ from jobs.index.build import Manifest, build_key, verify_build, verify_build_in_
 from lake.catalog import Lake
 from lake.errors import BadInput, CorruptArtifact, NotFound, Unavailable
 from lake.settings import Settings
+from lake.store import StoreUnavailable
 
 __all__ = ["Hit", "LoadedBuild", "SearchService", "init_app", "search_service", "EXACT_FILTERED"]
 
@@ -230,18 +231,27 @@ class SearchService:
         serving the current build.
         """
         self._ensure_process()
-        if force or self._due():
-            first = self._checked_at == float("-inf")
-            if self._lock.acquire(blocking=force or first or self._needs_load(model)):
-                try:
-                    if force or self._due():  # another thread may have just checked
-                        self._check()
+        try:
+            if force or self._due():
+                first = self._checked_at == float("-inf")
+                if self._lock.acquire(blocking=force or first or self._needs_load(model)):
+                    try:
+                        if force or self._due():  # another thread may have just checked
+                            self._check()
+                        self._load_if_needed(model)
+                    finally:
+                        self._lock.release()
+            elif self._needs_load(model):
+                with self._lock:
                     self._load_if_needed(model)
-                finally:
-                    self._lock.release()
-        elif self._needs_load(model):
-            with self._lock:
-                self._load_if_needed(model)
+        except StoreUnavailable as e:
+            # the lake's object store is gone: a build this process has loaded lives in its verified
+            # local cache and keeps serving; without one the request is a 503
+            key = self._key(model)
+            if key is None or key not in self._builds:
+                raise
+            log.warning("serving index build %s while the lake's store is unavailable: %s",
+                        self._builds[key].build_id, e)
         key = self._key(model)
         return self._builds.get(key) if key else None
 

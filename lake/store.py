@@ -513,7 +513,9 @@ def as_store_unavailable(e: BaseException, root: str) -> StoreUnavailable | None
     :class:`StoreUnavailable` line, or ``None`` when it does not look like one."""
     if isinstance(e, StoreUnavailable):
         return e
-    if "://" not in str(root) or isinstance(e, (BadInput, NotFound)):
+    from lake.errors import ImagelakeError
+
+    if "://" not in str(root) or isinstance(e, ImagelakeError):  # already a clear, classified error
         return None
     text = str(e)
     if not _STORE_TEXT.search(text):
