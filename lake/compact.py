@@ -265,7 +265,17 @@ def ensure_compact(lake: Lake, k: int = 128, model: str | None = None, cache=Non
     from lake.vectors import default_model_key, load_embeddings
 
     model = model or default_model_key(lake)
-    version = open_table(lake, "features").version()
+    if lake.is_local:
+        version = open_table(lake, "features").version()
+    else:
+        from deltalake.exceptions import TableNotFoundError
+
+        from lake.store import open_delta
+
+        try:
+            version = open_delta(lake, "features").version()  # bounded timeouts: a server asks this
+        except TableNotFoundError:
+            raise NotFound("no features in the lake yet; run `imagelake embed` first") from None
     if not lake.is_local:
         return _ensure_in_store(lake, k, model, version, cache)
     folder = compact_dir(lake, model, version, k)

@@ -248,6 +248,8 @@ def test_ivfpq_and_incremental_builds_into_the_store_are_picked_up(lakes):
     held_back = features.to_pyarrow_table(filters=[("image_id", "in", ids[:100])])
     assert held_back.num_rows == 100
     features.delete("image_id IN (" + ", ".join(f"'{i}'" for i in ids[:100]) + ")")
+    store = LakeStore.for_lake(root)
+    store.write_bytes("artifacts/index/crashed-build/seqs.npy", b"a build that never got its manifest")
     full = run_index(lake, settings, runner=LocalRunner(), rebuild=True, flat_below=0, shard_size=SHARDS)
     assert full["action"] == "full" and full["factory"].startswith("IVF") and full["ntotal"] == 1900
     assert s3.json("GET", "/health")["builds"]["index"]["build_id"] == full["build_id"]
@@ -258,8 +260,8 @@ def test_ivfpq_and_incremental_builds_into_the_store_are_picked_up(lakes):
     assert health["build_id"] == delta["build_id"] and health["kind"] == "incremental"
     hits = s3.json("GET", f"/search/similar?image_id={ids[3]}&k=10")["results"]  # an image of the delta
     assert len(hits) == 10 and ids[3] not in {h["image_id"] for h in hits}
-    names = {o.key.split("/")[2] for o in LakeStore.for_lake(root).list("artifacts/index")}
-    assert {full["build_id"], delta["build_id"]} <= names
+    names = {o.key.split("/")[2] for o in store.list("artifacts/index")}
+    assert {full["build_id"], delta["build_id"]} <= names and "crashed-build" not in names  # pruned
 
 
 def test_a_dead_store_is_a_quick_503(lakes):
