@@ -312,6 +312,13 @@ class SearchService:
         self._published_rows()
         for key in list(self._builds):
             self._load(key)
+        for build in self._builds.values():  # in use: keep the cached copies at the head of the LRU
+            for m in build.manifests:
+                for path in (m.files_at or {}).values():
+                    try:
+                        os.utime(path)
+                    except OSError:
+                        pass
 
     def _load_if_needed(self, model: str | None) -> None:
         if self._needs_load(model):
