@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-__all__ = ["StagedWriter", "staged_path", "filesystem_for"]
+__all__ = ["StagedWriter", "staged_path", "filesystem_for", "remove_staging", "staged_dataset"]
 
 
 def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
@@ -24,6 +24,25 @@ def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
     if "://" not in path:
         return pafs.LocalFileSystem(), path
     return pafs.FileSystem.from_uri(path)
+
+
+def remove_staging(staging_dir: str) -> None:
+    """Remove a run's staging folder (local or object store); nothing when it is not there."""
+    fs, path = filesystem_for(staging_dir)
+    try:
+        fs.delete_dir(path)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def staged_dataset(files: list[str], schema: pa.Schema):
+    """A pyarrow dataset over staged Parquet files (what DuckDB scans without loading them)."""
+    import pyarrow.dataset as pads
+
+    if not files:
+        return schema.empty_table()
+    fs, _ = filesystem_for(files[0])
+    return pads.dataset([filesystem_for(f)[1] for f in files], schema=schema, format="parquet", filesystem=fs)
 
 
 def staged_path(staging_dir: str, table: str, partition: int) -> str:
