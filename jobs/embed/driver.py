@@ -15,7 +15,7 @@ import logging
 import math
 import os
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import duckdb
 import pyarrow as pa
@@ -24,41 +24,75 @@ from jobs.embed.artifact import ensure_onnx
 from jobs.embed.models import PRECISIONS, get_model
 from jobs.embed.partition import STATS_SCHEMA, EmbedJob, embed_partition
 from jobs.embed.runtime import reduced_precision, resolve_device
-from jobs.runner import Runner, SparkRunner, default_parallelism, make_runner
+from jobs.runner import INPUT_BATCH_ROWS, Runner, SparkRunner, StagedInput, default_parallelism, make_runner, stage_input
 from jobs.runs import job_run
 from lake.catalog import TABLES, Lake
 from lake.commit import commit_staged, ensure_tables, open_table
 from lake.errors import BadInput
 from lake.lock import LakeLock
 from lake.settings import Settings
-from lake.staging import filesystem_for
+from lake.staging import remove_staging
 
-__all__ = ["run_embed", "run_precision", "select_pending"]
+__all__ = ["run_embed", "run_precision", "select_pending", "stage_pending"]
 
 log = logging.getLogger("imagelake.jobs.embed")
 
 _PENDING_COLUMNS = ["image_id", "uri", "collection", "bytes", "mtime"]
 
 
-def select_pending(lake: Lake, model_key: str) -> pa.Table:
-    """Rows of ``images`` (image_id, uri, collection, bytes, mtime) with no ``features`` row for
-    ``model_key``, in ``seq`` order (so partitions are the same slices on a retry)."""
+_PENDING_SCHEMA = pa.schema([TABLES["images"].schema.field(c) for c in _PENDING_COLUMNS])
+
+
+def _pending_sql(con: duckdb.DuckDBPyConnection, lake: Lake) -> str | None:
+    """The pending-images query over registered ``images``/``features`` (None: no image at all)."""
     images = open_table(lake, "images")
     features = open_table(lake, "features")
     cols = ", ".join(f"i.{c}" for c in _PENDING_COLUMNS)
+    if not images.file_uris():
+        return None
+    con.register("images", images.to_pyarrow_dataset())
+    if features.file_uris():
+        con.register("features", features.to_pyarrow_dataset())
+        return (f"SELECT {cols} FROM images i WHERE NOT EXISTS (SELECT 1 FROM features f "
+                f"WHERE f.model = $model AND f.image_id = i.image_id) ORDER BY i.seq")
+    return f"SELECT {cols} FROM images i WHERE $model IS NOT NULL ORDER BY i.seq"
+
+
+def select_pending(lake: Lake, model_key: str) -> pa.Table:
+    """Rows of ``images`` (image_id, uri, collection, bytes, mtime) with no ``features`` row for
+    ``model_key``, in ``seq`` order (so partitions are the same slices on a retry). In memory;
+    :func:`stage_pending` streams the same rows into the lake instead."""
     con = duckdb.connect()
     try:
         con.execute("SET threads=2")
-        if not images.file_uris():
-            schema = TABLES["images"].schema
-            return pa.schema([schema.field(c) for c in _PENDING_COLUMNS]).empty_table()
-        con.register("images", images.to_pyarrow_dataset())
-        if features.file_uris():
-            con.register("features", features.to_pyarrow_dataset())
-            sql = (f"SELECT {cols} FROM images i WHERE NOT EXISTS (SELECT 1 FROM features f "
-                   f"WHERE f.model = $model AND f.image_id = i.image_id) ORDER BY i.seq")
-            return con.sql(sql, params={"model": model_key}).to_arrow_table()
-        return con.sql(f"SELECT {cols} FROM images i ORDER BY i.seq").to_arrow_table()
+        sql = _pending_sql(con, lake)
+        if sql is None:
+            return _PENDING_SCHEMA.empty_table()
+        return con.sql(sql, params={"model": model_key}).to_arrow_table().cast(_PENDING_SCHEMA)
+    finally:
+        con.close()
+
+
+def stage_pending(lake: Lake, model_key: str, staging_dir: str, partition_rows: int,
+                  min_partitions: int | Callable[[], int] = 1) -> StagedInput:
+    """:func:`select_pending`'s rows, streamed in bounded batches into the run's staging folder as
+    the embed tasks' input: ``ceil(n / partition_rows)`` partitions (at least ``min_partitions``),
+    one Parquet file each (``min_partitions`` may be a function, called only when something is
+    pending). The driver never holds the pending rows."""
+    con = duckdb.connect()
+    try:
+        con.execute("SET threads=2")
+        sql = _pending_sql(con, lake)
+        if sql is None:
+            return StagedInput((None,), _PENDING_SCHEMA, 0)
+        params = {"model": model_key}
+        n = con.sql(f"SELECT count(*) FROM ({sql})", params=params).fetchall()[0][0]
+        if not n:
+            return StagedInput((None,), _PENDING_SCHEMA, 0)
+        least = min_partitions() if callable(min_partitions) else min_partitions
+        parts = max(math.ceil(n / partition_rows), least)
+        reader = con.sql(sql, params=params).to_arrow_reader(INPUT_BATCH_ROWS)
+        return stage_input(staging_dir, "embed", reader, n, parts, _PENDING_SCHEMA)
     finally:
         con.close()
 
@@ -94,14 +128,6 @@ def _task_threads(runner: Runner) -> int:
     if isinstance(runner, SparkRunner):
         return max(1, int(runner.spark.conf.get("spark.task.cpus", "1")))
     return max(1, os.cpu_count() or 1)
-
-
-def _remove_staging(staging_dir: str) -> None:
-    fs, path = filesystem_for(staging_dir)
-    try:
-        fs.delete_dir(path)
-    except (FileNotFoundError, OSError):
-        pass
 
 
 def run_embed(lake: Lake, settings: Settings, model: str = "efficientnet-lite0",
@@ -152,14 +178,19 @@ def run_embed(lake: Lake, settings: Settings, model: str = "efficientnet-lite0",
         key = spec.key_for(precision)
         args = dict(model=key, device=device, engine=engine, precision=precision, batch_size=batch_size)
         with job_run(lake, "embed", args, settings=settings) as run:
-            pending = select_pending(lake, key)
+            def min_parts() -> int:  # Spark gets at least one task per core (asked only when needed)
+                if isinstance(runner, SparkRunner):
+                    return default_parallelism(settings) // _task_threads(runner)
+                return 1
+            pending = stage_pending(lake, key, lake.staging_dir(run.run_id), partition_rows, min_parts)
             run.rows_in = pending.num_rows
             summary: dict[str, Any] = dict(run_id=run.run_id, model=key, precision=precision,
                                            pending=pending.num_rows, embedded=0, rejected=0,
                                            rejects_committed=0, runtimes=[])
             if pending.num_rows:
                 summary.update(_embed(lake, settings, spec, device, engine, precision, runner, pending,
-                                      run.run_id, batch_size, partition_rows))
+                                      run.run_id, batch_size))
+            remove_staging(lake.staging_dir(run.run_id))
             run.rows_out = summary["embedded"]
             run.metrics.update({k: v for k, v in summary.items() if k not in ("run_id", "model", "precision")})
         summary["seconds"] = run.metrics["seconds"]
@@ -170,7 +201,7 @@ def run_embed(lake: Lake, settings: Settings, model: str = "efficientnet-lite0",
             runner.close()
 
 
-def _embed(lake, settings, spec, device, engine, precision, runner, pending, run_id, batch_size, partition_rows):
+def _embed(lake, settings, spec, device, engine, precision, runner, pending: StagedInput, run_id, batch_size):
     on_gpu = engine != "onnx" and resolve_device(device) == "cuda"  # as the driver sees it
     artifact = None
     if engine != "torch" and device != "cuda" and precision == "fp32":
@@ -178,19 +209,15 @@ def _embed(lake, settings, spec, device, engine, precision, runner, pending, run
         with LakeLock(lake, f"export-{spec.name}", timeout=600, holder=f"embed {run_id}"):
             artifact = ensure_onnx(lake.artifacts_dir(), spec)
     threads = _task_threads(runner)
-    parts = math.ceil(pending.num_rows / partition_rows)
-    if isinstance(runner, SparkRunner):
-        parts = max(parts, default_parallelism(settings) // threads)
     job = EmbedJob(spec=spec, run_id=run_id, staging_dir=lake.staging_dir(run_id), device=device,
                    engine=engine, artifact=artifact, batch_size=batch_size or (256 if on_gpu else 64),
                    threads=threads, decode_threads=min(8, threads) if on_gpu else (1 if threads > 1 else 0),
                    max_pixels=settings.max_image_pixels, precision=precision)
-    stats = runner.map_partitions(partial(embed_partition, job=job), pending.select(_PENDING_COLUMNS),
-                                  parts, STATS_SCHEMA, desc=f"embed {job.model_key}")
+    stats = runner.map_partitions(partial(embed_partition, job=job), pending, pending.num_partitions,
+                                  STATS_SCHEMA, desc=f"embed {job.model_key}")
     s = stats.to_pydict()
     feats = commit_staged(lake, "features", [f for f in s["features_file"] if f], run_id=run_id, dedupe=True)
     rejs = commit_staged(lake, "rejects", [f for f in s["rejects_file"] if f], run_id=run_id, dedupe=True)
-    _remove_staging(lake.staging_dir(run_id))
     n_in = sum(s["n_in"])
     if n_in != pending.num_rows:
         log.warning("embed %s: %d images selected but tasks saw %d", run_id, pending.num_rows, n_in)
