@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import random
 import signal
@@ -409,3 +410,126 @@ def test_the_writer_compacts_a_log_of_many_small_files(lake, ids):
         assert state.member_ids(bucket) == ids[:30] and len(state.events) == 31
     assert store.submit(Action("remove", bucket, (ids[0],), actor="t"))["seq"] == 31
     assert bucket_members(lake, bucket) == ids[1:30]
+
+
+# -- ordering by Delta versions: several writers, no lock (the object-store case) ----------------
+
+from s3_server import s3_lake, s3_server  # noqa: E402,F401  (fixtures)
+
+_FAKE = [f"{k:064x}" for k in range(1, 200)]  # the store validates against the log only, not `images`
+
+_WRITER = r"""
+import json, sys, threading
+from lake.bucket_store import Action, BucketStore
+from lake.catalog import Lake
+from lake.errors import ImagelakeError
+root, who, a, b, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+ids = [f"{k:064x}" for k in range(1, 200)]
+store = BucketStore(Lake.at(root))
+acked, lock = [], threading.Lock()
+def work(t):
+    actor = f"{who}-{t}"
+    for j in range(n):
+        image = ids[(hash(actor) + j) % len(ids)]
+        try:
+            if j % 4 == 3:
+                e = store.submit(Action("undo", actor=actor))
+            elif j % 4 == 2:
+                e = store.submit(Action("move", b, (image,), from_bucket=a, actor=actor))
+            else:
+                e = store.submit(Action("add", a, (image,), actor=actor))
+        except ImagelakeError as x:  # a move of an image someone else moved first: a clean 409
+            e = {"error": type(x).__name__}
+        with lock:
+            acked.append(e.get("event_id") or e["error"])
+ts = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(json.dumps({"acked": acked, "replans": store.replans, "commits": store.commits}))
+"""
+
+
+def _replay_validates(events: list[dict]) -> None:
+    """Every event, re-planned on the state of the events before it, is valid there and (undo)
+    cancels the same event: the log is what a single serial writer would have written."""
+    from lake.bucket_store import Action as A, _plan
+    from lake.buckets import BucketState
+
+    state = BucketState()
+    for e in events:
+        if e["action"] != "create":
+            planned = _plan(state, A(e["action"], e["bucket_id"] if e["action"] != "undo" else None,
+                                     tuple(e["image_ids"] or ()), from_bucket=e["from_bucket"], actor=e["actor"]),
+                            state.last_seq + 1)
+            assert planned.get("undo_of") == e["undo_of"], e
+        state.apply(e)
+
+
+def test_two_processes_on_an_s3_lake_commit_by_delta_version(s3_lake):
+    lake = Lake.at(s3_lake)
+    setup = BucketStore(lake)
+    a = setup.submit(Action("create", payload={"name": "a"}, actor="setup"))["bucket_id"]
+    b = setup.submit(Action("create", payload={"name": "b"}, actor="setup"))["bucket_id"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, s3_lake, f"p{k}", a, b, "12"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
+    outs = []
+    for p in procs:
+        out, errs = p.communicate(timeout=240)
+        assert p.returncode == 0, errs[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    events = read_events(lake)[0]
+    assert [e["seq"] for e in events] == list(range(len(events)))  # dense, no duplicate
+    assert len({e["event_id"] for e in events}) == len(events)
+    acked = [x for o in outs for x in o["acked"] if x != "Conflict"]
+    assert set(acked) <= {e["event_id"] for e in events} and len(acked) == len(events) - 2
+    assert sum(o["commits"] for o in outs) >= 2
+    _replay_validates(events)
+    state = bucket_state(lake)
+    assert set(bucket_members(lake, a)) == set(state.member_ids(a))
+    print("replans", [o["replans"] for o in outs], "commits", [o["commits"] for o in outs])
+
+
+def test_a_writer_that_loses_its_version_replans_on_the_new_state(s3_lake):
+    """Writer 1 plans on version V; writer 2 commits V+1 meanwhile (moving the image away):
+    writer 1's commit fails, it re-reads, and its move is validated again (now a 409)."""
+    lake = Lake.at(s3_lake)
+    one, two = BucketStore(lake), BucketStore(lake)
+    a = one.submit(Action("create", payload={"name": "a"}, actor="x"))["bucket_id"]
+    b = one.submit(Action("create", payload={"name": "b"}, actor="x"))["bucket_id"]
+    one.submit(Action("add", a, (_FAKE[0], _FAKE[1]), actor="x"))
+    rival = {"pending": True}
+    sync = one.sync
+
+    def racing_sync():
+        state = sync()
+        if rival["pending"]:  # between one's read of the tail and its commit
+            rival["pending"] = False
+            two.submit(Action("move", b, (_FAKE[0],), from_bucket=a, actor="y"))
+        return state
+
+    one.sync = racing_sync
+    with pytest.raises(Exception) as caught:
+        one.submit(Action("move", b, (_FAKE[0],), from_bucket=a, actor="x"))
+    assert "not in bucket" in str(caught.value) and one.replans == 1
+    event = one.submit(Action("undo", actor="x"))  # x's latest live action is its add, not the failed move
+    events = read_events(lake)[0]
+    assert [e["seq"] for e in events] == list(range(5)) and event["seq"] == 4
+    assert event["undo_of"] == events[2]["event_id"]
+    assert bucket_members(lake, a) == [] and bucket_members(lake, b) == [_FAKE[0]]
+    _replay_validates(events)
+
+
+def test_members_of_a_deleted_bucket_are_unlabeled(lake, ids):
+    store = BucketStore(lake)
+    a = store.submit(Action("create", payload={"name": "a"}, actor="t"))["bucket_id"]
+    b = store.submit(Action("create", payload={"name": "b"}, actor="t"))["bucket_id"]
+    store.submit(Action("add", a, tuple(ids[:2]), actor="t"))
+    store.submit(Action("feedback", b, (ids[2],), rejected_ids=(ids[3],), actor="t"))
+    with store.reading() as state:
+        assert state.labeled() == set(ids[:4])
+    store.submit(Action("delete", a, actor="t"))
+    with store.reading() as state:
+        assert state.labeled() == {ids[2], ids[3]} and state.labeled(b) == {ids[2], ids[3]}
+    store.submit(Action("undo", actor="t"))
+    with store.reading() as state:
+        assert state.labeled() == set(ids[:4])
