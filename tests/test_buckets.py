@@ -533,3 +533,101 @@ def test_members_of_a_deleted_bucket_are_unlabeled(lake, ids):
     store.submit(Action("undo", actor="t"))
     with store.reading() as state:
         assert state.labeled() == set(ids[:4])
+
+
+# -- one writer per node: election, hand-off, failover --------------------------------------------
+
+def _writer_pid(lake: Lake, candidates: list[int]) -> int | None:
+    """The process listening on the lake's writer socket (from /proc: the socket's inode)."""
+    from lake.bucket_writer import socket_name
+
+    name = "@" + socket_name(lake.root)[1:]
+    inodes = set()
+    with open("/proc/net/unix") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()
+            if len(parts) >= 8 and parts[7] == name and parts[5] == "01":  # listening
+                inodes.add(parts[6])
+    for pid in candidates:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}").strip("socket:[]") in inodes:
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def test_kill_9_of_the_node_writer_mid_burst_a_follower_takes_over(lake, ids):
+    admin = _session(lake, "admin", "setup")
+    sessions = [_session(lake, "curate", f"k{k}") for k in range(4)]
+    server = Server(lake, workers=3)
+    acked: dict[int, list[str]] = {k: [] for k in range(4)}
+    attempts: dict[int, int] = {k: 0 for k in range(4)}
+    after_kill: list[float] = []
+    killed_at: list[float] = []
+    stop = threading.Event()
+    try:
+        bucket = admin.post(f"{server.base}/buckets", json={"name": "b"}, timeout=30).json()["bucket"]["bucket_id"]
+
+        def writer(k: int) -> None:
+            http, j = sessions[k], 0
+            while not stop.is_set():
+                body = {"image_ids": [ids[(k * 13 + j) % len(ids)]]}
+                if k % 2 == 0:  # idempotent: retried with the same key until acknowledged
+                    body["client_event_id"] = f"{k}-{j}"
+                for _ in range(20):
+                    attempts[k] += 1
+                    try:
+                        r = http.post(f"{server.base}/buckets/{bucket}/images", json=body, timeout=20)
+                    except requests.RequestException:
+                        if k % 2:  # no key: never retried (it may or may not have landed)
+                            break
+                        time.sleep(0.05)
+                        continue
+                    if r.status_code == 200:
+                        acked[k].append(r.json()["event"]["event_id"])
+                        if killed_at:
+                            after_kill.append(time.monotonic() - killed_at[0])
+                    break
+                j += 1
+
+        threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+        [t.start() for t in threads]
+        deadline = time.monotonic() + 120
+        while sum(map(len, acked.values())) < 40 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = _children(server.proc.pid)
+        victim = _writer_pid(lake, workers)
+        assert victim is not None, "no worker listens on the writer socket"
+        os.kill(victim, signal.SIGKILL)
+        killed_at.append(time.monotonic())
+        before = sum(map(len, acked.values()))
+        while len(after_kill) < 40 and time.monotonic() < killed_at[0] + 60:
+            time.sleep(0.05)
+        stop.set()
+        [t.join() for t in threads]
+        new_writer = _writer_pid(lake, _children(server.proc.pid))
+    finally:
+        stop.set()
+        server.stop()
+    assert len(after_kill) >= 40, f"writes did not resume after the kill ({len(after_kill)} acks)"
+    print(f"acks before the kill {before}; first ack {min(after_kill):.3f} s after it; new writer {new_writer} "
+          f"(killed {victim})")
+    assert new_writer is not None and new_writer != victim
+    events = read_events(lake)[0]
+    committed = {e["event_id"] for e in events}
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    for k in range(4):
+        assert set(acked[k]) <= committed, f"client {k} lost an acknowledged write"
+        mine = [e for e in events if e["actor_name"] == f"k{k}"]
+        if k % 2 == 0:  # one event per key, however often it was sent
+            keys = [e["client_event_id"] for e in mine]
+            assert len(keys) == len(set(keys)) and len(set(acked[k])) == len(acked[k])
+        else:  # every request at most once (a follower's re-send after the kill did not double it)
+            assert len(acked[k]) <= len(mine) <= attempts[k]
