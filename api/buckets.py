@@ -35,7 +35,8 @@ bp = Blueprint("buckets", __name__)
 def init_app(app: Flask) -> None:
     settings = app.config["IMAGELAKE_SETTINGS"]
     lake = Lake.at(settings.lake)
-    app.extensions["imagelake.buckets"] = PerProcess(lambda: BucketStore(lake, node_writer=True))
+    app.extensions["imagelake.buckets"] = PerProcess(
+        lambda: BucketStore(lake, node_writer=True, refresh_s=settings.refresh_s))
 
 
 def bucket_store() -> BucketStore:

@@ -35,6 +35,7 @@ import os
 import queue
 import secrets
 import threading
+import time
 import unicodedata
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -96,13 +97,19 @@ class BucketStore:
         node_writer: hand actions to the node's elected writer process over a local socket
             (:mod:`lake.bucket_writer`; what the server does) instead of committing them here.
         max_replans: commits lost to another writer (another node) in a row before giving up (503).
+        refresh_s: with ``node_writer``, how often a read re-checks the Delta log for commits made
+            elsewhere (other nodes); commits of this node's writer are seen at once (its version
+            board). Without ``node_writer`` every read checks the log.
     """
 
     def __init__(self, lake: Lake, lock_timeout: float = 30.0, ack_timeout: float = 60.0, max_batch: int = 512,
-                 compact_files: int = 1000, node_writer: bool = False, max_replans: int = 100):
+                 compact_files: int = 1000, node_writer: bool = False, max_replans: int = 100,
+                 refresh_s: float = 0.0):
         self.lake, self.lock_timeout, self.ack_timeout = lake, lock_timeout, ack_timeout
         self.max_replans = max_replans
         self.replans = 0  # commits lost to another writer and planned again
+        self.refresh_s = refresh_s
+        self._checked_at = float("-inf")
         self._node = None
         if node_writer:
             from lake.bucket_writer import NodeLink
@@ -135,6 +142,7 @@ class BucketStore:
                 self._table = DeltaTable(self.lake.table_uri("bucket_events"))
             else:
                 self._table.update_incremental()
+            self._checked_at = time.monotonic()
             if self._table.version() == self.version:
                 return self.state
             files = self._table.file_uris()
@@ -153,14 +161,31 @@ class BucketStore:
                     self.state.apply(event)
                 self._seen.update(new)
             self.version = self._table.version()
+            self._publish()
             return self.state
+
+    def _publish(self) -> None:
+        if self._node is not None and self._node.is_writer and self.version is not None:
+            self._node.board.publish(self.version)
+
+    def _fresh(self) -> BucketState:
+        """The fold, re-reading the log's tail only when it may have moved (see ``refresh_s``)."""
+        if self._table is None or self._node is None or self.refresh_s <= 0:
+            return self.sync()
+        if not self._node.is_writer:
+            published = self._node.board.read()
+            if published is None or published > (self.version if self.version is not None else -1):
+                return self.sync()
+        if time.monotonic() - self._checked_at >= self.refresh_s:
+            return self.sync()
+        return self.state
 
     @contextmanager
     def reading(self, fresh: bool = True) -> Iterator[BucketState]:
         """``with store.reading() as state:`` — the current fold, consistent while the block runs.
         ``fresh=False`` skips the check for other processes' commits (right after our own write)."""
         with self._lock:
-            yield self.sync() if fresh or self._table is None else self.state
+            yield self._fresh() if fresh or self._table is None else self.state
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -239,7 +264,11 @@ class BucketStore:
         writer took that version, drop the plan, re-read and plan again."""
         for attempt in range(self.max_replans + 1):
             with self._writing(), self._lock:
-                state = self.sync()
+                # Optimistic on a local lake: plan on the fold as it is (this node's writer is the
+                # only one); a commit from elsewhere makes ours fail, and the retry re-reads. On an
+                # object store other nodes write too: read the tail first (one request).
+                optimistic = attempt == 0 and self.lake.is_local and self._table is not None
+                state = self.state if optimistic else self.sync()
                 results: list[Any] = []
                 rows: list[dict[str, Any]] = []
                 for action in batch:
@@ -279,7 +308,7 @@ class BucketStore:
                     self._seen, self.state, self.version = set(), BucketState(), None  # drop the unwritten folds
                     raise
                 self.commits += 1
-                self._adopt_own_commit()
+                self._adopt_own_commit(base, rows)
                 if len(self._seen) > self.compact_files:
                     self.compact()
                 return results
@@ -300,17 +329,35 @@ class BucketStore:
             self._table.optimize.compact()
             self._table.update_incremental()
             self._seen, self.version = set(self._table.file_uris()), self._table.version()
+            self._publish()
 
-    def _adopt_own_commit(self) -> None:
-        """After our write at exactly the next version: the only new files are ours, already folded in."""
-        before = self.version
-        if self._table.version() == before:
+    def _adopt_own_commit(self, base: int | None, rows: list[dict[str, Any]]) -> None:
+        """After our write at exactly the next version: the only new files are ours, already folded
+        in. The node's followers get the commit pushed (rows and files) before anyone is answered."""
+        if self._table.version() == base:
             self._table.update_incremental()
-        if self._table.version() == (before if before is not None else -1) + 1:
-            self._seen.update(self._table.file_uris())
+        if self._table.version() == (base if base is not None else -1) + 1:
+            files = self._table.file_uris()
+            added = [f for f in files if f not in self._seen]
+            self._seen.update(files)
             self.version = self._table.version()
+            self._publish()
+            if self._node is not None and base is not None:
+                self._node.broadcast({"base": base, "version": self.version, "files": added, "rows": rows})
         else:
             self.sync()
+
+    def apply_pushed(self, commit: dict[str, Any]) -> bool:
+        """Fold in a commit the node's writer pushed (no I/O) when it follows what this process has
+        folded; otherwise leave it to the next read's re-read of the tail. True when applied."""
+        with self._lock:
+            if self._table is None or self.version != commit["base"]:
+                return False
+            for event in commit["rows"]:
+                self.state.apply(event)
+            self._seen.update(commit["files"])
+            self.version = commit["version"]
+            return True
 
 
 def _clean_ids(ids: tuple[str, ...], what: str = "image_ids") -> list[str]:

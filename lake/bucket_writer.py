@@ -15,8 +15,13 @@ dead writer had committed is recognised by that id and answered with its event, 
 writes twice and an acknowledged action is never lost (it was committed before it was
 acknowledged). No timer is involved: takeover takes milliseconds plus the new writer's first read.
 
-Read-your-writes: a follower folds the log's tail in before it answers, so the curator's next
-read, whichever worker takes it, sees the write (every read re-reads the tail anyway).
+Read-your-writes: a follower folds the log's tail in before it answers. Other workers learn of
+the commit from the node's *version board*, 16 bytes in shared memory (``/dev/shm``) that the
+writer updates after each commit and before it acknowledges any action of it: a read checks the
+board (one ``pread``) and re-reads the Delta log's tail only when the board is ahead of what it
+has folded, so the curator's next read, whichever worker takes it, sees the write, without every
+read polling the log. Commits of other nodes are seen within ``refresh_s`` (each worker re-checks
+the log itself at that interval).
 
 Only processes of the same user may connect (``SO_PEERCRED``); abstract sockets have no file
 permissions. Across nodes (several API machines on one object-store lake) each node has its own
@@ -35,6 +40,7 @@ import struct
 import threading
 import time
 from concurrent.futures import Future, TimeoutError as FutureTimeout
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from lake import errors
@@ -42,7 +48,7 @@ from lake import errors
 if TYPE_CHECKING:
     from lake.bucket_store import Action, BucketStore
 
-__all__ = ["NodeLink", "socket_name"]
+__all__ = ["NodeLink", "VersionBoard", "socket_name"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,32 @@ def socket_name(lake_root: str) -> str:
     root = lake_root if "://" in lake_root else os.path.realpath(lake_root)
     digest = hashlib.sha256(f"{os.getuid()}\0{root}".encode()).hexdigest()[:24]
     return f"\0imagelake-bucket-writer-{digest}"
+
+
+class VersionBoard:
+    """The latest Delta version of the bucket log the node's writer has committed or read, in a
+    small shared file (tmpfs), so every worker can tell in a microsecond whether it is behind."""
+
+    _MAGIC = 0x5EED_B0A2_D0C0_FFEE
+    _REC = struct.Struct("<qQ")
+
+    def __init__(self, name: str):
+        folder = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        import tempfile
+
+        self.path = os.path.join(folder or tempfile.gettempdir(), name.lstrip("\0") + ".version")
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def publish(self, version: int) -> None:
+        os.pwrite(self._fd, self._REC.pack(version, (version ^ self._MAGIC) & (2**64 - 1)), 0)
+
+    def read(self) -> int | None:
+        """The published version; None when nothing (valid) is published yet."""
+        data = os.pread(self._fd, self._REC.size, 0)
+        if len(data) != self._REC.size:
+            return None
+        version, check = self._REC.unpack(data)
+        return version if check == (version ^ self._MAGIC) & (2**64 - 1) else None
 
 
 class _WriterLost(Exception):
@@ -101,6 +133,18 @@ def _action_from_wire(d: dict[str, Any]) -> "Action":
     return Action(**d)
 
 
+def _commit_to_wire(commit: dict[str, Any]) -> dict[str, Any]:
+    rows = [{k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()} for row in commit["rows"]]
+    return {**commit, "rows": rows}
+
+
+def _commit_from_wire(commit: dict[str, Any]) -> dict[str, Any]:
+    for row in commit["rows"]:
+        if isinstance(row.get("at"), str):
+            row["at"] = datetime.fromisoformat(row["at"])
+    return commit
+
+
 def _error_to_wire(e: BaseException) -> dict[str, Any]:
     name = type(e).__name__ if isinstance(e, errors.ImagelakeError) else "Unavailable"
     return {"error": name, "message": str(e) if isinstance(e, errors.ImagelakeError)
@@ -117,8 +161,8 @@ def _error_from_wire(reply: dict[str, Any]) -> errors.ImagelakeError:
 class _Connection:
     """A follower's connection to the writer: many requests in flight, answered by id."""
 
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
+    def __init__(self, sock: socket.socket, on_push):
+        self.sock, self.on_push = sock, on_push
         self.alive = True
         self._send_lock = threading.Lock()
         self._mu = threading.Lock()
@@ -148,6 +192,12 @@ class _Connection:
                 reply = _recv(self.sock)
                 if reply is None:
                     break
+                if "push" in reply:  # a commit, sent before the answers to its actions
+                    try:
+                        self.on_push(_commit_from_wire(reply["push"]))
+                    except Exception:  # a push only saves a read; never lose the link over one
+                        log.exception("could not fold in a pushed bucket log commit")
+                    continue
                 with self._mu:
                     future = self._pending.pop(reply.get("id"), None)
                 if future is not None:
@@ -178,6 +228,9 @@ class NodeLink:
         self._mu = threading.Lock()
         self._listener: socket.socket | None = None
         self._conn: _Connection | None = None
+        self.board = VersionBoard(self.name)
+        self._peers: dict[socket.socket, threading.Lock] = {}
+        self._peers_mu = threading.Lock()
         self.takeovers = 0  # times this process became the writer after another writer went away
 
     @property
@@ -226,7 +279,7 @@ class NodeLink:
                 except OSError:  # bound but not listening yet, or just died: elect again
                     sock.close()
                 else:
-                    self._conn = _Connection(sock)
+                    self._conn = _Connection(sock, self.store.apply_pushed)
                     return self._conn
             if time.monotonic() > deadline:
                 raise errors.Unavailable("no bucket log writer on this node answered; retry")
@@ -270,8 +323,25 @@ class NodeLink:
                 continue
             threading.Thread(target=self._serve, args=(sock,), name="bucket-writer-peer", daemon=True).start()
 
+    def broadcast(self, commit: dict[str, Any]) -> None:
+        """Push a commit to every follower (called by the writer before it answers anyone)."""
+        with self._peers_mu:
+            peers = list(self._peers.items())
+        if not peers:
+            return
+        frame = {"push": _commit_to_wire(commit)}
+        for sock, send_lock in peers:
+            try:
+                with send_lock:
+                    _send(sock, frame)
+            except OSError:
+                with self._peers_mu:
+                    self._peers.pop(sock, None)
+
     def _serve(self, sock: socket.socket) -> None:
         send_lock = threading.Lock()
+        with self._peers_mu:
+            self._peers[sock] = send_lock
 
         def answer(rid: Any, future: Future) -> None:
             try:
@@ -301,6 +371,8 @@ class NodeLink:
         except (OSError, ValueError):
             pass
         finally:
+            with self._peers_mu:
+                self._peers.pop(sock, None)
             try:
                 sock.close()
             except OSError:
