@@ -260,10 +260,10 @@ def _free_port() -> int:
 class Server:
     """``imagelake serve`` (gunicorn, several workers) in its own process group."""
 
-    def __init__(self, lake: Lake, workers: int = 3):
+    def __init__(self, lake: Lake, workers: int = 3, env: dict | None = None):
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}{API_PREFIX}"
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
         self.proc = subprocess.Popen([sys.executable, "-m", "imagelake", "--lake", lake.root, "serve", "--port",
                                       str(self.port), "--workers", str(workers)], cwd=REPO, env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -631,3 +631,39 @@ def test_kill_9_of_the_node_writer_mid_burst_a_follower_takes_over(lake, ids):
             assert len(keys) == len(set(keys)) and len(set(acked[k])) == len(acked[k])
         else:  # every request at most once (a follower's re-send after the kill did not double it)
             assert len(acked[k]) <= len(mine) <= attempts[k]
+
+
+def test_read_your_writes_on_any_worker_and_a_short_write_heavy_load(lake, ids):
+    """refresh_s = 60: a worker would not poll the log for a minute, yet every read right after a
+    write (new connection each time, so any of the 3 workers answers) sees it: the writer's
+    version board tells the worker it is behind. Then the benchmark's write-heavy mix, briefly."""
+    sys.path.insert(0, str(REPO / "tests" / "bench"))
+    from bench_load import WRITE_HEAVY, acknowledged, check_log, run_matrix
+    from loadgen import LoadContext, prepare
+
+    token = create_token(lake, "admin", "load")[1]
+    server = Server(lake, workers=3, env={"IMAGELAKE_REFRESH_S": "60"})
+    auth = {"Authorization": f"Bearer {token}"}
+    try:
+        bucket = requests.post(f"{server.base}/buckets", json={"name": "ryw"}, headers=auth,
+                               timeout=30).json()["bucket"]["bucket_id"]
+        for j in range(24):
+            r = requests.post(f"{server.base}/buckets/{bucket}/images", json={"image_ids": [ids[j]]}, headers=auth,
+                              timeout=30)
+            assert r.status_code == 200, r.text
+            got = requests.get(f"{server.base}/buckets/{bucket}", headers=auth, timeout=30).json()
+            assert got["members"] == ids[:j + 1], f"read {j} missed the write just acknowledged"
+            listed = requests.get(f"{server.base}/buckets", headers=auth, timeout=30).json()["buckets"]
+            assert {b["bucket_id"]: b["count"] for b in listed}[bucket] == j + 1
+        ctx = LoadContext(ids, ["c"])
+        base = f"http://127.0.0.1:{server.port}"
+        prepare(base, token, WRITE_HEAVY, ctx)
+        runs = run_matrix(base, token, {"write": WRITE_HEAVY}, ctx, [1, 8], seconds=3)
+    finally:
+        server.stop()
+    for _, n, report in runs:
+        assert report.error_rate == 0, report.error_samples
+        assert {"add to bucket", "get bucket"} <= set(report.latencies_ms)
+    acked = [e for _, _, r in runs for e in acknowledged(r)]
+    assert len(acked) >= 10
+    assert check_log(lake, acked) >= len(acked) + 25
