@@ -125,7 +125,7 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         pa.field("action", pa.string()),
         pa.field("actor", pa.string()),
     ]),
-    _spec("bucket_events", ["event_id"], "Append-only log of curation actions in seq order (dense, assigned under the table's lock); current bucket state is a fold over it (lake.buckets).", [
+    _spec("bucket_events", ["event_id"], "Append-only log of curation actions in seq order (dense, assigned by the log's writer in Delta commit order); current bucket state is a fold over it (lake.buckets).", [
         pa.field("event_id", pa.string(), nullable=False),
         pa.field("bucket_id", pa.string()),
         pa.field("action", pa.string(), nullable=False),
