@@ -70,7 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--cluster", metavar="ID", help="a cluster id (see GET /clusters or the clusters table)")
     g.add_argument("--bucket", metavar="ID", help="a bucket id")
-    s.add_argument("--to", required=True, metavar="DIR", help="folder to create (must be empty or absent)")
+    s.add_argument("--to", required=True, metavar="DIR", help="folder to create (must be empty or absent); "
+                                                              "for --format csv|parquet the manifest file to write")
+    point = s.add_mutually_exclusive_group()
+    point.add_argument("--as-of", metavar="TIMESTAMP", help="--bucket: its members as of this ISO 8601 time "
+                                                           "(Delta time travel of bucket_events)")
+    point.add_argument("--version", metavar="N", help="--bucket: its members at this version of bucket_events")
+    s.add_argument("--format", choices=("folder", "csv", "parquet", "imagefolder"), default="folder",
+                   help="--bucket: folder (symlinks + manifest.csv, default), csv or parquet (the manifest), "
+                        "imagefolder (<label>/ copies + metadata.csv)")
 
     s = sub.add_parser("grid", help="lay out the collection on a zoomable grid map (layout, quality, tiles)")
     s.add_argument("--where", metavar="SQL", help="only images matching this predicate over images columns, "
@@ -227,8 +235,22 @@ def _cmd_tag(args, settings: Settings, lake: Lake) -> int:
 def _cmd_export(args, settings: Settings, lake: Lake) -> int:
     from jobs.cluster.export import export_bucket, export_cluster
 
+    if args.bucket and (args.as_of or args.version is not None or args.format != "folder"):
+        return _export_bucket_at(args, lake)
+    if args.cluster and (args.as_of or args.version is not None or args.format != "folder"):
+        raise BadInput("--as-of, --version and --format are for --bucket; a cluster exports as a folder")
     result = export_cluster(lake, args.cluster, args.to) if args.cluster else export_bucket(lake, args.bucket, args.to)
     print(f"exported {result['links']} images to {result['to']}")
+    return 0
+
+
+def _export_bucket_at(args, lake: Lake) -> int:
+    from lake.bucket_export import manifest, parse_point, snapshot, write_folder
+
+    snap = snapshot(lake, args.bucket, parse_point(args.version, args.as_of))
+    result = write_folder(manifest(lake, snap), args.to, args.format)
+    print(f"exported {result['images']} images of bucket {args.bucket} ({snap.bucket.get('name')!r}, "
+          f"bucket_events version {snap.log_version}) to {result['to']} as {args.format}")
     return 0
 
 
