@@ -33,7 +33,7 @@ from lake.sql import QueryResult, SqlSandbox
 
 __all__ = ["LakeReader", "SERVED_TABLES", "check_image_id", "init_app", "lake_reader"]
 
-SERVED_TABLES = ("images", "sources", "thumbnails", "metadata")
+SERVED_TABLES = ("images", "sources", "thumbnails", "metadata", "capture", "image_quality", "outliers")
 _IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 
 
@@ -185,6 +185,7 @@ class LakeReader:
             rows = cur.sql("SELECT * EXCLUDE (image_id) FROM metadata WHERE image_id = ? LIMIT 1",
                            params=[image_id]).to_arrow_table().to_pylist()
             image["metadata"] = {k: v for k, v in rows[0].items() if v is not None} if rows else {}
+            image.update(_signals(cur, image_id))
             return image
         finally:
             cur.close()
@@ -308,6 +309,21 @@ class LakeReader:
                 self._con.close()
             self._con, self._sandbox = None, None
             self._tables, self._versions, self._view_versions, self._datasets = {}, {}, {}, {}
+
+
+def _signals(cur: duckdb.DuckDBPyConnection, image_id: str) -> dict[str, Any]:
+    """``capture`` (its fields with a value, issues included; ``{}`` when none) and ``quality`` (the
+    ``image_quality`` measures and flags; null before the quality step ran) of one image."""
+    out: dict[str, Any] = {}
+    for key, table, drop in (("capture", "capture", "image_id, run_id, created_at"),
+                             ("quality", "image_quality", "image_id, run_id, created_at")):
+        rows = cur.sql(f"SELECT * EXCLUDE ({drop}) FROM {table} WHERE image_id = ? LIMIT 1",
+                       params=[image_id]).to_arrow_table().to_pylist()
+        if key == "capture":
+            out[key] = {k: v for k, v in rows[0].items() if v not in (None, [])} if rows else {}
+        else:
+            out[key] = rows[0] if rows else None
+    return out
 
 
 class ByteLRU:
