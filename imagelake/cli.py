@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what embedding computes in, part of the features key (auto: fp32 on CPU and on "
                         "a cluster, bf16/fp16 on a local GPU or with --device cuda)")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--import", dest="import_file", metavar="FILE",
+                   help="import your own embeddings (.parquet, .npz, .npy) under --model NAME@VERSION instead of computing them")
+    s.add_argument("--key", choices=["image_id", "uri"], help="with --import: the key column (default: the one present)")
+    s.add_argument("--keys", metavar="FILE", help="with --import of a .npy: one image id or URI a line, one per row")
+    s.add_argument("--dim", type=int, help="with --import: the expected dimension (default: the stored or first row's)")
 
     s = sub.add_parser("run", help="the whole pipeline, incrementally: ingest, embed, index, cluster, tag, grid")
     s.add_argument("--images", metavar="SRC", help="what ingest reads (required when ingest is a step)")
@@ -175,6 +180,15 @@ def _cmd_ingest(args, settings: Settings, lake: Lake) -> int:
 
 
 def _cmd_embed(args, settings: Settings, lake: Lake) -> int:
+    if args.import_file:
+        from jobs.embed.importer import import_embeddings
+
+        result = import_embeddings(lake, settings, args.import_file, args.model, key=args.key, keys_file=args.keys,
+                                   dim=args.dim)
+        print("\n".join(result.lines()))
+        return 0
+    if args.key or args.keys or args.dim is not None:
+        raise BadInput("--key, --keys and --dim go with --import FILE")
     try:
         from jobs.embed.driver import run_embed
     except ImportError as e:
