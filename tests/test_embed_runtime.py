@@ -100,6 +100,7 @@ def test_quality_gate_figures():
 def test_auto_measures_every_runtime_keeps_the_fastest_that_passes_and_caches_it(lake, monkeypatch):
     monkeypatch.delenv(choose_mod.ENV_PIN, raising=False)
     monkeypatch.setattr(choose_mod, "CALIBRATION_N", N)
+    monkeypatch.setattr(choose_mod, "MEASURE_SECONDS", 0.2)
     summary = run_embed(lake, SETTINGS, runner=LocalRunner(), runtime="auto")
     assert summary["runtime_source"] == "measured" and summary["embedded"] == N
     ms = {m["name"]: m for m in summary["runtime_measurements"]}
@@ -156,14 +157,22 @@ def test_bad_runtime_names_are_refused_with_the_list(lake, monkeypatch):
 
 
 def test_the_model_loads_once_per_worker_process_not_per_task(lake, monkeypatch):
+    """Three tasks in one worker process (as Spark reuses its Python workers): one model load."""
+    import pyarrow as pa
+
+    from jobs.embed.artifact import ensure_onnx
+    from jobs.embed.partition import EmbedJob, embed_partition
+    from jobs.runner import PartitionContext
+
     built = []
     real = rt.build_runtime
     monkeypatch.setattr(rt, "build_runtime", lambda *a, **k: built.append(a[0]) or real(*a, **k))
     monkeypatch.setattr(rt, "_CACHE", {})
-    from jobs.embed.models import efficientnet_lite
-    from jobs.embed.models import MODELS
-
-    monkeypatch.setitem(MODELS, "efficientnet-lite0", efficientnet_lite("efficientnet-lite0", version="2-once"))
-    summary = run_embed(lake, SETTINGS, runner=LocalRunner(), runtime="ort-fp32", partition_rows=8)
-    assert summary["partitions"] == 3 and summary["embedded"] == N
-    assert built == ["ort-fp32"], "three tasks in one process, one model load"
+    art = ensure_onnx(lake.artifacts_dir(), LITE0)
+    images = open_table(lake, "images").to_pyarrow_table().select(["image_id", "uri"])
+    job = EmbedJob(spec=LITE0, run_id="once", staging_dir=lake.staging_dir("once"), device="cpu",
+                   artifact=art, runtime="ort-fp32", batch_size=4, threads=1, decode_threads=1)
+    stats = [list(embed_partition(iter(images.slice(8 * i, 8).to_batches()), PartitionContext(i), job=job))[0]
+             for i in range(3)]
+    assert [s.column("n_ok")[0].as_py() for s in stats] == [8, 8, 8]
+    assert built == ["ort-fp32"]

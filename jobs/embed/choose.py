@@ -46,11 +46,13 @@ from lake.lock import LakeLock
 from lake.staging import filesystem_for
 
 __all__ = ["Choice", "choose_runtime", "calibration_images", "ensure_int8", "measure_all", "CALIBRATION_N",
-           "ENV_PIN"]
+           "ENV_PIN", "check_runtime_name"]
 
 log = logging.getLogger("imagelake.jobs.embed")
 
 CALIBRATION_N = 64
+#: Least time each runtime is timed for (after a warm-up batch), seconds.
+MEASURE_SECONDS = 1.0
 ENV_PIN = "IMAGELAKE_EMBED_RUNTIME"
 
 
@@ -166,10 +168,11 @@ def _choice(spec: ModelSpec, name: str, artifact, source: str, machine: str = ""
 
 
 def measure_all(lake: Lake, spec: ModelSpec, fp32: OnnxArtifact, images: np.ndarray, threads: int,
-                names: list[str] | None = None, batch: int = 32, min_seconds: float = 1.0) -> list[Measurement]:
+                names: list[str] | None = None, batch: int = 32, min_seconds: float | None = None) -> list[Measurement]:
     """Every runtime of ``names`` (default: the catalog's ``auto`` entries) on ``images``, the
     reference ``ort-fp32`` first; one that is unavailable or fails gets its ``error``."""
     names = names or [n for n, e in CATALOG.items() if e.auto]
+    min_seconds = MEASURE_SECONDS if min_seconds is None else min_seconds
     names = ["ort-fp32"] + [n for n in names if n != "ort-fp32"]
     ref_m, ref = measure(build_runtime("ort-fp32", spec, fp32, threads), images, None, batch, min_seconds)
     out = [ref_m]
@@ -189,6 +192,12 @@ def measure_all(lake: Lake, spec: ModelSpec, fp32: OnnxArtifact, images: np.ndar
     return out
 
 
+def check_runtime_name(name: str) -> None:
+    """Raises BadInput unless ``name`` is ``auto`` or a catalog runtime (cheap; before any work)."""
+    if name != "auto" and name not in CATALOG:
+        raise BadInput(f"unknown runtime {name!r}; one of auto, {', '.join(CATALOG)}")
+
+
 def choose_runtime(lake: Lake, spec: ModelSpec, requested: str = "auto", threads: int = 1, *,
                    remeasure: bool = False, max_pixels: int = 100_000_000) -> Choice:
     """The CPU runtime of this run (see the module doc).
@@ -200,9 +209,8 @@ def choose_runtime(lake: Lake, spec: ModelSpec, requested: str = "auto", threads
         requested, source = os.environ[ENV_PIN], "pinned"
     else:
         source = "requested"
+    check_runtime_name(requested)
     if requested != "auto":
-        if requested not in CATALOG:
-            raise BadInput(f"unknown runtime {requested!r}; one of auto, {', '.join(CATALOG)}")
         ok, why = runtime_available(requested)
         if not ok:
             raise BadInput(f"runtime {requested} cannot run on this machine: {why}")

@@ -147,6 +147,8 @@ def run_embed(lake: Lake, settings: Settings, model: str = "efficientnet-lite0",
         raise BadInput("the ONNX engine runs on CPU here; use --device cpu, or the torch engine on CUDA")
     if partition_rows <= 0:
         raise BadInput(f"partition_rows must be positive, got {partition_rows!r}")
+    from jobs.embed.choose import check_runtime_name
+    check_runtime_name(runtime)
     lake.ensure()
     ensure_tables(lake, ["images", "features", "rejects", "job_runs"])
     owns_runner = runner is None
