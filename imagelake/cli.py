@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="what embedding computes in, part of the features key (auto: fp32 on CPU and on "
                         "a cluster, bf16/fp16 on a local GPU or with --device cuda)")
+    s.add_argument("--runtime", default="auto", metavar="NAME",
+                   help="CPU runtime: auto (the fastest that passes the quality gate, measured once per machine "
+                        "and model) or one of ort-fp32, ort-int8, openvino-fp32, openvino-bf16, openvino-int8, "
+                        "torch-bf16, torch-fp32")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--import", dest="import_file", metavar="FILE",
                    help="import your own embeddings (.parquet, .npz, .npy) under --model NAME@VERSION instead of computing them")
@@ -194,7 +198,7 @@ def _cmd_embed(args, settings: Settings, lake: Lake) -> int:
     except ImportError as e:
         raise BadInput(f"embedding needs the 'embed' extra (pip install 'imagelake[embed]'): {e}") from None
     summary = run_embed(lake, settings, model=args.model, device=args.device, precision=args.precision,
-                        progress=not args.no_progress and sys.stderr.isatty())
+                        runtime=args.runtime, progress=not args.no_progress and sys.stderr.isatty())
     print(embed_line(summary))
     return 0
 
