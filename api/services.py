@@ -22,6 +22,7 @@ from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 from flask import Flask, current_app
 
+from api.browse_index import BrowseIndex
 from api.per_process import ProcessOwner
 from lake.catalog import TABLES, Lake
 from lake.errors import BadInput, NotFound
@@ -33,7 +34,7 @@ from lake.sql import QueryResult, SqlSandbox
 
 __all__ = ["LakeReader", "SERVED_TABLES", "check_image_id", "init_app", "lake_reader"]
 
-SERVED_TABLES = ("images", "sources", "thumbnails", "metadata")
+SERVED_TABLES = ("images", "sources", "thumbnails", "metadata", "capture", "image_quality", "outliers")
 _IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 
 
@@ -73,6 +74,7 @@ class LakeReader:
         self._thumbs = ByteLRU(int(settings.thumbnail_cache_mb * 1024 * 1024))
         self._thumb_index = ThumbnailIndex()  # point lookups: one row group read, not one per data file
         self._thumb_index_version: int | None = None
+        self._browse_index = BrowseIndex()  # keyset pages and collection counts per images version
 
     # -- per-process state -------------------------------------------------------------------
 
@@ -185,6 +187,7 @@ class LakeReader:
             rows = cur.sql("SELECT * EXCLUDE (image_id) FROM metadata WHERE image_id = ? LIMIT 1",
                            params=[image_id]).to_arrow_table().to_pylist()
             image["metadata"] = {k: v for k, v in rows[0].items() if v is not None} if rows else {}
+            image.update(_signals(cur, image_id))
             return image
         finally:
             cur.close()
@@ -214,20 +217,25 @@ class LakeReader:
             cur.close()
 
     def browse(self, *, limit: int = 60, offset: int = 0, collection: str | None = None) -> dict[str, Any]:
-        """A page of images in ``seq`` order (optionally one collection), the total, and per-collection counts."""
-        where, params = ("WHERE collection = ?", [collection]) if collection else ("", [])
+        """A page of images in ``seq`` order (optionally one collection), the total, and per-collection
+        counts: a keyset page over the per-version seq index (:mod:`api.browse_index`), no full scan."""
+        version = self.refresh().get("images")
         cur = self._cursor()
         try:
-            cur.execute(f"SELECT image_id, seq, collection, format, width, height FROM images {where} "
-                        "ORDER BY seq LIMIT ? OFFSET ?", [*params, limit, offset])
-            cols = [d[0] for d in cur.description]
-            page = [dict(zip(cols, row)) for row in cur.fetchall()]
-            cur.execute("SELECT collection, count(*) FROM images GROUP BY 1 ORDER BY 2 DESC, 1")
-            counts = {c: n for c, n in cur.fetchall()}
+            index = self._browse_index.get(version, cur)
+            seqs = index.page(offset, limit, collection)
+            page = []
+            if len(seqs):
+                where, params = ("AND collection = ?", [collection]) if collection else ("", [])
+                cur.execute(f"SELECT image_id, seq, collection, format, width, height FROM images "
+                            f"WHERE seq BETWEEN ? AND ? {where} ORDER BY seq LIMIT ?",
+                            [int(seqs[0]), int(seqs[-1]), *params, limit])
+                cols = [d[0] for d in cur.description]
+                page = [dict(zip(cols, row)) for row in cur.fetchall()]
         finally:
             cur.close()
-        total = counts.get(collection, 0) if collection else sum(counts.values())
-        return {"images": page, "total": total, "collections": counts}
+        counts = {(c or None): n for c, n in index.counts.items()}
+        return {"images": page, "total": index.total(collection), "collections": counts}
 
     def thumbnail(self, image_id: str, size: int) -> bytes:
         """The JPEG thumbnail of ``image_id`` whose longest side is ``size`` px.
@@ -308,6 +316,21 @@ class LakeReader:
                 self._con.close()
             self._con, self._sandbox = None, None
             self._tables, self._versions, self._view_versions, self._datasets = {}, {}, {}, {}
+
+
+def _signals(cur: duckdb.DuckDBPyConnection, image_id: str) -> dict[str, Any]:
+    """``capture`` (its fields with a value, issues included; ``{}`` when none) and ``quality`` (the
+    ``image_quality`` measures and flags; null before the quality step ran) of one image."""
+    out: dict[str, Any] = {}
+    for key, table, drop in (("capture", "capture", "image_id, run_id, created_at"),
+                             ("quality", "image_quality", "image_id, run_id, created_at")):
+        rows = cur.sql(f"SELECT * EXCLUDE ({drop}) FROM {table} WHERE image_id = ? LIMIT 1",
+                       params=[image_id]).to_arrow_table().to_pylist()
+        if key == "capture":
+            out[key] = {k: v for k, v in rows[0].items() if v not in (None, [])} if rows else {}
+        else:
+            out[key] = rows[0] if rows else None
+    return out
 
 
 class ByteLRU:
