@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from lake.errors import CorruptArtifact
-from lake.staging import filesystem_for
+from lake.staging import filesystem_for, remote_store
 
 __all__ = ["ArrayArtifact", "file_sha256", "write_arrays", "read_arrays", "read_manifest", "write_text_atomic",
            "read_text"]
@@ -39,17 +39,6 @@ def file_sha256(path: str) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
-
-
-def remote_store(uri: str):
-    """``(LakeStore, key)`` for an object-store URI (the store rooted at its bucket), else ``None``."""
-    if "://" not in uri or uri.startswith("file://"):
-        return None
-    from lake.store import LakeStore
-
-    scheme, rest = uri.split("://", 1)
-    bucket, _, key = rest.partition("/")
-    return LakeStore.for_lake(f"{scheme}://{bucket}"), key
 
 
 def write_text_atomic(uri: str, data: bytes) -> None:

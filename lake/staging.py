@@ -1,7 +1,8 @@
 """Staged writes: what tasks do instead of committing.
 
 A task writes each table's rows for its partition to one Parquet file with a deterministic name,
-``_staging/<run_id>/<table>/part-<partition>.parquet``: first to a temporary name, then renamed. A
+``_staging/<run_id>/<table>/part-<partition>.parquet``: first to a temporary name, then renamed (on an object store: spooled to a local temporary file,
+then uploaded through :class:`lake.store.LakeStore` in one atomic put). A
 retried or speculative attempt of the same partition overwrites the same name, so the driver, which
 commits only the files named in the task results, can never see a row twice. This module must not
 import deltalake: it runs inside Spark workers, which fork.
@@ -10,13 +11,14 @@ import deltalake: it runs inside Spark workers, which fork.
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-__all__ = ["StagedWriter", "staged_path", "filesystem_for", "remove_staging", "staged_dataset"]
+__all__ = ["StagedWriter", "staged_path", "filesystem_for", "remove_staging", "staged_dataset", "remote_store"]
 
 
 def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
@@ -26,18 +28,26 @@ def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(path)
 
 
+def remote_store(uri: str):
+    """``(LakeStore, key)`` for an object-store URI (the store rooted at its bucket), else ``None``."""
+    if "://" not in uri or uri.startswith("file://"):
+        return None
+    from lake.store import LakeStore
+
+    scheme, rest = uri.split("://", 1)
+    bucket, _, key = rest.partition("/")
+    return LakeStore.for_lake(f"{scheme}://{bucket}"), key
+
+
 def remove_staging(staging_dir: str) -> None:
     """Remove a run's staging folder (local or object store); nothing when it is not there.
 
     On an object store every object under the prefix is deleted through :class:`lake.store.LakeStore`
     (pyarrow's ``delete_dir`` would leave an empty "folder" marker object behind).
     """
-    if "://" in staging_dir and not staging_dir.startswith("file://"):
-        from lake.store import LakeStore
-
-        scheme, rest = staging_dir.split("://", 1)
-        bucket, _, prefix = rest.partition("/")
-        store = LakeStore.for_lake(f"{scheme}://{bucket}")
+    remote = remote_store(staging_dir)
+    if remote is not None:
+        store, prefix = remote
         for o in store.list(prefix):
             store.delete(o.key)
         return
@@ -78,11 +88,16 @@ class StagedWriter:
         self.sort_by, self.row_group_rows = tuple(sort_by), row_group_rows
         self._buffer: list[pa.Table] = []
         self.rows = 0
-        self._fs, self._final_in_fs = filesystem_for(self.final)
-        parent = self._final_in_fs.rsplit("/", 1)[0]
-        self._tmp = f"{parent}/.{os.path.basename(self._final_in_fs)}.{uuid.uuid4().hex}.tmp"
-        if isinstance(self._fs, pafs.LocalFileSystem):  # object stores need no folders (and get no markers)
+        self._remote = remote_store(self.final)
+        if self._remote is None:
+            self._fs, self._final_in_fs = filesystem_for(self.final)
+            parent = self._final_in_fs.rsplit("/", 1)[0]
+            self._tmp = f"{parent}/.{os.path.basename(self._final_in_fs)}.{uuid.uuid4().hex}.tmp"
             self._fs.create_dir(parent, recursive=True)
+        else:
+            # object store: spool to local disk, then one upload (atomic: the object appears whole)
+            self._fs = pafs.LocalFileSystem()
+            self._tmp = os.path.join(tempfile.gettempdir(), f"imagelake-staged-{uuid.uuid4().hex}.parquet")
         self._writer: pq.ParquetWriter | None = None
 
     def write(self, rows: pa.Table | pa.RecordBatch | list[dict]) -> None:
@@ -115,7 +130,13 @@ class StagedWriter:
             return None
         self._writer.close()
         self._writer = None
-        self._fs.move(self._tmp, self._final_in_fs)
+        if self._remote is None:
+            self._fs.move(self._tmp, self._final_in_fs)
+            return self.final
+        try:
+            self._remote[0].upload(self._remote[1], self._tmp)
+        finally:
+            os.unlink(self._tmp)
         return self.final
 
     def abort(self) -> None:

@@ -77,3 +77,36 @@ def test_spark_runner_uses_toArrow_where_pyspark_has_it(spark):
     rows = pa.table({"id": ["a", "b", "c"], "n": [1, 2, 3]})
     got = SparkRunner(Settings(), spark=spark).map_partitions(_summarise, rows, 2, OUT)
     assert sorted(got.column("total").to_pylist()) == [1, 5]
+
+
+from s3_server import lake_root, s3_lake, s3_server  # noqa: E402,F401
+
+
+def _batches(rows: pa.Table, size: int):
+    return iter(rows.to_batches(max_chunksize=size))
+
+
+def test_staged_input_cuts_the_same_partitions_and_tasks_read_their_own_file(lake_root):
+    """Rows streamed in odd-sized batches into the lake (local, then the S3 server) give the same
+    partitions as the in-memory table; a wrong row count is refused."""
+    from jobs.runner import stage_input
+
+    rows = pa.table({"id": [f"i{k}" for k in range(23)], "n": list(range(23))})
+    staged = stage_input(f"{lake_root}/_staging/r1", "t", _batches(rows, 5), rows.num_rows, 4, rows.schema)
+    assert staged.num_partitions == 4 and staged.num_rows == 23 and all(staged.files)
+    want = LocalRunner().map_partitions(_summarise, rows, 4, OUT).to_pylist()
+    assert LocalRunner().map_partitions(_summarise, staged, 4, OUT).to_pylist() == want
+    with pytest.raises(RuntimeError, match="counted"):
+        stage_input(f"{lake_root}/_staging/r2", "t", _batches(rows, 5), 30, 4, rows.schema)
+    empty = stage_input(f"{lake_root}/_staging/r3", "t", iter(()), 0, 3, rows.schema)
+    assert empty.files == (None,) and LocalRunner().map_partitions(_drop, empty, 1, OUT).num_rows == 0
+
+
+@pytest.mark.spark
+def test_spark_tasks_read_staged_input_from_the_lake(spark, tmp_path):
+    from jobs.runner import stage_input
+
+    rows = pa.table({"id": [f"i{k}" for k in range(10)], "n": list(range(10))})
+    staged = stage_input(str(tmp_path / "_staging" / "r"), "t", _batches(rows, 3), 10, 3, rows.schema)
+    got = SparkRunner(Settings(), spark=spark).map_partitions(_summarise, staged, 3, OUT)
+    assert got.sort_by("partition").to_pylist() == LocalRunner().map_partitions(_summarise, rows, 3, OUT).to_pylist()
