@@ -264,11 +264,10 @@ class BucketStore:
         writer took that version, drop the plan, re-read and plan again."""
         for attempt in range(self.max_replans + 1):
             with self._writing(), self._lock:
-                # Optimistic on a local lake: plan on the fold as it is (this node's writer is the
-                # only one); a commit from elsewhere makes ours fail, and the retry re-reads. On an
-                # object store other nodes write too: read the tail first (one request).
-                optimistic = attempt == 0 and self.lake.is_local and self._table is not None
-                state = self.state if optimistic else self.sync()
+                # Read the tail first (a cheap check of the log when nothing changed): planning on
+                # the fold as it is would also be correct (a commit from elsewhere makes ours fail
+                # and we re-plan), but each lost commit leaves an orphaned data file behind.
+                state = self.sync()
                 results: list[Any] = []
                 rows: list[dict[str, Any]] = []
                 for action in batch:
