@@ -2,6 +2,7 @@
 // Keys: 1–9 drop the focused image into bucket N, x discards it, u undoes your last action,
 // arrows move the focus, n shows the next page, f fast-forwards, t switches Grid/Tetris.
 import {api, el, thumbUrl, toast} from "./api.js";
+import {clearSelection, selectable, selectionIds} from "./selection.js";
 
 const PAGE = 28;          // 4 × 7
 const PALETTE = ["#2f6fb3", "#e07b39", "#3a9b5c", "#b8439a", "#8a6d3b", "#d64550", "#5a5a9e", "#1b998b", "#c9a227"];
@@ -411,7 +412,11 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     if (!visible || e.target.closest("input, textarea, select") || e.ctrlKey || e.metaKey || e.altKey) return;
     const id = focusedId();
     const cols = 7, count = review ? review.length : page.length;
-    if (/^[1-9]$/.test(e.key)) {
+    if (/^[1-9]$/.test(e.key) && mode === "grid" && !review && selectionIds().length) {
+      const b = byKey(Number(e.key));  // a key with images selected drops them all
+      const onPage = new Set(page.map((p) => p.image_id));
+      if (b) { for (const sid of selectionIds()) if (onPage.has(sid)) place(sid, b.bucket_id); clearSelection(); }
+    } else if (/^[1-9]$/.test(e.key)) {
       const b = byKey(Number(e.key));
       if (b && id) { place(id, b.bucket_id); if (mode === "grid") focus = Math.min(focus + 1, count - 1); }
     } else if (e.key === "x" && id) {
@@ -431,6 +436,15 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     e.preventDefault();
   });
   document.addEventListener("imagelake:view", (e) => { visible = e.detail === "curate"; });
+  // the selection bar acted on images of this page: the badges follow
+  document.addEventListener("imagelake:buckets-changed", (e) => {
+    const {kind, bucketId, ids} = e.detail;
+    const to = kind === "discard" ? "discard" : kind === "remove" ? null : bucketId;
+    for (const item of page) if (ids.includes(item.image_id)) item.placed = to;
+    if (visible && mode === "grid") renderGrid();
+    loadBuckets();
+  });
+  selectable(gridBox);
   root.querySelector("#mode-grid").addEventListener("click", () => setMode("grid"));
   root.querySelector("#mode-tetris").addEventListener("click", () => setMode("tetris"));
 
