@@ -593,7 +593,7 @@ def test_the_bucket_page_pages_members_moves_a_selection_and_shows_history_and_e
         page.click("#selection-move")
         page.wait_for_selector("#bucket-title:has-text('68 members')")
         assert _members(site, other) == set(ids[56:58]) and not _members(site, bucket_id) & set(ids[56:58])
-        page.wait_for_selector("#bucket-history-table tbody tr")
+        page.wait_for_selector("#bucket-history-table tbody tr td:has-text('move')")
         actions = page.locator("#bucket-history-table tbody tr td:nth-child(4)").all_inner_texts()
         assert actions[0].startswith("move") and "add" in actions and actions[-1] == "create"
         link = page.locator("a.export[data-format='csv']")
@@ -604,3 +604,29 @@ def test_the_bucket_page_pages_members_moves_a_selection_and_shows_history_and_e
         assert text.splitlines()[0].startswith("image_id,path") and len(text.splitlines()) == 69
     finally:
         requests.delete(f"{api}/buckets/{other}", headers=_auth(site), timeout=30)
+
+
+def test_rename_in_place_delete_without_a_dialog_undo_it_and_the_keys_overlay(page, site, own_bucket):
+    bucket_id, _ = own_bucket
+    page.set_viewport_size(SMALL)
+    dialogs = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    tile = page.locator(f".bucket[data-bucket-id='{bucket_id}']")
+    tile.locator("button:has-text('rename')").click()
+    field = tile.locator("input.rename")
+    assert_seen(field, "the name field")
+    field.fill("renamed in place")
+    field.press("Enter")
+    page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .name:has-text('renamed in place')")
+    listing = requests.get(site["base"] + "/api/v1/buckets", headers=_auth(site), timeout=30).json()["buckets"]
+    assert any(b["bucket_id"] == bucket_id and b["name"] == "renamed in place" for b in listing)
+    page.keyboard.press("?")
+    assert "undo your last action" in assert_seen_text(page.locator("#keys-help"), "the keys overlay")
+    page.keyboard.press("a")
+    page.locator("#keys-help").wait_for(state="detached")
+    tile.locator("button:has-text('delete')").click()
+    page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}']", state="detached")
+    assert "press u to undo" in assert_seen_text(page.locator("#curate-status"), "the status")
+    page.keyboard.press("u")
+    assert_seen(page.locator(f".bucket[data-bucket-id='{bucket_id}'] .name"), "the bucket, back")
+    assert dialogs == [], dialogs

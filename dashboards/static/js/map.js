@@ -58,6 +58,12 @@ export async function mountMap(root, {openDetails}) {
     box.dataset.ready = "1";
     box.dataset.homeZoom = String(viewer.viewport.getHomeZoom());
   });
+  // the first tile on screen: loaded, then painted by the next frame (read by tests/bench/bench_dashboard.py)
+  viewer.addHandler("tile-loaded", () => {
+    if (box.dataset.firstTile) return;
+    box.dataset.firstTile = "1";
+    requestAnimationFrame(() => requestAnimationFrame(() => performance.mark("map-first-tile")));
+  });
   viewer.addHandler("animation-finish", () => { box.dataset.zoom = String(viewer.viewport.getZoom()); });
 
   async function overlay(choice) {
