@@ -2,6 +2,7 @@
 // Keys: 1–9 drop the focused image into bucket N, x discards it, u undoes your last action,
 // arrows move the focus, n shows the next page, f fast-forwards, t switches Grid/Tetris.
 import {api, el, thumbUrl, toast} from "./api.js";
+import {clearSelection, selectable, selectionIds} from "./selection.js";
 
 const PAGE = 28;          // 4 × 7
 const PALETTE = ["#2f6fb3", "#e07b39", "#3a9b5c", "#b8439a", "#8a6d3b", "#d64550", "#5a5a9e", "#1b998b", "#c9a227"];
@@ -104,19 +105,43 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     } catch (e) { toast(e.message, "error"); } finally { button.disabled = false; }
   }
 
-  async function rename(b) {
-    const name = window.prompt("Rename bucket", b.name);
-    if (!name || name === b.name) return;
-    try { await api(`/buckets/${b.bucket_id}`, {method: "PATCH", json: {name}}); await loadBuckets(); } catch (e) { toast(e.message, "error"); }
+  // rename in place: the name becomes a field (Enter saves, Escape cancels); no native dialog
+  function rename(b) {
+    const node = list.querySelector(`[data-bucket-id="${b.bucket_id}"] .name`);
+    if (!node) return;
+    const input = el("input", {class: "rename", value: b.name, "aria-label": `new name of ${b.name}`, maxlength: 200});
+    const done = async (save) => {
+      if (!input.isConnected) return;
+      const name = input.value.trim();
+      if (save && name && name !== b.name) {
+        try { await api(`/buckets/${b.bucket_id}`, {method: "PATCH", json: {name}}); } catch (e) { toast(e.message, "error"); }
+      }
+      await loadBuckets();
+    };
+    input.addEventListener("keydown", (e) => {
+      e.stopPropagation();
+      if (e.key === "Enter") done(true);
+      else if (e.key === "Escape") done(false);
+    });
+    input.addEventListener("click", (e) => e.stopPropagation());
+    input.addEventListener("blur", () => done(true));
+    node.replaceWith(input);
+    input.focus();
+    input.select();
   }
 
   async function recolor(b, color) {
     try { await api(`/buckets/${b.bucket_id}`, {method: "PATCH", json: {color}}); await loadBuckets(); } catch (e) { toast(e.message, "error"); }
   }
 
+  // delete at once, no native dialog: the delete is soft and u (or the status line's undo) brings it back
   async function remove(b) {
-    if (!window.confirm(`Delete bucket "${b.name}"? (u undoes it)`)) return;
-    try { await api(`/buckets/${b.bucket_id}`, {method: "DELETE"}); await loadBuckets(); refresh(); } catch (e) { toast(e.message, "error"); }
+    try {
+      await api(`/buckets/${b.bucket_id}`, {method: "DELETE"});
+      await loadBuckets();
+      await refresh();
+      say(`deleted "${b.name}" — press u to undo`);
+    } catch (e) { toast(e.message, "error"); }
   }
 
   // -- actions on images -----------------------------------------------------------------
@@ -411,7 +436,11 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     if (!visible || e.target.closest("input, textarea, select") || e.ctrlKey || e.metaKey || e.altKey) return;
     const id = focusedId();
     const cols = 7, count = review ? review.length : page.length;
-    if (/^[1-9]$/.test(e.key)) {
+    if (/^[1-9]$/.test(e.key) && mode === "grid" && !review && selectionIds().length) {
+      const b = byKey(Number(e.key));  // a key with images selected drops them all
+      const onPage = new Set(page.map((p) => p.image_id));
+      if (b) { for (const sid of selectionIds()) if (onPage.has(sid)) place(sid, b.bucket_id); clearSelection(); }
+    } else if (/^[1-9]$/.test(e.key)) {
       const b = byKey(Number(e.key));
       if (b && id) { place(id, b.bucket_id); if (mode === "grid") focus = Math.min(focus + 1, count - 1); }
     } else if (e.key === "x" && id) {
@@ -419,7 +448,8 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
       else discard(id);
     } else if (e.key === "Enter" && mode === "tetris" && tetrisItem) {
       place(tetrisItem.image_id, tetrisItem.bucket.bucket_id);
-    } else if (e.key === "u") undo();
+    } else if (e.key === "?") keysHelp();
+    else if (e.key === "u") undo();
     else if (e.key === "n") nextPage();
     else if (e.key === "f") fastForward();
     else if (e.key === "t") setMode(mode === "grid" ? "tetris" : "grid");
@@ -430,7 +460,33 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     } else return;
     e.preventDefault();
   });
+  // ? shows every key in an overlay; any key or click closes it
+  function keysHelp() {
+    const rows = [["1–9", "drop the focused image (or the selection) into bucket N; again with another number moves it"],
+                  ["x", "discard the focused image (in a review: mark it as not belonging)"], ["u", "undo your last action"],
+                  ["←↑→↓", "move the focus"], ["n", "next page: the untouched images become negatives"],
+                  ["f", "fast-forward: the model's top 28 join pending review"], ["t", "Grid / Tetris"],
+                  ["Enter", "Tetris: accept the suggested bucket"], ["ctrl/shift-click, shift-drag", "select images"],
+                  ["Escape", "close the drawer, clear the selection"], ["?", "this help"]];
+    const box = el("div", {class: "keys-help", id: "keys-help", role: "dialog", "aria-label": "keys"},
+      el("h3", {}, "Keys"), el("table", {}, rows.map(([k, what]) => el("tr", {}, el("td", {}, el("kbd", {}, k)), el("td", {}, what)))),
+      el("p", {class: "muted"}, "any key or click closes this"));
+    const close = (e) => { e.preventDefault(); e.stopImmediatePropagation(); box.remove();
+                           document.removeEventListener("keydown", close, true); };
+    box.addEventListener("click", close);
+    document.addEventListener("keydown", close, true);
+    document.body.append(box);
+  }
   document.addEventListener("imagelake:view", (e) => { visible = e.detail === "curate"; });
+  // the selection bar acted on images of this page: the badges follow
+  document.addEventListener("imagelake:buckets-changed", (e) => {
+    const {kind, bucketId, ids} = e.detail;
+    const to = kind === "discard" ? "discard" : kind === "remove" ? null : bucketId;
+    for (const item of page) if (ids.includes(item.image_id)) item.placed = to;
+    if (visible && mode === "grid") renderGrid();
+    loadBuckets();
+  });
+  selectable(gridBox);
   root.querySelector("#mode-grid").addEventListener("click", () => setMode("grid"));
   root.querySelector("#mode-tetris").addEventListener("click", () => setMode("tetris"));
 
