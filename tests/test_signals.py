@@ -304,3 +304,42 @@ def test_text_search_finds_the_coffee_photos_for_espresso(signals_lake):
         assert {"/images/unusual", "/search/text"} <= set(spec["paths"])
     finally:
         app.extensions["imagelake"].close()
+
+
+def test_doubts_find_planted_wrong_bucket_members(signals_lake):
+    from api import create_app
+    from lake.tokens import create_token
+
+    lake, settings, _, _ = signals_lake
+    ids = _ids_by_uri(lake)
+    by_class = {c: sorted(i for u, i in ids.items() if f"/{c}/photo_" in u) for c in CLEAN}
+    wrong = by_class["astronaut"][:2] + by_class["chelsea"][:1]   # planted in the coffee bucket
+    app = create_app(settings.replace(refresh_s=0.0, suggest_dims=16), {"TESTING": True})
+    try:
+        client = app.test_client()
+        client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {create_token(lake, 'curate', 't')[1]}"
+        buckets = {}
+        for c in CLEAN:
+            r = client.post("/api/v1/buckets", json={"name": c})
+            assert r.status_code == 201, r.get_json()
+            buckets[c] = r.get_json()["bucket"]["bucket_id"]
+            members = by_class[c][2:] if c != "coffee" else by_class[c] + wrong
+            if c == "chelsea":
+                members = by_class[c][1:]
+            assert client.post(f"/api/v1/buckets/{buckets[c]}/images", json={"image_ids": members}).status_code == 200
+        body = client.get(f"/api/v1/buckets/{buckets['coffee']}/doubts?n=5").get_json()
+        assert body["ok"] and len(body["results"]) == 5, body
+        first = [r["image_id"] for r in body["results"][:len(wrong)]]
+        assert set(first) == set(wrong), body
+        suggested = {r["image_id"]: r["suggested_bucket"] for r in body["results"]}
+        assert suggested[wrong[0]] == buckets["astronaut"] and suggested[wrong[2]] == buckets["chelsea"]
+        scores = [r["score"] for r in body["results"]]
+        assert scores == sorted(scores, reverse=True)
+        for bad in ("n=0", "n=x", "n=100000"):
+            r = client.get(f"/api/v1/buckets/{buckets['coffee']}/doubts?{bad}")
+            assert r.status_code == 400 and r.get_json()["ok"] is False
+        assert client.get("/api/v1/buckets/discard/doubts").status_code == 400
+        assert client.get("/api/v1/buckets/not-a-bucket/doubts").status_code in (400, 404)
+        assert "/buckets/{bucket_id}/doubts" in client.get("/api/v1/openapi.json").get_json()["paths"]
+    finally:
+        app.extensions["imagelake"].close()
