@@ -1,8 +1,9 @@
 """Buckets: create, rename/recolor, soft delete; add, move, copy, remove images; the discard pile;
 undo; a bucket's history by Delta time travel.
 
-Every write is acknowledged only after its event is committed to ``bucket_events`` (group commit
-per server process, see :mod:`lake.bucket_store`); send ``client_event_id`` (or an
+Every write is acknowledged only after its event is committed to ``bucket_events`` (one group-commit
+writer per node, elected among the workers, see :mod:`lake.bucket_writer` and
+:mod:`lake.bucket_store`); send ``client_event_id`` (or an
 ``Idempotency-Key`` header) to make a retried request safe: the same token and key return the
 original event and write nothing.
 """
@@ -34,7 +35,8 @@ bp = Blueprint("buckets", __name__)
 def init_app(app: Flask) -> None:
     settings = app.config["IMAGELAKE_SETTINGS"]
     lake = Lake.at(settings.lake)
-    app.extensions["imagelake.buckets"] = PerProcess(lambda: BucketStore(lake))
+    app.extensions["imagelake.buckets"] = PerProcess(
+        lambda: BucketStore(lake, node_writer=True, refresh_s=settings.refresh_s))
 
 
 def bucket_store() -> BucketStore:

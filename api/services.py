@@ -22,11 +22,13 @@ from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 from flask import Flask, current_app
 
+from api.browse_index import BrowseIndex
 from api.per_process import ProcessOwner
 from lake.catalog import TABLES, Lake
 from lake.errors import BadInput, NotFound
 from lake.metadata_filter import facet_counts, matching_seqs
 from lake.settings import Settings
+from lake.store import open_delta, store_errors
 from lake.thumbnail_index import ThumbnailIndex
 from lake.sql import QueryResult, SqlSandbox
 
@@ -73,6 +75,7 @@ class LakeReader:
         self._thumbs = ByteLRU(int(settings.thumbnail_cache_mb * 1024 * 1024))
         self._thumb_index = ThumbnailIndex()  # point lookups: one row group read, not one per data file
         self._thumb_index_version: int | None = None
+        self._browse_index = BrowseIndex()  # keyset pages and collection counts per images version
 
     # -- per-process state -------------------------------------------------------------------
 
@@ -92,7 +95,7 @@ class LakeReader:
 
         A table that does not exist yet has version ``None`` and is served as empty.
         """
-        with self._lock:
+        with self._lock, store_errors(self.lake):
             self._ensure_open()
             if force or time.monotonic() - self._checked_at >= self.settings.refresh_s:
                 for name in TABLES:
@@ -108,7 +111,7 @@ class LakeReader:
         table = self._tables.get(name)
         if table is None:
             try:
-                table = DeltaTable(self.lake.table_uri(name))
+                table = open_delta(self.lake, name)  # bounded timeouts on an object store
             except TableNotFoundError:
                 return None
             self._tables[name] = table
@@ -227,20 +230,25 @@ class LakeReader:
             cur.close()
 
     def browse(self, *, limit: int = 60, offset: int = 0, collection: str | None = None) -> dict[str, Any]:
-        """A page of images in ``seq`` order (optionally one collection), the total, and per-collection counts."""
-        where, params = ("WHERE collection = ?", [collection]) if collection else ("", [])
+        """A page of images in ``seq`` order (optionally one collection), the total, and per-collection
+        counts: a keyset page over the per-version seq index (:mod:`api.browse_index`), no full scan."""
+        version = self.refresh().get("images")
         cur = self._cursor()
         try:
-            cur.execute(f"SELECT image_id, seq, collection, format, width, height FROM images {where} "
-                        "ORDER BY seq LIMIT ? OFFSET ?", [*params, limit, offset])
-            cols = [d[0] for d in cur.description]
-            page = [dict(zip(cols, row)) for row in cur.fetchall()]
-            cur.execute("SELECT collection, count(*) FROM images GROUP BY 1 ORDER BY 2 DESC, 1")
-            counts = {c: n for c, n in cur.fetchall()}
+            index = self._browse_index.get(version, cur)
+            seqs = index.page(offset, limit, collection)
+            page = []
+            if len(seqs):
+                where, params = ("AND collection = ?", [collection]) if collection else ("", [])
+                cur.execute(f"SELECT image_id, seq, collection, format, width, height FROM images "
+                            f"WHERE seq BETWEEN ? AND ? {where} ORDER BY seq LIMIT ?",
+                            [int(seqs[0]), int(seqs[-1]), *params, limit])
+                cols = [d[0] for d in cur.description]
+                page = [dict(zip(cols, row)) for row in cur.fetchall()]
         finally:
             cur.close()
-        total = counts.get(collection, 0) if collection else sum(counts.values())
-        return {"images": page, "total": total, "collections": counts}
+        counts = {(c or None): n for c, n in index.counts.items()}
+        return {"images": page, "total": index.total(collection), "collections": counts}
 
     def thumbnail(self, image_id: str, size: int) -> bytes:
         """The JPEG thumbnail of ``image_id`` whose longest side is ``size`` px.
@@ -254,7 +262,8 @@ class LakeReader:
         cached = self._thumbs.get((image_id, size))
         if cached is not None:
             return cached
-        jpeg = self.thumbnail_index().get(image_id, size)
+        with store_errors(self.lake):
+            jpeg = self.thumbnail_index().get(image_id, size)
         if jpeg is None:
             raise NotFound(f"no {size}px thumbnail of image {image_id} in the lake")
         self._thumbs.put((image_id, size), jpeg)

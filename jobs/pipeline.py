@@ -160,7 +160,10 @@ def _resolve(requested: Sequence[str] | None) -> dict[str, Callable[..., Any]]:
 
 def _features_key(lake: Lake, model: str) -> str | None:
     """The stored ``features.model`` key of registry name ``model`` when this run has no embed
-    step: its current version's key with the most rows, in whatever precision (``+bf16``)."""
+    step: its current version's key with the most rows, in whatever precision (``+bf16``). A full
+    key (``name@version``, e.g. imported with ``imagelake embed --import``) is taken as it is."""
+    if "@" in model:
+        return model
     try:
         from jobs.embed.models import get_model
     except ImportError:

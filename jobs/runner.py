@@ -10,6 +10,13 @@ batch of stats naming the files it staged). It must be picklable (a module-level
 
 Partitions are contiguous slices of the input, computed the same way by both runners, so a
 partition id names the same rows in a retry, in a re-run and under either runner.
+
+The input is either an Arrow table held by the driver (small inputs: a list of files to read) or a
+:class:`StagedInput`: the rows staged in the lake as one Parquet file per partition
+(:func:`stage_input`, which the driver writes from a stream of bounded batches). With a staged input
+the driver ships only the files' names; each task opens its own file through the lake's filesystem
+(local or object store), so neither the driver nor Spark's serializer ever holds all the rows, and
+workers need nothing but the lake.
 """
 
 from __future__ import annotations
@@ -18,14 +25,17 @@ import os
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol, Union
 
 import pyarrow as pa
 
 from lake.settings import Settings
 
 __all__ = ["FAIL_ONCE_ENV", "PartitionContext", "collect_arrow", "PartitionFn", "Runner", "LocalRunner", "SparkRunner", "make_runner",
-           "partition_bounds"]
+           "partition_bounds", "StagedInput", "stage_input", "read_staged_input", "INPUT_BATCH_ROWS"]
+
+#: Rows per Arrow batch when a task reads its staged input (and when drivers stream query results).
+INPUT_BATCH_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -43,8 +53,90 @@ def partition_bounds(n_rows: int, n_parts: int) -> list[tuple[int, int]]:
     return [((i * n_rows) // n_parts, ((i + 1) * n_rows) // n_parts) for i in range(n_parts)]
 
 
+@dataclass(frozen=True)
+class StagedInput:
+    """A step's input rows in the lake: ``files[i]`` holds partition ``i``'s rows (``None``: no rows).
+
+    Made by :func:`stage_input`; picklable and small (the file names only), so it is what a driver
+    ships to tasks instead of the rows.
+    """
+
+    files: tuple[str | None, ...]
+    schema: pa.Schema
+    num_rows: int
+
+    @property
+    def num_partitions(self) -> int:
+        return len(self.files)
+
+
+def stage_input(staging_dir: str, name: str, batches: Iterable[pa.RecordBatch], num_rows: int,
+                num_partitions: int, schema: pa.Schema) -> StagedInput:
+    """Write the stream ``batches`` (``num_rows`` rows in all, in order) as ``num_partitions``
+    contiguous slices, one Parquet file each, under ``<staging_dir>/_input-<name>/``.
+
+    The slices are :func:`partition_bounds`'s, the ones ``parallelize`` made of an in-memory table,
+    so a staged run cuts the same partitions as before. Only one batch is in memory at a time.
+
+    Raises:
+        RuntimeError: the stream had a different number of rows than ``num_rows``.
+    """
+    from lake.staging import StagedWriter
+
+    num_partitions = max(1, min(num_partitions, num_rows or 1))
+    bounds = partition_bounds(num_rows, num_partitions)
+    files: list[str | None] = []
+    pid, seen = 0, 0
+    writer = StagedWriter(staging_dir, f"_input-{name}", pid, schema)
+    try:
+        for batch in batches:
+            batch = pa.Table.from_batches([batch]).select(schema.names).cast(schema)
+            off = 0
+            while off < batch.num_rows:
+                if pid >= num_partitions:
+                    raise RuntimeError(f"staging {name}: the input has more than the {num_rows} rows counted")
+                end = bounds[pid][1]
+                take = min(batch.num_rows - off, end - seen)
+                writer.write(batch.slice(off, take))
+                off, seen = off + take, seen + take
+                if seen == end:
+                    files.append(writer.close())
+                    pid += 1
+                    if pid < num_partitions:
+                        writer = StagedWriter(staging_dir, f"_input-{name}", pid, schema)
+        if pid < num_partitions:
+            if seen != num_rows:
+                raise RuntimeError(f"staging {name}: the input had {seen} rows, {num_rows} were counted")
+            files.append(writer.close())
+            pid += 1
+    except BaseException:
+        writer.abort()
+        raise
+    files += [None] * (num_partitions - len(files))
+    return StagedInput(tuple(files), schema, num_rows)
+
+
+def read_staged_input(path: str | None, schema: pa.Schema,
+                      batch_rows: int = INPUT_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """The rows of one staged partition file as batches of ``schema`` (none for ``None``)."""
+    if path is None:
+        return
+    import pyarrow.parquet as pq
+
+    from lake.staging import filesystem_for
+
+    fs, inner = filesystem_for(path)
+    with fs.open_input_file(inner) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
+            if batch.num_rows:
+                yield pa.Table.from_batches([batch]).select(schema.names).cast(schema).to_batches()[0]
+
+
+Input = Union[pa.Table, StagedInput]
+
+
 class Runner(Protocol):
-    def map_partitions(self, fn: PartitionFn, rows: pa.Table, num_partitions: int,
+    def map_partitions(self, fn: PartitionFn, rows: Input, num_partitions: int,
                        out_schema: pa.Schema, desc: str = "") -> pa.Table: ...
 
     def close(self) -> None: ...
@@ -56,10 +148,15 @@ class LocalRunner:
     def __init__(self, progress: bool = False):
         self.progress = progress
 
-    def map_partitions(self, fn: PartitionFn, rows: pa.Table, num_partitions: int,
+    def map_partitions(self, fn: PartitionFn, rows: Input, num_partitions: int,
                        out_schema: pa.Schema, desc: str = "") -> pa.Table:
-        num_partitions = max(1, min(num_partitions, rows.num_rows or 1))
         out: list[pa.RecordBatch] = []
+        if isinstance(rows, StagedInput):
+            n = rows.num_partitions
+            for pid, path in enumerate(_progress(rows.files, self.progress, desc)):
+                out.extend(fn(read_staged_input(path, rows.schema), PartitionContext(pid, 0, n)))
+            return pa.Table.from_batches(out, schema=out_schema) if out else out_schema.empty_table()
+        num_partitions = max(1, min(num_partitions, rows.num_rows or 1))
         bounds = partition_bounds(rows.num_rows, num_partitions)
         for pid, (start, end) in enumerate(_progress(bounds, self.progress, desc)):
             ctx = PartitionContext(pid, 0, num_partitions)
@@ -107,17 +204,24 @@ class SparkRunner:
         sc = self._spark.sparkContext if self._spark is not None else SparkContext._active_spark_context
         return sc.master if sc is not None else self.settings.master
 
-    def map_partitions(self, fn: PartitionFn, rows: pa.Table, num_partitions: int,
+    def map_partitions(self, fn: PartitionFn, rows: Input, num_partitions: int,
                        out_schema: pa.Schema, desc: str = "") -> pa.Table:
         from pyspark.sql.pandas.types import from_arrow_schema
 
-        num_partitions = max(1, min(num_partitions, rows.num_rows or 1))
         spark = self.spark
-        # parallelize() slices a local list exactly like partition_bounds, deterministically.
-        rdd = spark.sparkContext.parallelize(rows.to_pylist(), num_partitions)
-        in_schema = from_arrow_schema(rows.schema)
-        df = spark.createDataFrame(rdd.map(lambda d: tuple(d.values())), in_schema)
-        wrapped = _SparkPartition(fn, rows.schema, num_partitions)
+        if isinstance(rows, StagedInput):
+            # one (partition, file) row per task; each task reads its own rows from the lake
+            num_partitions = rows.num_partitions
+            rdd = spark.sparkContext.parallelize(list(enumerate(rows.files)), num_partitions)
+            df = spark.createDataFrame(rdd, "partition INT, path STRING")
+            wrapped = _SparkStagedPartition(fn, rows.schema, num_partitions)
+        else:
+            num_partitions = max(1, min(num_partitions, rows.num_rows or 1))
+            # parallelize() slices a local list exactly like partition_bounds, deterministically.
+            rdd = spark.sparkContext.parallelize(rows.to_pylist(), num_partitions)
+            in_schema = from_arrow_schema(rows.schema)
+            df = spark.createDataFrame(rdd.map(lambda d: tuple(d.values())), in_schema)
+            wrapped = _SparkPartition(fn, rows.schema, num_partitions)
         result = df.mapInArrow(wrapped, from_arrow_schema(out_schema))
         stop = threading.Event()
         watcher = None
@@ -170,6 +274,28 @@ class _SparkPartition:
             yield from out
         else:
             yield from self.fn(typed, ctx)
+
+
+class _SparkStagedPartition:
+    """The adapter for a :class:`StagedInput`: each input row names a partition and its file."""
+
+    def __init__(self, fn: PartitionFn, in_schema: pa.Schema, num_partitions: int):
+        self.fn, self.in_schema, self.num_partitions = fn, in_schema, num_partitions
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
+        attempt = TaskContext.get().attemptNumber()
+        for b in batches:
+            for pid, path in zip(b.column("partition").to_pylist(), b.column("path").to_pylist()):
+                ctx = PartitionContext(pid, attempt, self.num_partitions)
+                rows = read_staged_input(path, self.in_schema)
+                if os.environ.get(FAIL_ONCE_ENV):
+                    out = list(self.fn(rows, ctx))
+                    _fail_once(self.fn, ctx)
+                    yield from out
+                else:
+                    yield from self.fn(rows, ctx)
 
 
 #: Test hook (fault injection), off unless set in the executors' environment: a folder. The first

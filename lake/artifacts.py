@@ -41,8 +41,24 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def remote_store(uri: str):
+    """``(LakeStore, key)`` for an object-store URI (the store rooted at its bucket), else ``None``."""
+    if "://" not in uri or uri.startswith("file://"):
+        return None
+    from lake.store import LakeStore
+
+    scheme, rest = uri.split("://", 1)
+    bucket, _, key = rest.partition("/")
+    return LakeStore.for_lake(f"{scheme}://{bucket}"), key
+
+
 def write_text_atomic(uri: str, data: bytes) -> None:
-    """Write ``data`` to a temporary name next to ``uri``, then rename it into place."""
+    """Write ``data`` to a temporary name next to ``uri``, then rename it into place (on an object
+    store: one PUT through :class:`lake.store.LakeStore`, which is atomic by itself)."""
+    remote = remote_store(uri)
+    if remote is not None:
+        remote[0].write_bytes(remote[1], data)
+        return
     fs, path = filesystem_for(uri)
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
@@ -53,7 +69,19 @@ def write_text_atomic(uri: str, data: bytes) -> None:
 
 
 def read_text(uri: str) -> bytes | None:
-    """The bytes at ``uri``, or ``None`` when it does not exist."""
+    """The bytes at ``uri``, or ``None`` when it does not exist.
+
+    Raises:
+        StoreUnavailable: (object stores) the store cannot be reached or refuses the credentials.
+    """
+    remote = remote_store(uri)
+    if remote is not None:
+        from lake.errors import NotFound
+
+        try:
+            return remote[0].read_bytes(remote[1])
+        except NotFound:
+            return None
     fs, path = filesystem_for(uri)
     try:
         with fs.open_input_stream(path) as f:

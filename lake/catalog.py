@@ -125,7 +125,7 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         pa.field("action", pa.string()),
         pa.field("actor", pa.string()),
     ]),
-    _spec("bucket_events", ["event_id"], "Append-only log of curation actions in seq order (dense, assigned under the table's lock); current bucket state is a fold over it (lake.buckets).", [
+    _spec("bucket_events", ["event_id"], "Append-only log of curation actions in seq order (dense, assigned by the log's writer in Delta commit order); current bucket state is a fold over it (lake.buckets).", [
         pa.field("event_id", pa.string(), nullable=False),
         pa.field("bucket_id", pa.string()),
         pa.field("action", pa.string(), nullable=False),
@@ -253,6 +253,18 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         pa.field("run_id", pa.string()),
         pa.field("created_at", _TS),
     ], sort_by=["image_id"]),
+    _spec("embedding_rejects", ["model", "source_file", "row_number", "reason"], "Rows of an embeddings file "
+          "(imagelake embed --import) that were not imported, with the reason (unknown_key, duplicate_key, "
+          "bad_dimension, not_finite, zero_vector, bad_probs, null); row_number counts from 1.", [
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("source_file", pa.string(), nullable=False),
+        pa.field("row_number", pa.int64(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("key", pa.string()),
+        pa.field("detail", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("rejected_at", _TS),
+    ]),
     _spec("job_runs", ["run_id", "state"], "One row when a job run starts and one when it ends (state running, then succeeded or failed; abandoned, written by a later run, when the run's process died without ending it). host, pid and process name the run's process (null in rows of older versions).", [
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("job", pa.string(), nullable=False),

@@ -15,6 +15,9 @@
   every file it needs; older versions may not be readable (time travel ends at the retention).
   Only tombstoned files (deltalake's "lite" vacuum): never a file the log does not know, which may be
   a writer's uncommitted one.
+* Object-store lakes (``s3://``, ...) get the same sweep through :class:`lake.store.LakeStore`:
+  a "folder" there is a key prefix, its age the newest object under it; the locks are the lake's
+  leases (:mod:`lake.lock`), so a janitor on one machine and a writer on another exclude each other.
 * Superseded artifacts: suggestion matrices of older ``features`` versions and tag-model versions
   older than the current one, keeping the newest ``keep_artifacts`` of each (the one in use and
   the one before it, by default) and anything younger than ``older_than_h`` (a server process may
@@ -196,13 +199,13 @@ def clean(lake: Lake, older_than_h: float = 24.0, keep_artifacts: int = 2,
           vacuum_retention_h: int | None = 168) -> JanitorReport:
     """Remove staging leftovers, orphaned data files and superseded artifacts, and VACUUM every
     table past ``vacuum_retention_h`` hours (``None``: no vacuum); returns what was removed. Local
-    lakes only."""
-    if not lake.is_local:
-        return JanitorReport(0, 0, 0)
+    lakes and object stores (see :func:`_clean_remote`)."""
     if keep_artifacts < 1:
         raise ValueError("keep_artifacts must be at least 1 (the artifact in use)")
     if vacuum_retention_h is not None and vacuum_retention_h < 0:
         raise ValueError("vacuum_retention_h must be 0 or more hours")
+    if not lake.is_local:
+        return _clean_remote(lake, older_than_h, keep_artifacts, vacuum_retention_h)
     vacuumed: list[Vacuumed] = []
     cutoff = time.time() - older_than_h * 3600
     dirs = files = freed = 0
@@ -235,5 +238,130 @@ def clean(lake: Lake, older_than_h: float = 24.0, keep_artifacts: int = 2,
         if os.path.getmtime(path) < cutoff:
             freed += _size(path)
             shutil.rmtree(path, ignore_errors=True)
+            artifacts += 1
+    return JanitorReport(dirs, files, freed, artifacts, tuple(vacuumed), vacuum_retention_h)
+
+
+# -- object-store lakes ------------------------------------------------------------------------
+
+
+def _groups(objects, depth: int) -> dict[str, list]:
+    """Objects by the key prefix of their first ``depth`` parts (a "folder" on an object store)."""
+    out: dict[str, list] = {}
+    for o in objects:
+        parts = o.key.split("/")
+        if len(parts) > depth:
+            out.setdefault("/".join(parts[:depth]), []).append(o)
+    return out
+
+
+def _delete_all(store, objects) -> int:
+    freed = 0
+    for o in objects:
+        if store.delete(o.key):
+            freed += o.size
+    return freed
+
+
+def _referenced_remote(store, table_key: str) -> set[str]:
+    refs: set[str] = set()
+    for o in store.list(f"{table_key}/_delta_log"):
+        if o.key.endswith(".json"):
+            for line in store.read_bytes(o.key).decode().splitlines():
+                if line.strip():
+                    action = json.loads(line)
+                    for kind in ("add", "remove"):
+                        if kind in action:
+                            refs.add(action[kind]["path"])
+    return refs
+
+
+def _sweep_orphans_remote(lake: Lake, store, name: str, cutoff: float) -> tuple[int, int]:
+    """:func:`_sweep_orphans` on an object store; call with the table's writer locks held."""
+    from urllib.parse import unquote
+
+    table_key = f"tables/{name}"
+    refs = {unquote(r) for r in _referenced_remote(store, table_key)}
+    refs |= {unquote(a) for a in open_table(lake, name).get_add_actions(flatten=True).column("path").to_pylist()}
+    files = freed = 0
+    for o in store.list(table_key):
+        rel = o.key[len(table_key) + 1:]
+        if rel.startswith("_delta_log/") or not rel.endswith(".parquet") or rel in refs:
+            continue
+        if o.mtime.timestamp() < cutoff and store.delete(o.key):
+            files, freed = files + 1, freed + o.size
+    return files, freed
+
+
+def _vacuum_remote(lake: Lake, store, name: str, retention_h: int) -> Vacuumed:
+    """:func:`vacuum_table` on an object store (sizes from the store's listing)."""
+    table = open_table(lake, name)
+    sizes = {o.key[len(f"tables/{name}/"):]: o.size for o in store.list(f"tables/{name}")}
+    candidates = [rel for rel in table.vacuum(retention_hours=retention_h, dry_run=True,
+                                              enforce_retention_duration=False) if rel in sizes]
+    if not candidates:
+        return Vacuumed(name, 0, 0)
+    removed = table.vacuum(retention_hours=retention_h, dry_run=False, enforce_retention_duration=False)
+    gone = [rel for rel in removed if rel in sizes and not store.exists(f"tables/{name}/{rel}")]
+    return Vacuumed(name, len(gone), sum(sizes[rel] for rel in gone))
+
+
+def _superseded_remote(store, keep: int) -> list[list]:
+    """:func:`_superseded` on an object store: the objects of each superseded artifact folder."""
+    out: list[list] = []
+    builds: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    suggest = _groups(store.list("artifacts/suggest"), 4)
+    for folder in suggest:
+        _, _, model, name = folder.split("/")
+        m = re.fullmatch(r"v(\d+)-pca(\d+)", name)
+        if m:
+            builds.setdefault((model, m.group(2)), []).append((int(m.group(1)), folder))
+    for versions in builds.values():
+        out += [suggest[folder] for _, folder in sorted(versions)[:-keep]]
+    try:
+        current = int(store.read_bytes("artifacts/tags/gnb/CURRENT").decode().strip())
+    except Exception:  # no model yet (NotFound), or an unreadable CURRENT: keep every version
+        current = None
+    if current is not None:
+        tags = _groups(store.list("artifacts/tags/gnb"), 4)
+        out += [objs for folder, objs in sorted(tags.items())
+                if re.fullmatch(r"v\d{6}", folder.rsplit("/", 1)[1]) and int(folder.rsplit("/", 1)[1][1:]) <= current - keep]
+    return out
+
+
+def _clean_remote(lake: Lake, older_than_h: float, keep_artifacts: int,
+                  vacuum_retention_h: int | None) -> JanitorReport:
+    """:func:`clean` for an object-store lake, every byte through :class:`lake.store.LakeStore`."""
+    from lake.store import LakeStore
+
+    store = LakeStore.for_lake(lake)
+    vacuumed: list[Vacuumed] = []
+    cutoff = time.time() - older_than_h * 3600
+    dirs = files = freed = 0
+    with LakeLock(lake, "commit", timeout=600, holder="janitor"):
+        ended = _ended_runs(lake)
+        for folder, objs in sorted(_groups(store.list("_staging"), 2).items()):
+            run_id = folder.split("/", 1)[1]
+            if run_id in ended or max(o.mtime.timestamp() for o in objs) < cutoff:
+                freed += _delete_all(store, objs)
+                dirs += 1
+        for name in TABLES:
+            if not store.list(f"tables/{name}/_delta_log"):
+                continue
+            with ExitStack() as held:
+                if name in _WRITER_LOCKS:
+                    held.enter_context(LakeLock(lake, _WRITER_LOCKS[name], timeout=600, holder="janitor",
+                                                poll=(0.0005, 0.004)))
+                n, b = _sweep_orphans_remote(lake, store, name, cutoff)
+                files, freed = files + n, freed + b
+                if vacuum_retention_h is not None:
+                    v = _vacuum_remote(lake, store, name, int(vacuum_retention_h))
+                    if v.files:
+                        vacuumed.append(v)
+                        freed += v.bytes
+    artifacts = 0
+    for objs in _superseded_remote(store, keep_artifacts):
+        if max(o.mtime.timestamp() for o in objs) < cutoff:
+            freed += _delete_all(store, objs)
             artifacts += 1
     return JanitorReport(dirs, files, freed, artifacts, tuple(vacuumed), vacuum_retention_h)

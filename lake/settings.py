@@ -80,6 +80,8 @@ class Settings:
     grid_quality_sample: int = _opt(2000, "Cells scored for a layout's neighbourhood-preservation quality (exact kNN over all images for each; 0: skip; all cells when fewer).")
     grid_tile_cache: bool = _opt(True, "Keep deep-zoom tiles rendered on first request as files under the layout's tile folder.")
     run_abandon_h: float = _opt(72.0, "A `running` job run whose process cannot be checked from here (another host or container, or a row from an older version) counts as abandoned once this many hours old; 0: never by age. Runs on this host are checked by their process at once.")
+    artifact_cache_dir: str = _opt("", "Local folder where server workers keep verified copies of an object-store lake's artifacts (index builds, suggestion matrix, tile packs) to memory-map; empty: $XDG_CACHE_HOME/imagelake/artifacts. Unused for local lakes.")
+    artifact_cache_mb: int = _opt(10240, "Size bound of the artifact cache in MiB; least recently used entries are removed above it (the artifacts in use are kept).")
     quality_blur: float = _opt(25.0, "Quality: an image is `blurry` when the variance of the Laplacian of its 256 px grey thumbnail (0..255 levels) is below this.")
     quality_dark: float = _opt(0.15, "Quality: `dark` when the mean grey level (0..1) is below this.")
     quality_bright: float = _opt(0.85, "Quality: `bright` when the mean grey level (0..1) is above this.")
@@ -146,7 +148,8 @@ def _validate(s: Settings) -> Settings:
     for name in ("partition_files", "max_image_bytes", "max_image_pixels", "sql_max_rows", "workers",
                  "threads", "upload_max_bytes", "upload_max_pixels", "sql_threads", "sql_max_bytes", "index_memory_mb",
                  "index_shard_size", "search_max_k", "search_candidates", "search_threads", "bucket_max_images",
-                 "suggest_max_n", "capture_max_block_bytes", "outlier_k", "quality_odd_aspect"):
+                 "suggest_max_n", "artifact_cache_mb", "capture_max_block_bytes", "outlier_k",
+                 "quality_odd_aspect"):
         if getattr(s, name) <= 0:
             raise BadInput(f"setting {name!r} must be positive, got {getattr(s, name)!r}")
     if not s.thumbnail_sizes or any(not 16 <= v <= 1024 for v in s.thumbnail_sizes):

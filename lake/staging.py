@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-__all__ = ["StagedWriter", "staged_path", "filesystem_for"]
+__all__ = ["StagedWriter", "staged_path", "filesystem_for", "remove_staging", "staged_dataset"]
 
 
 def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
@@ -24,6 +24,38 @@ def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
     if "://" not in path:
         return pafs.LocalFileSystem(), path
     return pafs.FileSystem.from_uri(path)
+
+
+def remove_staging(staging_dir: str) -> None:
+    """Remove a run's staging folder (local or object store); nothing when it is not there.
+
+    On an object store every object under the prefix is deleted through :class:`lake.store.LakeStore`
+    (pyarrow's ``delete_dir`` would leave an empty "folder" marker object behind).
+    """
+    if "://" in staging_dir and not staging_dir.startswith("file://"):
+        from lake.store import LakeStore
+
+        scheme, rest = staging_dir.split("://", 1)
+        bucket, _, prefix = rest.partition("/")
+        store = LakeStore.for_lake(f"{scheme}://{bucket}")
+        for o in store.list(prefix):
+            store.delete(o.key)
+        return
+    fs, path = filesystem_for(staging_dir)
+    try:
+        fs.delete_dir(path)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def staged_dataset(files: list[str], schema: pa.Schema):
+    """A pyarrow dataset over staged Parquet files (what DuckDB scans without loading them)."""
+    import pyarrow.dataset as pads
+
+    if not files:
+        return schema.empty_table()
+    fs, _ = filesystem_for(files[0])
+    return pads.dataset([filesystem_for(f)[1] for f in files], schema=schema, format="parquet", filesystem=fs)
 
 
 def staged_path(staging_dir: str, table: str, partition: int) -> str:
@@ -49,7 +81,8 @@ class StagedWriter:
         self._fs, self._final_in_fs = filesystem_for(self.final)
         parent = self._final_in_fs.rsplit("/", 1)[0]
         self._tmp = f"{parent}/.{os.path.basename(self._final_in_fs)}.{uuid.uuid4().hex}.tmp"
-        self._fs.create_dir(parent, recursive=True)
+        if isinstance(self._fs, pafs.LocalFileSystem):  # object stores need no folders (and get no markers)
+            self._fs.create_dir(parent, recursive=True)
         self._writer: pq.ParquetWriter | None = None
 
     def write(self, rows: pa.Table | pa.RecordBatch | list[dict]) -> None:

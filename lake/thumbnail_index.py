@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lake.staging import filesystem_for
+from lake.store import arrow_filesystem
 
 __all__ = ["ThumbnailIndex", "id_prefixes"]
 
@@ -92,7 +92,7 @@ class ThumbnailIndex:
             return sum(len(k) for k in keys[1:])
 
     def _open(self, path: str, footer: pq.FileMetaData | None = None) -> pq.ParquetFile:
-        fs, inner = filesystem_for(path)
+        fs, inner = arrow_filesystem(path)  # object stores: short timeouts, few retries
         return pq.ParquetFile(fs.open_input_file(inner), metadata=footer)
 
     def _footer(self, path: str) -> pq.FileMetaData:

@@ -32,8 +32,8 @@ def staging_folders(lake_dir: Path) -> set[str]:
 
 
 def staged_files(lake_dir: Path, job: str, ignore: set[str] = frozenset()) -> int:
-    """Files (finished or being written) in the staging folders of runs of ``job``, except the
-    folders named in ``ignore``."""
+    """Files (finished or being written) by tasks in the staging folders of runs of ``job``, except
+    the folders named in ``ignore`` (the driver's own ``_listing``/``_input-*`` files not counted)."""
     staging = Path(lake_dir) / "_staging"
     n = 0
     try:
@@ -41,7 +41,8 @@ def staged_files(lake_dir: Path, job: str, ignore: set[str] = frozenset()) -> in
     except FileNotFoundError:
         return 0
     for run in runs:
-        for _, _, files in os.walk(run):
+        for _, dirs, files in os.walk(run):
+            dirs[:] = [d for d in dirs if not d.startswith("_")]  # the driver's staged inputs, not tasks' files
             n += len(files)
     return n
 

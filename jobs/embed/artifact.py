@@ -20,8 +20,7 @@ import warnings
 from dataclasses import dataclass
 
 from lake.errors import CorruptArtifact
-from lake.artifacts import write_text_atomic
-from lake.staging import filesystem_for
+from lake.artifacts import read_text, write_text_atomic
 from jobs.embed.models import Embedder, ModelSpec, file_sha256
 
 __all__ = ["OnnxArtifact", "ensure_onnx", "read_verified", "export_onnx", "artifact_dir", "OPSET"]
@@ -73,12 +72,13 @@ def export_onnx(spec: ModelSpec, path: str) -> None:
 
 
 def _read(uri: str) -> bytes:
-    fs, path = filesystem_for(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
+    data = read_text(uri)  # local file or object store (lake.store.LakeStore)
+    if data is None:
+        raise FileNotFoundError(uri)
+    return data
 
 
-_write_atomic = write_text_atomic  # temp name next to the target, then rename
+_write_atomic = write_text_atomic  # temp name and rename locally; one PUT on an object store
 
 
 def _manifest(folder: str) -> dict | None:

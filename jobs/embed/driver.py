@@ -15,7 +15,7 @@ import logging
 import math
 import os
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import duckdb
 import pyarrow as pa
@@ -24,41 +24,75 @@ from jobs.embed.artifact import ensure_onnx
 from jobs.embed.models import PRECISIONS, get_model
 from jobs.embed.partition import STATS_SCHEMA, EmbedJob, embed_partition
 from jobs.embed.runtime import reduced_precision, resolve_device
-from jobs.runner import Runner, SparkRunner, default_parallelism, make_runner
+from jobs.runner import INPUT_BATCH_ROWS, Runner, SparkRunner, StagedInput, default_parallelism, make_runner, stage_input
 from jobs.runs import job_run
 from lake.catalog import TABLES, Lake
 from lake.commit import commit_staged, ensure_tables, open_table
 from lake.errors import BadInput
 from lake.lock import LakeLock
 from lake.settings import Settings
-from lake.staging import filesystem_for
+from lake.staging import remove_staging
 
-__all__ = ["run_embed", "run_precision", "select_pending"]
+__all__ = ["run_embed", "run_precision", "select_pending", "stage_pending"]
 
 log = logging.getLogger("imagelake.jobs.embed")
 
 _PENDING_COLUMNS = ["image_id", "uri", "collection", "bytes", "mtime"]
 
 
-def select_pending(lake: Lake, model_key: str) -> pa.Table:
-    """Rows of ``images`` (image_id, uri, collection, bytes, mtime) with no ``features`` row for
-    ``model_key``, in ``seq`` order (so partitions are the same slices on a retry)."""
+_PENDING_SCHEMA = pa.schema([TABLES["images"].schema.field(c) for c in _PENDING_COLUMNS])
+
+
+def _pending_sql(con: duckdb.DuckDBPyConnection, lake: Lake) -> str | None:
+    """The pending-images query over registered ``images``/``features`` (None: no image at all)."""
     images = open_table(lake, "images")
     features = open_table(lake, "features")
     cols = ", ".join(f"i.{c}" for c in _PENDING_COLUMNS)
+    if not images.file_uris():
+        return None
+    con.register("images", images.to_pyarrow_dataset())
+    if features.file_uris():
+        con.register("features", features.to_pyarrow_dataset())
+        return (f"SELECT {cols} FROM images i WHERE NOT EXISTS (SELECT 1 FROM features f "
+                f"WHERE f.model = $model AND f.image_id = i.image_id) ORDER BY i.seq")
+    return f"SELECT {cols} FROM images i WHERE $model IS NOT NULL ORDER BY i.seq"
+
+
+def select_pending(lake: Lake, model_key: str) -> pa.Table:
+    """Rows of ``images`` (image_id, uri, collection, bytes, mtime) with no ``features`` row for
+    ``model_key``, in ``seq`` order (so partitions are the same slices on a retry). In memory;
+    :func:`stage_pending` streams the same rows into the lake instead."""
     con = duckdb.connect()
     try:
         con.execute("SET threads=2")
-        if not images.file_uris():
-            schema = TABLES["images"].schema
-            return pa.schema([schema.field(c) for c in _PENDING_COLUMNS]).empty_table()
-        con.register("images", images.to_pyarrow_dataset())
-        if features.file_uris():
-            con.register("features", features.to_pyarrow_dataset())
-            sql = (f"SELECT {cols} FROM images i WHERE NOT EXISTS (SELECT 1 FROM features f "
-                   f"WHERE f.model = $model AND f.image_id = i.image_id) ORDER BY i.seq")
-            return con.sql(sql, params={"model": model_key}).to_arrow_table()
-        return con.sql(f"SELECT {cols} FROM images i ORDER BY i.seq").to_arrow_table()
+        sql = _pending_sql(con, lake)
+        if sql is None:
+            return _PENDING_SCHEMA.empty_table()
+        return con.sql(sql, params={"model": model_key}).to_arrow_table().cast(_PENDING_SCHEMA)
+    finally:
+        con.close()
+
+
+def stage_pending(lake: Lake, model_key: str, staging_dir: str, partition_rows: int,
+                  min_partitions: int | Callable[[], int] = 1) -> StagedInput:
+    """:func:`select_pending`'s rows, streamed in bounded batches into the run's staging folder as
+    the embed tasks' input: ``ceil(n / partition_rows)`` partitions (at least ``min_partitions``),
+    one Parquet file each (``min_partitions`` may be a function, called only when something is
+    pending). The driver never holds the pending rows."""
+    con = duckdb.connect()
+    try:
+        con.execute("SET threads=2")
+        sql = _pending_sql(con, lake)
+        if sql is None:
+            return StagedInput((None,), _PENDING_SCHEMA, 0)
+        params = {"model": model_key}
+        n = con.sql(f"SELECT count(*) FROM ({sql})", params=params).fetchall()[0][0]
+        if not n:
+            return StagedInput((None,), _PENDING_SCHEMA, 0)
+        least = min_partitions() if callable(min_partitions) else min_partitions
+        parts = max(math.ceil(n / partition_rows), least)
+        reader = con.sql(sql, params=params).to_arrow_reader(INPUT_BATCH_ROWS)
+        return stage_input(staging_dir, "embed", reader, n, parts, _PENDING_SCHEMA)
     finally:
         con.close()
 
@@ -96,18 +130,11 @@ def _task_threads(runner: Runner) -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def _remove_staging(staging_dir: str) -> None:
-    fs, path = filesystem_for(staging_dir)
-    try:
-        fs.delete_dir(path)
-    except (FileNotFoundError, OSError):
-        pass
-
-
 def run_embed(lake: Lake, settings: Settings, model: str = "efficientnet-lite0",
               device: Literal["auto", "cpu", "cuda"] = "auto", runner: Runner | None = None,
               progress: bool = False, *, batch_size: int | None = None, partition_rows: int = 2048,
-              engine: Literal["onnx", "torch"] | None = None, precision: str = "auto") -> dict[str, Any]:
+              engine: Literal["onnx", "torch"] | None = None, precision: str = "auto",
+              runtime: str = "auto") -> dict[str, Any]:
     """Embed every image that has no features for ``model``'s current version.
 
     Args:
@@ -124,6 +151,9 @@ def run_embed(lake: Lake, settings: Settings, model: str = "efficientnet-lite0",
         engine: force ``onnx`` or ``torch``; default ONNX Runtime on CPU, torch on CUDA.
         precision: ``auto`` (see :func:`run_precision`), ``fp32``, ``bf16`` or ``fp16``: what every
             task computes in; reduced precision is stored under ``name@version+bf16`` (``+fp16``).
+        runtime: a CPU catalog runtime (``ort-fp32``, ``ort-int8``, ``openvino-bf16``, ...) or
+            ``auto``: on CPU on this machine, with no engine or precision forced, the fastest that
+            passes the quality gate (:func:`jobs.embed.choose.choose_runtime`, cached per machine).
     Returns:
         ``run_id``, ``model`` (the stored features key), ``precision``, ``pending`` (images selected), ``embedded``
         (feature rows committed), ``rejected`` (images that failed now), ``rejects_committed``
@@ -143,23 +173,34 @@ def run_embed(lake: Lake, settings: Settings, model: str = "efficientnet-lite0",
         raise BadInput("the ONNX engine runs on CPU here; use --device cpu, or the torch engine on CUDA")
     if partition_rows <= 0:
         raise BadInput(f"partition_rows must be positive, got {partition_rows!r}")
+    from jobs.embed.choose import check_runtime_name
+    check_runtime_name(runtime)
     lake.ensure()
     ensure_tables(lake, ["images", "features", "rejects", "job_runs"])
     owns_runner = runner is None
     runner = runner or make_runner(settings, progress=progress)
     try:
-        precision = run_precision(device, engine, runner, precision)
-        key = spec.key_for(precision)
-        args = dict(model=key, device=device, engine=engine, precision=precision, batch_size=batch_size)
+        choice = _choose(lake, spec, device, engine, precision, runner, runtime, settings)
+        precision = choice.precision if choice else run_precision(device, engine, runner, precision)
+        key = choice.key if choice else spec.key_for(precision)
+        args = dict(model=key, device=device, engine=engine, precision=precision, batch_size=batch_size,
+                    **({"runtime": choice.name} if choice else {}))
         with job_run(lake, "embed", args, settings=settings) as run:
-            pending = select_pending(lake, key)
+            def min_parts() -> int:  # Spark gets at least one task per core (asked only when needed)
+                if isinstance(runner, SparkRunner):
+                    return default_parallelism(settings) // _task_threads(runner)
+                return 1
+            pending = stage_pending(lake, key, lake.staging_dir(run.run_id), partition_rows, min_parts)
             run.rows_in = pending.num_rows
             summary: dict[str, Any] = dict(run_id=run.run_id, model=key, precision=precision,
                                            pending=pending.num_rows, embedded=0, rejected=0,
                                            rejects_committed=0, runtimes=[])
             if pending.num_rows:
                 summary.update(_embed(lake, settings, spec, device, engine, precision, runner, pending,
-                                      run.run_id, batch_size, partition_rows))
+                                      run.run_id, batch_size, choice))
+            remove_staging(lake.staging_dir(run.run_id))
+            if choice:
+                summary.update(choice.summary())
             run.rows_out = summary["embedded"]
             run.metrics.update({k: v for k, v in summary.items() if k not in ("run_id", "model", "precision")})
         summary["seconds"] = run.metrics["seconds"]
@@ -170,27 +211,40 @@ def run_embed(lake: Lake, settings: Settings, model: str = "efficientnet-lite0",
             runner.close()
 
 
-def _embed(lake, settings, spec, device, engine, precision, runner, pending, run_id, batch_size, partition_rows):
-    on_gpu = engine != "onnx" and resolve_device(device) == "cuda"  # as the driver sees it
-    artifact = None
-    if engine != "torch" and device != "cuda" and precision == "fp32":
+def _choose(lake, spec, device, engine, precision, runner, runtime, settings):
+    """The catalog runtime of this run, or None for the engine/precision path (CUDA, a forced engine
+    or precision, or ``auto`` on a cluster, whose executors this driver cannot measure)."""
+    from jobs.embed.choose import choose_runtime
+
+    if runtime != "auto":
+        if device == "cuda" or engine is not None or precision != "auto":
+            raise BadInput("--runtime names a CPU runtime; leave --device/--engine/--precision at auto with it")
+        return choose_runtime(lake, spec, runtime, _task_threads(runner), max_pixels=settings.max_image_pixels)
+    on_this_machine = not isinstance(runner, SparkRunner) or runner.master.startswith("local")
+    if engine is not None or precision != "auto" or not on_this_machine or resolve_device(device) != "cpu":
+        return None
+    return choose_runtime(lake, spec, "auto", _task_threads(runner), max_pixels=settings.max_image_pixels)
+
+
+def _embed(lake, settings, spec, device, engine, precision, runner, pending: StagedInput, run_id, batch_size,
+           choice=None):
+    on_gpu = engine != "onnx" and not choice and resolve_device(device) == "cuda"  # as the driver sees it
+    artifact = choice.artifact if choice else None
+    if not choice and engine != "torch" and device != "cuda" and precision == "fp32":
         # With auto, executors without a GPU fall back to ONNX: have the export ready for them.
         with LakeLock(lake, f"export-{spec.name}", timeout=600, holder=f"embed {run_id}"):
             artifact = ensure_onnx(lake.artifacts_dir(), spec)
     threads = _task_threads(runner)
-    parts = math.ceil(pending.num_rows / partition_rows)
-    if isinstance(runner, SparkRunner):
-        parts = max(parts, default_parallelism(settings) // threads)
     job = EmbedJob(spec=spec, run_id=run_id, staging_dir=lake.staging_dir(run_id), device=device,
                    engine=engine, artifact=artifact, batch_size=batch_size or (256 if on_gpu else 64),
                    threads=threads, decode_threads=min(8, threads) if on_gpu else (1 if threads > 1 else 0),
-                   max_pixels=settings.max_image_pixels, precision=precision)
-    stats = runner.map_partitions(partial(embed_partition, job=job), pending.select(_PENDING_COLUMNS),
-                                  parts, STATS_SCHEMA, desc=f"embed {job.model_key}")
+                   max_pixels=settings.max_image_pixels, precision=precision,
+                   runtime=choice.name if choice else None, key_engine=choice.key_engine if choice else None)
+    stats = runner.map_partitions(partial(embed_partition, job=job), pending, pending.num_partitions,
+                                  STATS_SCHEMA, desc=f"embed {job.model_key}")
     s = stats.to_pydict()
     feats = commit_staged(lake, "features", [f for f in s["features_file"] if f], run_id=run_id, dedupe=True)
     rejs = commit_staged(lake, "rejects", [f for f in s["rejects_file"] if f], run_id=run_id, dedupe=True)
-    _remove_staging(lake.staging_dir(run_id))
     n_in = sum(s["n_in"])
     if n_in != pending.num_rows:
         log.warning("embed %s: %d images selected but tasks saw %d", run_id, pending.num_rows, n_in)

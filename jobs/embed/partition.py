@@ -57,9 +57,12 @@ class EmbedJob:
         artifact: the verified ONNX export (required for the ONNX engine).
         threads: intra-op threads of the CPU runtime (the cores one task owns).
         decode_threads: decoder threads per task; 0 decodes inline, between model calls.
-        precision: what every task computes in (``fp32``, ``bf16``, ``fp16``), decided by the
-            driver; the rows are stored under ``spec.key_for(precision)``, and a task whose runtime
-            would compute in another precision fails instead of mixing it into the key.
+        precision: what every task computes in (``fp32``, ``bf16``, ``fp16``, ``int8``), decided by
+            the driver; the rows are stored under ``spec.key_for(precision, key_engine)``, and a task
+            whose runtime would compute in another precision fails instead of mixing it into the key.
+        runtime: a CPU catalog runtime (:data:`jobs.embed.runtime.CATALOG`) the driver chose;
+            ``artifact`` is then the ONNX file it reads (the fp32 export or the int8 QDQ model).
+        key_engine: the engine the features key names (``ort``, ``openvino``; None: torch / fp32).
 
     The stats' ``decode_s`` is the time the task waited for decoded images (all of the decoding
     when inline, only what the model did not hide when threaded); ``model_s`` the runtime's time.
@@ -77,10 +80,12 @@ class EmbedJob:
     top_k: int = 50
     max_pixels: int = 100_000_000
     precision: str = "fp32"
+    runtime: str | None = None
+    key_engine: str | None = None
 
     @property
     def model_key(self) -> str:
-        return self.spec.key_for(self.precision)
+        return self.spec.key_for(self.precision, self.key_engine)
 
 
 def top_concepts(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -143,9 +148,9 @@ def embed_partition(batches: Iterator[pa.RecordBatch], ctx: PartitionContext, *,
     Input columns: ``image_id``, ``uri`` and optionally ``collection``, ``bytes``, ``mtime`` (copied
     into ``rejects`` rows so they carry the same key as ingest's).
     """
-    device = "cpu" if job.engine == "onnx" else resolve_device(job.device)
+    device = "cpu" if job.engine == "onnx" or job.runtime else resolve_device(job.device)
     runtime = get_runtime(job.spec, device, artifact=job.artifact, threads=job.threads, engine=job.engine,
-                          precision=job.precision)
+                          precision=job.precision, runtime=job.runtime)
     if runtime.precision != job.precision:
         raise RuntimeError(f"embed task {ctx.partition_id}: the {runtime.name} runtime computes in "
                            f"{runtime.precision}, the run writes {job.model_key} ({job.precision})")

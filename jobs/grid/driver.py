@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 import time
 from typing import Any, Iterator
 
@@ -23,7 +24,7 @@ import pyarrow as pa
 from jobs.grid.layout import LayoutParams, layout_grid
 from jobs.grid.quality import neighbourhood_preservation, random_baseline
 from jobs.grid.store import check_layout_id
-from jobs.grid.tiles import Pyramid, build_tiles
+from jobs.grid.tiles import Pyramid, build_tiles, publish_tiles
 from jobs.grid.where import select_seqs
 from jobs.runs import job_run
 from lake.catalog import Lake
@@ -94,13 +95,16 @@ def run_grid(lake: Lake, settings: Settings, *, where: str | None = None, seed: 
         commit_rows(lake, "grid", rows, run_id=run.run_id)
         t0 = time.perf_counter()
         pyramid = Pyramid(layout.width, layout.height, cell_px=min(settings.thumbnail_sizes))
-        folder = lake.artifacts_dir("tiles", layout_id)
-        if not lake.is_local:
-            raise BadInput("grid tiles need a local lake root for now (artifacts on object stores are not written yet)")
-        manifest = build_tiles(folder, pyramid, _thumbnails_in_cell_order(lake, emb.image_ids, layout.cells,
-                                                                          pyramid.cell_px),
-                               meta={"layout_id": layout_id, "run_id": run.run_id,
-                                     "features_version": emb.features_version})
+        thumbs = _thumbnails_in_cell_order(lake, emb.image_ids, layout.cells, pyramid.cell_px)
+        meta = {"layout_id": layout_id, "run_id": run.run_id, "features_version": emb.features_version}
+        if lake.is_local:
+            manifest = build_tiles(lake.artifacts_dir("tiles", layout_id), pyramid, thumbs, meta=meta)
+        else:  # built on local disk, then copied into the object store (manifest last)
+            from lake.store import LakeStore
+
+            with tempfile.TemporaryDirectory(prefix="imagelake-tiles-") as tmp:
+                manifest = build_tiles(tmp, pyramid, thumbs, meta=meta)
+                publish_tiles(tmp, LakeStore.for_lake(lake), f"artifacts/tiles/{layout_id}")
         tiles_s = time.perf_counter() - t0
         commit_rows(lake, "grid_layouts", [{
             "layout_id": layout_id, "model": emb.model, "where_sql": where, "seed": seed, "n": len(emb),

@@ -34,7 +34,7 @@ from PIL import Image
 from lake.artifacts import file_sha256
 from lake.errors import CorruptArtifact, NotFound
 
-__all__ = ["Pyramid", "build_tiles", "TileSource", "TILE_SIZE", "BACKGROUND"]
+__all__ = ["Pyramid", "build_tiles", "publish_tiles", "TileSource", "TILE_SIZE", "BACKGROUND"]
 
 TILE_SIZE = 256
 BACKGROUND = (17, 17, 17)
@@ -192,6 +192,30 @@ def build_tiles(folder: str, pyramid: Pyramid, thumbnails: Iterator[tuple[np.nda
     }
     _write_atomic(os.path.join(folder, "manifest.json"), json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+def publish_tiles(folder: str, store, prefix: str, threads: int = 8) -> int:
+    """Copy a tile artifact built in the local ``folder`` to ``prefix`` of ``store`` (a
+    :class:`lake.store.LakeStore`, e.g. an object-store lake): every file in parallel, then
+    ``manifest.json`` last, so readers of the store never see an unfinished build. Returns the
+    bytes copied. Raises: StoreUnavailable (the store failed; the build stays unlisted)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = []
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            rel = os.path.relpath(os.path.join(dirpath, name), folder).replace(os.sep, "/")
+            if rel != "manifest.json":
+                files.append(rel)
+
+    def put(rel: str) -> int:
+        path = os.path.join(folder, rel)
+        store.upload(f"{prefix}/{rel}", path)
+        return os.path.getsize(path)
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="tiles-upload") as pool:
+        total = sum(pool.map(put, sorted(files)))
+    return total + put("manifest.json")
 
 
 class TileSource:
