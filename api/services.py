@@ -34,7 +34,8 @@ from lake.sql import QueryResult, SqlSandbox
 
 __all__ = ["LakeReader", "SERVED_TABLES", "check_image_id", "init_app", "lake_reader"]
 
-SERVED_TABLES = ("images", "sources", "thumbnails", "metadata", "capture", "image_quality", "outliers")
+SERVED_TABLES = ("images", "sources", "thumbnails", "metadata", "capture", "image_quality", "outliers", "features",
+                 "tags")
 _IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 
 
@@ -191,6 +192,18 @@ class LakeReader:
             return image
         finally:
             cur.close()
+
+    def select(self, sql: str, params: list | None = None) -> list[dict[str, Any]]:
+        """Rows of a trusted query (server-written SQL, values bound as ``?``) over the served views."""
+        cur = self._cursor()
+        try:
+            return cur.sql(sql, params=params or []).to_arrow_table().to_pylist()
+        finally:
+            cur.close()
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A cursor over the served views for trusted queries; the caller closes it."""
+        return self._cursor()
 
     def facets(self, column: str, *, limit: int = 50, where: Any = None) -> dict[str, Any]:
         """Image counts per value of an images or metadata column (see :func:`lake.metadata_filter.facet_counts`).

@@ -51,12 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keys", metavar="FILE", help="with --import of a .npy: one image id or URI a line, one per row")
     s.add_argument("--dim", type=int, help="with --import: the expected dimension (default: the stored or first row's)")
 
-    s = sub.add_parser("run", help="the whole pipeline, incrementally: ingest, embed, index, cluster, tag, grid")
+    s = sub.add_parser("run", help="the whole pipeline, incrementally: ingest, quality, embed, suggest, index, outliers, cluster, tag, grid")
     s.add_argument("--images", metavar="SRC", help="what ingest reads (required when ingest is a step)")
     s.add_argument("--collection", help="collection name for ingest (default: the folder's name)")
     s.add_argument("--steps", metavar="LIST",
                    help="comma-separated steps, run in pipeline order (default: every step, "
-                        "ingest,embed,suggest,index,cluster,tag,grid; one not installed fails the run)")
+                        "ingest,quality,embed,suggest,index,outliers,cluster,tag,grid; one not installed fails the run)")
     s.add_argument("--model", default="efficientnet-lite0", help="embedding model for embed (and the steps after it)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",

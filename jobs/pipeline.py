@@ -47,9 +47,11 @@ log = logging.getLogger("imagelake.pipeline")
 #: driver function when its job lands; nothing else in the pipeline changes.
 STEPS: dict[str, str] = {
     "ingest": "jobs.ingest.driver:run_ingest",
+    "quality": "jobs.quality.driver:run_quality",
     "embed": "jobs.embed.driver:run_embed",
     "suggest": "jobs.suggest:run_suggest",
     "index": "jobs.index.driver:run_index",
+    "outliers": "jobs.outliers:run_outliers",
     "cluster": "jobs.cluster.driver:run_cluster",
     "tag": "jobs.tag.driver:run_tag",
     "grid": "jobs.grid.driver:run_grid",
