@@ -73,7 +73,10 @@ class LakeReader:
         self._sandbox_checked_at = float("-inf")
         # Thumbnails are content-addressed and never rewritten: cache them without invalidation.
         self._thumbs = ByteLRU(int(settings.thumbnail_cache_mb * 1024 * 1024))
-        self._thumb_index = ThumbnailIndex()  # point lookups: one row group read, not one per data file
+        # point lookups: one row group read, not one per data file; on a local lake its arrays are a
+        # memory-mapped artifact shared by every worker (lake/thumbnail_index.py)
+        self._thumb_index = ThumbnailIndex(artifact_dir=self.lake.artifacts_dir("thumbnail_index")
+                                           if self.lake.is_local else None)
         self._thumb_index_version: int | None = None
         self._browse_index = BrowseIndex()  # keyset pages and collection counts per images version
 

@@ -203,6 +203,10 @@ def _matrix(arr: pa.Array, d: int) -> np.ndarray:
     return flat.reshape(len(arr), d)
 
 
+def _take(arr: pa.Array, rows: np.ndarray, n: int) -> pa.Array:
+    return arr if len(rows) == n else arr.take(pa.array(rows))
+
+
 def _lookup(lake: Lake, key: str) -> tuple[pa.Array, pa.Array]:
     """(the lake's values of ``key``, the image_id each one names) for key image_id or uri."""
     if key == "image_id":
@@ -328,12 +332,12 @@ def import_embeddings(lake: Lake, settings: Settings | None, path: str, model: s
             reject(idx.is_null().to_numpy(zero_copy_only=False), "unknown_key", f"no image of the lake has this {key}")
             image_ids = lake_ids.take(pc.fill_null(idx, 0)) if len(lake_ids) else pa.nulls(n, pa.string())
             # duplicates: within the file (earlier batches and this one); the first row wins
-            ids_np = image_ids.to_numpy(zero_copy_only=False)
             dup = pc.is_in(image_ids, value_set=seen).to_numpy(zero_copy_only=False)
             ok_so_far = reason == ""
-            _, first = np.unique(np.where(ok_so_far, ids_np, None).astype(str), return_index=True)
+            firsts = pa.table({"id": image_ids, "i": pa.array(np.arange(n))}).filter(pa.array(ok_so_far)) \
+                .group_by("id").aggregate([("i", "min")]).column("i_min").to_numpy()
             within = np.ones(n, bool)
-            within[first] = False
+            within[firsts] = False
             reject(ok_so_far & (dup | within), "duplicate_key", "the file names this image in an earlier row")
             lengths = _lengths(b.vectors)
             reject(lengths < 0, "null", "no embedding")
@@ -345,14 +349,16 @@ def import_embeddings(lake: Lake, settings: Settings | None, path: str, model: s
             reject((lengths != d) & (lengths >= 0), "bad_dimension",
                    lambda m: [f"{int(x)} values, expected {d}" for x in lengths[m]])
             rows_ok = np.flatnonzero(reason == "")
-            mat = _matrix(b.vectors.take(pa.array(rows_ok)), d) if len(rows_ok) else np.zeros((0, d), np.float32)
-            finite = np.isfinite(mat).all(axis=1)
+            mat = _matrix(_take(b.vectors, rows_ok, n), d) if len(rows_ok) else np.zeros((0, d), np.float32)
+            # one pass: the squared norm is NaN/inf for a NaN, an infinity or a value too large to square
+            with np.errstate(invalid="ignore", over="ignore"):
+                norm2 = np.einsum("ij,ij->i", mat, mat) if len(mat) else np.zeros(0, np.float32)
+            finite = np.isfinite(norm2)
             bad = np.zeros(n, bool)
             bad[rows_ok[~finite]] = True
-            reject(bad, "not_finite", "NaN or infinite values")
+            reject(bad, "not_finite", "NaN or infinite values (or values too large to square in float32)")
             zero = np.zeros(n, bool)
-            with np.errstate(invalid="ignore", over="ignore"):
-                zero[rows_ok[finite & ~(np.abs(mat).max(axis=1, initial=0) > 0)]] = True
+            zero[rows_ok[finite & (norm2 == 0)]] = True
             reject(zero, "zero_vector", "all values are 0 (no direction to compare)")
             probs_mat = None
             if b.probs is not None:
@@ -370,9 +376,10 @@ def import_embeddings(lake: Lake, settings: Settings | None, path: str, model: s
                 with_p = pl > 0
                 probs_mat = np.full((len(keep), width), np.nan, np.float32)
                 if with_p.any():
-                    probs_mat[with_p] = _matrix(b.probs.take(pa.array(keep[with_p])), width)
-                bad_p = with_p & ~(np.isfinite(probs_mat).all(axis=1) & (np.nan_to_num(probs_mat, nan=-1) >= 0).all(axis=1)
-                                   & (np.nan_to_num(probs_mat) <= 1 + 1e-4).all(axis=1))
+                    probs_mat[with_p] = _matrix(_take(b.probs, keep[with_p], n), width)
+                with np.errstate(invalid="ignore"):  # NaN compares False: rejected by both bounds
+                    in_range = ((probs_mat >= 0) & (probs_mat <= 1 + 1e-4)).all(axis=1)
+                bad_p = with_p & ~in_range
                 m = np.zeros(n, bool)
                 m[keep[bad_p]] = True
                 reject(m, "bad_probs", "concept probabilities must be finite and in [0, 1]")
@@ -387,13 +394,12 @@ def import_embeddings(lake: Lake, settings: Settings | None, path: str, model: s
                 sel = ~present
                 new = keep[sel]
                 if len(new):
-                    pos_in_ok = np.searchsorted(rows_ok, new)
-                    vec = mat[pos_in_ok]
+                    vec = mat if len(new) == len(rows_ok) else mat[np.searchsorted(rows_ok, new)]
                     ids_new = image_ids.take(pa.array(new))
                     seen = pa.concat_arrays([seen, ids_new])
                     if probs_mat is not None and with_p[sel].any():
                         pm, wp = probs_mat[sel], with_p[sel]
-                        cids, cprobs = _top_k(np.nan_to_num(pm), top_k)
+                        cids, cprobs = _top_k(np.where(wp[:, None], pm, 0) if not wp.all() else pm, top_k)
                         cid_col = pa.array([list(r) if w else None for r, w in zip(cids, wp)], pa.list_(pa.int16())) \
                             if not wp.all() else _list_column(cids, pa.int16())
                         cp_col = pa.array([list(r) if w else None for r, w in zip(cprobs, wp)], pa.list_(pa.float32())) \
@@ -406,10 +412,11 @@ def import_embeddings(lake: Lake, settings: Settings | None, path: str, model: s
                         "embedding": _list_column(vec, pa.float32()), "concept_ids": cid_col,
                         "concept_probs": cp_col, "run_id": pa.array([run.run_id] * len(new), pa.string()),
                         "created_at": pa.array([created] * len(new), TABLES["features"].schema.field("created_at").type),
-                    }, schema=TABLES["features"].schema).sort_by("image_id")
+                    }, schema=TABLES["features"].schema)
                     name = f"{base}/features/part-{len(files):05d}.parquet"
                     with fs.open_output_stream(name) as sink:
-                        pq.write_table(out, sink, compression="zstd")
+                        pq.write_table(out, sink, compression="zstd", compression_level=1,
+                                       use_dictionary=["model", "run_id", "created_at"])
                     files.append(staging + f"/features/part-{len(files):05d}.parquet")
                     res.imported += len(new)
             bad_rows = np.flatnonzero(reason != "")
