@@ -202,7 +202,10 @@ def embed_partition(batches: Iterator[pa.RecordBatch], ctx: PartitionContext, *,
                            f"{runtime.precision}, the run writes {job.model_key} ({job.precision})")
     features = StagedWriter(job.staging_dir, "features", ctx.partition_id, TABLES["features"].schema)
     rejects = StagedWriter(job.staging_dir, "rejects", ctx.partition_id, TABLES["rejects"].schema)
-    pool = ThreadPoolExecutor(job.decode_threads, thread_name_prefix="decode") if job.decode_threads else None
+    # A catalog (CPU) runtime always gets one decode thread: the next batch decodes while the model
+    # runs (PIL and the runtimes release the GIL), also when the task owns a single core.
+    decode_threads = job.decode_threads or (1 if job.runtime else 0)
+    pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") if decode_threads else None
     n_in = 0
     decode_s = model_s = 0.0
     try:

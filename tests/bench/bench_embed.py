@@ -170,6 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runtime", default="auto", help="runtime for (b) and (c): auto (measured) or a catalog name")
     ap.add_argument("--calibration", type=int, default=64, help="calibration sample for (r) (default 64)")
     ap.add_argument("--measure-s", type=float, default=2.0, help="least seconds each runtime is timed in (r)")
+    ap.add_argument("--runtimes", default="", help="comma-separated runtimes for (r) (default: the whole catalog)")
     ap.add_argument("--baseline-n", type=int, default=200, help="images the seeds' way runs on (default 200)")
     ap.add_argument("--master", default="local[*]", help="Spark master for (b) (default local[*])")
     args = ap.parse_args(argv)
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
         threads = os.cpu_count() or 1
         sample = choose.calibration_images(lake, spec, args.calibration)
         choose.MEASURE_SECONDS = args.measure_s
-        ms = choose.measure_all(lake, spec, artifact, sample, threads, names=list(choose.CATALOG))
+        ms = choose.measure_all(lake, spec, artifact, sample, threads, names=[n for n in args.runtimes.split(",") if n] or list(choose.CATALOG))
         measure_s = time.perf_counter() - t0
         print(f"(r) runtimes, model only, {len(sample)} calibration images of this lake, batch 32, {threads} threads "
               f"(median batch):")
@@ -204,6 +205,7 @@ def main(argv=None) -> int:
                 print(f"    {m.name:<15}{m.img_s:>8.1f}  {m.recall10:>9.3f}  {m.top1:>6.3f}  {m.cosine_min:>8.4f}  "
                       f"{'pass' if m.passed else 'FAIL'}{'' if choose.CATALOG[m.name].auto else ' (not a candidate of auto)'}")
         auto = max((m for m in ms if m.passed and not m.error and choose.CATALOG[m.name].auto), key=lambda m: m.img_s)
+        # (the same rule as jobs.embed.choose.choose_runtime, over the runtimes measured here)
         chosen = auto.name if args.runtime == "auto" else args.runtime
         print(f"    auto keeps: {auto.name}; (b) and (c) run: {chosen}  (measured in {measure_s:.1f} s)", flush=True)
         os.environ[choose.ENV_PIN] = chosen
