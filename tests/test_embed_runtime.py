@@ -207,9 +207,12 @@ def test_index_gpu_helpers_are_the_cpu_calls_without_a_gpu():
     from jobs.index import gpu
 
     assert gpu.gpu_count() == 0
+    faiss.omp_set_num_threads(1)
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(2000, 32)).astype(np.float32)
-    index = gpu.train(faiss.index_factory(32, "IVF16,PQ8", faiss.METRIC_INNER_PRODUCT), x)
+    x = rng.normal(size=(1000, 16)).astype(np.float32)
+    index = gpu.train(faiss.index_factory(16, "IVF8,PQ4x4", faiss.METRIC_INNER_PRODUCT), x)
     assert index.is_trained
-    index = gpu.add_with_ids(index, x, np.arange(2000), chunk=700)
-    assert index.ntotal == 2000
+    index = gpu.add_with_ids(index, x, np.arange(1000), chunk=300)
+    assert index.ntotal == 1000
+    _, found = index.search(x[:5], 1)
+    assert found.shape == (5, 1) and (found >= 0).all()
