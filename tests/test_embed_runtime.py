@@ -176,3 +176,43 @@ def test_the_model_loads_once_per_worker_process_not_per_task(lake, monkeypatch)
              for i in range(3)]
     assert [s.column("n_ok")[0].as_py() for s in stats] == [8, 8, 8]
     assert built == ["ort-fp32"]
+
+
+def test_gpu_decode_path_falls_back_to_the_cpu_decoder_and_its_resize_matches_pil(lake):
+    """No GPU here: decode_batch takes the CPU decoder for every file (same pixels as the job's
+    decoder), and the device resize (run on CPU tensors) gives the model nearly the same input."""
+    import torch
+
+    from jobs.embed.decode import decode_image
+    from jobs.embed.gpu_decode import _resize_on_device, decode_batch, gpu_decode_available
+
+    uris = open_table(lake, "images").to_pyarrow_table().column("uri").to_pylist()[:3]
+    datas = [open(u, "rb").read() for u in uris] + [b"not an image"]
+    assert not gpu_decode_available("cuda")
+    out = decode_batch(datas, 224, 0.875, "cpu")
+    assert out[3].reason == "decode_error"
+    for data, t in zip(datas, out[:3]):
+        assert np.array_equal(t.numpy(), decode_image(data, 224, 0.875))
+    from PIL import Image
+    import io as _io
+    full = np.array(Image.open(_io.BytesIO(datas[0])).convert("RGB"))
+    dev = _resize_on_device(torch.from_numpy(full).permute(2, 0, 1).contiguous(), 224, 0.875).numpy()
+    ref = decode_image(datas[0], 224, 0.875, draft=False)
+    assert dev.shape == ref.shape and np.abs(dev.astype(int) - ref).mean() < 4
+
+
+def test_index_gpu_helpers_are_the_cpu_calls_without_a_gpu():
+    import faiss
+
+    from jobs.index import gpu
+
+    assert gpu.gpu_count() == 0
+    faiss.omp_set_num_threads(1)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1000, 16)).astype(np.float32)
+    index = gpu.train(faiss.index_factory(16, "IVF8,PQ4x4", faiss.METRIC_INNER_PRODUCT), x)
+    assert index.is_trained
+    index = gpu.add_with_ids(index, x, np.arange(1000), chunk=300)
+    assert index.ntotal == 1000
+    _, found = index.search(x[:5], 1)
+    assert found.shape == (5, 1) and (found >= 0).all()
