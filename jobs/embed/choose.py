@@ -205,7 +205,7 @@ def choose_runtime(lake: Lake, spec: ModelSpec, requested: str = "auto", threads
     Raises:
         BadInput: an unknown runtime name, or one that cannot run here (with the reason).
     """
-    if requested == "auto" and os.environ.get(ENV_PIN, "auto") != "auto":
+    if requested == "auto" and os.environ.get(ENV_PIN, "") not in ("", "auto"):
         requested, source = os.environ[ENV_PIN], "pinned"
     else:
         source = "requested"
