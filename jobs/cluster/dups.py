@@ -50,7 +50,7 @@ class DupGroups:
     score: np.ndarray    # float32 (n,)
     n_groups: int
     n_edges: int
-    index: str           # "flat" or "ivf<nlist>,nprobe=<p>"
+    index: str           # "flat", "ivf<nlist>,nprobe=<p>" or "knn<nlist>,nprobe=<p>,k=<k>"
 
 
 def _index(vectors: np.ndarray, exact_max: int, nprobe: int, seed: int) -> tuple[faiss.Index, str]:
