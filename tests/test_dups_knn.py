@@ -53,7 +53,7 @@ def data():
     return x, flipped, exact
 
 
-@pytest.mark.parametrize("list_size", [1024, 96])  # 12 and 125 lists
+@pytest.mark.parametrize("list_size", [1024, 96, 48])  # 12, 125 and 250 lists (4, 4 and 8 probed)
 def test_knn_groups_match_exact(data, list_size):
     x, flipped, exact = data
     knn = dup_groups(x, SIM, method="knn", list_size=list_size, queries=[x, flipped])
