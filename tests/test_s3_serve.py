@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -84,6 +85,13 @@ def _upload_tree(store: LakeStore, local_root: str, prefixes: tuple[str, ...]) -
     return n
 
 
+def _cli(root: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYSPARK_PYTHON": sys.executable,
+           "PYSPARK_DRIVER_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+    return subprocess.run([sys.executable, "-m", "imagelake", "--lake", root, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture(scope="module")
 def lakes(tmp_path_factory):
     """(local server, s3 server, S3 server process, s3 lake root, image ids by label, index summary)."""
@@ -103,10 +111,7 @@ def lakes(tmp_path_factory):
         run_grid(Lake.at(root), Settings(lake=root, runner="local"), seed=3)
 
         # `imagelake index` on the s3:// lake: built in a temporary folder, placed into the store
-        proc = subprocess.run(
-            [sys.executable, "-m", "imagelake", "--lake", root, "--runner", "local", "index", "--shard-size",
-             str(SHARDS), "--no-progress"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-            capture_output=True, text=True, timeout=300)
+        proc = _cli(root, "--runner", "local", "index", "--shard-size", str(SHARDS), "--no-progress")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         s3_index = run_index(Lake.at(root), _settings(root, base / "unused"), runner=LocalRunner(), shard_size=SHARDS)
         local_index = run_index(local, Settings(lake=local.root, runner="local"), runner=LocalRunner(),
@@ -152,6 +157,26 @@ def test_search_answers_the_same_as_the_local_lake(lakes):
     manifest = json.loads(LakeStore.for_lake(root).read_bytes(f"artifacts/index/{summary['build_id']}/manifest.json"))
     assert {m["sha256"] for m in manifest["files"].values()} <= cached
     assert not (base / "cache-local").exists()  # a local lake maps its own files
+
+
+@pytest.mark.spark
+def test_index_encode_tasks_on_spark_read_their_rows_from_the_store(lakes):
+    """`imagelake index --rebuild` with Spark (local[2]): the encode tasks run in Spark's Python
+    workers and read their rows of the placed vectors from the store, sharing nothing with the
+    driver but the store; the server picks the new build up and answers as before."""
+    local, s3, _, root, ids, _, _ = lakes
+    before = [s3.json("GET", f"/search/similar?image_id={i}&k=10")["results"] for i in ids[50:53]]
+    proc = _cli(root, "--master", "local[2]", "--runner", "spark", "index", "--rebuild", "--shard-size",
+                str(SHARDS), "--no-progress")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = re.search(r"full build (\S+) published", proc.stdout)
+    assert found, proc.stdout
+    build_id = found.group(1)
+    names = {o.key.rsplit("/", 1)[-1] for o in LakeStore.for_lake(root).list(f"artifacts/index/{build_id}")}
+    assert {"manifest.json", "shard-00000.faiss", "shard-00001.faiss", "shard-00002.faiss"} <= names, proc.stdout
+    assert s3.json("GET", "/health")["builds"]["index"]["build_id"] == build_id
+    after = [s3.json("GET", f"/search/similar?image_id={i}&k=10")["results"] for i in ids[50:53]]
+    assert [[h["image_id"] for h in r] for r in after] == [[h["image_id"] for h in r] for r in before]
 
 
 def test_thumbnails_answer_the_same(lakes):
@@ -244,7 +269,7 @@ def test_imagelake_serve_with_two_workers_on_the_s3_lake(lakes, tmp_path):
         with urllib.request.urlopen(f"{url}/images/{ids[100]}/thumbnail?size=64", timeout=60) as r:
             assert r.read() == local.request("GET", f"/images/{ids[100]}/thumbnail?size=64")[1]
         entries = [f for _, _, files in os.walk(cache) for f in files if f.endswith(".bin")]
-        assert entries and not [f for _, _, files in os.walk(cache) for f in files if f.endswith(".tmp")]
+        assert entries  # (a worker's warm-up may still be fetching more: its .tmp files are its own)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
