@@ -630,3 +630,15 @@ def test_rename_in_place_delete_without_a_dialog_undo_it_and_the_keys_overlay(pa
     page.keyboard.press("u")
     assert_seen(page.locator(f".bucket[data-bucket-id='{bucket_id}'] .name"), "the bucket, back")
     assert dialogs == [], dialogs
+
+
+@pytest.mark.parametrize("size", [SMALL, {"width": 1920, "height": 1080}], ids=["1366x768", "1920x1080"])
+def test_the_whole_suggestion_page_fits_the_window(page, site, own_bucket, size):
+    page.set_viewport_size(size)
+    page.wait_for_timeout(200)  # the resize handler re-sizes the grid
+    cells = page.locator("#curate-grid .cell")
+    assert cells.count() == 28
+    for i in range(28):
+        assert_seen(cells.nth(i), f"suggestion {i + 1}")
+    assert page.evaluate("() => window.scrollY") == 0
+    assert cells.first.bounding_box()["width"] >= 90  # still big enough to judge

@@ -295,6 +295,7 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
       node.addEventListener("dragstart", (e) => e.dataTransfer.setData("text/x-image-id", it.image_id));
       return node;
     }));
+    fitGrid();
     const focused = gridBox.querySelector(".cell.focused");
     if (focused && visible && mode === "grid") focused.scrollIntoView({block: "nearest"});  // keys act on what is seen
     reviewBar.hidden = !review;
@@ -306,6 +307,17 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
         el("button", {type: "button", id: "review-commit", onclick: commitReview}, "commit"));
     }
   }
+
+  // The grid is sized to the window: four rows of seven fit under the bar, whatever the viewport
+  // (1366×768 included), so no cell the keys act on is below the fold.
+  function fitGrid() {
+    if (gridBox.hidden || !visible) return;
+    const top = gridBox.getBoundingClientRect().top + window.scrollY;
+    const room = window.innerHeight - top - 40;  // the keys line below
+    const rows = Math.max(1, Math.ceil(gridBox.children.length / 7));
+    gridBox.style.maxWidth = `${Math.max(420, Math.floor((room - 6 * (rows - 1)) / Math.min(rows, 4) * 7 + 36))}px`;
+  }
+  window.addEventListener("resize", () => fitGrid());
 
   // The bucket's pending images are the review, whoever made them and whenever: after a reload,
   // an undo of a commit, or a fast-forward by another curator. Marks survive a reload (this tab).
