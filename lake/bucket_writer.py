@@ -229,6 +229,7 @@ class NodeLink:
         self._listener: socket.socket | None = None
         self._conn: _Connection | None = None
         self.board = VersionBoard(self.name)
+        os.register_at_fork(after_in_child=self._after_fork)
         self._peers: dict[socket.socket, threading.Lock] = {}
         self._peers_mu = threading.Lock()
         self.takeovers = 0  # times this process became the writer after another writer went away
@@ -236,6 +237,18 @@ class NodeLink:
     @property
     def is_writer(self) -> bool:
         return self._listener is not None
+
+    def _after_fork(self) -> None:
+        """A forked child must not keep the writer's name bound (it has no accept thread: the
+        node would have a writer nobody answers once the parent dies) nor share its link."""
+        for sock in (self._listener, self._conn.sock if self._conn is not None else None):
+            if sock is not None:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+        self._listener, self._conn = None, None
+        self._mu, self._peers_mu, self._peers = threading.Lock(), threading.Lock(), {}
 
     # -- the follower side ---------------------------------------------------------------------
 

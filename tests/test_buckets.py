@@ -667,3 +667,33 @@ def test_read_your_writes_on_any_worker_and_a_short_write_heavy_load(lake, ids):
     acked = [e for _, _, r in runs for e in acknowledged(r)]
     assert len(acked) >= 10
     assert check_log(lake, acked) >= len(acked) + 25
+
+
+_FORKING_WRITER = r"""
+import os, sys, time
+from lake.bucket_store import Action, BucketStore
+from lake.catalog import Lake
+store = BucketStore(Lake.at(sys.argv[1]), node_writer=True)
+store.submit(Action("create", payload={"name": "a"}, actor="x"))
+assert store.is_writer
+if os.fork() == 0:  # a child forked by the writer outlives it
+    time.sleep(6)
+    os._exit(0)
+os._exit(0)
+"""
+
+
+def test_a_child_forked_by_the_writer_does_not_keep_the_writer_name(tmp_path):
+    """Otherwise the name stays bound with nobody accepting, and no follower could take over."""
+    from lake.bucket_writer import socket_name
+
+    root = str(tmp_path / "lake")
+    errors = tmp_path / "stderr"
+    with open(errors, "w") as err:  # not a pipe: the child would hold it open, and run() wait for it
+        done = subprocess.run([sys.executable, "-c", _FORKING_WRITER, root], cwd=REPO, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL, stderr=err)
+    assert done.returncode == 0, errors.read_text()[-2000:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(socket_name(root))  # free at once, while the forked child still sleeps
+    store = BucketStore(Lake.at(root), node_writer=True)
+    assert store.submit(Action("create", payload={"name": "b"}, actor="x"))["seq"] == 1 and store.is_writer
