@@ -207,7 +207,7 @@ class BucketStore:
         action = action.with_event_id()
         if self._node is not None:
             return self._node.submit(action, self.ack_timeout)
-        return self.enqueue(action).result(timeout=self.ack_timeout)
+        return wait_for(self.enqueue(action), self.ack_timeout)
 
     def enqueue(self, action: Action) -> Future:
         """Queue ``action`` (with its ``event_id``) for this process's writer thread; the future
@@ -357,6 +357,17 @@ class BucketStore:
             self._seen.update(commit["files"])
             self.version = commit["version"]
             return True
+
+
+def wait_for(future: Future, timeout: float) -> dict[str, Any]:
+    """The future's event, or Unavailable (503) when its commit did not land within ``timeout``."""
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    try:
+        return future.result(timeout=max(0.0, timeout))
+    except FutureTimeout:
+        raise Unavailable(f"the bucket log commit did not land within {timeout:.0f} s (the action may still "
+                          "land); retry with the same client_event_id") from None
 
 
 def _clean_ids(ids: tuple[str, ...], what: str = "image_ids") -> list[str]:

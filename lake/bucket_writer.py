@@ -259,7 +259,9 @@ class NodeLink:
         while True:
             conn = self._connect(deadline)
             if conn is None:  # this process is the writer
-                return self.store.enqueue(action).result(timeout=max(0.0, deadline - time.monotonic()))
+                from lake.bucket_store import wait_for
+
+                return wait_for(self.store.enqueue(action), deadline - time.monotonic())
             try:
                 reply = conn.request(action).result(timeout=max(0.0, deadline - time.monotonic()))
             except _WriterLost:
