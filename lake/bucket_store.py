@@ -125,6 +125,7 @@ class BucketStore:
         self.version: int | None = None
         self._queue: queue.Queue[tuple[Action, Future]] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._busy = False
         self.commits = 0
 
     # -- reading the log -----------------------------------------------------------------------
@@ -237,6 +238,7 @@ class BucketStore:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            self._busy = True
             try:
                 results = self._commit([a for a, _ in batch])
             except BaseException as e:  # the commit failed: nobody is acknowledged
@@ -250,6 +252,16 @@ class BucketStore:
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+            self._busy = False
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every queued action has been committed (or refused); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while not self._queue.empty() or self._busy:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
 
     def _writing(self):
         """Held from writing the data file to the commit: the fcntl lock the janitor's orphan sweep
