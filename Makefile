@@ -18,7 +18,7 @@ export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 export SPARK_LOCAL_IP ?= 127.0.0.1
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-gpu clean
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ demo: install
 
 bench: install
 	$(PY) tests/bench/run_all.py
+
+# The GPU path in one script, < 5 min on one GPU; on a CUDA machine:
+#   make bench-gpu CONSTRAINTS= EXTRAS=gpu,test     (prints "no GPU" and exits 0 elsewhere)
+bench-gpu: install
+	$(PY) tests/bench/bench_gpu.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -13,8 +13,9 @@ from typing import Any
 
 from flask import Flask
 
-from api import (auth, buckets, clusters, errors, facets, grid, health, images, index_service, openapi, query,
-                 request_limits, search, services, suggest, tags, upload_routes, uploads)
+from api import (auth, bucket_export, buckets, clusters, doubts, errors, facets, grid, health, images, index_service,
+                 map_select, openapi, query, request_limits, search, services, signals, suggest, tags, upload_routes,
+                 uploads)
 from api.openapi import API_PREFIX
 from lake.settings import Settings, load_settings
 
@@ -23,7 +24,8 @@ __all__ = ["API_PREFIX", "AREAS", "create_app", "warm_up"]
 log = logging.getLogger("imagelake.api")
 
 # One module per API area: a blueprint ``bp`` plus ``openapi_paths(settings)`` describing its routes.
-AREAS = (health, auth, images, query, search, buckets, suggest, facets, clusters, tags, grid, upload_routes, openapi)
+AREAS = (health, auth, signals, images, query, search, buckets, bucket_export, doubts, suggest, facets, clusters, tags, grid,
+         map_select, upload_routes, openapi)
 
 
 def create_app(settings: Settings | None = None, test_config: dict[str, Any] | None = None) -> Flask:

@@ -1,8 +1,9 @@
 """Buckets: create, rename/recolor, soft delete; add, move, copy, remove images; the discard pile;
 undo; a bucket's history by Delta time travel.
 
-Every write is acknowledged only after its event is committed to ``bucket_events`` (group commit
-per server process, see :mod:`lake.bucket_store`); send ``client_event_id`` (or an
+Every write is acknowledged only after its event is committed to ``bucket_events`` (one group-commit
+writer per node, elected among the workers, see :mod:`lake.bucket_writer` and
+:mod:`lake.bucket_store`); send ``client_event_id`` (or an
 ``Idempotency-Key`` header) to make a retried request safe: the same token and key return the
 original event and write nothing.
 """
@@ -10,6 +11,7 @@ original event and write nothing.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from typing import Any
 
 from flask import Blueprint, Flask, current_app, jsonify, request
@@ -34,7 +36,26 @@ bp = Blueprint("buckets", __name__)
 def init_app(app: Flask) -> None:
     settings = app.config["IMAGELAKE_SETTINGS"]
     lake = Lake.at(settings.lake)
-    app.extensions["imagelake.buckets"] = PerProcess(lambda: BucketStore(lake))
+    app.extensions["imagelake.buckets"] = PerProcess(
+        lambda: BucketStore(lake, node_writer=True, refresh_s=settings.refresh_s))
+    app.extensions["imagelake.known_images"] = PerProcess(lambda: KnownIds())
+
+
+class KnownIds:
+    """Image ids this process has seen in ``images`` (rows are never deleted), so a curation write
+    skips the DuckDB lookup for images it has checked before; bounded, cleared when full."""
+
+    def __init__(self, limit: int = 100_000):
+        self.limit, self._ids, self._lock = limit, set(), threading.Lock()
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._ids
+
+    def add_all(self, ids) -> None:
+        with self._lock:
+            if len(self._ids) + len(ids) > self.limit:
+                self._ids = set()
+            self._ids.update(ids)
 
 
 def bucket_store() -> BucketStore:
@@ -69,8 +90,11 @@ def image_ids_arg(body: dict[str, Any], key: str, *, required: bool = True) -> l
     if required and not value:
         raise BadInput(f'"{key}" is empty; send at least one image id')
     ids = list(dict.fromkeys(check_image_id(v) for v in value))
-    known = lake_reader().existing_image_ids(ids)
-    missing = [i for i in ids if i not in known]
+    seen = current_app.extensions["imagelake.known_images"].get()
+    unsure = [i for i in ids if i not in seen]
+    known = lake_reader().existing_image_ids(unsure) if unsure else set()
+    seen.add_all(known)
+    missing = [i for i in unsure if i not in known]
     if missing:
         raise NotFound(f"{len(missing)} image id(s) are not in the lake (first: {missing[0]})")
     return ids

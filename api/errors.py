@@ -84,7 +84,18 @@ def _handle_lake(e: ImagelakeError) -> Response:
 
 
 def _handle_unexpected(e: Exception) -> Response:
+    from lake.store import as_store_unavailable
+
+    settings = current_app.config.get("IMAGELAKE_SETTINGS")
+    unavailable = as_store_unavailable(e, getattr(settings, "lake", "")) if settings is not None else None
+    if unavailable is not None:  # the object store of the lake did not answer: retry later, no 500
+        current_app.logger.warning("%s %s: %s (%s)", request.method, request.path, unavailable, _first(e))
+        return error_response(str(unavailable), 503, {"Retry-After": "5"})
     return _internal(e, 500)
+
+
+def _first(e: BaseException) -> str:
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:300]
 
 
 def init_app(app: Flask) -> None:

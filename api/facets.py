@@ -4,9 +4,17 @@ List columns count each element (an image with subjects [fish, cod] counts once 
 column name is checked against the tables' current schemas and the optional ``where`` filter is
 compiled with bound parameters (:mod:`lake.metadata_filter`), so nothing from the request is
 interpolated into SQL.
+
+Counts are maintained, not recomputed per request: each process keeps the answers of the last
+:data:`_CACHE_SIZE` distinct requests (column, limit, filter) with the ``images`` and ``metadata``
+table versions they were counted at; a request is answered from there until one of those tables
+gets a new version, when the next request counts again (one scan per new version and question).
 """
 
 from __future__ import annotations
+
+import threading
+from collections import OrderedDict
 
 from flask import Blueprint, jsonify, request
 
@@ -18,6 +26,26 @@ from lake.sql import jsonable
 bp = Blueprint("facets", __name__)
 
 _MAX_LIMIT = 10_000
+_CACHE_SIZE = 256
+_cache: OrderedDict[tuple, dict] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _counted(column: str, limit: int, raw_where: str | None) -> dict:
+    reader = lake_reader()
+    versions = reader.refresh()
+    key = (reader.lake.root, column, limit, raw_where or "", versions.get("images"), versions.get("metadata"))
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return hit
+    out = jsonable(reader.facets(column, limit=limit, where=parse_filter(raw_where)))
+    with _cache_lock:
+        _cache[key] = out
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return out
 
 
 @bp.get("/facets")
@@ -32,8 +60,9 @@ def facets():
         raise BadInput(f"limit must be an integer from 1 to {_MAX_LIMIT}, got {raw!r}") from None
     if not 1 <= limit <= _MAX_LIMIT:
         raise BadInput(f"limit must be an integer from 1 to {_MAX_LIMIT}, got {limit}")
-    where = parse_filter(request.args.get("where"))
-    return jsonify({"ok": True, **jsonable(lake_reader().facets(column, limit=limit, where=where))})
+    raw_where = request.args.get("where")
+    parse_filter(raw_where)  # a bad filter is a 400 before anything is counted
+    return jsonify({"ok": True, **_counted(column, limit, raw_where)})
 
 
 def openapi_paths(settings) -> dict:

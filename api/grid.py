@@ -29,8 +29,12 @@ _MAX_IDS = 100_000
 def init_app(app: Flask) -> None:
     settings = app.config["IMAGELAKE_SETTINGS"]
     lake = Lake.at(settings.lake)
-    app.extensions["imagelake.grid"] = PerProcess(
-        lambda: LayoutStore(lake, refresh_s=settings.refresh_s, tile_cache=settings.grid_tile_cache))
+    def make() -> LayoutStore:
+        from lake.artifact_cache import artifact_cache
+
+        return LayoutStore(lake, refresh_s=settings.refresh_s, tile_cache=settings.grid_tile_cache,
+                           artifact_cache=None if lake.is_local else artifact_cache(settings))
+    app.extensions["imagelake.grid"] = PerProcess(make)
 
 
 def layout_store() -> LayoutStore:

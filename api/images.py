@@ -136,5 +136,9 @@ def openapi_schemas(settings) -> dict:
             "uris": {"type": "array", "items": {"type": "string"}},
             "metadata": {"type": "object", "description": "Imported metadata columns with a value "
                          "(imagelake metadata import); empty when none", "additionalProperties": True},
+            "capture": {"type": "object", "description": "Capture metadata fields with a value (the capture "
+                        "table: taken_at, camera, gps_lat, ...); empty when none", "additionalProperties": True},
+            "quality": {"type": ["object", "null"], "description": "The image_quality row (measures and flags); "
+                        "null before the quality step ran", "additionalProperties": True},
         },
     }}

@@ -26,6 +26,11 @@ newest published build that passes). The table version is re-checked at most eve
 ``settings.refresh_s``; a new build is loaded by the one request that notices it while the others
 keep using the current one, so a new build is picked up without a restart.
 
+On an object-store lake (``s3://`` ...) the build's files are fetched into this node's artifact
+cache (:mod:`lake.artifact_cache`: checked against the manifest's sizes and sha256 while
+streaming, shared by the workers of the node, size-bounded) and memory-mapped from there; the
+``index_builds`` table is opened with bounded timeouts, and an unreachable store is a 503.
+
 A query: normalise, find the nearest ``nprobe`` IVF lists once, scan every shard's lists for
 ``c = max(search_candidates, 10 k)`` candidates in parallel (a thread pool; FAISS releases the
 GIL), merge by PQ score into the global best ``c``, then re-rank those exactly against the build's
@@ -46,10 +51,11 @@ import numpy as np
 from flask import Flask, current_app
 
 from api.per_process import ProcessOwner
-from jobs.index.build import Manifest, verify_build
+from jobs.index.build import Manifest, build_key, verify_build, verify_build_in_store
 from lake.catalog import Lake
 from lake.errors import BadInput, CorruptArtifact, NotFound, Unavailable
 from lake.settings import Settings
+from lake.store import StoreUnavailable
 
 __all__ = ["Hit", "LoadedBuild", "SearchService", "init_app", "search_service", "EXACT_FILTERED"]
 
@@ -147,12 +153,25 @@ def load_build(lake: Lake, row: dict[str, Any], settings: Settings) -> LoadedBui
     """
     import faiss
 
-    root = lake.artifacts_dir()
-    top = verify_build(os.path.join(root, row["path"]), expected_manifest_sha256=row.get("manifest_sha256"))
-    manifests = [top]
-    if top["kind"] == "incremental":
-        base_folder = os.path.join(os.path.dirname(top.folder), top["base_build_id"])
-        manifests.insert(0, verify_build(base_folder, expected_manifest_sha256=top["base_manifest_sha256"]))
+    if lake.is_local:
+        root = lake.artifacts_dir()
+        top = verify_build(os.path.join(root, row["path"]), expected_manifest_sha256=row.get("manifest_sha256"))
+        manifests = [top]
+        if top["kind"] == "incremental":
+            base_folder = os.path.join(os.path.dirname(top.folder), top["base_build_id"])
+            manifests.insert(0, verify_build(base_folder, expected_manifest_sha256=top["base_manifest_sha256"]))
+    else:
+        from lake.artifact_cache import artifact_cache
+        from lake.store import LakeStore, store_errors
+
+        store, cache = LakeStore.for_lake(lake), artifact_cache(settings)
+        with store_errors(lake):
+            top = verify_build_in_store(store, cache, f"artifacts/{row['path']}",
+                                        expected_manifest_sha256=row.get("manifest_sha256"))
+            manifests = [top]
+            if top["kind"] == "incremental":
+                manifests.insert(0, verify_build_in_store(store, cache, build_key(top["base_build_id"]),
+                                                          expected_manifest_sha256=top["base_manifest_sha256"]))
     try:
         segments, shards, ivfs = [], [], []
         for m in manifests:
@@ -212,18 +231,27 @@ class SearchService:
         serving the current build.
         """
         self._ensure_process()
-        if force or self._due():
-            first = self._checked_at == float("-inf")
-            if self._lock.acquire(blocking=force or first or self._needs_load(model)):
-                try:
-                    if force or self._due():  # another thread may have just checked
-                        self._check()
+        try:
+            if force or self._due():
+                first = self._checked_at == float("-inf")
+                if self._lock.acquire(blocking=force or first or self._needs_load(model)):
+                    try:
+                        if force or self._due():  # another thread may have just checked
+                            self._check()
+                        self._load_if_needed(model)
+                    finally:
+                        self._lock.release()
+            elif self._needs_load(model):
+                with self._lock:
                     self._load_if_needed(model)
-                finally:
-                    self._lock.release()
-        elif self._needs_load(model):
-            with self._lock:
-                self._load_if_needed(model)
+        except StoreUnavailable as e:
+            # the lake's object store is gone: a build this process has loaded lives in its verified
+            # local cache and keeps serving; without one the request is a 503
+            key = self._key(model)
+            if key is None or key not in self._builds:
+                raise
+            log.warning("serving index build %s while the lake's store is unavailable: %s",
+                        self._builds[key].build_id, e)
         key = self._key(model)
         return self._builds.get(key) if key else None
 
@@ -232,20 +260,23 @@ class SearchService:
 
     def _published_rows(self) -> list[dict[str, Any]]:
         """Published ``index_builds`` rows, newest first (re-read only when the table's version moved)."""
-        from deltalake import DeltaTable
         from deltalake.exceptions import TableNotFoundError
+
+        from lake.store import open_delta, store_errors
 
         if self._table is None:
             try:
-                self._table = DeltaTable(self.lake.table_uri("index_builds"))
+                self._table = open_delta(self.lake, "index_builds")
             except TableNotFoundError:
                 return []
         else:
-            self._table.update_incremental()
+            with store_errors(self.lake):
+                self._table.update_incremental()
         version = self._table.version()
         if version != self._table_version:
+            with store_errors(self.lake):
+                rows = [r for r in self._table.to_pyarrow_table().to_pylist() if r.get("state") == "published"]
             self._table_version = version
-            rows = [r for r in self._table.to_pyarrow_table().to_pylist() if r.get("state") == "published"]
             self._published = sorted(rows, key=lambda r: (r["created_at"], r["build_id"]), reverse=True)
         return self._published
 
@@ -281,6 +312,13 @@ class SearchService:
         self._published_rows()
         for key in list(self._builds):
             self._load(key)
+        for build in self._builds.values():  # in use: keep the cached copies at the head of the LRU
+            for m in build.manifests:
+                for path in (m.files_at or {}).values():
+                    try:
+                        os.utime(path)
+                    except OSError:
+                        pass
 
     def _load_if_needed(self, model: str | None) -> None:
         if self._needs_load(model):

@@ -22,17 +22,20 @@ from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 from flask import Flask, current_app
 
+from api.browse_index import BrowseIndex
 from api.per_process import ProcessOwner
 from lake.catalog import TABLES, Lake
 from lake.errors import BadInput, NotFound
 from lake.metadata_filter import facet_counts, matching_seqs
 from lake.settings import Settings
+from lake.store import open_delta, store_errors
 from lake.thumbnail_index import ThumbnailIndex
 from lake.sql import QueryResult, SqlSandbox
 
 __all__ = ["LakeReader", "SERVED_TABLES", "check_image_id", "init_app", "lake_reader"]
 
-SERVED_TABLES = ("images", "sources", "thumbnails", "metadata")
+SERVED_TABLES = ("images", "sources", "thumbnails", "metadata", "capture", "image_quality", "outliers", "features",
+                 "tags")
 _IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 
 
@@ -70,8 +73,12 @@ class LakeReader:
         self._sandbox_checked_at = float("-inf")
         # Thumbnails are content-addressed and never rewritten: cache them without invalidation.
         self._thumbs = ByteLRU(int(settings.thumbnail_cache_mb * 1024 * 1024))
-        self._thumb_index = ThumbnailIndex()  # point lookups: one row group read, not one per data file
+        # point lookups: one row group read, not one per data file; on a local lake its arrays are a
+        # memory-mapped artifact shared by every worker (lake/thumbnail_index.py)
+        self._thumb_index = ThumbnailIndex(artifact_dir=self.lake.artifacts_dir("thumbnail_index")
+                                           if self.lake.is_local else None)
         self._thumb_index_version: int | None = None
+        self._browse_index = BrowseIndex()  # keyset pages and collection counts per images version
 
     # -- per-process state -------------------------------------------------------------------
 
@@ -91,7 +98,7 @@ class LakeReader:
 
         A table that does not exist yet has version ``None`` and is served as empty.
         """
-        with self._lock:
+        with self._lock, store_errors(self.lake):
             self._ensure_open()
             if force or time.monotonic() - self._checked_at >= self.settings.refresh_s:
                 for name in TABLES:
@@ -107,7 +114,7 @@ class LakeReader:
         table = self._tables.get(name)
         if table is None:
             try:
-                table = DeltaTable(self.lake.table_uri(name))
+                table = open_delta(self.lake, name)  # bounded timeouts on an object store
             except TableNotFoundError:
                 return None
             self._tables[name] = table
@@ -184,9 +191,22 @@ class LakeReader:
             rows = cur.sql("SELECT * EXCLUDE (image_id) FROM metadata WHERE image_id = ? LIMIT 1",
                            params=[image_id]).to_arrow_table().to_pylist()
             image["metadata"] = {k: v for k, v in rows[0].items() if v is not None} if rows else {}
+            image.update(_signals(cur, image_id))
             return image
         finally:
             cur.close()
+
+    def select(self, sql: str, params: list | None = None) -> list[dict[str, Any]]:
+        """Rows of a trusted query (server-written SQL, values bound as ``?``) over the served views."""
+        cur = self._cursor()
+        try:
+            return cur.sql(sql, params=params or []).to_arrow_table().to_pylist()
+        finally:
+            cur.close()
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A cursor over the served views for trusted queries; the caller closes it."""
+        return self._cursor()
 
     def facets(self, column: str, *, limit: int = 50, where: Any = None) -> dict[str, Any]:
         """Image counts per value of an images or metadata column (see :func:`lake.metadata_filter.facet_counts`).
@@ -213,20 +233,25 @@ class LakeReader:
             cur.close()
 
     def browse(self, *, limit: int = 60, offset: int = 0, collection: str | None = None) -> dict[str, Any]:
-        """A page of images in ``seq`` order (optionally one collection), the total, and per-collection counts."""
-        where, params = ("WHERE collection = ?", [collection]) if collection else ("", [])
+        """A page of images in ``seq`` order (optionally one collection), the total, and per-collection
+        counts: a keyset page over the per-version seq index (:mod:`api.browse_index`), no full scan."""
+        version = self.refresh().get("images")
         cur = self._cursor()
         try:
-            cur.execute(f"SELECT image_id, seq, collection, format, width, height FROM images {where} "
-                        "ORDER BY seq LIMIT ? OFFSET ?", [*params, limit, offset])
-            cols = [d[0] for d in cur.description]
-            page = [dict(zip(cols, row)) for row in cur.fetchall()]
-            cur.execute("SELECT collection, count(*) FROM images GROUP BY 1 ORDER BY 2 DESC, 1")
-            counts = {c: n for c, n in cur.fetchall()}
+            index = self._browse_index.get(version, cur)
+            seqs = index.page(offset, limit, collection)
+            page = []
+            if len(seqs):
+                where, params = ("AND collection = ?", [collection]) if collection else ("", [])
+                cur.execute(f"SELECT image_id, seq, collection, format, width, height FROM images "
+                            f"WHERE seq BETWEEN ? AND ? {where} ORDER BY seq LIMIT ?",
+                            [int(seqs[0]), int(seqs[-1]), *params, limit])
+                cols = [d[0] for d in cur.description]
+                page = [dict(zip(cols, row)) for row in cur.fetchall()]
         finally:
             cur.close()
-        total = counts.get(collection, 0) if collection else sum(counts.values())
-        return {"images": page, "total": total, "collections": counts}
+        counts = {(c or None): n for c, n in index.counts.items()}
+        return {"images": page, "total": index.total(collection), "collections": counts}
 
     def thumbnail(self, image_id: str, size: int) -> bytes:
         """The JPEG thumbnail of ``image_id`` whose longest side is ``size`` px.
@@ -240,7 +265,8 @@ class LakeReader:
         cached = self._thumbs.get((image_id, size))
         if cached is not None:
             return cached
-        jpeg = self.thumbnail_index().get(image_id, size)
+        with store_errors(self.lake):
+            jpeg = self.thumbnail_index().get(image_id, size)
         if jpeg is None:
             raise NotFound(f"no {size}px thumbnail of image {image_id} in the lake")
         self._thumbs.put((image_id, size), jpeg)
@@ -306,6 +332,21 @@ class LakeReader:
                 self._con.close()
             self._con, self._sandbox = None, None
             self._tables, self._versions, self._view_versions, self._datasets = {}, {}, {}, {}
+
+
+def _signals(cur: duckdb.DuckDBPyConnection, image_id: str) -> dict[str, Any]:
+    """``capture`` (its fields with a value, issues included; ``{}`` when none) and ``quality`` (the
+    ``image_quality`` measures and flags; null before the quality step ran) of one image."""
+    out: dict[str, Any] = {}
+    for key, table, drop in (("capture", "capture", "image_id, run_id, created_at"),
+                             ("quality", "image_quality", "image_id, run_id, created_at")):
+        rows = cur.sql(f"SELECT * EXCLUDE ({drop}) FROM {table} WHERE image_id = ? LIMIT 1",
+                       params=[image_id]).to_arrow_table().to_pylist()
+        if key == "capture":
+            out[key] = {k: v for k, v in rows[0].items() if v not in (None, [])} if rows else {}
+        else:
+            out[key] = rows[0] if rows else None
+    return out
 
 
 class ByteLRU:

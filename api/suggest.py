@@ -26,8 +26,12 @@ bp = Blueprint("suggest", __name__)
 def init_app(app: Flask) -> None:
     settings = app.config["IMAGELAKE_SETTINGS"]
     lake = Lake.at(settings.lake)
-    app.extensions["imagelake.suggest"] = PerProcess(
-        lambda: Suggester(lake, dims=settings.suggest_dims, refresh_s=settings.suggest_refresh_s))
+    def make() -> Suggester:
+        from lake.artifact_cache import artifact_cache
+
+        return Suggester(lake, dims=settings.suggest_dims, refresh_s=settings.suggest_refresh_s,
+                         cache=None if lake.is_local else artifact_cache(settings))
+    app.extensions["imagelake.suggest"] = PerProcess(make)
 
 
 def suggester() -> Suggester:

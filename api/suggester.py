@@ -107,9 +107,10 @@ class Suggester:
     features version every ``refresh_s`` seconds (a new embed run gets a new build)."""
 
     def __init__(self, lake: Lake, *, dims: int = 128, refresh_s: float = 30.0, max_negatives: int = 500,
-                 c: float = 10.0, tetris_others: bool = True, tetris_margin: float = 0.0):
+                 c: float = 10.0, tetris_others: bool = True, tetris_margin: float = 0.0, cache=None):
         self.lake, self.dims, self.refresh_s, self.max_negatives = lake, dims, refresh_s, max_negatives
         self.c, self.tetris_others, self.tetris_margin = c, tetris_others, tetris_margin
+        self.cache = cache   # the artifact cache (object-store lakes); None: the default one
         self._lock = threading.Lock()
         self._matrix: CompactMatrix | None = None
         self._checked = float("-inf")
@@ -120,7 +121,10 @@ class Suggester:
             if self._matrix is None or time.monotonic() - self._checked >= self.refresh_s:
                 from lake.errors import NotFound
                 try:
-                    self._matrix = ensure_compact(self.lake, self.dims)
+                    from lake.store import store_errors
+
+                    with store_errors(self.lake):
+                        self._matrix = ensure_compact(self.lake, self.dims, cache=self.cache)
                 except NotFound as e:
                     if self._matrix is None:
                         raise Unavailable(f"suggestions are not available: {without_paths(str(e))}") from None

@@ -40,14 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="what embedding computes in, part of the features key (auto: fp32 on CPU and on "
                         "a cluster, bf16/fp16 on a local GPU or with --device cuda)")
+    s.add_argument("--runtime", default="auto", metavar="NAME",
+                   help="CPU runtime: auto (the fastest that passes the quality gate, measured once per machine "
+                        "and model) or one of ort-fp32, ort-int8, openvino-fp32, openvino-bf16, openvino-int8, "
+                        "torch-bf16, torch-fp32")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--import", dest="import_file", metavar="FILE",
+                   help="import your own embeddings (.parquet, .npz, .npy) under --model NAME@VERSION instead of computing them")
+    s.add_argument("--key", choices=["image_id", "uri"], help="with --import: the key column (default: the one present)")
+    s.add_argument("--keys", metavar="FILE", help="with --import of a .npy: one image id or URI a line, one per row")
+    s.add_argument("--dim", type=int, help="with --import: the expected dimension (default: the stored or first row's)")
 
-    s = sub.add_parser("run", help="the whole pipeline, incrementally: ingest, embed, index, cluster, tag, grid")
+    s = sub.add_parser("run", help="the whole pipeline, incrementally: ingest, quality, embed, suggest, index, outliers, cluster, tag, grid")
     s.add_argument("--images", metavar="SRC", help="what ingest reads (required when ingest is a step)")
     s.add_argument("--collection", help="collection name for ingest (default: the folder's name)")
     s.add_argument("--steps", metavar="LIST",
                    help="comma-separated steps, run in pipeline order (default: every step, "
-                        "ingest,embed,suggest,index,cluster,tag,grid; one not installed fails the run)")
+                        "ingest,quality,embed,suggest,index,outliers,cluster,tag,grid; one not installed fails the run)")
     s.add_argument("--model", default="efficientnet-lite0", help="embedding model for embed (and the steps after it)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
@@ -70,7 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--cluster", metavar="ID", help="a cluster id (see GET /clusters or the clusters table)")
     g.add_argument("--bucket", metavar="ID", help="a bucket id")
-    s.add_argument("--to", required=True, metavar="DIR", help="folder to create (must be empty or absent)")
+    s.add_argument("--to", required=True, metavar="DIR", help="folder to create (must be empty or absent); "
+                                                              "for --format csv|parquet the manifest file to write")
+    point = s.add_mutually_exclusive_group()
+    point.add_argument("--as-of", metavar="TIMESTAMP", help="--bucket: its members as of this ISO 8601 time "
+                                                           "(Delta time travel of bucket_events)")
+    point.add_argument("--version", metavar="N", help="--bucket: its members at this version of bucket_events")
+    s.add_argument("--format", choices=("folder", "csv", "parquet", "imagefolder"), default="folder",
+                   help="--bucket: folder (symlinks + manifest.csv, default), csv or parquet (the manifest), "
+                        "imagefolder (<label>/ copies + metadata.csv)")
 
     s = sub.add_parser("grid", help="lay out the collection on a zoomable grid map (layout, quality, tiles)")
     s.add_argument("--where", metavar="SQL", help="only images matching this predicate over images columns, "
@@ -167,12 +184,21 @@ def _cmd_ingest(args, settings: Settings, lake: Lake) -> int:
 
 
 def _cmd_embed(args, settings: Settings, lake: Lake) -> int:
+    if args.import_file:
+        from jobs.embed.importer import import_embeddings
+
+        result = import_embeddings(lake, settings, args.import_file, args.model, key=args.key, keys_file=args.keys,
+                                   dim=args.dim)
+        print("\n".join(result.lines()))
+        return 0
+    if args.key or args.keys or args.dim is not None:
+        raise BadInput("--key, --keys and --dim go with --import FILE")
     try:
         from jobs.embed.driver import run_embed
     except ImportError as e:
         raise BadInput(f"embedding needs the 'embed' extra (pip install 'imagelake[embed]'): {e}") from None
     summary = run_embed(lake, settings, model=args.model, device=args.device, precision=args.precision,
-                        progress=not args.no_progress and sys.stderr.isatty())
+                        runtime=args.runtime, progress=not args.no_progress and sys.stderr.isatty())
     print(embed_line(summary))
     return 0
 
@@ -227,8 +253,22 @@ def _cmd_tag(args, settings: Settings, lake: Lake) -> int:
 def _cmd_export(args, settings: Settings, lake: Lake) -> int:
     from jobs.cluster.export import export_bucket, export_cluster
 
+    if args.bucket and (args.as_of or args.version is not None or args.format != "folder"):
+        return _export_bucket_at(args, lake)
+    if args.cluster and (args.as_of or args.version is not None or args.format != "folder"):
+        raise BadInput("--as-of, --version and --format are for --bucket; a cluster exports as a folder")
     result = export_cluster(lake, args.cluster, args.to) if args.cluster else export_bucket(lake, args.bucket, args.to)
     print(f"exported {result['links']} images to {result['to']}")
+    return 0
+
+
+def _export_bucket_at(args, lake: Lake) -> int:
+    from lake.bucket_export import manifest, parse_point, snapshot, write_folder
+
+    snap = snapshot(lake, args.bucket, parse_point(args.version, args.as_of))
+    result = write_folder(manifest(lake, snap), args.to, args.format)
+    print(f"exported {result['images']} images of bucket {args.bucket} ({snap.bucket.get('name')!r}, "
+          f"bucket_events version {snap.log_version}) to {result['to']} as {args.format}")
     return 0
 
 

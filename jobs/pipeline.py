@@ -47,9 +47,11 @@ log = logging.getLogger("imagelake.pipeline")
 #: driver function when its job lands; nothing else in the pipeline changes.
 STEPS: dict[str, str] = {
     "ingest": "jobs.ingest.driver:run_ingest",
+    "quality": "jobs.quality.driver:run_quality",
     "embed": "jobs.embed.driver:run_embed",
     "suggest": "jobs.suggest:run_suggest",
     "index": "jobs.index.driver:run_index",
+    "outliers": "jobs.outliers:run_outliers",
     "cluster": "jobs.cluster.driver:run_cluster",
     "tag": "jobs.tag.driver:run_tag",
     "grid": "jobs.grid.driver:run_grid",
@@ -158,7 +160,10 @@ def _resolve(requested: Sequence[str] | None) -> dict[str, Callable[..., Any]]:
 
 def _features_key(lake: Lake, model: str) -> str | None:
     """The stored ``features.model`` key of registry name ``model`` when this run has no embed
-    step: its current version's key with the most rows, in whatever precision (``+bf16``)."""
+    step: its current version's key with the most rows, in whatever precision (``+bf16``). A full
+    key (``name@version``, e.g. imported with ``imagelake embed --import``) is taken as it is."""
+    if "@" in model:
+        return model
     try:
         from jobs.embed.models import get_model
     except ImportError:

@@ -34,9 +34,18 @@ def run_suggest(lake: Lake, settings: Settings, *, model: str | None = None) -> 
     model = model or default_model_key(lake)
     version = open_table(lake, "features").version()
     folder = compact_dir(lake, model, version, settings.suggest_dims)
-    existed = os.path.isfile(os.path.join(folder, "manifest.json"))
+    if lake.is_local:
+        existed = os.path.isfile(os.path.join(folder, "manifest.json"))
+    else:  # an object-store lake: the build's folder is a key prefix in the store
+        from lake.compact import compact_key
+        from lake.store import LakeStore
+
+        existed = LakeStore.for_lake(lake).exists(f"{compact_key(model, version, settings.suggest_dims)}/manifest.json")
     with job_run(lake, "suggest", {"model": model, "dims": settings.suggest_dims}, settings=settings) as run:
-        matrix = ensure_compact(lake, settings.suggest_dims, model)
+        from lake.artifact_cache import artifact_cache
+
+        matrix = ensure_compact(lake, settings.suggest_dims, model,
+                                cache=None if lake.is_local else artifact_cache(settings))
         run.rows_in = len(matrix)
         run.rows_out = 0 if existed else len(matrix)
         run.metrics.update(model=model, features_version=version, dims=settings.suggest_dims,

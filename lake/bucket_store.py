@@ -1,30 +1,41 @@
 """A process's view of the bucket log plus its group-commit writer: actions are acknowledged only
 once their Delta commit has landed.
 
-Why group commit: a Delta append is a few ms, but commits to one table must serialize (the
-``bucket_events`` fcntl lock, across every server process). One writer thread per process takes
-every action queued while the previous commit was in flight, validates them in order against the
-state they land on, writes them as one commit, and only then wakes the waiting requests. Sixteen
-concurrent curators cost a handful of commits, not sixteen queued ones.
+Why group commit: a Delta append is a few ms, but commits to one table serialize. One writer
+thread takes every action queued while the previous commit was in flight, validates them in order
+against the state they land on, writes them as one commit, and only then wakes the waiting
+requests. Sixteen concurrent curators cost a handful of commits, not sixteen queued ones. In the
+server there is one such writer per node, not per process: the gunicorn workers elect one of
+themselves and hand it their actions over a local socket (:mod:`lake.bucket_writer`).
 
-Consistency: under the lock the writer first reads the log's tail (files committed by other
-processes), so validation (bucket exists, not deleted, images in the source bucket, what undo
-cancels) and ``seq`` assignment see every earlier acknowledged action: the log is serializable.
-Readers share the same in-memory fold and re-read the tail on each call (a no-op check of the
-Delta log when nothing changed), so a write acknowledged by one server process is visible to the
-next read on any other.
+Ordering (why ``seq`` is dense and never duplicated, on local disk and object stores alike): the
+writer reads the log's tail (version ``V``), plans the batch on that state (validation — bucket
+exists, not deleted, images in the source bucket, what undo cancels — and ``seq`` from
+``last_seq + 1``), and commits it as exactly version ``V + 1`` (deltalake with no commit retries:
+the commit file is created with put-if-absent, ``If-None-Match`` on S3). If another writer (another
+node) took ``V + 1`` first, the commit fails, the planned events are dropped from the fold, the
+tail is re-read and the batch is planned again on the new state. So every batch was validated
+against the state it lands on and the log is serializable without any lock. On a local lake the
+writer also holds the ``bucket_events`` fcntl lock from writing its data file to the commit, which
+the janitor's sweep of orphaned files waits on (it costs microseconds with one writer per node).
 
-Retries: an action may carry a ``client_event_id``; the same (actor, client_event_id) again is
-answered with the original event and writes nothing.
+Retries: every action carries an ``event_id`` chosen before it is sent (a re-sent action after a
+writer crash is recognised and answered with the committed event), and may carry a
+``client_event_id``; the same (actor, client_event_id) again is answered with the original event
+and writes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import logging
 import os
 import queue
 import secrets
 import threading
+import time
 import unicodedata
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -34,16 +45,19 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from deltalake import DeltaTable, WriterProperties, write_deltalake
+from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
+from deltalake.exceptions import CommitFailedError
 
 from lake.buckets import DISCARD, BucketState, events_from_arrow, check_bucket_id
 from lake.catalog import Lake, table_spec
 from lake.commit import ensure_tables, now_utc
-from lake.errors import BadInput, Conflict, ImagelakeError, NotFound
+from lake.errors import BadInput, Conflict, ImagelakeError, NotFound, Unavailable
 from lake.lock import LakeLock
 from lake.staging import filesystem_for
 
 __all__ = ["Action", "BucketStore"]
+
+log = logging.getLogger(__name__)
 
 _COLOR = r"#[0-9a-fA-F]{6}"
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -62,6 +76,10 @@ class Action:
     actor: str = ""
     actor_name: str = ""
     client_event_id: str | None = None
+    event_id: str | None = None  # chosen by the submitter, so a re-sent action is recognised
+
+    def with_event_id(self) -> "Action":
+        return self if self.event_id else dataclasses.replace(self, event_id=secrets.token_hex(16))
 
 
 class BucketStore:
@@ -74,13 +92,29 @@ class BucketStore:
         ack_timeout: seconds a request waits for its commit before giving up (the action may still land).
         max_batch: most actions per commit.
         compact_files: when the log has more data files than this, the writer rewrites them into
-            a few (Delta ``optimize.compact``, same rows) right after a commit, under the lock, so
-            a process starting later reads a handful of files instead of one per commit.
+            a few (Delta ``optimize.compact``, same rows) right after a commit, so a process
+            starting later reads a handful of files instead of one per commit.
+        node_writer: hand actions to the node's elected writer process over a local socket
+            (:mod:`lake.bucket_writer`; what the server does) instead of committing them here.
+        max_replans: commits lost to another writer (another node) in a row before giving up (503).
+        refresh_s: with ``node_writer``, how often a read re-checks the Delta log for commits made
+            elsewhere (other nodes); commits of this node's writer are seen at once (its version
+            board). Without ``node_writer`` every read checks the log.
     """
 
     def __init__(self, lake: Lake, lock_timeout: float = 30.0, ack_timeout: float = 60.0, max_batch: int = 512,
-                 compact_files: int = 1000):
+                 compact_files: int = 1000, node_writer: bool = False, max_replans: int = 100,
+                 refresh_s: float = 0.0):
         self.lake, self.lock_timeout, self.ack_timeout = lake, lock_timeout, ack_timeout
+        self.max_replans = max_replans
+        self.replans = 0  # commits lost to another writer and planned again
+        self.refresh_s = refresh_s
+        self._checked_at = float("-inf")
+        self._node = None
+        if node_writer:
+            from lake.bucket_writer import NodeLink
+
+            self._node = NodeLink(self)
         self.compact_files = compact_files
         self.max_batch = max_batch  # 1 turns group commit off (the benchmark's baseline)
         self._lock = threading.RLock()
@@ -108,6 +142,7 @@ class BucketStore:
                 self._table = DeltaTable(self.lake.table_uri("bucket_events"))
             else:
                 self._table.update_incremental()
+            self._checked_at = time.monotonic()
             if self._table.version() == self.version:
                 return self.state
             files = self._table.file_uris()
@@ -126,32 +161,73 @@ class BucketStore:
                     self.state.apply(event)
                 self._seen.update(new)
             self.version = self._table.version()
+            self._publish()
             return self.state
+
+    def _publish(self) -> None:
+        if self._node is not None and self._node.is_writer and self.version is not None:
+            self._node.board.publish(self.version)
+
+    def _fresh(self) -> BucketState:
+        """The fold, re-reading the log's tail only when it may have moved (see ``refresh_s``)."""
+        if self._table is None or self._node is None or self.refresh_s <= 0:
+            return self.sync()
+        if not self._node.is_writer:
+            published = self._node.board.read()
+            if published is None or published > (self.version if self.version is not None else -1):
+                return self.sync()
+        if time.monotonic() - self._checked_at >= self.refresh_s:
+            return self.sync()
+        return self.state
 
     @contextmanager
     def reading(self, fresh: bool = True) -> Iterator[BucketState]:
         """``with store.reading() as state:`` — the current fold, consistent while the block runs.
         ``fresh=False`` skips the check for other processes' commits (right after our own write)."""
         with self._lock:
-            yield self.sync() if fresh or self._table is None else self.state
+            yield self._fresh() if fresh or self._table is None else self.state
 
     # -- writing -------------------------------------------------------------------------------
 
+    @property
+    def is_writer(self) -> bool:
+        """True when this process commits (always without a node link)."""
+        return self._node is None or self._node.is_writer
+
     def submit(self, action: Action) -> dict[str, Any]:
-        """Validate and commit ``action``; returns its event once it is in the table.
+        """Validate and commit ``action``; returns its event once it is in the table (and in this
+        process's fold: the caller's next read sees it).
 
         Raises:
             BadInput / NotFound / Conflict: the action does not fit the state it would land on.
-            LockHeld: the table stayed locked by another process past ``lock_timeout``.
+            LockHeld: (local lakes) the table stayed locked past ``lock_timeout`` (the janitor).
+            Unavailable: the commit kept failing, or no writer answered within ``ack_timeout``.
         """
+        self._check_pid()
+        action = action.with_event_id()
+        if self._node is not None:
+            return self._node.submit(action, self.ack_timeout)
+        return self.enqueue(action).result(timeout=self.ack_timeout)
+
+    def enqueue(self, action: Action) -> Future:
+        """Queue ``action`` (with its ``event_id``) for this process's writer thread; the future
+        gets the event (or the action's error) once the batch it is in has committed."""
         self._check_pid()
         future: Future = Future()
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="bucket-writer", daemon=True)
                 self._thread.start()
-        self._queue.put((action, future))
-        return future.result(timeout=self.ack_timeout)
+        self._queue.put((action.with_event_id(), future))
+        return future
+
+    def committed(self, event_id: str, replayed: bool = False) -> dict[str, Any]:
+        """The committed event ``event_id`` from this process's fold (re-read if not there yet)."""
+        with self._lock:
+            event = self.state.by_id.get(event_id) or self.sync().by_id.get(event_id)
+        if event is None:
+            raise Unavailable(f"event {event_id} was acknowledged but is not in bucket_events yet; retry the read")
+        return {**event, "replayed": True} if replayed else event
 
     def _run(self) -> None:
         while True:
@@ -162,8 +238,12 @@ class BucketStore:
                 except queue.Empty:
                     break
             try:
-                results = self._commit(batch)
+                results = self._commit([a for a, _ in batch])
             except BaseException as e:  # the commit failed: nobody is acknowledged
+                log.exception("bucket log commit failed")
+                if not isinstance(e, ImagelakeError):
+                    e = Unavailable(f"the bucket log commit failed ({type(e).__name__}); retry with the same "
+                                    "client_event_id")
                 results = [e] * len(batch)
             for (_, future), result in zip(batch, results):
                 if isinstance(result, BaseException):
@@ -171,55 +251,112 @@ class BucketStore:
                 else:
                     future.set_result(result)
 
-    def _commit(self, batch: list[tuple[Action, Future]]) -> list[Any]:
-        with LakeLock(self.lake, "bucket_events", self.lock_timeout, holder="bucket log writer",
-                      poll=(0.0005, 0.004)), self._lock:
-            state = self.sync()
-            results: list[Any] = []
-            rows: list[dict[str, Any]] = []
-            for action, _ in batch:
-                try:
-                    known = action.client_event_id and state.client_ids.get((action.actor, action.client_event_id))
-                    if known:
-                        results.append({**state.by_id[known], "replayed": True})
-                        continue
-                    event = _plan(state, action, state.last_seq + 1)
-                    state.apply(event)
-                    rows.append(event)
-                    results.append(event)
-                except ImagelakeError as e:
-                    results.append(e)
-            if rows:
+    def _writing(self):
+        """Held from writing the data file to the commit: the fcntl lock the janitor's orphan sweep
+        waits on (local lakes; the janitor does not sweep object stores, and ordering needs no lock)."""
+        if self.lake.is_local:
+            return LakeLock(self.lake, "bucket_events", self.lock_timeout, holder="bucket log writer",
+                            poll=(0.0005, 0.004))
+        return contextlib.nullcontext()
+
+    def _commit(self, batch: list[Action]) -> list[Any]:
+        """Plan ``batch`` on the latest state and commit it as the next Delta version; when another
+        writer took that version, drop the plan, re-read and plan again."""
+        for attempt in range(self.max_replans + 1):
+            with self._writing(), self._lock:
+                # Read the tail first (a cheap check of the log when nothing changed): planning on
+                # the fold as it is would also be correct (a commit from elsewhere makes ours fail
+                # and we re-plan), but each lost commit leaves an orphaned data file behind.
+                state = self.sync()
+                results: list[Any] = []
+                rows: list[dict[str, Any]] = []
+                for action in batch:
+                    try:
+                        if action.event_id in state.by_id:  # re-sent after a writer crash: it landed
+                            results.append(state.by_id[action.event_id])
+                            continue
+                        known = action.client_event_id and state.client_ids.get((action.actor, action.client_event_id))
+                        if known:
+                            results.append({**state.by_id[known], "replayed": True})
+                            continue
+                        event = _plan(state, action, state.last_seq + 1)
+                        state.apply(event)
+                        rows.append(event)
+                        results.append(event)
+                    except ImagelakeError as e:
+                        results.append(e)
+                if not rows:
+                    return results
+                base = self.version
                 try:
                     spec = table_spec("bucket_events")
                     write_deltalake(self._table, pa.Table.from_pylist(rows, schema=spec.schema), mode="append",
-                                    schema_mode="merge", writer_properties=WriterProperties(compression="ZSTD"))
+                                    schema_mode="merge", writer_properties=WriterProperties(compression="ZSTD"),
+                                    commit_properties=CommitProperties(max_commit_retries=0))
+                except CommitFailedError as e:
+                    self._drop_planned(rows)
+                    self._table.update_incremental()
+                    if self._table.version() == base:  # nobody else committed: a real failure
+                        self._seen, self.state, self.version = set(), BucketState(), None
+                        raise Unavailable(f"the bucket log commit failed: {e}") from None
+                    self.replans += 1
+                    log.info("bucket log: version %s was taken by another writer; planning %d action(s) again",
+                             (base if base is not None else -1) + 1, len(batch))
+                    continue
                 except BaseException:
                     self._seen, self.state, self.version = set(), BucketState(), None  # drop the unwritten folds
                     raise
                 self.commits += 1
-                self._adopt_own_commit()
+                self._adopt_own_commit(base, rows)
                 if len(self._seen) > self.compact_files:
                     self.compact()
-            return results
+                return results
+        raise Unavailable(f"the bucket log commit lost to other writers {self.max_replans + 1} times in a row; retry")
+
+    def _drop_planned(self, rows: list[dict[str, Any]]) -> None:
+        """Forget events folded in for a commit that did not land (re-fold the rest, no I/O)."""
+        planned = {r["event_id"] for r in rows}
+        state = BucketState()
+        for event in self.state.events:
+            if event["event_id"] not in planned:
+                state.apply(event)
+        self.state = state
 
     def compact(self) -> None:
-        """Rewrite the log's small files into a few (same rows). Call with the table lock held."""
+        """Rewrite the log's small files into a few (same rows). Call from the writer."""
         with self._lock:
             self._table.optimize.compact()
             self._table.update_incremental()
             self._seen, self.version = set(self._table.file_uris()), self._table.version()
+            self._publish()
 
-    def _adopt_own_commit(self) -> None:
-        """After our write, under the lock: the only new files are ours, already folded in."""
-        before = self.version
-        if self._table.version() == before:
+    def _adopt_own_commit(self, base: int | None, rows: list[dict[str, Any]]) -> None:
+        """After our write at exactly the next version: the only new files are ours, already folded
+        in. The node's followers get the commit pushed (rows and files) before anyone is answered."""
+        if self._table.version() == base:
             self._table.update_incremental()
-        if self._table.version() == (before if before is not None else -1) + 1:
-            self._seen.update(self._table.file_uris())
+        if self._table.version() == (base if base is not None else -1) + 1:
+            files = self._table.file_uris()
+            added = [f for f in files if f not in self._seen]
+            self._seen.update(files)
             self.version = self._table.version()
+            self._publish()
+            if self._node is not None and base is not None:
+                self._node.broadcast({"base": base, "version": self.version, "files": added, "rows": rows})
         else:
             self.sync()
+
+    def apply_pushed(self, commit: dict[str, Any]) -> bool:
+        """Fold in a commit the node's writer pushed (no I/O) when it follows what this process has
+        folded; otherwise leave it to the next read's re-read of the tail. True when applied."""
+        with self._lock:
+            if self._table is None or self.version != commit["base"]:
+                return False
+            for event in commit["rows"]:
+                self.state.apply(event)
+            self._seen.update(commit["files"])
+            self.version = commit["version"]
+            return True
 
 
 def _clean_ids(ids: tuple[str, ...], what: str = "image_ids") -> list[str]:
@@ -231,7 +368,7 @@ def _clean_ids(ids: tuple[str, ...], what: str = "image_ids") -> list[str]:
 
 def _plan(state: BucketState, a: Action, seq: int) -> dict[str, Any]:
     """The event ``a`` becomes on top of ``state``. Raises BadInput, NotFound or Conflict."""
-    event: dict[str, Any] = {"event_id": secrets.token_hex(16), "seq": seq, "bucket_id": a.bucket_id,
+    event: dict[str, Any] = {"event_id": a.event_id or secrets.token_hex(16), "seq": seq, "bucket_id": a.bucket_id,
                              "action": a.action, "image_ids": None, "rejected_ids": None,
                              "from_bucket": None, "undo_of": None, "payload": None,
                              "client_event_id": a.client_event_id, "actor": a.actor,

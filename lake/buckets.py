@@ -210,16 +210,22 @@ class BucketState:
         return [i for i, (_, p) in members.items() if p == pending]
 
     def labeled(self, bucket_id: str | None = None) -> set[str]:
-        """Images a bucket's suggestions must skip: members of any bucket (pending included) or of
-        the discard pile, and those rejected for ``bucket_id`` (for every bucket when None). An
-        image rejected for one bucket may still be right for another."""
+        """Images a bucket's suggestions must skip: members of any live bucket (pending included)
+        or of the discard pile, and those rejected for ``bucket_id`` (for every live bucket when
+        None). An image rejected for one bucket may still be right for another. A deleted bucket's
+        members and rejections label nothing (undoing the delete brings them back)."""
         out: set[str] = set()
-        for members in self.members.values():
-            out.update(members)
+        for b, members in self.members.items():
+            if self._live(b):
+                out.update(members)
         for b, marks in self.rejected.items():
-            if bucket_id is None or b == bucket_id:
+            if (bucket_id is None or b == bucket_id) and self._live(b):
                 out.update(marks)
         return out
+
+    def _live(self, bucket_id: str) -> bool:
+        bucket = self.buckets.get(bucket_id)
+        return bucket is not None and not bucket["deleted"]
 
     def acceptance(self, bucket_id: str, window: int = 5) -> float | None:
         """Accepted share of the last ``window`` feedback rounds of the bucket (None: no feedback yet)."""

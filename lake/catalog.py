@@ -125,7 +125,7 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         pa.field("action", pa.string()),
         pa.field("actor", pa.string()),
     ]),
-    _spec("bucket_events", ["event_id"], "Append-only log of curation actions in seq order (dense, assigned under the table's lock); current bucket state is a fold over it (lake.buckets).", [
+    _spec("bucket_events", ["event_id"], "Append-only log of curation actions in seq order (dense, assigned by the log's writer in Delta commit order); current bucket state is a fold over it (lake.buckets).", [
         pa.field("event_id", pa.string(), nullable=False),
         pa.field("bucket_id", pa.string()),
         pa.field("action", pa.string(), nullable=False),
@@ -190,6 +190,79 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
         pa.field("reason", pa.string()),
         pa.field("detail", pa.string()),
         pa.field("row", pa.string()),
+        pa.field("rejected_at", _TS),
+    ]),
+    _spec("capture", ["image_id"], "Capture metadata read at ingest from EXIF, IPTC and XMP (jobs/capture): when "
+          "(taken_at in UTC, taken_offset as recorded), with what (make, model, camera, lens, exposure) and where "
+          "(GPS in decimal degrees and metres); a field the file lacks or that is malformed is null, and "
+          "issues says why for malformed ones (<field>:<reason>).", [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("taken_at", _TS),
+        pa.field("taken_offset", pa.string()),
+        pa.field("make", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("camera", pa.string()),
+        pa.field("lens", pa.string()),
+        pa.field("focal_mm", pa.float64()),
+        pa.field("exposure_s", pa.float64()),
+        pa.field("f_number", pa.float64()),
+        pa.field("iso", pa.int32()),
+        pa.field("gps_lat", pa.float64()),
+        pa.field("gps_lon", pa.float64()),
+        pa.field("gps_alt", pa.float64()),
+        pa.field("has_gps", pa.bool_()),
+        pa.field("orientation", pa.int32()),
+        pa.field("keywords", pa.list_(pa.string())),
+        pa.field("title", pa.string()),
+        pa.field("issues", pa.list_(pa.string())),
+        pa.field("run_id", pa.string()),
+        pa.field("created_at", _TS),
+    ], sort_by=["image_id"]),
+    _spec("image_quality", ["image_id"], "Image quality measures from the 256 px thumbnail (the pipeline's quality "
+          "step, jobs/quality): blur = variance of the Laplacian of the grey image, brightness and contrast = mean "
+          "and standard deviation of grey levels (0..1), entropy = bits of the grey histogram; one flag per issue "
+          "(thresholds: settings quality_*), issues lists the flags set.", [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("blur", pa.float64()),
+        pa.field("brightness", pa.float64()),
+        pa.field("contrast", pa.float64()),
+        pa.field("entropy", pa.float64()),
+        pa.field("saturation", pa.float64()),
+        pa.field("aspect", pa.float64()),
+        pa.field("blurry", pa.bool_()),
+        pa.field("dark", pa.bool_()),
+        pa.field("bright", pa.bool_()),
+        pa.field("low_contrast", pa.bool_()),
+        pa.field("low_information", pa.bool_()),
+        pa.field("grayscale", pa.bool_()),
+        pa.field("odd_aspect", pa.bool_()),
+        pa.field("tiny", pa.bool_()),
+        pa.field("issues", pa.list_(pa.string())),
+        pa.field("run_id", pa.string()),
+        pa.field("created_at", _TS),
+    ], sort_by=["image_id"]),
+    _spec("outliers", ["build_id", "image_id"], "How unusual each image is (the pipeline's outliers step, jobs/outliers): "
+          "score = 1 - the mean cosine similarity to its k nearest neighbours in index build build_id (k = "
+          "setting outlier_k); rank 1 is the most unusual. The current scores are those of the newest build.", [
+        pa.field("build_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("score", pa.float32()),
+        pa.field("nearest", pa.float32()),
+        pa.field("rank", pa.int64()),
+        pa.field("k", pa.int32()),
+        pa.field("run_id", pa.string()),
+        pa.field("created_at", _TS),
+    ], sort_by=["image_id"]),
+    _spec("embedding_rejects", ["model", "source_file", "row_number", "reason"], "Rows of an embeddings file "
+          "(imagelake embed --import) that were not imported, with the reason (unknown_key, duplicate_key, "
+          "bad_dimension, not_finite, zero_vector, bad_probs, null); row_number counts from 1.", [
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("source_file", pa.string(), nullable=False),
+        pa.field("row_number", pa.int64(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("key", pa.string()),
+        pa.field("detail", pa.string()),
+        pa.field("run_id", pa.string()),
         pa.field("rejected_at", _TS),
     ]),
     _spec("job_runs", ["run_id", "state"], "One row when a job run starts and one when it ends (state running, then succeeded or failed; abandoned, written by a later run, when the run's process died without ending it). host, pid and process name the run's process (null in rows of older versions).", [

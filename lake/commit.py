@@ -115,7 +115,9 @@ def commit_staged(lake: Lake, table: str, files: list[str], *, run_id: str, dedu
             if has_existing:
                 con.register("existing", dt_.to_pyarrow_dataset())
             if lake.is_local and not assign_seq and _conflicts(con, spec, has_existing) == 0:
-                return _adopt(lake, dt_, spec, files, run_id)
+                stats = {f: _file_stats(pq.ParquetFile(f).metadata, spec) for f in files}
+                if all(v is not None for v in stats.values()):
+                    return _adopt(lake, dt_, spec, files, run_id, stats)
             sql = _commit_query(spec, dedupe, assign_seq, has_existing)
             reader = con.sql(sql).to_arrow_reader(65536)
             return _write(dt_, spec, reader, run_id)
@@ -133,22 +135,22 @@ def _conflicts(con: duckdb.DuckDBPyConnection, spec: TableSpec, has_existing: bo
     return int(n)
 
 
-def _adopt(lake: Lake, dt_: DeltaTable, spec: TableSpec, files: list[str], run_id: str) -> CommitResult:
+def _adopt(lake: Lake, dt_: DeltaTable, spec: TableSpec, files: list[str], run_id: str,
+           stats: dict[str, dict]) -> CommitResult:
     """Commit staged files as they are: move them into the table folder and add them in one commit.
 
     Used when no staged key collides, so nothing needs rewriting. A crash between the moves and the
     commit leaves unreferenced files in the table folder, which readers ignore and the janitor removes.
     """
     table_dir = lake.table_uri(spec.name)
-    actions = []
+    actions = []  # ``stats``: each staged file's Delta statistics (:func:`_file_stats`), all known
     for f in files:
         name = f"part-{run_id}-{os.path.basename(f)}"
         target = os.path.join(table_dir, name)
         os.replace(f, target)
-        meta = pq.ParquetFile(target).metadata
         actions.append(AddAction(path=name, size=os.path.getsize(target), partition_values={},
                                  modification_time=int(os.path.getmtime(target) * 1000), data_change=True,
-                                 stats=json.dumps(_file_stats(meta, spec))))
+                                 stats=json.dumps(stats[f])))
     rows = sum(json.loads(a.stats)["numRecords"] for a in actions)
     dt_.create_write_transaction(actions, mode="append", schema=spec.schema,
                                  commit_properties=_commit_properties(spec, run_id))
@@ -156,22 +158,71 @@ def _adopt(lake: Lake, dt_: DeltaTable, spec: TableSpec, files: list[str], run_i
     return CommitResult(spec.name, rows, dt_.version())
 
 
-def _file_stats(meta: pq.FileMetaData, spec: TableSpec) -> dict:
-    """Delta file statistics (row count; min/max/nulls of the key columns) from Parquet metadata."""
+def _file_stats(meta: pq.FileMetaData, spec: TableSpec) -> dict | None:
+    """Delta file statistics from Parquet metadata: the row count and, for every flat column, its null
+    count and min/max; ``None`` when some column's bounds cannot be stated (the caller then rewrites
+    the rows through the Delta writer, which computes its own).
+
+    Every flat column needs them: deltalake's dataset reads a column without min/max as all null, so
+    a filter on such a column (``reason = 'empty'``) would skip the file and silently match nothing.
+    Binary columns carry none (Delta collects none for them). Timestamps are stated to the
+    millisecond as Delta does, min rounded down and max up; a long string's max is its prefix
+    followed by the highest code point, so the bounds still hold.
+    """
     stats: dict = {"numRecords": meta.num_rows, "minValues": {}, "maxValues": {}, "nullCount": {}}
-    names = [meta.schema.column(i).name for i in range(meta.num_columns)]
-    for col in spec.key:
-        if col not in names:
+    paths = {meta.schema.column(i).path: i for i in range(meta.num_columns)}
+    for field in spec.schema:
+        t = field.type
+        if pa.types.is_nested(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
             continue
-        i = names.index(col)
+        i = paths.get(field.name)
+        if i is None:
+            return None
         groups = [meta.row_group(g).column(i).statistics for g in range(meta.num_row_groups)]
-        if not groups or any(g is None or not g.has_min_max for g in groups):
+        if any(g is None for g in groups):
+            return None
+        nulls = sum(g.null_count or 0 for g in groups)
+        stats["nullCount"][field.name] = nulls
+        if nulls == meta.num_rows:
             continue
-        lo, hi = min(g.min for g in groups), max(g.max for g in groups)
-        if isinstance(lo, (str, int, float)):
-            stats["minValues"][col], stats["maxValues"][col] = lo, hi
-            stats["nullCount"][col] = sum(g.null_count or 0 for g in groups)
+        valued = [g for g in groups if g.num_values > 0]
+        if not valued or not all(g.has_min_max for g in valued):
+            return None
+        lo, hi = _stat_value(t, min(g.min for g in valued), False), _stat_value(t, max(g.max for g in valued), True)
+        if lo is None or hi is None:
+            return None
+        stats["minValues"][field.name], stats["maxValues"][field.name] = lo, hi
     return stats
+
+
+_MAX_STAT_CHARS = 64
+
+
+def _stat_value(t: pa.DataType, v, upper: bool):
+    """One min/max as Delta's JSON statistics state it, or None when it cannot be stated."""
+    if pa.types.is_timestamp(t):
+        if t.tz is None or not isinstance(v, dt.datetime):
+            return None
+        v = v.astimezone(dt.timezone.utc)
+        ms = v.replace(microsecond=v.microsecond // 1000 * 1000)
+        if upper and ms != v:
+            ms += dt.timedelta(milliseconds=1)
+        return ms.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms.microsecond // 1000:03d}Z"
+    if pa.types.is_date(t):
+        return v.isoformat() if isinstance(v, dt.date) else None
+    if pa.types.is_boolean(t):
+        return bool(v)
+    if pa.types.is_integer(t):
+        return int(v)
+    if pa.types.is_floating(t):
+        return float(v) if v == v and abs(v) != float("inf") else None
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        if not isinstance(v, str):
+            return None
+        if len(v) <= _MAX_STAT_CHARS:
+            return v
+        return v[:_MAX_STAT_CHARS] + "\U0010ffff" if upper else v[:_MAX_STAT_CHARS]
+    return None
 
 
 def _commit_properties(spec: TableSpec, run_id: str) -> CommitProperties:

@@ -13,6 +13,10 @@ memory-mapped too), ``pca.npz`` (mean, components) and ``manifest.json`` (sha256
 last, atomically. Every server process memory-maps the same files (``IO_FLAG_MMAP_IFC``), so N
 workers share one copy through the page cache. Readers verify sizes and sha256 before loading and
 refuse a build that does not match (:class:`lake.errors.CorruptArtifact`).
+
+On an object-store lake the build is made in a local temporary folder and its files are placed into
+the same keys of the store, the manifest last; a server fetches verified copies of the files into
+its node's artifact cache (:mod:`lake.artifact_cache`) and maps those.
 """
 
 from __future__ import annotations
@@ -179,6 +183,54 @@ def build_compact(folder: str, image_ids: list[str], pca_vectors_or_embeddings: 
     return folder
 
 
+def compact_key(model: str, features_version: int, k: int) -> str:
+    """The store key of a build's folder (``artifacts/suggest/<model>/v<version>-pca<k>``)."""
+    return f"artifacts/suggest/{_slug(model)}/v{features_version}-pca{k}"
+
+
+_FILES = ("index.faiss", "image_ids.bin", "pca.npz")
+
+
+def place_compact(store, folder: str, prefix: str) -> None:
+    """Upload a finished local build folder to ``prefix`` in the store, the manifest last."""
+    for name in _FILES:
+        store.upload(f"{prefix}/{name}", os.path.join(folder, name))
+    store.upload(f"{prefix}/manifest.json", os.path.join(folder, "manifest.json"))
+
+
+def load_compact_from_store(store, cache, prefix: str) -> CompactMatrix:
+    """Map a build in an object store: its files are fetched through ``cache`` (an
+    :class:`lake.artifact_cache.ArtifactCache`, which checks sizes and sha256 against the manifest).
+
+    Raises:
+        NotFound: no manifest. CorruptArtifact: a file differs from the manifest.
+    """
+    try:
+        manifest = json.loads(store.read_bytes(f"{prefix}/manifest.json"))
+    except NotFound:
+        raise NotFound(f"no suggestion matrix at {prefix}") from None
+    paths = {}
+    for name, meta in manifest["files"].items():
+        try:
+            paths[name] = cache.path(store, f"{prefix}/{name}", sha256=meta["sha256"], size=meta["bytes"])
+        except NotFound:
+            raise CorruptArtifact(f"suggestion matrix {prefix}: {name} is missing; it is rebuilt once the "
+                                  "folder is removed") from None
+    return _map(manifest, paths, store.uri(prefix))
+
+
+def _map(manifest: dict, paths: dict[str, str], folder: str) -> CompactMatrix:
+    import faiss
+
+    index = faiss.read_index(paths["index.faiss"], faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+    ids = ImageIdTable(paths["image_ids.bin"])
+    if len(ids) != index.ntotal:
+        raise CorruptArtifact(f"suggestion matrix {folder}: {len(ids)} ids for {index.ntotal} rows")
+    with np.load(paths["pca.npz"]) as pca:
+        mean, components = pca["mean"], pca["components"]
+    return CompactMatrix(index, ids, mean, components, manifest["model"], manifest["features_version"], folder)
+
+
 def load_compact(folder: str, *, verify: bool = True) -> CompactMatrix:
     """Memory-map a build after checking its manifest.
 
@@ -198,16 +250,10 @@ def load_compact(folder: str, *, verify: bool = True) -> CompactMatrix:
         if not os.path.isfile(path) or os.path.getsize(path) != meta["bytes"] or (verify and file_sha256(path) != meta["sha256"]):
             raise CorruptArtifact(f"suggestion matrix file {path} does not match its manifest; delete {folder} "
                                   "and it is rebuilt on the next request")
-    index = faiss.read_index(os.path.join(folder, "index.faiss"), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
-    ids = ImageIdTable(os.path.join(folder, "image_ids.bin"))
-    if len(ids) != index.ntotal:
-        raise CorruptArtifact(f"suggestion matrix {folder}: {len(ids)} ids for {index.ntotal} rows")
-    with np.load(os.path.join(folder, "pca.npz")) as pca:
-        mean, components = pca["mean"], pca["components"]
-    return CompactMatrix(index, ids, mean, components, manifest["model"], manifest["features_version"], folder)
+    return _map(manifest, {name: os.path.join(folder, name) for name in manifest["files"]}, folder)
 
 
-def ensure_compact(lake: Lake, k: int = 128, model: str | None = None) -> CompactMatrix:
+def ensure_compact(lake: Lake, k: int = 128, model: str | None = None, cache=None) -> CompactMatrix:
     """The build for the lake's current features (default model), building it first if absent.
 
     One process builds (under the ``suggest-build`` lock); the others wait, then map it.
@@ -219,7 +265,19 @@ def ensure_compact(lake: Lake, k: int = 128, model: str | None = None) -> Compac
     from lake.vectors import default_model_key, load_embeddings
 
     model = model or default_model_key(lake)
-    version = open_table(lake, "features").version()
+    if lake.is_local:
+        version = open_table(lake, "features").version()
+    else:
+        from deltalake.exceptions import TableNotFoundError
+
+        from lake.store import open_delta
+
+        try:
+            version = open_delta(lake, "features").version()  # bounded timeouts: a server asks this
+        except TableNotFoundError:
+            raise NotFound("no features in the lake yet; run `imagelake embed` first") from None
+    if not lake.is_local:
+        return _ensure_in_store(lake, k, model, version, cache)
     folder = compact_dir(lake, model, version, k)
     if os.path.isfile(os.path.join(folder, "manifest.json")):
         return load_compact(folder)
@@ -233,3 +291,27 @@ def ensure_compact(lake: Lake, k: int = 128, model: str | None = None) -> Compac
             build_compact(folder, emb.image_ids, x, model=model, features_version=version, k=k,
                           mean=mean, components=components)
     return load_compact(folder)
+
+
+def _ensure_in_store(lake: Lake, k: int, model: str, version: int, cache) -> CompactMatrix:
+    import tempfile
+
+    from lake.artifact_cache import artifact_cache
+    from lake.store import LakeStore
+    from lake.vectors import load_embeddings
+
+    store, cache = LakeStore.for_lake(lake), cache or artifact_cache()
+    prefix = compact_key(model, version, k)
+    if not store.exists(f"{prefix}/manifest.json"):
+        with LakeLock(lake, "suggest-build", timeout=3600, holder=f"suggest matrix {model} v{version}"):
+            if not store.exists(f"{prefix}/manifest.json"):
+                emb = load_embeddings(lake, model)
+                if len(emb) == 0:
+                    raise NotFound("no features in the lake yet; run `imagelake embed` first")
+                x = emb.normalized()
+                mean, components = fit_pca(x, k)
+                with tempfile.TemporaryDirectory(prefix="imagelake-suggest-") as tmp:
+                    build_compact(tmp, emb.image_ids, x, model=model, features_version=version, k=k,
+                                  mean=mean, components=components)
+                    place_compact(store, tmp, prefix)
+    return load_compact_from_store(store, cache, prefix)

@@ -19,7 +19,8 @@ Column names are looked up in a whitelist built from the ``images`` schema and t
 ``metadata`` schema (a name present in both means the metadata column; ``images.X`` and
 ``metadata.X`` say which explicitly). Every value becomes a bound parameter (``?``) after a type
 check against its column, so quotes, semicolons or SQL in a value are only ever data. The
-predicate refers to ``i`` (images) and ``m`` (metadata) as joined in :data:`FILTER_FROM`.
+predicate refers to ``i`` (images), ``m`` (metadata) and ``c`` (capture: EXIF date, camera, GPS) as
+joined in :data:`FILTER_FROM`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ __all__ = [
     "parse_filter", "compile_filter", "matching_seqs", "facet_counts", "lake_connection",
 ]
 
-FILTER_FROM = "images i LEFT JOIN metadata m ON m.image_id = i.image_id"
+FILTER_FROM = ("images i LEFT JOIN metadata m ON m.image_id = i.image_id "
+               "LEFT JOIN capture c ON c.image_id = i.image_id")
 
 _MAX_DEPTH, _MAX_TERMS, _MAX_IN, _MAX_TEXT = 10, 200, 1000, 10_000
 _ALIASES = {"eq": "=", "==": "=", "ne": "!=", "<>": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
@@ -92,11 +94,19 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def filter_columns(images_schema: pa.Schema, metadata_schema: pa.Schema) -> dict[str, FilterColumn]:
-    """The whitelist for :func:`compile_filter`: every filterable column of images (``i``) and
-    metadata (``m``), by plain name (metadata wins a clash) and as ``images.X`` / ``metadata.X``."""
+_CAPTURE_HIDDEN = ("image_id", "run_id", "created_at")
+
+
+def filter_columns(images_schema: pa.Schema, metadata_schema: pa.Schema,
+                   capture_schema: pa.Schema | None = None) -> dict[str, FilterColumn]:
+    """The whitelist for :func:`compile_filter`: every filterable column of images (``i``), capture
+    (``c``: taken_at, camera, has_gps, ...) and metadata (``m``), by plain name (a clash goes to
+    metadata, then capture) and as ``images.X`` / ``capture.X`` / ``metadata.X``."""
     columns: dict[str, FilterColumn] = {}
-    for alias, table, schema in (("i", "images", images_schema), ("m", "metadata", metadata_schema)):
+    capture = pa.schema([f for f in (capture_schema if capture_schema is not None else TABLES["capture"].schema)
+                         if f.name not in _CAPTURE_HIDDEN])
+    for alias, table, schema in (("i", "images", images_schema), ("c", "capture", capture),
+                                 ("m", "metadata", metadata_schema)):
         for field in schema:
             kind = column_kind(field.type)
             if kind in _SCALAR_KINDS or (kind.startswith("list<") and kind[5:-1] in _SCALAR_KINDS):
@@ -107,8 +117,8 @@ def filter_columns(images_schema: pa.Schema, metadata_schema: pa.Schema) -> dict
 
 
 def connection_columns(con: duckdb.DuckDBPyConnection) -> dict[str, FilterColumn]:
-    """:func:`filter_columns` for a connection with ``images`` and ``metadata`` views."""
-    schemas = [con.sql(f"SELECT * FROM {t} LIMIT 0").to_arrow_table().schema for t in ("images", "metadata")]
+    """:func:`filter_columns` for a connection with ``images``, ``metadata`` and ``capture`` views."""
+    schemas = [con.sql(f"SELECT * FROM {t} LIMIT 0").to_arrow_table().schema for t in ("images", "metadata", "capture")]
     return filter_columns(*schemas)
 
 
@@ -281,7 +291,7 @@ def compile_filter(filter: Mapping[str, Any] | str | None,
     return compiler.filter(parsed, 0), compiler.params
 
 
-def lake_connection(lake: Lake, tables: tuple[str, ...] = ("images", "metadata")) -> duckdb.DuckDBPyConnection:
+def lake_connection(lake: Lake, tables: tuple[str, ...] = ("images", "metadata", "capture")) -> duckdb.DuckDBPyConnection:
     """A private DuckDB connection with ``tables`` of the lake's current versions as views.
 
     Uses deltalake's datasets, which present an evolving table's older files with its current schema.

@@ -38,6 +38,8 @@ class Settings:
     max_image_pixels: int = _opt(100_000_000, "Images with more pixels are rejected (decompression-bomb guard).")
     thumbnail_sizes: tuple = _opt((64, 256), "Longest side in px of the JPEG thumbnails made at ingest.")
     thumbnail_quality: int = _opt(85, "JPEG quality of thumbnails.")
+    capture_metadata: bool = _opt(True, "Read capture metadata (EXIF date, camera, lens, exposure, GPS; IPTC/XMP keywords and title) at ingest into the `capture` table.")
+    capture_max_block_bytes: int = _opt(1 << 20, "Largest EXIF or XMP block read at ingest; a larger one is skipped (its fields null, issue exif:too_large or xmp:too_large).")
     sql_timeout_s: float = _opt(10.0, "Read-only SQL is interrupted after this many seconds (fetching and encoding the rows included).")
     sql_max_rows: int = _opt(10_000, "Rows one SQL query returns at most; more sets truncated=true.")
     sql_max_bytes: int = _opt(64 * 1024 * 1024, "Largest SQL result in bytes (its Arrow data, and its JSON in the API), counted while fetching; more is refused (HTTP 413).")
@@ -78,6 +80,17 @@ class Settings:
     grid_quality_sample: int = _opt(2000, "Cells scored for a layout's neighbourhood-preservation quality (exact kNN over all images for each; 0: skip; all cells when fewer).")
     grid_tile_cache: bool = _opt(True, "Keep deep-zoom tiles rendered on first request as files under the layout's tile folder.")
     run_abandon_h: float = _opt(72.0, "A `running` job run whose process cannot be checked from here (another host or container, or a row from an older version) counts as abandoned once this many hours old; 0: never by age. Runs on this host are checked by their process at once.")
+    artifact_cache_dir: str = _opt("", "Local folder where server workers keep verified copies of an object-store lake's artifacts (index builds, suggestion matrix, tile packs) to memory-map; empty: $XDG_CACHE_HOME/imagelake/artifacts. Unused for local lakes.")
+    artifact_cache_mb: int = _opt(10240, "Size bound of the artifact cache in MiB; least recently used entries are removed above it (the artifacts in use are kept).")
+    quality_blur: float = _opt(25.0, "Quality: an image is `blurry` when the variance of the Laplacian of its 256 px grey thumbnail (0..255 levels) is below this.")
+    quality_dark: float = _opt(0.15, "Quality: `dark` when the mean grey level (0..1) is below this.")
+    quality_bright: float = _opt(0.85, "Quality: `bright` when the mean grey level (0..1) is above this.")
+    quality_low_contrast: float = _opt(0.03, "Quality: `low_contrast` when the standard deviation of grey levels (0..1) is below this.")
+    quality_low_information: float = _opt(3.0, "Quality: `low_information` when the entropy of the grey histogram (bits, 0..8) is below this.")
+    quality_grayscale: float = _opt(0.02, "Quality: `grayscale` when the mean colour saturation (0..1) is below this.")
+    quality_odd_aspect: float = _opt(3.0, "Quality: `odd_aspect` when the longer side is more than this many times the shorter.")
+    quality_tiny: int = _opt(64, "Quality: `tiny` when the original's shorter side is below this many pixels.")
+    outlier_k: int = _opt(10, "Outliers: an image's score is 1 minus its mean cosine similarity to this many nearest neighbours.")
     log_level: str = _opt("WARNING", "Python log level for jobs and the server (DEBUG, INFO, WARNING, ERROR).")
     sources: tuple = field(default=(), compare=False, metadata={"internal": True})
 
@@ -135,7 +148,8 @@ def _validate(s: Settings) -> Settings:
     for name in ("partition_files", "max_image_bytes", "max_image_pixels", "sql_max_rows", "workers",
                  "threads", "upload_max_bytes", "upload_max_pixels", "sql_threads", "sql_max_bytes", "index_memory_mb",
                  "index_shard_size", "search_max_k", "search_candidates", "search_threads", "bucket_max_images",
-                 "suggest_max_n"):
+                 "suggest_max_n", "artifact_cache_mb", "capture_max_block_bytes", "outlier_k",
+                 "quality_odd_aspect"):
         if getattr(s, name) <= 0:
             raise BadInput(f"setting {name!r} must be positive, got {getattr(s, name)!r}")
     if not s.thumbnail_sizes or any(not 16 <= v <= 1024 for v in s.thumbnail_sizes):

@@ -42,7 +42,8 @@ from typing import Any, Iterator, Mapping
 
 from lake.errors import BadInput, NotFound, Unavailable
 
-__all__ = ["LakeStore", "ObjectInfo", "StoreUnavailable", "StoreTimeouts"]
+__all__ = ["LakeStore", "ObjectInfo", "StoreUnavailable", "StoreTimeouts", "delta_storage_options", "open_delta",
+           "as_store_unavailable", "store_errors", "arrow_filesystem"]
 
 
 class StoreUnavailable(Unavailable):
@@ -136,6 +137,45 @@ class LakeStore:
 
         result = self._call("read", key, obstore.get, self._remote, key)
         return bytes(result.bytes()), result.meta["e_tag"] or ""
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of ``key`` (one ranged GET on an object store). Raises NotFound."""
+        _check_key(key)
+        if end <= start:
+            return b""
+        if self.is_local:
+            try:
+                with open(self.uri(key), "rb") as f:
+                    f.seek(start)
+                    return f.read(end - start)
+            except (FileNotFoundError, NotADirectoryError):
+                raise NotFound(f"no object {key!r} in the lake at {self.root}") from None
+        import obstore
+
+        return bytes(self._call("read range", key, obstore.get_range, self._remote, key, start=start, end=end))
+
+    def iter_chunks(self, key: str, chunk_bytes: int = 8 << 20) -> Iterator[bytes]:
+        """The object's bytes in chunks (streamed: memory stays at one chunk). Raises NotFound."""
+        _check_key(key)
+        if self.is_local:
+            try:
+                f = open(self.uri(key), "rb")
+            except (FileNotFoundError, NotADirectoryError):
+                raise NotFound(f"no object {key!r} in the lake at {self.root}") from None
+            with f:
+                while chunk := f.read(chunk_bytes):
+                    yield chunk
+            return
+        import obstore
+
+        result = self._call("read", key, obstore.get, self._remote, key)
+        stream = iter(result.stream(min_chunk_size=chunk_bytes))
+        while True:
+            try:
+                chunk = self._call("read", key, next, stream, passthrough=(StopIteration,))
+            except StopIteration:
+                return
+            yield bytes(chunk)
 
     def head(self, key: str) -> ObjectInfo | None:
         """Size, etag and modification time, or ``None`` when there is no object ``key``."""
@@ -446,3 +486,103 @@ def _translate(e: BaseException, op: str, key: str, root: str, endpoint: str = "
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EACCES):
         return StoreUnavailable(f"{where}: {op} {key} failed: {e.strerror}")
     return StoreUnavailable(f"{where}: {op} {key} failed: {_first_line(e)}")
+
+
+def delta_storage_options(lake: Any, *, timeout_s: float = 5.0, connect_timeout_s: float = 2.0,
+                          retries: int = 2, retry_total_s: float = 2.0) -> dict[str, str] | None:
+    """Storage options for ``DeltaTable(uri, storage_options=...)`` on an object-store lake: the
+    client limits that keep a dead endpoint from hanging a reader (deltalake's defaults retry for
+    minutes). Credentials and the endpoint still come from the ``AWS_*`` (``GOOGLE_*``, ``AZURE_*``)
+    environment. ``None`` for a local lake (nothing to bound)."""
+    root = str(getattr(lake, "root", lake))
+    if "://" not in root or root.startswith("file://"):
+        return None
+    return {"timeout": f"{timeout_s:g}s", "connect_timeout": f"{connect_timeout_s:g}s",
+            "max_retries": str(retries), "retry_timeout": f"{retry_total_s:g}s"}
+
+
+_STORE_TEXT = re.compile(r"error sending request|connection refused|Connection refused|dns error|timed out|"
+                         r"NoSuchBucket|InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|"
+                         r"Generic S3 error|Generic GCS error|Generic MicrosoftAzure error|"
+                         r"Failed to connect|tcp connect error|operation timed out|retries, max_retries|NETWORK_CONNECTION|"
+                         r"Could not connect to server|Couldn't connect", re.I)
+
+
+def as_store_unavailable(e: BaseException, root: str) -> StoreUnavailable | None:
+    """``e`` (a deltalake / pyarrow / obstore failure reaching an object-store lake) as one clear
+    :class:`StoreUnavailable` line, or ``None`` when it does not look like one."""
+    if isinstance(e, StoreUnavailable):
+        return e
+    from lake.errors import ImagelakeError
+
+    if "://" not in str(root) or isinstance(e, ImagelakeError):  # already a clear, classified error
+        return None
+    text = str(e)
+    if not _STORE_TEXT.search(text):
+        return None
+    why = ("connection refused" if re.search(r"connection refused|ConnectionRefused", text, re.I) else
+           "timed out" if re.search(r"timed out|Timeout", text, re.I) else
+           "the bucket does not exist" if "NoSuchBucket" in text else
+           "the credentials were refused" if re.search(r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied", text)
+           else "request failed")
+    return StoreUnavailable(f"the object store of the lake is unavailable ({why}); check AWS_ENDPOINT_URL, "
+                            "the credentials and the network, then retry")
+
+
+class store_errors:
+    """``with store_errors(lake):`` turns a failure to reach an object-store lake (deltalake,
+    pyarrow, obstore) into :class:`StoreUnavailable` (HTTP 503, CLI exit 2); anything else passes."""
+
+    def __init__(self, lake: Any):
+        self.root = str(getattr(lake, "root", lake))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if e is None or not isinstance(e, Exception):
+            return False
+        translated = as_store_unavailable(e, self.root)
+        if translated is None or translated is e:
+            return False
+        raise translated from None
+
+
+def open_delta(lake: Any, name: str):
+    """``DeltaTable`` of the lake's table ``name`` with :func:`delta_storage_options` (bounded
+    timeouts and retries on an object store). Raises deltalake's TableNotFoundError as it is, and
+    StoreUnavailable when the store cannot be reached."""
+    from deltalake import DeltaTable
+
+    with store_errors(lake):
+        return DeltaTable(lake.table_uri(name), storage_options=delta_storage_options(lake))
+
+
+@functools.lru_cache(maxsize=8)
+def _arrow_s3(endpoint: str, region: str, pid: int):
+    from pyarrow import fs as pafs
+
+    kwargs: dict[str, Any] = {"connect_timeout": 2.0, "request_timeout": 10.0,
+                              "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2)}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def arrow_filesystem(uri: str):
+    """(pyarrow filesystem, path in it) for a file of an object-store lake, with short timeouts and
+    few retries (pyarrow's defaults take many seconds to give up on a dead endpoint); local
+    paths and non-S3 URIs as ``pyarrow.fs.FileSystem.from_uri``."""
+    from pyarrow import fs as pafs
+
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), uri
+    scheme, _, rest = uri.partition("://")
+    if scheme.lower() not in {"s3", "s3a"}:
+        return pafs.FileSystem.from_uri(uri)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or ""
+    return _arrow_s3(endpoint, region, os.getpid()), rest

@@ -11,10 +11,24 @@ Data files are immutable, so a new table version only adds the new files to the 
 file it knows has gone (compaction, vacuum) it starts over. Memory: 24 bytes per thumbnail row
 (≈ 48 MB per process at 1M images with two sizes); building reads just the two small key columns
 (0.13 s for 140k rows on 2 cores).
+
+Shared between processes: given an ``artifact_dir`` (the API passes ``artifacts/thumbnail_index/``
+of a local lake), the arrays of each set of data files are written once as ``keys.npy``,
+``where.npy`` and ``files.json`` (last: the folder is complete once it is there) into a folder
+named by the sha256 of the file list, renamed into place atomically, and every process memory-maps
+them read-only: the first worker to see a new version builds and writes it, the others (and later
+restarts) map what is there, so N workers hold one copy in the page cache instead of N private
+ones. Only the newest ``keep`` folders are kept (a removed folder stays readable by processes that
+mapped it). Without ``artifact_dir`` (object-store lakes) the arrays are private, as before.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 import threading
 from collections import OrderedDict
 from typing import Sequence
@@ -23,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lake.staging import filesystem_for
+from lake.store import arrow_filesystem
 
 __all__ = ["ThumbnailIndex", "id_prefixes"]
 
@@ -56,7 +70,10 @@ def id_prefixes(ids: pa.Array) -> np.ndarray:
 class ThumbnailIndex:
     """Thread-safe. :meth:`update` with the table's current data files, then :meth:`get`."""
 
-    def __init__(self, max_open_footers: int = 4096):
+    def __init__(self, max_open_footers: int = 4096, artifact_dir: str | None = None, keep: int = 3):
+        self._artifact_dir = artifact_dir
+        self._keep = max(1, keep)
+        self.mapped: str | None = None  # the artifact folder the arrays are mapped from, if any
         self._lock = threading.Lock()
         self._files: list[str] = []
         self._known: set[str] = set()
@@ -79,6 +96,9 @@ class ThumbnailIndex:
             new = [f for f in files if f not in self._known]
             if not new:
                 return 0
+            had = len(self._keys)
+            if self._artifact_dir and self._load(files):
+                return len(self._keys) - had
             keys, where = [self._keys], [self._where]
             for path in new:
                 k, w = self._index_file(path, len(self._files))
@@ -89,10 +109,68 @@ class ThumbnailIndex:
             keys_all, where_all = np.concatenate(keys), np.concatenate(where)
             order = np.argsort(keys_all, kind="stable")
             self._keys, self._where = keys_all[order], where_all[order]
-            return sum(len(k) for k in keys[1:])
+            added = sum(len(k) for k in keys[1:])
+            if self._artifact_dir:
+                self._save()
+            return added
+
+    # -- the shared artifact -------------------------------------------------------------------
+
+    def _folder(self, files: Sequence[str]) -> str:
+        digest = hashlib.sha256("\n".join(sorted(files)).encode()).hexdigest()[:24]
+        return os.path.join(self._artifact_dir, digest)
+
+    def _load(self, files: Sequence[str]) -> bool:
+        """Map the artifact of exactly ``files`` if one is complete; False if there is none."""
+        folder = self._folder(files)
+        try:
+            with open(os.path.join(folder, "files.json"), encoding="utf-8") as fh:
+                listed = json.load(fh)
+            keys = np.load(os.path.join(folder, "keys.npy"), mmap_mode="r")
+            where = np.load(os.path.join(folder, "where.npy"), mmap_mode="r")
+        except (OSError, ValueError):
+            return False
+        if sorted(listed) != sorted(files) or len(keys) != len(where) or where.shape[1:] != (4,):
+            return False
+        self._files, self._known = list(listed), set(listed)
+        self._keys, self._where = keys, where
+        self._footers.clear()
+        self.mapped = folder
+        return True
+
+    def _save(self) -> None:
+        """Write the current arrays as the artifact of the current files, then map them (best effort:
+        a read-only or full disk leaves the private arrays in use)."""
+        folder = self._folder(self._files)
+        try:
+            os.makedirs(self._artifact_dir, exist_ok=True)
+            if not os.path.exists(os.path.join(folder, "files.json")):
+                tmp = tempfile.mkdtemp(prefix=".tmp-", dir=self._artifact_dir)
+                np.save(os.path.join(tmp, "keys.npy"), np.ascontiguousarray(self._keys))
+                np.save(os.path.join(tmp, "where.npy"), np.ascontiguousarray(self._where))
+                with open(os.path.join(tmp, "files.json"), "w", encoding="utf-8") as fh:
+                    json.dump(self._files, fh)
+                try:
+                    os.rename(tmp, folder)
+                except OSError:  # another process published the same folder first: use theirs
+                    shutil.rmtree(tmp, ignore_errors=True)
+            self._load(self._files)
+            self._prune(folder)
+        except OSError:
+            return
+
+    def _prune(self, current: str) -> None:
+        try:
+            entries = [os.path.join(self._artifact_dir, e) for e in os.listdir(self._artifact_dir)]
+        except OSError:
+            return
+        done = sorted((e for e in entries if os.path.exists(os.path.join(e, "files.json"))),
+                      key=os.path.getmtime, reverse=True)
+        for old in [e for e in done if e != current][self._keep - 1:]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def _open(self, path: str, footer: pq.FileMetaData | None = None) -> pq.ParquetFile:
-        fs, inner = filesystem_for(path)
+        fs, inner = arrow_filesystem(path)  # object stores: short timeouts, few retries
         return pq.ParquetFile(fs.open_input_file(inner), metadata=footer)
 
     def _footer(self, path: str) -> pq.FileMetaData:

@@ -103,7 +103,9 @@ class TokenStore:
                 return
             try:
                 if self._table is None:
-                    self._table = DeltaTable(self.lake.table_uri("tokens"))
+                    from lake.store import open_delta
+
+                    self._table = open_delta(self.lake, "tokens")  # bounded timeouts on an object store
                 else:
                     self._table.update_incremental()
             except TableNotFoundError:

@@ -14,6 +14,9 @@ from PIL import Image
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+# embed's runtime selection by measurement is tested in tests/test_embed_runtime.py; elsewhere the
+# fp32 reference keeps the features key and the vectors the same on every machine
+os.environ.setdefault("IMAGELAKE_EMBED_RUNTIME", "ort-fp32")
 
 from api import create_app  # noqa: E402
 from lake.catalog import Lake  # noqa: E402

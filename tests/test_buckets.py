@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import random
 import signal
@@ -259,10 +260,10 @@ def _free_port() -> int:
 class Server:
     """``imagelake serve`` (gunicorn, several workers) in its own process group."""
 
-    def __init__(self, lake: Lake, workers: int = 3):
+    def __init__(self, lake: Lake, workers: int = 3, env: dict | None = None):
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}{API_PREFIX}"
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
         self.proc = subprocess.Popen([sys.executable, "-m", "imagelake", "--lake", lake.root, "serve", "--port",
                                       str(self.port), "--workers", str(workers)], cwd=REPO, env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -409,3 +410,260 @@ def test_the_writer_compacts_a_log_of_many_small_files(lake, ids):
         assert state.member_ids(bucket) == ids[:30] and len(state.events) == 31
     assert store.submit(Action("remove", bucket, (ids[0],), actor="t"))["seq"] == 31
     assert bucket_members(lake, bucket) == ids[1:30]
+
+
+# -- ordering by Delta versions: several writers, no lock (the object-store case) ----------------
+
+from s3_server import s3_lake, s3_server  # noqa: E402,F401  (fixtures)
+
+_FAKE = [f"{k:064x}" for k in range(1, 200)]  # the store validates against the log only, not `images`
+
+_WRITER = r"""
+import json, sys, threading
+from lake.bucket_store import Action, BucketStore
+from lake.catalog import Lake
+from lake.errors import ImagelakeError
+root, who, a, b, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+ids = [f"{k:064x}" for k in range(1, 200)]
+store = BucketStore(Lake.at(root))
+acked, lock = [], threading.Lock()
+def work(t):
+    actor = f"{who}-{t}"
+    for j in range(n):
+        image = ids[(hash(actor) + j) % len(ids)]
+        try:
+            if j % 4 == 3:
+                e = store.submit(Action("undo", actor=actor))
+            elif j % 4 == 2:
+                e = store.submit(Action("move", b, (image,), from_bucket=a, actor=actor))
+            else:
+                e = store.submit(Action("add", a, (image,), actor=actor))
+        except ImagelakeError as x:  # a move of an image someone else moved first: a clean 409
+            e = {"error": type(x).__name__}
+        with lock:
+            acked.append(e.get("event_id") or e["error"])
+ts = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(json.dumps({"acked": acked, "replans": store.replans, "commits": store.commits}))
+"""
+
+
+def _replay_validates(events: list[dict]) -> None:
+    """Every event, re-planned on the state of the events before it, is valid there and (undo)
+    cancels the same event: the log is what a single serial writer would have written."""
+    from lake.bucket_store import Action as A, _plan
+    from lake.buckets import BucketState
+
+    state = BucketState()
+    for e in events:
+        if e["action"] != "create":
+            planned = _plan(state, A(e["action"], e["bucket_id"] if e["action"] != "undo" else None,
+                                     tuple(e["image_ids"] or ()), from_bucket=e["from_bucket"], actor=e["actor"]),
+                            state.last_seq + 1)
+            assert planned.get("undo_of") == e["undo_of"], e
+        state.apply(e)
+
+
+def test_two_processes_on_an_s3_lake_commit_by_delta_version(s3_lake):
+    lake = Lake.at(s3_lake)
+    setup = BucketStore(lake)
+    a = setup.submit(Action("create", payload={"name": "a"}, actor="setup"))["bucket_id"]
+    b = setup.submit(Action("create", payload={"name": "b"}, actor="setup"))["bucket_id"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, s3_lake, f"p{k}", a, b, "12"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
+    outs = []
+    for p in procs:
+        out, errs = p.communicate(timeout=240)
+        assert p.returncode == 0, errs[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    events = read_events(lake)[0]
+    assert [e["seq"] for e in events] == list(range(len(events)))  # dense, no duplicate
+    assert len({e["event_id"] for e in events}) == len(events)
+    acked = [x for o in outs for x in o["acked"] if x != "Conflict"]
+    assert set(acked) <= {e["event_id"] for e in events} and len(acked) == len(events) - 2
+    assert sum(o["commits"] for o in outs) >= 2
+    _replay_validates(events)
+    state = bucket_state(lake)
+    assert set(bucket_members(lake, a)) == set(state.member_ids(a))
+    print("replans", [o["replans"] for o in outs], "commits", [o["commits"] for o in outs])
+
+
+def test_a_writer_that_loses_its_version_replans_on_the_new_state(s3_lake):
+    """Writer 1 plans on version V; writer 2 commits V+1 meanwhile (moving the image away):
+    writer 1's commit fails, it re-reads, and its move is validated again (now a 409)."""
+    lake = Lake.at(s3_lake)
+    one, two = BucketStore(lake), BucketStore(lake)
+    a = one.submit(Action("create", payload={"name": "a"}, actor="x"))["bucket_id"]
+    b = one.submit(Action("create", payload={"name": "b"}, actor="x"))["bucket_id"]
+    one.submit(Action("add", a, (_FAKE[0], _FAKE[1]), actor="x"))
+    rival = {"pending": True}
+    sync = one.sync
+
+    def racing_sync():
+        state = sync()
+        if rival["pending"]:  # between one's read of the tail and its commit
+            rival["pending"] = False
+            two.submit(Action("move", b, (_FAKE[0],), from_bucket=a, actor="y"))
+        return state
+
+    one.sync = racing_sync
+    with pytest.raises(Exception) as caught:
+        one.submit(Action("move", b, (_FAKE[0],), from_bucket=a, actor="x"))
+    assert "not in bucket" in str(caught.value) and one.replans == 1
+    event = one.submit(Action("undo", actor="x"))  # x's latest live action is its add, not the failed move
+    events = read_events(lake)[0]
+    assert [e["seq"] for e in events] == list(range(5)) and event["seq"] == 4
+    assert event["undo_of"] == events[2]["event_id"]
+    assert bucket_members(lake, a) == [] and bucket_members(lake, b) == [_FAKE[0]]
+    _replay_validates(events)
+
+
+def test_members_of_a_deleted_bucket_are_unlabeled(lake, ids):
+    store = BucketStore(lake)
+    a = store.submit(Action("create", payload={"name": "a"}, actor="t"))["bucket_id"]
+    b = store.submit(Action("create", payload={"name": "b"}, actor="t"))["bucket_id"]
+    store.submit(Action("add", a, tuple(ids[:2]), actor="t"))
+    store.submit(Action("feedback", b, (ids[2],), rejected_ids=(ids[3],), actor="t"))
+    with store.reading() as state:
+        assert state.labeled() == set(ids[:4])
+    store.submit(Action("delete", a, actor="t"))
+    with store.reading() as state:
+        assert state.labeled() == {ids[2], ids[3]} and state.labeled(b) == {ids[2], ids[3]}
+    store.submit(Action("undo", actor="t"))
+    with store.reading() as state:
+        assert state.labeled() == set(ids[:4])
+
+
+# -- one writer per node: election, hand-off, failover --------------------------------------------
+
+def _writer_pid(lake: Lake, candidates: list[int]) -> int | None:
+    """The process listening on the lake's writer socket (from /proc: the socket's inode)."""
+    from lake.bucket_writer import socket_name
+
+    name = "@" + socket_name(lake.root)[1:]
+    inodes = set()
+    with open("/proc/net/unix") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()
+            if len(parts) >= 8 and parts[7] == name and parts[5] == "01":  # listening
+                inodes.add(parts[6])
+    for pid in candidates:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}").strip("socket:[]") in inodes:
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def test_kill_9_of_the_node_writer_mid_burst_a_follower_takes_over(lake, ids):
+    admin = _session(lake, "admin", "setup")
+    sessions = [_session(lake, "curate", f"k{k}") for k in range(4)]
+    server = Server(lake, workers=3)
+    acked: dict[int, list[str]] = {k: [] for k in range(4)}
+    attempts: dict[int, int] = {k: 0 for k in range(4)}
+    after_kill: list[float] = []
+    killed_at: list[float] = []
+    stop = threading.Event()
+    try:
+        bucket = admin.post(f"{server.base}/buckets", json={"name": "b"}, timeout=30).json()["bucket"]["bucket_id"]
+
+        def writer(k: int) -> None:
+            http, j = sessions[k], 0
+            while not stop.is_set():
+                body = {"image_ids": [ids[(k * 13 + j) % len(ids)]]}
+                if k % 2 == 0:  # idempotent: retried with the same key until acknowledged
+                    body["client_event_id"] = f"{k}-{j}"
+                for _ in range(20):
+                    attempts[k] += 1
+                    try:
+                        r = http.post(f"{server.base}/buckets/{bucket}/images", json=body, timeout=20)
+                    except requests.RequestException:
+                        if k % 2:  # no key: never retried (it may or may not have landed)
+                            break
+                        time.sleep(0.05)
+                        continue
+                    if r.status_code == 200:
+                        acked[k].append(r.json()["event"]["event_id"])
+                        if killed_at:
+                            after_kill.append(time.monotonic() - killed_at[0])
+                    break
+                j += 1
+
+        threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+        [t.start() for t in threads]
+        deadline = time.monotonic() + 120
+        while sum(map(len, acked.values())) < 40 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = _children(server.proc.pid)
+        victim = _writer_pid(lake, workers)
+        assert victim is not None, "no worker listens on the writer socket"
+        os.kill(victim, signal.SIGKILL)
+        killed_at.append(time.monotonic())
+        before = sum(map(len, acked.values()))
+        while len(after_kill) < 40 and time.monotonic() < killed_at[0] + 60:
+            time.sleep(0.05)
+        stop.set()
+        [t.join() for t in threads]
+        new_writer = _writer_pid(lake, _children(server.proc.pid))
+    finally:
+        stop.set()
+        server.stop()
+    assert len(after_kill) >= 40, f"writes did not resume after the kill ({len(after_kill)} acks)"
+    print(f"acks before the kill {before}; first ack {min(after_kill):.3f} s after it; new writer {new_writer} "
+          f"(killed {victim})")
+    assert new_writer is not None and new_writer != victim
+    events = read_events(lake)[0]
+    committed = {e["event_id"] for e in events}
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    for k in range(4):
+        assert set(acked[k]) <= committed, f"client {k} lost an acknowledged write"
+        mine = [e for e in events if e["actor_name"] == f"k{k}"]
+        if k % 2 == 0:  # one event per key, however often it was sent
+            keys = [e["client_event_id"] for e in mine]
+            assert len(keys) == len(set(keys)) and len(set(acked[k])) == len(acked[k])
+        else:  # every request at most once (a follower's re-send after the kill did not double it)
+            assert len(acked[k]) <= len(mine) <= attempts[k]
+
+
+def test_read_your_writes_on_any_worker_and_a_short_write_heavy_load(lake, ids):
+    """refresh_s = 60: a worker would not poll the log for a minute, yet every read right after a
+    write (new connection each time, so any of the 3 workers answers) sees it: the writer's
+    version board tells the worker it is behind. Then the benchmark's write-heavy mix, briefly."""
+    sys.path.insert(0, str(REPO / "tests" / "bench"))
+    from bench_load import WRITE_HEAVY, acknowledged, check_log, run_matrix
+    from loadgen import LoadContext, prepare
+
+    token = create_token(lake, "admin", "load")[1]
+    server = Server(lake, workers=3, env={"IMAGELAKE_REFRESH_S": "60"})
+    auth = {"Authorization": f"Bearer {token}"}
+    try:
+        bucket = requests.post(f"{server.base}/buckets", json={"name": "ryw"}, headers=auth,
+                               timeout=30).json()["bucket"]["bucket_id"]
+        for j in range(24):
+            r = requests.post(f"{server.base}/buckets/{bucket}/images", json={"image_ids": [ids[j]]}, headers=auth,
+                              timeout=30)
+            assert r.status_code == 200, r.text
+            got = requests.get(f"{server.base}/buckets/{bucket}", headers=auth, timeout=30).json()
+            assert got["members"] == ids[:j + 1], f"read {j} missed the write just acknowledged"
+            listed = requests.get(f"{server.base}/buckets", headers=auth, timeout=30).json()["buckets"]
+            assert {b["bucket_id"]: b["count"] for b in listed}[bucket] == j + 1
+        ctx = LoadContext(ids, ["c"])
+        base = f"http://127.0.0.1:{server.port}"
+        prepare(base, token, WRITE_HEAVY, ctx)
+        runs = run_matrix(base, token, {"write": WRITE_HEAVY}, ctx, [1, 8], seconds=3)
+    finally:
+        server.stop()
+    for _, n, report in runs:
+        assert report.error_rate == 0, report.error_samples
+        assert {"add to bucket", "get bucket"} <= set(report.latencies_ms)
+    acked = [e for _, _, r in runs for e in acknowledged(r)]
+    assert len(acked) >= 10
+    assert check_log(lake, acked) >= len(acked) + 25

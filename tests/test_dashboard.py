@@ -42,7 +42,7 @@ def test_login_cookie_opens_the_shell_with_every_view_and_asset(dashboard, lake)
     html = page.get_data(as_text=True)
     assert token not in html and "il_" not in html  # no secrets in pages
     assert "ann · curate" in html
-    for view in ("curate", "map", "search", "sql", "browse"):
+    for view in ("curate", "map", "search", "sql", "browse", "buckets"):
         assert f'id="view-{view}"' in html
     csp = page.headers["Content-Security-Policy"]
     assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp

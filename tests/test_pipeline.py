@@ -109,7 +109,7 @@ def test_a_step_missing_from_the_install_fails_the_run_unless_left_out(tmp_path,
     message = str(failed.value)
     assert "step tag needs module 'imagelake_absent_dependency', which is not installed" in message
     assert "step grid is not in this install" in message
-    assert message.endswith("or leave those steps out: --steps ingest,embed,suggest,index,cluster")
+    assert message.endswith("or leave those steps out: --steps ingest,quality,embed,suggest,index,outliers,cluster")
     assert not _rows(lake, "job_runs") and not _rows(lake, "images"), "nothing may run"
     # left out with --steps, the missing steps are never imported and the run succeeds
     summary = run_pipeline(lake, local_settings, PipelineRequest(images=str(tmp_path / "imgs"), steps=("ingest",)))
@@ -128,7 +128,7 @@ def test_cli_default_run_exits_2_naming_a_missing_package(tmp_path, lake):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("imagelake: error: step cluster needs module 'faiss', which is not installed")
-    assert "pip install 'imagelake[all]'" in proc.stderr and "out: --steps ingest,embed," in proc.stderr
+    assert "pip install 'imagelake[all]'" in proc.stderr and "out: --steps ingest,quality,embed," in proc.stderr
     assert proc.stdout == ""
     assert not Path(lake.table_uri("images")).exists() or not _rows(lake, "images")
     only = subprocess.run([sys.executable, "-m", "imagelake", *base, "--steps", "ingest"], cwd=REPO,
@@ -191,7 +191,7 @@ def test_cli_exit_codes_overlap_3_failure_1_bad_input_2(tmp_path, lake, monkeypa
     assert held.returncode == 3 and "'pipeline' lock is held by pid" in err and "a scheduled run" in err
     assert not _rows(lake, "images")
     bad = _cli(*base, "--steps", "ingest,bogus")
-    assert bad.communicate(timeout=120)[1].strip().endswith("steps are ingest, embed, suggest, index, cluster, tag, grid")
+    assert bad.communicate(timeout=120)[1].strip().endswith("steps are ingest, quality, embed, suggest, index, outliers, cluster, tag, grid")
     assert bad.returncode == 2
     missing = _cli("--lake", lake.root, "--runner", "local", "run", "--images", str(tmp_path / "nope"),
                    "--steps", "ingest")

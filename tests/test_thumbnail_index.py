@@ -68,3 +68,29 @@ def test_id_prefixes_reads_the_first_16_hex_digits():
     ids = pa.array(["00000000000000ff" + "0" * 48, "FFFFFFFFFFFFFFFF" + "a" * 48, "abc", ""])
     assert id_prefixes(ids).tolist() == [255, 2**64 - 1, 0, 0]
     assert id_prefixes(pa.chunked_array([ids.slice(1, 1)])).tolist() == [2**64 - 1]
+
+
+def test_a_shared_artifact_is_built_once_and_mapped_by_other_processes(ingested, tmp_path):
+    import numpy as np
+
+    lake, settings = ingested
+    uri = lake.table_uri("thumbnails")
+    shared = str(tmp_path / "artifacts" / "thumbnail_index")
+    first = ThumbnailIndex(artifact_dir=shared)
+    files = DeltaTable(uri).file_uris()
+    assert first.update(files) == 17 * len(settings.thumbnail_sizes)
+    assert first.mapped is not None and isinstance(first._keys, np.memmap)  # re-mapped after writing
+    second = ThumbnailIndex(artifact_dir=shared)                     # another worker: maps, reads no data file
+    assert second.update(files) == 17 * len(settings.thumbnail_sizes) and second.mapped == first.mapped
+    expected = _sql_lookup(uri)
+    assert all(second.get(i, s) == jpeg for (i, s), jpeg in expected.items())
+    for round_ in range(4):                                          # new versions: new folders, the newest kept
+        write_images(tmp_path / f"n{round_}", 2, start=200 + 10 * round_)
+        run_ingest(lake, settings, str(tmp_path / f"n{round_}"))
+        assert first.update(DeltaTable(uri).file_uris()) == 2 * len(settings.thumbnail_sizes)
+    import os
+    assert len([e for e in os.listdir(shared) if not e.startswith(".")]) == 3
+    late = ThumbnailIndex(artifact_dir=shared)
+    late.update(DeltaTable(uri).file_uris())
+    assert late.mapped == first.mapped
+    assert all(late.get(i, s) == jpeg for (i, s), jpeg in _sql_lookup(uri).items())

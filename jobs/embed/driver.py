@@ -133,7 +133,8 @@ def _task_threads(runner: Runner) -> int:
 def run_embed(lake: Lake, settings: Settings, model: str = "efficientnet-lite0",
               device: Literal["auto", "cpu", "cuda"] = "auto", runner: Runner | None = None,
               progress: bool = False, *, batch_size: int | None = None, partition_rows: int = 2048,
-              engine: Literal["onnx", "torch"] | None = None, precision: str = "auto") -> dict[str, Any]:
+              engine: Literal["onnx", "torch"] | None = None, precision: str = "auto",
+              runtime: str = "auto") -> dict[str, Any]:
     """Embed every image that has no features for ``model``'s current version.
 
     Args:
@@ -150,6 +151,9 @@ def run_embed(lake: Lake, settings: Settings, model: str = "efficientnet-lite0",
         engine: force ``onnx`` or ``torch``; default ONNX Runtime on CPU, torch on CUDA.
         precision: ``auto`` (see :func:`run_precision`), ``fp32``, ``bf16`` or ``fp16``: what every
             task computes in; reduced precision is stored under ``name@version+bf16`` (``+fp16``).
+        runtime: a CPU catalog runtime (``ort-fp32``, ``ort-int8``, ``openvino-bf16``, ...) or
+            ``auto``: on CPU on this machine, with no engine or precision forced, the fastest that
+            passes the quality gate (:func:`jobs.embed.choose.choose_runtime`, cached per machine).
     Returns:
         ``run_id``, ``model`` (the stored features key), ``precision``, ``pending`` (images selected), ``embedded``
         (feature rows committed), ``rejected`` (images that failed now), ``rejects_committed``
@@ -169,14 +173,18 @@ def run_embed(lake: Lake, settings: Settings, model: str = "efficientnet-lite0",
         raise BadInput("the ONNX engine runs on CPU here; use --device cpu, or the torch engine on CUDA")
     if partition_rows <= 0:
         raise BadInput(f"partition_rows must be positive, got {partition_rows!r}")
+    from jobs.embed.choose import check_runtime_name
+    check_runtime_name(runtime)
     lake.ensure()
     ensure_tables(lake, ["images", "features", "rejects", "job_runs"])
     owns_runner = runner is None
     runner = runner or make_runner(settings, progress=progress)
     try:
-        precision = run_precision(device, engine, runner, precision)
-        key = spec.key_for(precision)
-        args = dict(model=key, device=device, engine=engine, precision=precision, batch_size=batch_size)
+        choice = _choose(lake, spec, device, engine, precision, runner, runtime, settings)
+        precision = choice.precision if choice else run_precision(device, engine, runner, precision)
+        key = choice.key if choice else spec.key_for(precision)
+        args = dict(model=key, device=device, engine=engine, precision=precision, batch_size=batch_size,
+                    **({"runtime": choice.name} if choice else {}))
         with job_run(lake, "embed", args, settings=settings) as run:
             def min_parts() -> int:  # Spark gets at least one task per core (asked only when needed)
                 if isinstance(runner, SparkRunner):
@@ -189,8 +197,10 @@ def run_embed(lake: Lake, settings: Settings, model: str = "efficientnet-lite0",
                                            rejects_committed=0, runtimes=[])
             if pending.num_rows:
                 summary.update(_embed(lake, settings, spec, device, engine, precision, runner, pending,
-                                      run.run_id, batch_size))
+                                      run.run_id, batch_size, choice))
             remove_staging(lake.staging_dir(run.run_id))
+            if choice:
+                summary.update(choice.summary())
             run.rows_out = summary["embedded"]
             run.metrics.update({k: v for k, v in summary.items() if k not in ("run_id", "model", "precision")})
         summary["seconds"] = run.metrics["seconds"]
@@ -201,10 +211,26 @@ def run_embed(lake: Lake, settings: Settings, model: str = "efficientnet-lite0",
             runner.close()
 
 
-def _embed(lake, settings, spec, device, engine, precision, runner, pending: StagedInput, run_id, batch_size):
-    on_gpu = engine != "onnx" and resolve_device(device) == "cuda"  # as the driver sees it
-    artifact = None
-    if engine != "torch" and device != "cuda" and precision == "fp32":
+def _choose(lake, spec, device, engine, precision, runner, runtime, settings):
+    """The catalog runtime of this run, or None for the engine/precision path (CUDA, a forced engine
+    or precision, or ``auto`` on a cluster, whose executors this driver cannot measure)."""
+    from jobs.embed.choose import choose_runtime
+
+    if runtime != "auto":
+        if device == "cuda" or engine is not None or precision != "auto":
+            raise BadInput("--runtime names a CPU runtime; leave --device/--engine/--precision at auto with it")
+        return choose_runtime(lake, spec, runtime, _task_threads(runner), max_pixels=settings.max_image_pixels)
+    on_this_machine = not isinstance(runner, SparkRunner) or runner.master.startswith("local")
+    if engine is not None or precision != "auto" or not on_this_machine or resolve_device(device) != "cpu":
+        return None
+    return choose_runtime(lake, spec, "auto", _task_threads(runner), max_pixels=settings.max_image_pixels)
+
+
+def _embed(lake, settings, spec, device, engine, precision, runner, pending: StagedInput, run_id, batch_size,
+           choice=None):
+    on_gpu = engine != "onnx" and not choice and resolve_device(device) == "cuda"  # as the driver sees it
+    artifact = choice.artifact if choice else None
+    if not choice and engine != "torch" and device != "cuda" and precision == "fp32":
         # With auto, executors without a GPU fall back to ONNX: have the export ready for them.
         with LakeLock(lake, f"export-{spec.name}", timeout=600, holder=f"embed {run_id}"):
             artifact = ensure_onnx(lake.artifacts_dir(), spec)
@@ -212,7 +238,8 @@ def _embed(lake, settings, spec, device, engine, precision, runner, pending: Sta
     job = EmbedJob(spec=spec, run_id=run_id, staging_dir=lake.staging_dir(run_id), device=device,
                    engine=engine, artifact=artifact, batch_size=batch_size or (256 if on_gpu else 64),
                    threads=threads, decode_threads=min(8, threads) if on_gpu else (1 if threads > 1 else 0),
-                   max_pixels=settings.max_image_pixels, precision=precision)
+                   max_pixels=settings.max_image_pixels, precision=precision,
+                   runtime=choice.name if choice else None, key_engine=choice.key_engine if choice else None)
     stats = runner.map_partitions(partial(embed_partition, job=job), pending, pending.num_partitions,
                                   STATS_SCHEMA, desc=f"embed {job.model_key}")
     s = stats.to_pydict()

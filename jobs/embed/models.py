@@ -29,11 +29,39 @@ from typing import Any, Callable
 from lake.artifacts import file_sha256 as sha256_of_file
 from lake.errors import BadInput, NotFound
 
-__all__ = ["ModelSpec", "Embedder", "MODELS", "PRECISIONS", "register_model", "get_model", "efficientnet_lite",
-           "head_split", "file_sha256", "split_key"]
+__all__ = ["ModelSpec", "Embedder", "MODELS", "PRECISIONS", "KEY_PRECISIONS", "KEY_ENGINES", "register_model",
+           "get_model", "efficientnet_lite", "head_split", "file_sha256", "split_key", "parse_key"]
 
-#: Precisions a features key can name; ``fp32`` has no suffix (``name@version``).
+#: Precisions ``--precision`` can ask for; ``fp32`` has no suffix in a key (``name@version``).
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: Precisions a features key can name: those, plus ``int8`` (ONNX Runtime / OpenVINO static QDQ).
+KEY_PRECISIONS = PRECISIONS + ("int8",)
+#: Engines a reduced-precision key can name after a dot (``+bf16.openvino``); none means torch.
+KEY_ENGINES = ("ort", "openvino", "torch")
+
+
+def parse_key(key: str) -> tuple[str, str, str | None]:
+    """``"name@version+int8.ort"`` -> ``("name@version", "int8", "ort")``.
+
+    The suffix grammar is ``+<precision>[.<engine>]``: no suffix is fp32 (whichever fp32 runtime
+    computed it: they agree to float rounding), ``+bf16`` / ``+fp16`` without an engine is torch
+    (CPU or CUDA, the historic keys), ``+bf16.openvino``, ``+int8.ort``, ``+int8.openvino`` name the
+    engine because their numerics differ from torch's.
+
+    Raises:
+        BadInput: an unknown precision or engine suffix.
+    """
+    base, plus, suffix = key.partition("+")
+    if not plus:
+        return key, "fp32", None
+    precision, dot, engine = suffix.partition(".")
+    if precision not in KEY_PRECISIONS[1:]:
+        raise BadInput(f"features key {key!r} names precision {precision!r}; one of {', '.join(KEY_PRECISIONS[1:])}")
+    if dot and engine not in KEY_ENGINES:
+        raise BadInput(f"features key {key!r} names engine {engine!r}; one of {', '.join(KEY_ENGINES)}")
+    if precision == "int8" and not dot:
+        raise BadInput(f"features key {key!r}: an int8 key names its engine (+int8.ort or +int8.openvino)")
+    return base, precision, engine or None
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -42,11 +70,7 @@ def split_key(key: str) -> tuple[str, str]:
     Raises:
         BadInput: an unknown precision suffix.
     """
-    base, plus, precision = key.partition("+")
-    if not plus:
-        return key, "fp32"
-    if precision not in PRECISIONS[1:]:
-        raise BadInput(f"features key {key!r} names precision {precision!r}; one of {', '.join(PRECISIONS[1:])}")
+    base, precision, _ = parse_key(key)
     return base, precision
 
 
@@ -83,11 +107,20 @@ class ModelSpec:
         """The float32 features key, ``name@version`` (also the model's identity: weights + recipe)."""
         return f"{self.name}@{self.version}"
 
-    def key_for(self, precision: str) -> str:
-        """The features key of vectors computed in ``precision``: ``key`` for fp32, else ``key+<precision>``."""
-        if precision not in PRECISIONS:
-            raise BadInput(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        return self.key if precision == "fp32" else f"{self.key}+{precision}"
+    def key_for(self, precision: str, engine: str | None = None) -> str:
+        """The features key of vectors computed in ``precision``: ``key`` for fp32, else
+        ``key+<precision>``, and ``.<engine>`` for engines other than torch (see :func:`parse_key`)."""
+        if precision not in KEY_PRECISIONS:
+            raise BadInput(f"precision must be one of {', '.join(KEY_PRECISIONS)}, got {precision!r}")
+        if precision == "fp32":
+            return self.key
+        if engine in (None, "torch"):
+            if precision == "int8":
+                raise BadInput("int8 vectors come from ONNX Runtime or OpenVINO, not torch")
+            return f"{self.key}+{precision}"
+        if engine not in KEY_ENGINES:
+            raise BadInput(f"engine must be one of {', '.join(KEY_ENGINES)}, got {engine!r}")
+        return f"{self.key}+{precision}.{engine}"
 
 
 MODELS: dict[str, ModelSpec] = {}

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.embed.artifact import OnnxArtifact
-from jobs.embed.decode import ImageRejected, load_image
+from jobs.embed.decode import ImageRejected, load_image, read_bytes
 from jobs.embed.models import ModelSpec
 from jobs.embed.runtime import get_runtime, resolve_device
 from jobs.runner import PartitionContext
@@ -57,9 +57,13 @@ class EmbedJob:
         artifact: the verified ONNX export (required for the ONNX engine).
         threads: intra-op threads of the CPU runtime (the cores one task owns).
         decode_threads: decoder threads per task; 0 decodes inline, between model calls.
-        precision: what every task computes in (``fp32``, ``bf16``, ``fp16``), decided by the
-            driver; the rows are stored under ``spec.key_for(precision)``, and a task whose runtime
-            would compute in another precision fails instead of mixing it into the key.
+        precision: what every task computes in (``fp32``, ``bf16``, ``fp16``, ``int8``), decided by
+            the driver; the rows are stored under ``spec.key_for(precision, key_engine)``, and a task
+            whose runtime would compute in another precision fails instead of mixing it into the key.
+        runtime: a CPU catalog runtime (:data:`jobs.embed.runtime.CATALOG`) the driver chose;
+            ``artifact`` is then the ONNX file it reads (the fp32 export or the int8 QDQ model).
+        key_engine: the engine the features key names (``ort``, ``openvino``; None: torch / fp32).
+        gpu_decode: on CUDA, decode JPEGs on the GPU where torchvision can (CPU fallback per image).
 
     The stats' ``decode_s`` is the time the task waited for decoded images (all of the decoding
     when inline, only what the model did not hide when threaded); ``model_s`` the runtime's time.
@@ -77,10 +81,13 @@ class EmbedJob:
     top_k: int = 50
     max_pixels: int = 100_000_000
     precision: str = "fp32"
+    runtime: str | None = None
+    key_engine: str | None = None
+    gpu_decode: bool = True
 
     @property
     def model_key(self) -> str:
-        return self.spec.key_for(self.precision)
+        return self.spec.key_for(self.precision, self.key_engine)
 
 
 def top_concepts(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -136,6 +143,50 @@ def _chunks(decoded, batch_size: int):
         yield chunk
 
 
+def _gpu_chunks(rows: Iterator[dict], job: EmbedJob, pool: ThreadPoolExecutor | None, device: str):
+    """Batches of (row, uint8 [S, S, 3] tensor on ``device`` or ImageRejected): the files are read
+    on the host (threads, one batch ahead), decoded and resized on the GPU
+    (:func:`jobs.embed.gpu_decode.decode_batch`, CPU fallback per image). Unverified on a GPU."""
+    from jobs.embed.gpu_decode import decode_batch
+
+    def read(row):
+        try:
+            return row, read_bytes(row["uri"])
+        except ImageRejected as e:
+            return row, e
+
+    pending: collections.deque = collections.deque()
+
+    def flush(items):
+        ok = [(i, data) for i, (_, data) in enumerate(items) if not isinstance(data, ImageRejected)]
+        decoded = decode_batch([d for _, d in ok], job.spec.input_size, job.spec.crop_fraction, device,
+                               max_pixels=job.max_pixels)
+        out = [(row, data) for row, data in items]
+        for (i, _), img in zip(ok, decoded):
+            out[i] = (items[i][0], img)
+        return out
+
+    batch = []
+    for row in rows:
+        pending.append(pool.submit(read, row) if pool else None)
+        if pool is None:
+            pending[-1] = read(row)
+        if len(pending) >= 2 * job.batch_size:
+            item = pending.popleft()
+            batch.append(item.result() if pool else item)
+            if len(batch) == job.batch_size:
+                yield flush(batch)
+                batch = []
+    while pending:
+        item = pending.popleft()
+        batch.append(item.result() if pool else item)
+        if len(batch) == job.batch_size:
+            yield flush(batch)
+            batch = []
+    if batch:
+        yield flush(batch)
+
+
 def embed_partition(batches: Iterator[pa.RecordBatch], ctx: PartitionContext, *,
                     job: EmbedJob) -> Iterator[pa.RecordBatch]:
     """Embed one partition; yields one stats row (see :data:`STATS_SCHEMA`).
@@ -143,20 +194,27 @@ def embed_partition(batches: Iterator[pa.RecordBatch], ctx: PartitionContext, *,
     Input columns: ``image_id``, ``uri`` and optionally ``collection``, ``bytes``, ``mtime`` (copied
     into ``rejects`` rows so they carry the same key as ingest's).
     """
-    device = "cpu" if job.engine == "onnx" else resolve_device(job.device)
+    device = "cpu" if job.engine == "onnx" or job.runtime else resolve_device(job.device)
     runtime = get_runtime(job.spec, device, artifact=job.artifact, threads=job.threads, engine=job.engine,
-                          precision=job.precision)
+                          precision=job.precision, runtime=job.runtime)
     if runtime.precision != job.precision:
         raise RuntimeError(f"embed task {ctx.partition_id}: the {runtime.name} runtime computes in "
                            f"{runtime.precision}, the run writes {job.model_key} ({job.precision})")
     features = StagedWriter(job.staging_dir, "features", ctx.partition_id, TABLES["features"].schema)
     rejects = StagedWriter(job.staging_dir, "rejects", ctx.partition_id, TABLES["rejects"].schema)
-    pool = ThreadPoolExecutor(job.decode_threads, thread_name_prefix="decode") if job.decode_threads else None
+    # A catalog (CPU) runtime always gets one decode thread: the next batch decodes while the model
+    # runs (PIL and the runtimes release the GIL), also when the task owns a single core.
+    decode_threads = job.decode_threads or (1 if job.runtime else 0)
+    pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") if decode_threads else None
     n_in = 0
     decode_s = model_s = 0.0
     try:
         rows = (row for b in batches for row in b.to_pylist())
-        chunks = _chunks(_decoded(rows, job, pool), job.batch_size)
+        chunks, stack = _chunks(_decoded(rows, job, pool), job.batch_size), np.stack
+        if job.gpu_decode and getattr(getattr(runtime, "device", None), "type", None) == "cuda":
+            from jobs.embed import gpu_decode
+            if gpu_decode.gpu_decode_available(str(runtime.device)):
+                chunks, stack = _gpu_chunks(rows, job, pool, str(runtime.device)), gpu_decode.stack
         while True:
             t0 = time.perf_counter()
             chunk = next(chunks, None)
@@ -173,7 +231,7 @@ def embed_partition(batches: Iterator[pa.RecordBatch], ctx: PartitionContext, *,
             if not ok:
                 continue
             t0 = time.perf_counter()
-            emb, logits = runtime.embed(np.stack([img for _, img in ok]))
+            emb, logits = runtime.embed(stack([img for _, img in ok]))
             model_s += time.perf_counter() - t0
             ids, probs = top_concepts(logits, job.top_k)
             n = len(ok)

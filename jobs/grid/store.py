@@ -23,11 +23,22 @@ from jobs.grid.tiles import TileSource
 from lake.catalog import Lake
 from lake.commit import open_table
 from lake.errors import BadInput, NotFound
+from lake.store import open_delta, store_errors
 
 __all__ = ["LayoutStore", "LayoutView", "LATEST", "check_layout_id", "missing_layout"]
 
 LATEST = "latest"
 _LAYOUT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # no '.': "<id>.dzi" must stay unambiguous
+
+
+def _open(lake: Lake, name: str):
+    """The table for reading: bounded timeouts on an object store (a missing table is created, as before)."""
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        return open_delta(lake, name)
+    except TableNotFoundError:
+        return open_table(lake, name)
 
 
 def check_layout_id(layout_id: str) -> str:
@@ -86,8 +97,9 @@ class LayoutView:
 class LayoutStore:
     """Published layouts of one lake, for one process. Thread-safe."""
 
-    def __init__(self, lake: Lake, refresh_s: float = 2.0, tile_cache: bool = True):
+    def __init__(self, lake: Lake, refresh_s: float = 2.0, tile_cache: bool = True, artifact_cache=None):
         self.lake, self.refresh_s, self.tile_cache = lake, refresh_s, tile_cache
+        self.artifact_cache = artifact_cache  # object-store lakes: where tile packs are fetched to
         self._lock = threading.Lock()
         self._meta: list[dict[str, Any]] = []
         self._checked_at = float("-inf")
@@ -97,8 +109,9 @@ class LayoutStore:
         """Every published layout's metadata, newest first."""
         with self._lock:
             if time.monotonic() - self._checked_at >= self.refresh_s:
-                table = open_table(self.lake, "grid_layouts")
-                rows = table.to_pyarrow_dataset().to_table().to_pylist() if table.file_uris() else []
+                with store_errors(self.lake):
+                    table = _open(self.lake, "grid_layouts")
+                    rows = table.to_pyarrow_dataset().to_table().to_pylist() if table.file_uris() else []
                 self._meta = sorted(rows, key=lambda r: (r["created_at"], r["layout_id"]), reverse=True)
                 self._checked_at = time.monotonic()
             return list(self._meta)
@@ -127,28 +140,39 @@ class LayoutStore:
         return view
 
     def _open(self, meta: dict[str, Any]) -> LayoutView:
-        grid = open_table(self.lake, "grid").to_pyarrow_dataset()
-        con = duckdb.connect()
-        try:
-            con.register("grid", grid)
-            rows = con.sql("SELECT image_id, gy::BIGINT * $w + gx AS cell FROM grid WHERE layout_id = $id "
-                           "ORDER BY image_id", params={"w": meta["width"], "id": meta["layout_id"]}).to_arrow_table()
-        finally:
-            con.close()
+        with store_errors(self.lake):
+            grid = _open(self.lake, "grid").to_pyarrow_dataset()
+            con = duckdb.connect()
+            try:
+                con.register("grid", grid)
+                rows = con.sql("SELECT image_id, gy::BIGINT * $w + gx AS cell FROM grid WHERE layout_id = $id "
+                               "ORDER BY image_id", params={"w": meta["width"], "id": meta["layout_id"]}).to_arrow_table()
+            finally:
+                con.close()
         n_cells = int(meta["width"]) * int(meta["height"])
         cells = rows.column("cell").to_numpy().astype(np.int64)
         ids = np.asarray(rows.column("image_id").to_pylist())
         cell_ids = np.full(n_cells, None, dtype=object)
         cell_ids[cells] = ids
-        tiles = TileSource(self.lake.path(meta["tiles_path"]), cache=self.tile_cache)
+        if self.lake.is_local:
+            tiles = TileSource(self.lake.path(meta["tiles_path"]), cache=self.tile_cache)
+        else:
+            from jobs.grid.remote_tiles import StoreTileSource
+            from lake.artifact_cache import artifact_cache
+            from lake.store import LakeStore
+
+            with store_errors(self.lake):
+                tiles = StoreTileSource(LakeStore.for_lake(self.lake), meta["tiles_path"],
+                                        self.artifact_cache or artifact_cache(), cache=self.tile_cache)
         return LayoutView(meta, cell_ids, ids, cells, tiles)
 
     def tag_image_ids(self, tag: str) -> list[str]:
         """Image ids carrying ``tag`` (any source). Raises BadInput on an empty tag."""
         if not tag or len(tag) > 200:
             raise BadInput("tag must be 1-200 characters")
-        table = open_table(self.lake, "tags")
-        if not table.file_uris():
-            return []
-        rows = table.to_pyarrow_dataset().to_table(columns=["image_id"], filter=pc.field("tag") == tag)
+        with store_errors(self.lake):
+            table = _open(self.lake, "tags")
+            if not table.file_uris():
+                return []
+            rows = table.to_pyarrow_dataset().to_table(columns=["image_id"], filter=pc.field("tag") == tag)
         return sorted(set(rows.column("image_id").to_pylist()))

@@ -32,8 +32,9 @@ from lake.artifacts import file_sha256
 from lake.catalog import Lake
 from lake.errors import CorruptArtifact
 
-__all__ = ["Manifest", "MANIFEST", "FORMAT", "builds_root", "build_dir", "file_sha256", "write_manifest",
-           "read_manifest", "verify_build", "faiss_version", "version_tuple"]
+__all__ = ["Manifest", "MANIFEST", "FORMAT", "builds_root", "build_dir", "build_key", "file_sha256", "write_manifest",
+           "read_manifest", "verify_build", "read_manifest_from_store", "verify_build_in_store", "faiss_version",
+           "version_tuple"]
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -48,6 +49,13 @@ def build_dir(lake: Lake, build_id: str) -> str:
     if not _BUILD_ID.fullmatch(build_id):
         raise CorruptArtifact(f"malformed build id {build_id!r}")
     return os.path.join(builds_root(lake), build_id)
+
+
+def build_key(build_id: str) -> str:
+    """The store key of a build's folder (``artifacts/index/<build_id>``)."""
+    if not _BUILD_ID.fullmatch(build_id):
+        raise CorruptArtifact(f"malformed build id {build_id!r}")
+    return f"artifacts/index/{build_id}"
 
 
 def faiss_version() -> str:
@@ -67,6 +75,7 @@ class Manifest:
     folder: str
     data: dict[str, Any]
     sha256: str
+    files_at: dict[str, str] | None = None   # name -> local file (verified cache copies, object-store lakes)
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
@@ -75,6 +84,8 @@ class Manifest:
         return self.data.get(key, default)
 
     def path(self, name: str) -> str:
+        if self.files_at is not None and name in self.files_at:
+            return self.files_at[name]
         return os.path.join(self.folder, name)
 
 
@@ -110,6 +121,69 @@ def write_manifest(folder: str, data: dict[str, Any]) -> Manifest:
     finally:
         os.close(dfd)
     return Manifest(folder, data, hashlib.sha256(blob).hexdigest())
+
+
+def _parse_manifest(folder: str, blob: bytes) -> Manifest:
+    try:
+        data = json.loads(blob)
+    except ValueError as e:
+        raise CorruptArtifact(f"index build {folder}: unreadable manifest ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise CorruptArtifact(f"index build {folder}: the manifest has no file list")
+    return Manifest(folder, data, hashlib.sha256(blob).hexdigest())
+
+
+def read_manifest_from_store(store, prefix: str) -> Manifest:
+    """The manifest of the build folder ``prefix`` (a store key such as ``artifacts/index/<id>``).
+
+    Raises:
+        CorruptArtifact: missing or unreadable manifest. StoreUnavailable: the store cannot be reached.
+    """
+    from lake.errors import NotFound
+
+    try:
+        blob = store.read_bytes(f"{prefix}/{MANIFEST}")
+    except NotFound:
+        raise CorruptArtifact(f"index build {prefix} has no manifest (an unfinished build)") from None
+    return _parse_manifest(store.uri(prefix), blob)
+
+
+def _check_header(manifest: Manifest, folder: str, expected_manifest_sha256: str | None) -> None:
+    if expected_manifest_sha256 and manifest.sha256 != expected_manifest_sha256:
+        raise CorruptArtifact(f"index build {folder}: manifest sha256 {manifest.sha256[:12]}… differs from the "
+                              f"published {expected_manifest_sha256[:12]}…")
+    if manifest.get("format") != FORMAT:
+        raise CorruptArtifact(f"index build {folder}: manifest format {manifest.get('format')!r}, expected {FORMAT}")
+    built_with, running = str(manifest.get("faiss_version", "")), faiss_version()
+    if not built_with or version_tuple(built_with)[:2] > version_tuple(running)[:2]:
+        raise CorruptArtifact(f"index build {folder} was written by faiss {built_with or '?'}, newer than this "
+                              f"process's faiss {running}; upgrade faiss here or rebuild with `imagelake index --rebuild`")
+
+
+def verify_build_in_store(store, cache, prefix: str, *, expected_manifest_sha256: str | None = None) -> Manifest:
+    """:func:`verify_build` for a build in an object store: the manifest is read from the store and
+    every file is fetched through ``cache`` (:class:`lake.artifact_cache.ArtifactCache`), which
+    checks its size and sha256 while streaming it; the returned manifest's :meth:`Manifest.path`
+    names the verified local copies (to memory-map).
+
+    Raises:
+        CorruptArtifact: as :func:`verify_build` (a missing file, a size or checksum mismatch).
+        StoreUnavailable: the store cannot be reached.
+    """
+    from lake.errors import NotFound
+
+    manifest = read_manifest_from_store(store, prefix)
+    _check_header(manifest, prefix, expected_manifest_sha256)
+    files_at = {}
+    for name, meta in manifest["files"].items():
+        try:
+            files_at[name] = cache.path(store, f"{prefix}/{name}", sha256=meta.get("sha256") or "",
+                                        size=meta.get("bytes"))
+        except NotFound:
+            raise CorruptArtifact(f"index build {prefix}: file {name} is missing") from None
+        except CorruptArtifact as e:
+            raise CorruptArtifact(f"index build {prefix}: file {name}: {e}") from None
+    return Manifest(manifest.folder, manifest.data, manifest.sha256, files_at)
 
 
 def read_manifest(folder: str) -> Manifest:

@@ -21,7 +21,10 @@ published by one commit to ``index_builds``. A crash at any point before that co
 published build as it was; the unfinished folder is removed by the next build's prune. Builds of
 one lake are serialised by the lake's ``index`` lock (a second run exits with code 3).
 
-Index builds need a local (or shared-filesystem) lake: shards and vectors are memory-mapped.
+On an object-store lake (``s3://`` ...) the driver builds in a local temporary folder and places
+each finished file into ``artifacts/index/<build_id>/`` in the store, encode tasks read their rows
+of the placed vectors with ranged reads and upload their shards, and the manifest goes in last
+(:mod:`jobs.index.place`); servers fetch verified copies into their artifact cache.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from jobs.index.build import (FORMAT, Manifest, build_dir, builds_root, faiss_version, file_sha256,
-                              read_manifest, write_manifest)
-from jobs.index.partition import SHARD_ROWS_SCHEMA, SHARD_STATS_SCHEMA, EncodeJob, encode_partition
+from jobs.index.build import (FORMAT, Manifest, build_key, builds_root, faiss_version, file_sha256,
+                              read_manifest, read_manifest_from_store)
+from jobs.index.place import BuildPlace, prune_store
+from jobs.index.partition import SHARD_ROWS_SCHEMA, SHARD_STATS_SCHEMA, encode_partition
 from jobs.index.plan import FLAT_BELOW, MAX_TRAIN, IndexPlan, choose_plan
 from jobs.runner import Runner, SparkRunner, make_runner, partition_bounds
 from jobs.runs import job_run
@@ -204,7 +208,8 @@ def _train(folder: str, plan: IndexPlan, threads: int) -> tuple[str, float | Non
         if isinstance(index, faiss.IndexPreTransform) and plan.opq:
             opq = faiss.downcast_VectorTransform(index.chain.at(0))
             opq.max_train_points = 32_768
-        index.train(sample)
+        from jobs.index import gpu  # FAISS on the GPU when present (the gpu extra), else index.train
+        index = gpu.train(index, sample)
         residual = _coarse_residual(index, sample[: min(len(sample), 20_000)])
     path = os.path.join(folder, "trained.faiss")
     faiss.write_index(index, path)
@@ -217,14 +222,15 @@ def _task_threads(runner: Runner) -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def _encode(runner: Runner, folder: str, trained_path: str, n: int, shard_size: int) -> list[dict]:
+def _encode(runner: Runner, place: BuildPlace, trained_path: str, n: int, shard_size: int, d: int,
+            trained_key: str | None = None) -> list[dict]:
     shards = max(1, math.ceil(n / shard_size))
     bounds = partition_bounds(n, shards)
     rows = pa.table({"shard": pa.array(range(shards), pa.int32()),
                      "start": pa.array([b[0] for b in bounds], pa.int64()),
                      "end": pa.array([b[1] for b in bounds], pa.int64())}, schema=SHARD_ROWS_SCHEMA)
-    job = EncodeJob(folder=folder, trained_path=trained_path, trained_sha256=file_sha256(trained_path),
-                    threads=_task_threads(runner))
+    job = place.encode_job(trained_path, file_sha256(trained_path), _task_threads(runner), d=d,
+                           trained_key=trained_key)
     stats = runner.map_partitions(partial(encode_partition, job=job), rows, shards, SHARD_STATS_SCHEMA,
                                   desc="index shards")
     out = sorted(stats.to_pylist(), key=lambda r: r["shard"])
@@ -255,16 +261,14 @@ def run_index(lake: Lake, settings: Settings, model: str | None = None, *, rebui
         NotFound: no features for the model. BadInput: a bad option or budget. LockHeld: another
         index build of this lake is running.
     """
-    if not lake.is_local:
-        raise BadInput("index builds need a local or shared-filesystem lake (shards are memory-mapped); "
-                       f"{lake.root!r} is an object-store URI")
     budget = (settings.index_memory_mb if memory_budget_mb is None else memory_budget_mb) * 2**20
     shard_size = shard_size or settings.index_shard_size
     if shard_size <= 0 or budget <= 0 or not 0 < max_train <= 256_000:
         raise BadInput("shard_size and the memory budget must be positive, max_train in 1..256000")
     ensure_tables(lake, ["images", "features", "index_builds", "job_runs"])
     _ensure_builds_table(lake)
-    os.makedirs(builds_root(lake), exist_ok=True)
+    if lake.is_local:
+        os.makedirs(builds_root(lake), exist_ok=True)
     with LakeLock(lake, "index", timeout=0, holder="index"):
         model_key = resolve_model_key(lake, model)
         args = dict(model=model_key, rebuild=rebuild, memory_budget_mb=budget // 2**20, shard_size=shard_size,
@@ -300,8 +304,7 @@ def _run(lake, settings, model_key, run, *, rebuild, budget, shard_size, flat_be
         reason = "requested (--rebuild)" if rebuild else "no build yet"
         if current is not None and not rebuild:
             base_row = current if current["kind"] == "full" else _row(lake, current["base_build_id"])
-            base = read_manifest(os.path.join(lake.artifacts_dir(), base_row["path"]))
-            base_seqs = np.load(base.path("seqs.npy"))
+            base, base_seqs = _base_manifest(lake, base_row)
             delta = np.setdiff1d(seqs, base_seqs, assume_unique=True)
             reason = _rebuild_reason(settings, base, base_seqs, seqs, delta, flat_below)
             if reason is None:
@@ -343,11 +346,18 @@ def _rebuild_reason(settings: Settings, base: Manifest, base_seqs: np.ndarray, s
     return None
 
 
-def _new_folder(lake: Lake, build_id: str) -> str:
-    folder = build_dir(lake, build_id)
-    shutil.rmtree(folder, ignore_errors=True)  # a crashed attempt of this very run id
-    os.makedirs(folder)
-    return folder
+def _base_manifest(lake: Lake, base_row: dict) -> tuple[Manifest, np.ndarray]:
+    """The base build's manifest and its seqs (from the store on an object-store lake)."""
+    if lake.is_local:
+        base = read_manifest(os.path.join(lake.artifacts_dir(), base_row["path"]))
+        return base, np.load(base.path("seqs.npy"))
+    import io
+
+    from lake.store import LakeStore
+
+    store = LakeStore.for_lake(lake)
+    base = read_manifest_from_store(store, f"artifacts/{base_row['path']}")
+    return base, np.load(io.BytesIO(store.read_bytes(f"artifacts/{base_row['path']}/seqs.npy")), allow_pickle=False)
 
 
 def _manifest_common(model_key: str, d: int, features_version: int, build_id: str) -> dict[str, Any]:
@@ -360,22 +370,30 @@ def _full_build(lake, con, run, model_key, seqs, image_ids, features_version, bu
                 max_train, opq, factory, runner) -> dict[str, Any]:
     import time
 
-    folder = _new_folder(lake, run.run_id)
-    t0 = time.perf_counter()
-    d = _write_segment(con, folder, model_key, seqs, image_ids)
-    t1 = time.perf_counter()
-    plan = choose_plan(len(seqs), d, budget, flat_below=flat_below, max_train=max_train, opq=opq, factory=factory)
-    trained_path, residual = _train(folder, plan, os.cpu_count() or 1)   # on the driver
-    t2 = time.perf_counter()
-    shards = _encode(runner, folder, trained_path, len(seqs), shard_size)
-    t3 = time.perf_counter()
-    files = {n: {} for n in ("seqs.npy", "ids.npy", "vectors.npy", "trained.faiss")}
-    files.update({s["file"]: {} for s in shards})
-    manifest = write_manifest(folder, dict(
-        _manifest_common(model_key, d, features_version, run.run_id), kind="full", base_build_id=None,
-        factory=plan.factory, plan=plan.to_dict(), ntotal=len(seqs), files=files,
-        shards=[{k: s[k] for k in ("file", "ntotal", "seq_min", "seq_max")} for s in shards],
-        drift={"coarse_residual": residual}))
+    place = BuildPlace(lake, run.run_id)
+    try:
+        t0 = time.perf_counter()
+        d = _write_segment(con, place.folder, model_key, seqs, image_ids)
+        t1 = time.perf_counter()
+        plan = choose_plan(len(seqs), d, budget, flat_below=flat_below, max_train=max_train, opq=opq,
+                           factory=factory)
+        trained_path, residual = _train(place.folder, plan, os.cpu_count() or 1)   # on the driver
+        place.place("seqs.npy", "ids.npy", "vectors.npy", "trained.faiss")
+        t2 = time.perf_counter()
+        shards = _encode(runner, place, trained_path, len(seqs), shard_size, d)
+        t3 = time.perf_counter()
+        files = {n: {} for n in ("seqs.npy", "ids.npy", "vectors.npy", "trained.faiss")}
+        files.update({s["file"]: {} for s in shards})
+        manifest = place.write_manifest(dict(
+            _manifest_common(model_key, d, features_version, run.run_id), kind="full", base_build_id=None,
+            factory=plan.factory, plan=plan.to_dict(), ntotal=len(seqs), files=files,
+            shards=[{k: s[k] for k in ("file", "ntotal", "seq_min", "seq_max")} for s in shards],
+            drift={"coarse_residual": residual}), shards)
+    except BaseException:
+        place.discard()
+        raise
+    finally:
+        place.close()
     _publish(lake, run.run_id, manifest, "full", None, len(seqs), [manifest])
     return dict(action="full", build_id=run.run_id, factory=plan.factory, plan=plan.to_dict(), ntotal=len(seqs),
                 delta=0, shards=len(shards), read_s=round(t1 - t0, 2), train_s=round(t2 - t1, 2),
@@ -388,31 +406,44 @@ def _delta_build(lake, con, run, model_key, base_row, base: Manifest, seqs, imag
     rebuild rule's dimension or drift checks fire, remove the delta folder and return the reason."""
     import faiss
 
-    folder = _new_folder(lake, run.run_id)
-    d = _write_segment(con, folder, model_key, seqs, image_ids)
-    if d != base["d"]:
-        shutil.rmtree(folder, ignore_errors=True)
-        return f"the embedding dimension changed ({base['d']} -> {d})"
-    trained_path = base.path("trained.faiss")
-    trained = faiss.read_index(trained_path)
-    base_residual = (base.get("drift") or {}).get("coarse_residual")
-    if base_residual:
-        vectors = np.load(os.path.join(folder, "vectors.npy"), mmap_mode="r")
-        residual = _coarse_residual(trained, _sample(vectors, 20_000))
-        if residual is not None and residual > DRIFT_RATIO * base_residual:
-            shutil.rmtree(folder, ignore_errors=True)
-            return (f"drift: the new images' coarse residual {residual:.4f} exceeds {DRIFT_RATIO} x the base's "
-                    f"{base_residual:.4f}")
-    if file_sha256(trained_path) != base["files"]["trained.faiss"]["sha256"]:
-        raise BadInput(f"the base build {base['build_id']}'s trained index is corrupt; run `imagelake index --rebuild`")
-    shards = _encode(runner, folder, trained_path, len(seqs), shard_size)
-    files = {n: {} for n in ("seqs.npy", "ids.npy", "vectors.npy")}
-    files.update({s["file"]: {} for s in shards})
-    manifest = write_manifest(folder, dict(
-        _manifest_common(model_key, d, features_version, run.run_id), kind="incremental",
-        base_build_id=base["build_id"], base_manifest_sha256=base.sha256, factory=base["factory"],
-        plan=base["plan"], ntotal=len(seqs), files=files,
-        shards=[{k: s[k] for k in ("file", "ntotal", "seq_min", "seq_max")} for s in shards]))
+    place = BuildPlace(lake, run.run_id)
+    try:
+        d = _write_segment(con, place.folder, model_key, seqs, image_ids)
+        if d != base["d"]:
+            place.discard()
+            return f"the embedding dimension changed ({base['d']} -> {d})"
+        trained_key = None
+        if lake.is_local:
+            trained_path = base.path("trained.faiss")
+        else:
+            trained_key = f"{build_key(base['build_id'])}/trained.faiss"
+            trained_path = place.path(".base-trained.faiss")
+            place.store.download(trained_key, trained_path)
+        trained = faiss.read_index(trained_path)
+        base_residual = (base.get("drift") or {}).get("coarse_residual")
+        if base_residual:
+            vectors = np.load(os.path.join(place.folder, "vectors.npy"), mmap_mode="r")
+            residual = _coarse_residual(trained, _sample(vectors, 20_000))
+            if residual is not None and residual > DRIFT_RATIO * base_residual:
+                place.discard()
+                return (f"drift: the new images' coarse residual {residual:.4f} exceeds {DRIFT_RATIO} x the base's "
+                        f"{base_residual:.4f}")
+        if file_sha256(trained_path) != base["files"]["trained.faiss"]["sha256"]:
+            raise BadInput(f"the base build {base['build_id']}'s trained index is corrupt; run `imagelake index --rebuild`")
+        place.place("seqs.npy", "ids.npy", "vectors.npy")
+        shards = _encode(runner, place, trained_path, len(seqs), shard_size, d, trained_key=trained_key)
+        files = {n: {} for n in ("seqs.npy", "ids.npy", "vectors.npy")}
+        files.update({s["file"]: {} for s in shards})
+        manifest = place.write_manifest(dict(
+            _manifest_common(model_key, d, features_version, run.run_id), kind="incremental",
+            base_build_id=base["build_id"], base_manifest_sha256=base.sha256, factory=base["factory"],
+            plan=base["plan"], ntotal=len(seqs), files=files,
+            shards=[{k: s[k] for k in ("file", "ntotal", "seq_min", "seq_max")} for s in shards]), shards)
+    except BaseException:
+        place.discard()
+        raise
+    finally:
+        place.close()
     total = base["ntotal"] + len(seqs)
     _publish(lake, run.run_id, manifest, "incremental", base_row["build_id"], total, [base, manifest])
     return dict(action="incremental", build_id=run.run_id, base_build_id=base["build_id"], factory=base["factory"],
@@ -421,13 +452,12 @@ def _delta_build(lake, con, run, model_key, base_row, base: Manifest, seqs, imag
 
 def _publish(lake: Lake, build_id: str, manifest: Manifest, kind: str, base_build_id: str | None, ntotal: int,
              manifests: list[Manifest]) -> None:
-    root = lake.artifacts_dir()
-    shards = [{"file": os.path.relpath(m.path(s["file"]), root), "sha256": s["sha256"], "ntotal": s["ntotal"]}
+    shards = [{"file": f"index/{m['build_id']}/{s['file']}", "sha256": s["sha256"], "ntotal": s["ntotal"]}
               for m in manifests for s in m["shards"]]
     commit_rows(lake, "index_builds", [dict(
         build_id=build_id, kind=kind, base_build_id=base_build_id, model=manifest["model"],
         factory=manifest["factory"], d=manifest["d"], ntotal=ntotal, faiss_version=manifest["faiss_version"],
-        source_version=manifest["source_version"], path=os.path.relpath(manifest.folder, root), shards=shards,
+        source_version=manifest["source_version"], path=f"index/{manifest['build_id']}", shards=shards,
         manifest_sha256=manifest.sha256, params=json.dumps(manifest["plan"]), state="published",
         run_id=build_id, created_at=now_utc())], run_id=build_id)
 
@@ -446,6 +476,13 @@ def _prune(lake: Lake, keep: int = KEEP_BUILDS) -> list[str]:
         if row["base_build_id"]:
             kept.add(row["base_build_id"])
     removed = []
+    if not lake.is_local:
+        from lake.store import LakeStore
+
+        removed = prune_store(LakeStore.for_lake(lake), kept)
+        if removed:
+            log.info("index: pruned %d old or unfinished build folders", len(removed))
+        return removed
     root = builds_root(lake)
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)

@@ -30,7 +30,7 @@ SHARD_ROWS_SCHEMA = pa.schema([pa.field("shard", pa.int32()), pa.field("start", 
 SHARD_STATS_SCHEMA = pa.schema([
     pa.field("shard", pa.int32()), pa.field("file", pa.string()), pa.field("ntotal", pa.int64()),
     pa.field("seq_min", pa.int64()), pa.field("seq_max", pa.int64()), pa.field("bytes", pa.int64()),
-    pa.field("seconds", pa.float64()),
+    pa.field("seconds", pa.float64()), pa.field("sha256", pa.string()),
 ])
 _CHUNK = 32_768
 
@@ -53,9 +53,18 @@ class EncodeJob:
     trained_path: str
     trained_sha256: str
     threads: int = 1
+    # object-store lakes: where the task reads and writes (keys relative to the lake root)
+    lake_root: str | None = None
+    prefix: str | None = None          # the build folder's key, receives the shards
+    trained_key: str | None = None
+    d: int = 0
+    vectors_offset: int = 0            # bytes before the data of vectors.npy / seqs.npy (npy headers)
+    seqs_offset: int = 0
 
 
 def _encode_one(job: EncodeJob, shard: int, start: int, end: int) -> dict:
+    if job.lake_root:
+        return _encode_remote(job, shard, start, end)
     import faiss
 
     t0 = time.perf_counter()
@@ -80,7 +89,49 @@ def _encode_one(job: EncodeJob, shard: int, start: int, end: int) -> dict:
             os.unlink(tmp)
     return dict(shard=shard, file=name, ntotal=int(index.ntotal), seq_min=int(seqs[start]) if end > start else -1,
                 seq_max=int(seqs[end - 1]) if end > start else -1, bytes=os.path.getsize(final),
-                seconds=time.perf_counter() - t0)
+                seconds=time.perf_counter() - t0, sha256=file_sha256(final))
+
+
+def _encode_remote(job: EncodeJob, shard: int, start: int, end: int) -> dict:
+    import hashlib
+    import shutil
+    import tempfile
+
+    import faiss
+
+    from lake.store import LakeStore
+
+    t0 = time.perf_counter()
+    store = LakeStore.for_lake(job.lake_root)
+    work = tempfile.mkdtemp(prefix=f"imagelake-shard-{shard}-")
+    try:
+        trained = store.read_bytes(job.trained_key)
+        if hashlib.sha256(trained).hexdigest() != job.trained_sha256:
+            raise CorruptArtifact(f"trained index {job.trained_key} does not match the sha256 the driver recorded")
+        trained_path = os.path.join(work, "trained.faiss")
+        with open(trained_path, "wb") as f:
+            f.write(trained)
+        faiss.omp_set_num_threads(max(1, job.threads))
+        index = faiss.read_index(trained_path)
+        seqs = np.frombuffer(store.read_range(f"{job.prefix}/seqs.npy", job.seqs_offset + 8 * start,
+                                              job.seqs_offset + 8 * end), dtype="<i8")
+        row = 2 * job.d
+        for lo in range(start, end, _CHUNK):
+            hi = min(end, lo + _CHUNK)
+            raw = store.read_range(f"{job.prefix}/vectors.npy", job.vectors_offset + row * lo,
+                                   job.vectors_offset + row * hi)
+            x = np.frombuffer(raw, dtype="<f2").reshape(hi - lo, job.d).astype(np.float32)
+            index.add_with_ids(np.ascontiguousarray(x), np.ascontiguousarray(seqs[lo - start:hi - start], np.int64))
+        name = shard_file(shard)
+        local = os.path.join(work, name)
+        faiss.write_index(index, local)
+        sha, size = file_sha256(local), os.path.getsize(local)
+        store.upload(f"{job.prefix}/{name}", local)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dict(shard=shard, file=name, ntotal=int(index.ntotal), seq_min=int(seqs[0]) if end > start else -1,
+                seq_max=int(seqs[-1]) if end > start else -1, bytes=size, seconds=time.perf_counter() - t0,
+                sha256=sha)
 
 
 def encode_partition(batches: Iterator[pa.RecordBatch], ctx: PartitionContext, *, job: EncodeJob) -> Iterator[pa.RecordBatch]:

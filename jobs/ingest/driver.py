@@ -17,6 +17,7 @@ from functools import partial
 import duckdb
 import pyarrow as pa
 
+from jobs.capture import capture_issue_counts
 from jobs.ingest.listing import LISTING_SCHEMA, default_collection, iter_source
 from jobs.ingest.partition import STATS_SCHEMA, IngestJob, ingest_partition
 from jobs.runner import INPUT_BATCH_ROWS, Runner, StagedInput, default_parallelism, make_runner, stage_input
@@ -31,7 +32,7 @@ __all__ = ["IngestSummary", "run_ingest", "new_files", "stage_new_files"]
 
 log = logging.getLogger("imagelake.ingest")
 
-COMMIT_ORDER = (("thumbnails", False), ("images", True), ("rejects", False), ("sources", False))
+COMMIT_ORDER = (("thumbnails", False), ("images", True), ("capture", False), ("rejects", False), ("sources", False))
 
 
 @dataclass
@@ -42,6 +43,7 @@ class IngestSummary:
     ok: int = 0
     rejected: int = 0
     committed: dict[str, int] = field(default_factory=dict)
+    capture_issues: dict[str, int] = field(default_factory=dict)  # "<field>:<reason>" -> images
     seconds: float = 0.0
 
     def line(self) -> str:
@@ -146,7 +148,8 @@ def run_ingest(lake: Lake, settings: Settings, images: str, collection: str | No
                 remove_staging(staging)
                 run.rows_out = summary.committed.get("images", 0)
                 run.metrics.update(listed=summary.listed, new=summary.new, ok=summary.ok,
-                                   rejected=summary.rejected, committed=summary.committed)
+                                   rejected=summary.rejected, committed=summary.committed,
+                                   capture_issues=summary.capture_issues)
             summary.seconds = run.metrics.get("seconds", 0.0)
         finally:
             if owned:
@@ -159,12 +162,14 @@ def _process(lake: Lake, settings: Settings, runner: Runner, todo: StagedInput, 
     job = IngestJob(run_id=run_id, staging_dir=lake.staging_dir(run_id), collection=collection,
                     max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
                     thumbnail_sizes=tuple(settings.thumbnail_sizes), thumbnail_quality=settings.thumbnail_quality,
-                    ingested_at=dt.datetime.now(dt.timezone.utc))
+                    ingested_at=dt.datetime.now(dt.timezone.utc), capture=settings.capture_metadata,
+                    capture_max_block_bytes=settings.capture_max_block_bytes)
     stats = runner.map_partitions(partial(ingest_partition, job=job), todo, todo.num_partitions, STATS_SCHEMA,
                                   desc="ingest").to_pylist()
     summary.ok = sum(s["n_ok"] for s in stats)
     summary.rejected = sum(s["n_rejected"] for s in stats)
+    summary.capture_issues = capture_issue_counts(stats)
     for table, assign_seq in COMMIT_ORDER:
-        files = [s[f"{table}_file"] for s in stats if s[f"{table}_file"]]
+        files = [s[f"{table}_file"] for s in stats if s.get(f"{table}_file")]
         result = commit_staged(lake, table, files, run_id=run_id, dedupe=True, assign_seq=assign_seq)
         summary.committed[table] = result.rows

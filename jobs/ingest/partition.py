@@ -13,6 +13,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
+from jobs.capture import CaptureStager
 from jobs.ingest.decode import Rejected, inspect_image
 from jobs.runner import PartitionContext
 from lake.catalog import TABLES
@@ -26,6 +27,7 @@ STATS_SCHEMA = pa.schema([
     ("partition", pa.int32()), ("attempt", pa.int32()), ("n_in", pa.int64()), ("n_ok", pa.int64()),
     ("n_rejected", pa.int64()), ("bytes_read", pa.int64()),
     *[(f"{t}_file", pa.string()) for t in STAGED_TABLES],
+    ("capture_file", pa.string()), ("capture_issues", pa.string()),  # jobs.capture (job.capture on)
 ])
 
 
@@ -41,6 +43,8 @@ class IngestJob:
     thumbnail_sizes: tuple[int, ...]
     thumbnail_quality: int
     ingested_at: dt.datetime
+    capture: bool = False              # read EXIF/IPTC/XMP into the capture table
+    capture_max_block_bytes: int = 1 << 20
 
 
 def _read(uri: str, size: int | None, max_bytes: int) -> bytes:
@@ -63,6 +67,8 @@ def ingest_partition(batches: Iterator[pa.RecordBatch], ctx: PartitionContext, *
     writers = {t: StagedWriter(job.staging_dir, t, ctx.partition_id, TABLES[t].schema,
                                sort_by=TABLES[t].sort_by, row_group_rows=TABLES[t].row_group_rows)
                for t in STAGED_TABLES}
+    capture = CaptureStager(job.staging_dir, ctx.partition_id, run_id=job.run_id, created_at=job.ingested_at,
+                            max_block_bytes=job.capture_max_block_bytes) if job.capture else None
     n_in = n_ok = n_rej = bytes_read = 0
     try:
         for batch in batches:
@@ -89,13 +95,22 @@ def ingest_partition(batches: Iterator[pa.RecordBatch], ctx: PartitionContext, *
                 rows["sources"].append(dict(common, uri=uri))
                 rows["thumbnails"].extend(dict(image_id=info.image_id, size=t.size, width=t.width,
                                                height=t.height, jpeg=t.jpeg) for t in info.thumbnails)
+                if capture is not None:
+                    capture.add(data, info.image_id)
             for t, r in rows.items():
                 writers[t].write(r)
+            if capture is not None:
+                capture.flush()
         files = {t: w.close() for t, w in writers.items()}
+        capture_file, capture_issues = capture.close() if capture is not None else (None, None)
     except BaseException:
         for w in writers.values():
             w.abort()
+        if capture is not None:
+            capture.abort()
         raise
     yield pa.RecordBatch.from_pylist([dict(partition=ctx.partition_id, attempt=ctx.attempt, n_in=n_in, n_ok=n_ok,
                                            n_rejected=n_rej, bytes_read=bytes_read,
-                                           **{f"{t}_file": f for t, f in files.items()})], schema=STATS_SCHEMA)
+                                           **{f"{t}_file": f for t, f in files.items()},
+                                           capture_file=capture_file, capture_issues=capture_issues)],
+                                         schema=STATS_SCHEMA)

@@ -1,25 +1,30 @@
-"""Load: ``imagelake serve`` with several workers, 16 concurrent clients from this (second) process.
+"""Load: ``imagelake serve`` with several workers, 1, 16 and 64 concurrent clients from this (second)
+process, the full mix and a write-heavy mix, in one run.
 
-    python tests/bench/bench_load.py [--n 2000] [--clients 16] [--seconds 60] [--workers 4]
-                                     [--steps ingest,embed,...] [--mix module:ATTR] [--lake DIR]
+    python tests/bench/bench_load.py [--n 2000] [--clients 1,16,64] [--seconds 30] [--workers 4]
+                                     [--mixes full,write] [--steps ingest,embed,...] [--lake DIR]
 
-Builds a demo-sized lake with ``imagelake run`` (every step this build has, unless ``--steps``),
-starts the server in a child process, warms every worker, then measures side by side:
+Builds a demo-sized lake with ``imagelake run`` (every step this build has, unless ``--steps``;
+``--steps ingest`` with ``--mixes write`` is enough for the write-heavy mix), starts the server in
+a child process, warms every worker, then measures side by side:
 
 * baseline: ``GET /health`` only — gunicorn + Flask + loopback, the floor of any route;
-* the mix with one client — each route's service time without queueing;
-* the mix: :data:`loadgen.MIX` (image metadata, thumbnails, browse, SQL; similarity search,
-  suggestions and curation writes join it at merge), or ``--mix module:ATTR``.
+* each mix with each client count, the one-client run first (each route's service time without
+  queueing: the single-client baseline the others are compared with);
+* mixes: ``full`` = :data:`loadgen.MIX` (image metadata, thumbnails, browse, SQL, similarity search,
+  suggestions, curation writes); ``write`` = :data:`WRITE_HEAVY` (50 % curation writes — add, move,
+  discard, undo — and 50 % bucket and image reads).
 
-Prints req/s, p50/p99 per operation and overall, the error rate, the machine and its load, and
-checks every acknowledged write with its op's ``verify`` (e.g. the event is in ``bucket_events``).
-Targets (issue 9): error rate 0, p99 <= 100 ms.
+Prints per op p50/p99 and the error rate per run, the acknowledged curation actions per second,
+the machine and its load, and checks that every acknowledged write (every 200 answer of a write
+op) is in ``bucket_events`` and that ``seq`` is dense.
+Targets (issue 19, 2 cores): full mix at 16 clients p99 <= 100 ms overall and for "add to bucket";
+write-heavy at 16 clients >= 300 acknowledged actions/s; 64 clients no errors and p99 <= 300 ms.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import socket
 import subprocess
@@ -27,14 +32,96 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
 from common import machine, write_photos  # noqa: E402
-from loadgen import HEALTH_ONLY, MIX, LoadContext, prepare, run_load, start_server  # noqa: E402
+from loadgen import HEALTH_ONLY, MIX, LoadContext, LoadReport, Op, Request, api_call, prepare, run_load, start_server  # noqa: E402
 
 REPO = HERE.parents[1]
+WRITE_OPS = {"add to bucket", "move", "discard", "undo"}
+
+
+def _pool(ctx: LoadContext) -> list[str]:
+    """The images the write-heavy mix touches: few enough that moves and undos find work."""
+    return ctx.image_ids[:100]
+
+
+def _write_buckets(base: str, token: str, ctx: LoadContext) -> None:
+    if "write buckets" in ctx.extra:
+        return
+    made = []
+    for name in ("write a", "write b", "write c"):
+        bucket = api_call(base, token, "POST", "/api/v1/buckets", {"name": name})["bucket"]["bucket_id"]
+        api_call(base, token, "POST", f"/api/v1/buckets/{bucket}/images", {"image_ids": _pool(ctx)[:30]})
+        made.append(bucket)
+    ctx.extra["write buckets"] = made
+
+
+def _pick(r, c) -> str:
+    return r.choice(c.extra["write buckets"])
+
+
+def _move(r, c) -> Request:
+    a, b = r.sample(c.extra["write buckets"], 2)
+    return Request("POST", f"/api/v1/buckets/{b}/images", {"image_ids": [r.choice(_pool(c))], "from": a, "mode": "move"})
+
+
+#: 50 % curation writes (3 add : 1 move : 1 discard : 1 undo), 50 % reads of buckets and images.
+#: A move of an image not in its source and an undo with nothing left are 409s, not errors.
+WRITE_HEAVY: list[Op] = [
+    Op("add to bucket", 3, lambda r, c: Request("POST", f"/api/v1/buckets/{_pick(r, c)}/images",
+                                                {"image_ids": [r.choice(_pool(c))]}), setup=_write_buckets,
+       verify=lambda *a: None),
+    Op("move", 1, _move, ok=frozenset({200, 409}), setup=_write_buckets, verify=lambda *a: None),
+    Op("discard", 1, lambda r, c: Request("POST", "/api/v1/discard", {"image_ids": [r.choice(_pool(c))]}),
+       verify=lambda *a: None),
+    Op("undo", 1, lambda r, c: Request("POST", "/api/v1/undo", {}), ok=frozenset({200, 409}), verify=lambda *a: None),
+    Op("list buckets", 2, lambda r, c: Request("GET", "/api/v1/buckets"), setup=_write_buckets),
+    Op("get bucket", 2, lambda r, c: Request("GET", f"/api/v1/buckets/{_pick(r, c)}?limit=100"), setup=_write_buckets),
+    Op("image metadata", 2, lambda r, c: Request("GET", f"/api/v1/images/{r.choice(c.image_ids)}")),
+]
+
+MIXES = {"full": MIX, "write": WRITE_HEAVY}
+
+
+def acknowledged(report: LoadReport) -> list[str]:
+    """Event ids of every acknowledged (200) curation write of a run."""
+    out = []
+    for name, bodies in report.acked.items():
+        for body in bodies:
+            if isinstance(body, dict) and body.get("ok") and isinstance(body.get("event"), dict):
+                out.append(body["event"]["event_id"])
+    return out
+
+
+def check_log(lake: Any, acked: list[str]) -> int:
+    """Assert every acknowledged event id is in ``bucket_events`` and ``seq`` is dense; the log's size."""
+    from deltalake import DeltaTable
+
+    table = DeltaTable(lake.table_uri("bucket_events")).to_pyarrow_table(columns=["event_id", "seq"])
+    stored = set(table.column("event_id").to_pylist())
+    seqs = sorted(table.column("seq").to_pylist())
+    missing = [e for e in acked if e not in stored]
+    assert not missing, f"{len(missing)} of {len(acked)} acknowledged actions are not in bucket_events: {missing[:5]}"
+    assert seqs == list(range(len(seqs))), "bucket_events.seq is not dense"
+    return len(seqs)
+
+
+def run_matrix(base: str, token: str, mixes: dict[str, list[Op]], ctx: LoadContext, clients: list[int],
+               seconds: float) -> list[tuple[str, int, LoadReport]]:
+    """Every mix with every client count (in the order given), ``seconds`` each."""
+    out = []
+    for name, ops in mixes.items():
+        for k, n in enumerate(clients):
+            out.append((name, n, run_load(base, token, ops, ctx, clients=n, seconds=seconds, seed=10 * k + 2)))
+    return out
+
+
+def write_rate(report: LoadReport) -> float:
+    return len(acknowledged(report)) / report.seconds
 
 
 def _free_port() -> int:
@@ -56,31 +143,72 @@ def build_lake(lake: Path, n: int, steps: str | None) -> float:
     if not images.exists():
         write_photos(images, n, size=(320, 240))
     t0 = time.perf_counter()
-    out = _imagelake("--lake", str(lake), "--runner", "local", "run", "--images", str(images), "--collection", "bench",
-                     "--no-progress", *(["--steps", steps] if steps else []))
-    print(out.strip())
+    if not (lake / "images").exists():
+        out = _imagelake("--lake", str(lake), "--runner", "local", "run", "--images", str(images), "--collection",
+                         "bench", "--no-progress", *(["--steps", steps] if steps else []))
+        print(out.strip())
     return time.perf_counter() - t0
+
+
+def _fmt(v: float) -> str:
+    return "-" if v != v else f"{v:.1f}"
+
+
+def comparison(runs: list[tuple[str, int, LoadReport]]) -> str:
+    """Per op: p50/p99 for each client count of each mix, side by side."""
+    lines = []
+    for mix in dict.fromkeys(m for m, _, _ in runs):
+        mine = [(n, r) for m, n, r in runs if m == mix]
+        ops = sorted({op for _, r in mine for op in r.latencies_ms} | {op for _, r in mine for op in r.errors})
+        head = f"{'op (' + mix + ' mix)':<22}" + "".join(f"{f'{n} cl p50/p99 ms':>22}" for n, _ in mine)
+        lines.append(head)
+        for op in ops + [None]:
+            cells = []
+            for _, r in mine:
+                n = len(r.latencies_ms.get(op, [])) if op else 1
+                cells.append(f"{(_fmt(r.percentile(50, op)) + ' / ' + _fmt(r.percentile(99, op))) if n else '-':>22}")
+            lines.append(f"{op or 'all':<22}" + "".join(cells))
+        lines.append(f"{'req/s':<22}" + "".join(f"{r.requests / r.seconds:>22.0f}" for _, r in mine))
+        lines.append(f"{'errors':<22}" + "".join(f"{sum(r.errors.values()):>22}" for _, r in mine))
+        lines.append(f"{'acked actions/s':<22}" + "".join(f"{write_rate(r):>22.0f}" for _, r in mine))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def targets(runs: list[tuple[str, int, LoadReport]]) -> list[str]:
+    out = []
+    get = {(m, n): r for m, n, r in runs}
+    full16, write16 = get.get(("full", 16)), get.get(("write", 16))
+    if full16 is not None:
+        p99, add = full16.percentile(99), full16.percentile(99, "add to bucket")
+        out.append(f"full mix, 16 clients: p99 {p99:.0f} ms, add to bucket p99 {_fmt(add)} ms (<= 100) -> "
+                   f"{'met' if p99 <= 100 and add <= 100 else 'NOT met'}; errors {sum(full16.errors.values())}")
+    if write16 is not None:
+        rate = write_rate(write16)
+        out.append(f"write-heavy, 16 clients: {rate:.0f} acknowledged actions/s (>= 300) -> "
+                   f"{'met' if rate >= 300 else 'NOT met'}")
+    for (m, n), r in get.items():
+        if n == 64:
+            ok = sum(r.errors.values()) == 0 and r.percentile(99) <= 300
+            out.append(f"{m} mix, 64 clients: errors {sum(r.errors.values())}, p99 {r.percentile(99):.0f} ms "
+                       f"(0, <= 300) -> {'met' if ok else 'NOT met'}")
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2000, help="images in the lake")
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--seconds", type=float, default=60.0, help="length of the mixed run")
-    ap.add_argument("--baseline-seconds", type=float, default=15.0)
-    ap.add_argument("--single-seconds", type=float, default=10.0,
-                    help="the mix with one client first: service time without queueing")
+    ap.add_argument("--clients", default="1,16,64", help="client counts, comma-separated (1 first: the baseline)")
+    ap.add_argument("--seconds", type=float, default=30.0, help="length of each mixed run")
+    ap.add_argument("--baseline-seconds", type=float, default=10.0)
     ap.add_argument("--workers", type=int, default=4, help="server worker processes")
     ap.add_argument("--threads", type=int, default=8, help="threads per worker")
+    ap.add_argument("--mixes", default="full,write", help="full and/or write")
     ap.add_argument("--steps", help="pipeline steps to build the lake with (default: all in this build)")
-    ap.add_argument("--mix", help="module:ATTR of a list of loadgen.Op to use instead of loadgen.MIX")
     ap.add_argument("--lake", help="reuse this lake folder (its images/ sibling too) instead of a temporary one")
     args = ap.parse_args()
-
-    ops = MIX
-    if args.mix:
-        module, _, attr = args.mix.partition(":")
-        ops = getattr(importlib.import_module(module), attr)
+    clients = [int(c) for c in args.clients.split(",")]
+    mixes = {m: MIXES[m] for m in args.mixes.split(",")}
 
     with tempfile.TemporaryDirectory(prefix="imagelake-load-") as tmp:
         lake_dir = Path(args.lake) if args.lake else Path(tmp) / "lake"
@@ -98,42 +226,35 @@ def main() -> None:
         server = start_server(str(lake_dir), port, args.workers, str(log), threads=args.threads)
         base = f"http://127.0.0.1:{port}"
         try:
-            prepare(base, token, ops, ctx)
-            run_load(base, token, ops, ctx, clients=args.clients, seconds=5, seed=99)  # warm every worker
+            for ops in mixes.values():
+                prepare(base, token, ops, ctx)
+                run_load(base, token, ops, ctx, clients=max(clients), seconds=3, seed=99)  # warm every worker
             load_before = os.getloadavg()
-            single = run_load(base, token, ops, ctx, clients=1, seconds=args.single_seconds, seed=3)
-            baseline = run_load(base, token, HEALTH_ONLY, ctx, clients=args.clients, seconds=args.baseline_seconds, seed=1)
-            mixed = run_load(base, token, ops, ctx, clients=args.clients, seconds=args.seconds, seed=2)
+            baseline = run_load(base, token, HEALTH_ONLY, ctx, clients=16, seconds=args.baseline_seconds, seed=1)
+            runs = run_matrix(base, token, mixes, ctx, clients, args.seconds)
             load_after = os.getloadavg()
         finally:
             server.terminate()
             server.wait(timeout=30)
-        for op in ops:
-            if op.verify is not None:
-                op.verify(lake, ctx, mixed.acked.get(op.name, []))
-                print(f"verified: all {len(mixed.acked.get(op.name, []))} acknowledged '{op.name}' writes are in the lake")
+        acked = [e for _, _, r in runs for e in acknowledged(r)]
+        total = check_log(lake, acked)
+        print(f"verified: all {len(acked)} acknowledged curation actions of the measured runs are in bucket_events "
+              f"({total} events, seq dense)")
 
     print(machine())
     print(f"lake: {len(ctx.image_ids)} images ({args.n} files, 320x240), built in {build_s:.1f} s; server: "
-          f"{args.workers} gunicorn gthread workers x {args.threads} threads; {args.clients} closed-loop clients "
-          f"in one separate process over loopback")
+          f"{args.workers} gunicorn gthread workers x {args.threads} threads; closed-loop clients in one separate "
+          f"process over loopback; {args.seconds:.0f} s per run")
     print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} "
           f"(cores: {os.cpu_count()}; other work on the machine included)")
-    print("\n-- baseline: GET /health only")
+    print("\n-- baseline: GET /health only, 16 clients")
     print(baseline.table())
-    print("\n-- the mix, one client (service time, no queueing)")
-    print(single.table())
-    print(f"\n-- the mix, {args.clients} clients")
-    print(mixed.table())
-    if mixed.error_samples:
-        print("\nerror samples:\n  " + "\n  ".join(mixed.error_samples[:10]))
-    b, m = baseline.summary(), mixed.summary()
-    print(f"\nsummary: mix {m['req_per_s']} req/s, p50 {m['p50_ms']} ms, p99 {m['p99_ms']} ms, errors "
-          f"{m['error_rate']:.4%}; baseline {b['req_per_s']} req/s, p99 {b['p99_ms']} ms; "
-          f"mix/baseline throughput {m['req_per_s'] / max(b['req_per_s'], 1e-9):.2f}; one client: "
-          f"p50 {single.summary()['p50_ms']} ms, p99 {single.summary()['p99_ms']} ms")
-    print(f"targets: error rate 0 -> {'met' if m['error_rate'] == 0 else 'NOT met'}; p99 <= 100 ms -> "
-          f"{'met' if m['p99_ms'] <= 100 else 'NOT met'}")
+    print("\n-- per op p50 / p99, the one-client run first (the single-client baseline)\n")
+    print(comparison(runs))
+    for mix, n, r in runs:
+        if r.error_samples:
+            print(f"error samples ({mix}, {n} clients):\n  " + "\n  ".join(r.error_samples[:5]))
+    print("targets:\n  " + "\n  ".join(targets(runs)))
 
 
 if __name__ == "__main__":

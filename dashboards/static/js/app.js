@@ -3,6 +3,7 @@ import {api, toast} from "./api.js";
 import {mountBrowse} from "./browse.js";
 import {mountDetails} from "./details.js";
 import {mountSql} from "./sql.js";
+import "./selection.js";  // the app-wide selection and its bar
 
 const body = document.body;
 const thumbSmall = Number(body.dataset.thumbSmall);
@@ -16,11 +17,13 @@ const views = {
   curate: async (root) => (await import("./curate.js")).mountCurate(root, context),
   map: async (root) => (await import("./map.js")).mountMap(root, context),
   search: async (root) => (await import("./search.js")).mountSearch(root, context),
+  buckets: async (root) => (await import("./buckets.js")).mountBuckets(root, context),
 };
 const mounted = {};
 
 async function show() {
-  const name = (location.hash || "#curate").slice(1);
+  // "#buckets/<id>": a view and its argument
+  const [name, arg] = (location.hash || "#curate").slice(1).split("/");
   const view = views[name] ? name : "curate";
   for (const section of document.querySelectorAll(".view")) section.hidden = section.id !== `view-${view}`;
   for (const tab of document.querySelectorAll("#tabs a")) tab.classList.toggle("active", tab.dataset.view === view);
@@ -28,12 +31,13 @@ async function show() {
   if (!mounted[view]) {
     mounted[view] = true;
     try {
-      await views[view](document.getElementById(`view-${view}`));
+      mounted[view] = (await views[view](document.getElementById(`view-${view}`))) || true;
     } catch (e) {
       mounted[view] = false;
       toast(e.message, "error");
     }
   }
+  if (mounted[view] && mounted[view].route) await mounted[view].route(arg);
 }
 
 document.getElementById("logout").addEventListener("click", async () => {

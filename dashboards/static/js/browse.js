@@ -1,5 +1,6 @@
 // Browse: pages of thumbnails per collection, straight from GET /images.
 import {api, el, thumbUrl} from "./api.js";
+import {selectable} from "./selection.js";
 
 const PAGE = 60;
 
@@ -9,6 +10,7 @@ export function mountBrowse(root, {thumbSize, onOpen}) {
   const pager = root.querySelector("#browse-pager");
   const title = root.querySelector("#browse-title");
   let state = {collection: null, page: 0};
+  selectable(grid);
 
   async function load() {
     const params = new URLSearchParams({limit: PAGE, offset: state.page * PAGE});

@@ -2,6 +2,7 @@
 // Keys: 1–9 drop the focused image into bucket N, x discards it, u undoes your last action,
 // arrows move the focus, n shows the next page, f fast-forwards, t switches Grid/Tetris.
 import {api, el, thumbUrl, toast} from "./api.js";
+import {clearSelection, selectable, selectionIds} from "./selection.js";
 
 const PAGE = 28;          // 4 × 7
 const PALETTE = ["#2f6fb3", "#e07b39", "#3a9b5c", "#b8439a", "#8a6d3b", "#d64550", "#5a5a9e", "#1b998b", "#c9a227"];
@@ -11,6 +12,7 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
   const gridBox = root.querySelector("#curate-grid");
   const tetrisBox = root.querySelector("#curate-tetris");
   const status = root.querySelector("#curate-status");
+  const reviewBar = root.querySelector("#curate-review");
   const canWrite = scope !== "read";
   let buckets = [];
   let previews = {};          // bucket id -> its most typical members (GET /bucket-previews)
@@ -22,6 +24,9 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
   let review = null;          // fast-forward: pending image ids under review
   let tetrisItem = null;
   let visible = true;
+  const inflight = new Set();  // placements sent and not answered yet: n waits for them
+  const failed = new Set();    // placements the server refused: neither accepted nor rejected
+  let turning = false;         // n in progress (feedback, then the next page)
 
   const say = (text) => { status.textContent = text; };
   const byKey = (n) => buckets.filter((b) => !b.system)[n - 1];
@@ -31,7 +36,10 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     const body = await api("/buckets");
     buckets = body.buckets;
     const user = buckets.filter((b) => !b.system);
+    // the active bucket survives a reload (this tab), so does a review under way in it
+    if (active === null) active = sessionStorage.getItem("imagelake.active");
     if (!user.some((b) => b.bucket_id === active)) active = user.length ? user[0].bucket_id : null;
+    if (active) sessionStorage.setItem("imagelake.active", active);
     renderBar();
     if (withPreviews) loadPreviews();
   }
@@ -58,7 +66,7 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
       ...user.map((b, i) => {
         const node = el("div", {class: `bucket${b.bucket_id === active ? " active" : ""}`, style: `--bucket:${b.color || PALETTE[i % PALETTE.length]}`,
                                 dataset: {bucketId: b.bucket_id}, tabindex: 0, role: "button",
-                                onclick: () => { if (active !== b.bucket_id) { active = b.bucket_id; renderBar(); refresh(); } }},
+                                onclick: () => { if (active !== b.bucket_id) { active = b.bucket_id; sessionStorage.setItem("imagelake.active", active); renderBar(); refresh(); } }},
           i < 9 ? el("kbd", {class: "key"}, String(i + 1)) : "",
           el("div", {class: "name"}, b.name),
           el("div", {class: "count"}, `${b.count} images${b.pending ? ` · ${b.pending} pending` : ""}`),
@@ -97,19 +105,43 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     } catch (e) { toast(e.message, "error"); } finally { button.disabled = false; }
   }
 
-  async function rename(b) {
-    const name = window.prompt("Rename bucket", b.name);
-    if (!name || name === b.name) return;
-    try { await api(`/buckets/${b.bucket_id}`, {method: "PATCH", json: {name}}); await loadBuckets(); } catch (e) { toast(e.message, "error"); }
+  // rename in place: the name becomes a field (Enter saves, Escape cancels); no native dialog
+  function rename(b) {
+    const node = list.querySelector(`[data-bucket-id="${b.bucket_id}"] .name`);
+    if (!node) return;
+    const input = el("input", {class: "rename", value: b.name, "aria-label": `new name of ${b.name}`, maxlength: 200});
+    const done = async (save) => {
+      if (!input.isConnected) return;
+      const name = input.value.trim();
+      if (save && name && name !== b.name) {
+        try { await api(`/buckets/${b.bucket_id}`, {method: "PATCH", json: {name}}); } catch (e) { toast(e.message, "error"); }
+      }
+      await loadBuckets();
+    };
+    input.addEventListener("keydown", (e) => {
+      e.stopPropagation();
+      if (e.key === "Enter") done(true);
+      else if (e.key === "Escape") done(false);
+    });
+    input.addEventListener("click", (e) => e.stopPropagation());
+    input.addEventListener("blur", () => done(true));
+    node.replaceWith(input);
+    input.focus();
+    input.select();
   }
 
   async function recolor(b, color) {
     try { await api(`/buckets/${b.bucket_id}`, {method: "PATCH", json: {color}}); await loadBuckets(); } catch (e) { toast(e.message, "error"); }
   }
 
+  // delete at once, no native dialog: the delete is soft and u (or the status line's undo) brings it back
   async function remove(b) {
-    if (!window.confirm(`Delete bucket "${b.name}"? (u undoes it)`)) return;
-    try { await api(`/buckets/${b.bucket_id}`, {method: "DELETE"}); await loadBuckets(); refresh(); } catch (e) { toast(e.message, "error"); }
+    try {
+      await api(`/buckets/${b.bucket_id}`, {method: "DELETE"});
+      await loadBuckets();
+      await refresh();
+      say(`deleted "${b.name}" — press u to undo`);
+    } catch (e) { toast(e.message, "error"); }
   }
 
   // -- actions on images -----------------------------------------------------------------
@@ -124,11 +156,20 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     if (!tetris) mark(imageId, bucketId);
     // a second key on a placed image moves it: an image sits in one bucket of this page at a time
     const json = before ? {image_ids: [imageId], from: before, mode: "move"} : {image_ids: [imageId]};
-    try {
-      await api(`/buckets/${bucketId}/images`, {method: "POST", json});
-      if (tetris) mark(imageId, bucketId);
-      await loadBuckets();
-    } catch (e) { unmark(imageId, before); toast(e.message, "error"); }
+    await track(imageId, (async () => {
+      try {
+        await api(`/buckets/${bucketId}/images`, {method: "POST", json});
+        if (tetris) mark(imageId, bucketId);
+        loadBuckets();
+      } catch (e) { unmark(imageId, before); failed.add(imageId); toast(e.message, "error"); }
+    })());
+  }
+
+  // every write on an image of the page is tracked until it is answered
+  async function track(imageId, promise) {
+    failed.delete(imageId);
+    inflight.add(promise);
+    try { await promise; } finally { inflight.delete(promise); }
   }
 
   async function discard(imageId) {
@@ -137,10 +178,13 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     if (before === "discard") return;
     const tetris = mode === "tetris";
     if (!tetris) mark(imageId, "discard");
-    try {
-      await api("/discard", {method: "POST", json: before ? {image_ids: [imageId], from: before} : {image_ids: [imageId]}});
-      if (tetris) mark(imageId, "discard");
-    } catch (e) { unmark(imageId, before); toast(e.message, "error"); }
+    await track(imageId, (async () => {
+      try {
+        await api("/discard", {method: "POST", json: before ? {image_ids: [imageId], from: before} : {image_ids: [imageId]}});
+        if (tetris) mark(imageId, "discard");
+        if (before) loadBuckets();
+      } catch (e) { unmark(imageId, before); failed.add(imageId); toast(e.message, "error"); }
+    })());
   }
 
   const placedOf = (imageId) => (page.find((p) => p.image_id === imageId) || {}).placed || null;
@@ -176,8 +220,8 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
       const ids = new Set(undone.image_ids || []);
       const back = undone.action === "move" ? (undone.from_bucket || null) : null;
       for (const item of page) if (ids.has(item.image_id)) item.placed = back;
-      if (review && undone.action === "pending") review = null;  // the images under review left the bucket
-      if (mode === "grid") renderGrid(); else nextTetris();
+      // an undone fast-forward takes its pending images away; an undone commit brings them back
+      if (mode === "grid") { await resumeReview(); renderGrid(); } else nextTetris();
       loadPreviews();
     } catch (e) { toast(e.message, "error"); }
   }
@@ -224,6 +268,10 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     page = items.slice(0, PAGE);
     prefetched = items.slice(PAGE);
     focus = 0;
+    if (await resumeReview()) {
+      renderGrid();
+      return say(`${review.length} pending images to review; the suggestions come back after the commit`);
+    }
     renderGrid();
     if (page.length) performance.mark("curate-grid-shown");  // read by tests/bench/bench_dashboard.py
     preload(prefetched);
@@ -249,48 +297,76 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     }));
     const focused = gridBox.querySelector(".cell.focused");
     if (focused && visible && mode === "grid") focused.scrollIntoView({block: "nearest"});  // keys act on what is seen
+    reviewBar.hidden = !review;
     if (review) {
-      gridBox.append(el("div", {class: "review-bar"},
-        `Fast-forward: ${review.length} images pending. Click x on the ones that do not belong, then `,
-        el("button", {type: "button", onclick: commitReview}, "commit")));
+      const name = (buckets.find((b) => b.bucket_id === active) || {}).name;
+      reviewBar.replaceChildren(
+        `Reviewing ${review.length} pending image${review.length === 1 ? "" : "s"} of "${name}" (fast-forward): `,
+        `${review.removed.size} marked as not belonging. Press x on the wrong ones, then `,
+        el("button", {type: "button", id: "review-commit", onclick: commitReview}, "commit"));
     }
   }
 
-  async function nextPage() {
-    if (!active || review) return;
-    const accepted = page.filter((p) => p.placed === active).map((p) => p.image_id);
-    const rejected = page.filter((p) => !p.placed).map((p) => p.image_id);
-    const shown = new Set(page.map((p) => p.image_id));
-    // show the prefetched page at once; the feedback and a fresh prefetch follow in the background
-    page = (prefetched || []).filter((p) => !shown.has(p.image_id)).slice(0, PAGE);
-    focus = 0;
+  // The bucket's pending images are the review, whoever made them and whenever: after a reload,
+  // an undo of a commit, or a fast-forward by another curator. Marks survive a reload (this tab).
+  const reviewKey = () => `imagelake.review.${active}`;
+  async function resumeReview() {
+    const row = buckets.find((b) => b.bucket_id === active);
+    if (!row || !row.pending) { review = null; return false; }
+    const body = await api(`/buckets/${active}?limit=1`);
+    if (!body.pending.length) { review = null; return false; }
+    const saved = new Set(JSON.parse(sessionStorage.getItem(reviewKey()) || "[]"));
+    review = body.pending.slice();
+    review.removed = new Set(review.filter((id) => saved.has(id)));
+    focus = Math.min(focus, review.length - 1);
+    return true;
+  }
+
+  function toggleReviewMark(id) {
+    review.removed.has(id) ? review.removed.delete(id) : review.removed.add(id);
+    sessionStorage.setItem(reviewKey(), JSON.stringify([...review.removed]));
     renderGrid();
-    say(`${page.length} suggestions; sending feedback…`);
+  }
+
+  // n: page 1's feedback is committed before page 2 is asked for, so page 2 reflects it; a drop
+  // still on its way is waited for first (it must not be counted as a rejection, nor lost).
+  async function nextPage() {
+    if (!active || review || turning) return;
+    turning = true;
+    const startedOn = active;
+    say("sending feedback…");
     try {
+      if (inflight.size) await Promise.allSettled([...inflight]);
+      const accepted = page.filter((p) => p.placed === active).map((p) => p.image_id);
+      const rejected = page.filter((p) => !p.placed && !failed.has(p.image_id)).map((p) => p.image_id);
       // the accepted ones are members already (each drop was an add): only the untouched are news
       if (canWrite && rejected.length) {
         await api(`/buckets/${active}/feedback`, {method: "POST", json: {accepted: [], rejected}});
       }
-      const fresh = await fetchPage(PAGE * 2);
-      const onPage = new Set(page.map((p) => p.image_id));
-      const extra = fresh.filter((p) => !onPage.has(p.image_id));
-      if (page.length < PAGE) { page = page.concat(extra.slice(0, PAGE - page.length)); renderGrid(); }
-      prefetched = extra.filter((p) => !page.some((q) => q.image_id === p.image_id));
+      if (active !== startedOn) return;
+      const shown = new Set(page.map((p) => p.image_id));
+      const fresh = (await fetchPage(PAGE * 2)).filter((p) => !shown.has(p.image_id));
+      page = fresh.slice(0, PAGE);
+      prefetched = fresh.slice(PAGE);
+      failed.clear();
+      focus = 0;
+      renderGrid();
+      if (page.length) performance.mark("curate-next-shown");  // read by tests/bench/bench_dashboard.py
       preload(prefetched);
-      say(`feedback sent: ${accepted.length} accepted, ${rejected.length} rejected`);
+      say(`feedback sent: ${accepted.length} accepted, ${rejected.length} rejected · ${page.length} new suggestions`);
       loadBuckets();
-    } catch (e) { toast(e.message, "error"); }
+    } catch (e) { toast(e.message, "error"); say("the feedback was not sent; press n to try again"); }
+    finally { turning = false; }
   }
 
   async function fastForward() {
     if (!active || !canWrite) return;
     try {
-      const body = await api(`/buckets/${active}/fast-forward`, {method: "POST", json: {n: PAGE}});
-      review = body.event.image_ids || [];
-      review.removed = new Set();
+      await api(`/buckets/${active}/fast-forward`, {method: "POST", json: {n: PAGE}});
       focus = 0;
+      await loadBuckets();
+      await resumeReview();
       renderGrid();
-      loadBuckets();
     } catch (e) { toast(e.message, "error"); }
   }
 
@@ -299,10 +375,11 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     const remove = review.filter((id) => review.removed.has(id));
     try {
       await api(`/buckets/${active}/fast-forward/commit`, {method: "POST", json: {keep, remove}});
-      say(`fast-forward committed: ${keep.length} kept, ${remove.length} removed`);
+      sessionStorage.removeItem(reviewKey());
       review = null;
       await loadBuckets();
-      refresh();
+      await refresh();
+      say(`fast-forward committed: ${keep.length} kept, ${remove.length} removed`);
     } catch (e) { toast(e.message, "error"); }
   }
 
@@ -344,6 +421,7 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     root.querySelector("#mode-tetris").classList.toggle("active", mode === "tetris");
     gridBox.hidden = mode !== "grid";
     tetrisBox.hidden = mode !== "tetris";
+    if (mode === "tetris") reviewBar.hidden = true;
     refresh();
   }
 
@@ -358,15 +436,20 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     if (!visible || e.target.closest("input, textarea, select") || e.ctrlKey || e.metaKey || e.altKey) return;
     const id = focusedId();
     const cols = 7, count = review ? review.length : page.length;
-    if (/^[1-9]$/.test(e.key)) {
+    if (/^[1-9]$/.test(e.key) && mode === "grid" && !review && selectionIds().length) {
+      const b = byKey(Number(e.key));  // a key with images selected drops them all
+      const onPage = new Set(page.map((p) => p.image_id));
+      if (b) { for (const sid of selectionIds()) if (onPage.has(sid)) place(sid, b.bucket_id); clearSelection(); }
+    } else if (/^[1-9]$/.test(e.key)) {
       const b = byKey(Number(e.key));
       if (b && id) { place(id, b.bucket_id); if (mode === "grid") focus = Math.min(focus + 1, count - 1); }
     } else if (e.key === "x" && id) {
-      if (review) { review.removed.has(id) ? review.removed.delete(id) : review.removed.add(id); renderGrid(); }
+      if (review) toggleReviewMark(id);
       else discard(id);
     } else if (e.key === "Enter" && mode === "tetris" && tetrisItem) {
       place(tetrisItem.image_id, tetrisItem.bucket.bucket_id);
-    } else if (e.key === "u") undo();
+    } else if (e.key === "?") keysHelp();
+    else if (e.key === "u") undo();
     else if (e.key === "n") nextPage();
     else if (e.key === "f") fastForward();
     else if (e.key === "t") setMode(mode === "grid" ? "tetris" : "grid");
@@ -377,7 +460,33 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     } else return;
     e.preventDefault();
   });
+  // ? shows every key in an overlay; any key or click closes it
+  function keysHelp() {
+    const rows = [["1–9", "drop the focused image (or the selection) into bucket N; again with another number moves it"],
+                  ["x", "discard the focused image (in a review: mark it as not belonging)"], ["u", "undo your last action"],
+                  ["←↑→↓", "move the focus"], ["n", "next page: the untouched images become negatives"],
+                  ["f", "fast-forward: the model's top 28 join pending review"], ["t", "Grid / Tetris"],
+                  ["Enter", "Tetris: accept the suggested bucket"], ["ctrl/shift-click, shift-drag", "select images"],
+                  ["Escape", "close the drawer, clear the selection"], ["?", "this help"]];
+    const box = el("div", {class: "keys-help", id: "keys-help", role: "dialog", "aria-label": "keys"},
+      el("h3", {}, "Keys"), el("table", {}, rows.map(([k, what]) => el("tr", {}, el("td", {}, el("kbd", {}, k)), el("td", {}, what)))),
+      el("p", {class: "muted"}, "any key or click closes this"));
+    const close = (e) => { e.preventDefault(); e.stopImmediatePropagation(); box.remove();
+                           document.removeEventListener("keydown", close, true); };
+    box.addEventListener("click", close);
+    document.addEventListener("keydown", close, true);
+    document.body.append(box);
+  }
   document.addEventListener("imagelake:view", (e) => { visible = e.detail === "curate"; });
+  // the selection bar acted on images of this page: the badges follow
+  document.addEventListener("imagelake:buckets-changed", (e) => {
+    const {kind, bucketId, ids} = e.detail;
+    const to = kind === "discard" ? "discard" : kind === "remove" ? null : bucketId;
+    for (const item of page) if (ids.includes(item.image_id)) item.placed = to;
+    if (visible && mode === "grid") renderGrid();
+    loadBuckets();
+  });
+  selectable(gridBox);
   root.querySelector("#mode-grid").addEventListener("click", () => setMode("grid"));
   root.querySelector("#mode-tetris").addEventListener("click", () => setMode("tetris"));
 

@@ -28,6 +28,7 @@ export function mountDetails(root, {thumbSize, onOpen}) {
     root.hidden = false;
     root.dataset.imageId = imageId;
     body.replaceChildren(el("img", {class: "details-image", alt: "selected image", src: thumbUrl(imageId, thumbSize)}));
+    if (document.body.dataset.scope !== "read") body.append(bucketPicker(imageId));
     await Promise.all([
       section("Image", async () => {
         const {image} = await api(`/images/${imageId}`);
@@ -55,6 +56,28 @@ export function mountDetails(root, {thumbSize, onOpen}) {
              el("img", {loading: "lazy", alt: "similar image", src: thumbUrl(r.image_id, thumbSize)}))));
       }),
     ]);
+  }
+
+  // "add to bucket" from the drawer: any image, from any view, can start or grow a bucket
+  function bucketPicker(imageId) {
+    const choose = el("select", {id: "drawer-bucket", "aria-label": "bucket"});
+    const button = el("button", {type: "button", id: "drawer-add", disabled: true}, "add to bucket");
+    const said = el("span", {class: "muted", id: "drawer-bucket-status"});
+    api("/buckets").then(({buckets}) => {
+      const user = buckets.filter((b) => !b.system);
+      choose.replaceChildren(...user.map((b) => el("option", {value: b.bucket_id}, b.name)));
+      button.disabled = !user.length;
+      if (!user.length) said.textContent = "no bucket yet: create one in Curate";
+    }).catch(() => { said.textContent = "buckets unavailable"; });
+    button.addEventListener("click", async () => {
+      const bucketId = choose.value, name = choose.selectedOptions[0]?.textContent;
+      try {
+        await api(`/buckets/${bucketId}/images`, {method: "POST", json: {image_ids: [imageId]}});
+        said.textContent = `added to "${name}"`;
+        document.dispatchEvent(new CustomEvent("imagelake:buckets-changed", {detail: {kind: "add", bucketId, ids: [imageId]}}));
+      } catch (e) { said.textContent = e.message; }
+    });
+    return el("div", {class: "drawer-bucket"}, choose, button, said);
   }
 
   return {open, close};

@@ -1,6 +1,7 @@
 // The map: the deep-zoom grid of the whole collection (OpenSeadragon over the DZI tiles), a click
 // opens the image under the pointer, and an overlay outlines a bucket's or a tag's cells.
 import {api, el, toast} from "./api.js";
+import {clearSelection, selectIds} from "./selection.js";
 
 const OSD_SRC = "/static/vendor/openseadragon/openseadragon.min.js";
 const MAX_OVERLAY = 5000;
@@ -57,11 +58,18 @@ export async function mountMap(root, {openDetails}) {
     box.dataset.ready = "1";
     box.dataset.homeZoom = String(viewer.viewport.getHomeZoom());
   });
+  // the first tile on screen: loaded, then painted by the next frame (read by tests/bench/bench_dashboard.py)
+  viewer.addHandler("tile-loaded", () => {
+    if (box.dataset.firstTile) return;
+    box.dataset.firstTile = "1";
+    requestAnimationFrame(() => requestAnimationFrame(() => performance.mark("map-first-tile")));
+  });
   viewer.addHandler("animation-finish", () => { box.dataset.zoom = String(viewer.viewport.getZoom()); });
 
   async function overlay(choice) {
     viewer.clearOverlays();
-    if (!choice || !info) return;
+    selectionMarks = [];
+    if (!choice || !info) { status.textContent = ""; return; }
     const [kind, value] = choice.split(":");
     let cells, color = "#ffd400";
     if (kind === "bucket") {
@@ -91,6 +99,78 @@ export async function mountMap(root, {openDetails}) {
     } catch { /* no tags yet */ }
     overlaySelect.replaceChildren(...options);
   }
+
+  // -- selection: a rectangle or a lasso (buttons, or shift-drag for a lasso) -------------------
+  const SVG = "http://www.w3.org/2000/svg";
+  let tool = null, selectionMarks = [];
+  const tools = {rect: root.querySelector("#map-rect"), lasso: root.querySelector("#map-lasso")};
+  function setTool(next) {
+    tool = tool === next ? null : next;
+    for (const [name, button] of Object.entries(tools)) button.classList.toggle("active", tool === name);
+    viewer.setMouseNavEnabled(!tool);
+    box.classList.toggle("selecting", !!tool);
+  }
+  for (const [name, button] of Object.entries(tools)) button.addEventListener("click", () => setTool(name));
+  box.style.position = "relative";
+
+  function toCells(points) {
+    return points.map(([x, y]) => {
+      const p = viewer.viewport.viewerElementToImageCoordinates(new window.OpenSeadragon.Point(x, y));
+      return [p.x / info.cell_px, p.y / info.cell_px];
+    });
+  }
+
+  async function selectPolygon(points) {
+    const t0 = performance.now();
+    const body = await api(`/grid/${box.dataset.layoutId}/select`, {method: "POST", json: {polygon: toCells(points)}});
+    for (const mark of selectionMarks) viewer.removeOverlay(mark);
+    selectionMarks = [];
+    const size = info.cell_px / info.width;
+    for (const c of body.cells.slice(0, MAX_OVERLAY)) {
+      const mark = el("div", {class: "map-mark selected-cell", style: "outline: 2px solid #f5a623; background: #f5a62344"});
+      viewer.addOverlay(mark, new window.OpenSeadragon.Rect(c.gx * size, c.gy * size, size, size));
+      selectionMarks.push(mark);
+    }
+    if (body.image_ids.length) selectIds(body.image_ids); else clearSelection();
+    status.textContent = `${body.image_ids.length} images selected${body.truncated ? " (the first 100000)" : ""}`;
+    box.dataset.selected = String(body.image_ids.length);
+    performance.mark("map-selection-shown");  // read by tests/bench/bench_dashboard.py
+    box.dataset.selectMs = String(Math.round(performance.now() - t0));
+  }
+
+  box.addEventListener("pointerdown", (e) => {
+    const kind = tool || (e.shiftKey ? "lasso" : null);
+    if (!kind || !info || e.button !== 0) return;
+    e.preventDefault();
+    e.stopPropagation();
+    const origin = box.getBoundingClientRect();
+    const at = (ev) => [ev.clientX - origin.left, ev.clientY - origin.top];
+    const start = at(e);
+    let points = [start];
+    const svg = document.createElementNS(SVG, "svg");
+    svg.setAttribute("class", "map-lasso");
+    const shape = document.createElementNS(SVG, "polygon");
+    svg.append(shape);
+    box.append(svg);
+    const draw = () => shape.setAttribute("points", points.map((p) => p.join(",")).join(" "));
+    const move = (m) => {
+      const p = at(m);
+      if (kind === "rect") points = [start, [p[0], start[1]], p, [start[0], p[1]]];
+      else {
+        const last = points[points.length - 1];
+        if (Math.hypot(p[0] - last[0], p[1] - last[1]) >= 4) points.push(p);
+      }
+      draw();
+    };
+    const up = () => {
+      window.removeEventListener("pointermove", move, true);
+      window.removeEventListener("pointerup", up, true);
+      svg.remove();
+      if (points.length >= 3) selectPolygon(points).catch((err) => toast(err.message, "error"));
+    };
+    window.addEventListener("pointermove", move, true);
+    window.addEventListener("pointerup", up, true);
+  }, true);
 
   select.addEventListener("change", () => open(select.value));
   overlaySelect.addEventListener("change", () => overlay(overlaySelect.value).catch((e) => toast(e.message, "error")));

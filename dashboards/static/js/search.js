@@ -1,11 +1,13 @@
 // Search: upload an image (or come from a clicked one) and show the most similar images.
 import {api, el, thumbUrl} from "./api.js";
+import {selectable} from "./selection.js";
 
 export function mountSearch(root, {thumbLarge, openDetails}) {
   const form = root.querySelector("#search-form");
   const file = root.querySelector("#search-file");
   const status = root.querySelector("#search-status");
   const results = root.querySelector("#search-results");
+  selectable(results);
 
   function show(items) {
     results.replaceChildren(...items.map((r) =>

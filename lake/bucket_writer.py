@@ -1,0 +1,379 @@
+"""One bucket-log writer per node: the server's worker processes elect one of themselves, and the
+others hand it their actions over a local socket, so one group commit takes every worker's actions.
+
+Election is a ``bind`` of an abstract unix socket named after the lake (Linux; no file to clean
+up): the kernel lets exactly one process hold the name and frees it the instant that process
+dies, ``kill -9`` included. The winner listens; every other worker connects and sends each action
+as one length-prefixed JSON frame with a request id, and gets back the committed event's id (or the
+action's error) once the commit has landed. The writer queues remote actions into the same
+group-commit queue as its own requests (:class:`lake.bucket_store.BucketStore`).
+
+Failover: when the connection to the writer breaks (its process died, or recycled), each follower
+with requests in flight tries the ``bind`` itself; one wins and becomes the writer, the others
+connect to it, and every unanswered action is sent again with the same ``event_id``. An action the
+dead writer had committed is recognised by that id and answered with its event, so a re-send never
+writes twice and an acknowledged action is never lost (it was committed before it was
+acknowledged). No timer is involved: takeover takes milliseconds plus the new writer's first read.
+
+Read-your-writes: a follower folds the log's tail in before it answers. Other workers learn of
+the commit from the node's *version board*, 16 bytes in shared memory (``/dev/shm``) that the
+writer updates after each commit and before it acknowledges any action of it: a read checks the
+board (one ``pread``) and re-reads the Delta log's tail only when the board is ahead of what it
+has folded, so the curator's next read, whichever worker takes it, sees the write, without every
+read polling the log. Commits of other nodes are seen within ``refresh_s`` (each worker re-checks
+the log itself at that interval).
+
+Only processes of the same user may connect (``SO_PEERCRED``); abstract sockets have no file
+permissions. Across nodes (several API machines on one object-store lake) each node has its own
+writer and the writers order their commits by Delta version (see :mod:`lake.bucket_store`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from concurrent.futures import Future, TimeoutError as FutureTimeout
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from lake import errors
+
+if TYPE_CHECKING:
+    from lake.bucket_store import Action, BucketStore
+
+__all__ = ["NodeLink", "VersionBoard", "socket_name"]
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct(">I")
+_MAX_FRAME = 64 << 20
+
+
+def socket_name(lake_root: str) -> str:
+    """The abstract socket name of a lake's writer on this node (per user)."""
+    root = lake_root if "://" in lake_root else os.path.realpath(lake_root)
+    digest = hashlib.sha256(f"{os.getuid()}\0{root}".encode()).hexdigest()[:24]
+    return f"\0imagelake-bucket-writer-{digest}"
+
+
+class VersionBoard:
+    """The latest Delta version of the bucket log the node's writer has committed or read, in a
+    small shared file (tmpfs), so every worker can tell in a microsecond whether it is behind."""
+
+    _MAGIC = 0x5EED_B0A2_D0C0_FFEE
+    _REC = struct.Struct("<qQ")
+
+    def __init__(self, name: str):
+        folder = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        import tempfile
+
+        self.path = os.path.join(folder or tempfile.gettempdir(), name.lstrip("\0") + ".version")
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def publish(self, version: int) -> None:
+        os.pwrite(self._fd, self._REC.pack(version, (version ^ self._MAGIC) & (2**64 - 1)), 0)
+
+    def read(self) -> int | None:
+        """The published version; None when nothing (valid) is published yet."""
+        data = os.pread(self._fd, self._REC.size, 0)
+        if len(data) != self._REC.size:
+            return None
+        version, check = self._REC.unpack(data)
+        return version if check == (version ^ self._MAGIC) & (2**64 - 1) else None
+
+
+class _WriterLost(Exception):
+    """The connection to the writer broke before it answered."""
+
+
+def _send(sock: socket.socket, obj: Any) -> None:
+    data = json.dumps(obj, separators=(",", ":")).encode()
+    sock.sendall(_HEADER.pack(len(data)) + data)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def _recv(sock: socket.socket) -> Any | None:
+    head = _recv_exact(sock, _HEADER.size)
+    if head is None:
+        return None
+    (size,) = _HEADER.unpack(head)
+    if size > _MAX_FRAME:
+        raise OSError(f"frame of {size} bytes")
+    body = _recv_exact(sock, size)
+    return None if body is None else json.loads(body)
+
+
+def _action_to_wire(action: "Action") -> dict[str, Any]:
+    return dataclasses.asdict(action)
+
+
+def _action_from_wire(d: dict[str, Any]) -> "Action":
+    from lake.bucket_store import Action
+
+    fields = {f.name for f in dataclasses.fields(Action)}
+    d = {k: v for k, v in d.items() if k in fields}
+    for k in ("image_ids", "rejected_ids"):
+        d[k] = tuple(d.get(k) or ())
+    return Action(**d)
+
+
+def _commit_to_wire(commit: dict[str, Any]) -> dict[str, Any]:
+    rows = [{k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()} for row in commit["rows"]]
+    return {**commit, "rows": rows}
+
+
+def _commit_from_wire(commit: dict[str, Any]) -> dict[str, Any]:
+    for row in commit["rows"]:
+        if isinstance(row.get("at"), str):
+            row["at"] = datetime.fromisoformat(row["at"])
+    return commit
+
+
+def _error_to_wire(e: BaseException) -> dict[str, Any]:
+    name = type(e).__name__ if isinstance(e, errors.ImagelakeError) else "Unavailable"
+    return {"error": name, "message": str(e) if isinstance(e, errors.ImagelakeError)
+            else f"the bucket log writer failed ({type(e).__name__}); retry with the same client_event_id"}
+
+
+def _error_from_wire(reply: dict[str, Any]) -> errors.ImagelakeError:
+    cls = getattr(errors, reply.get("error", ""), None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.ImagelakeError)):
+        cls = errors.Unavailable
+    return cls(reply.get("message") or "the bucket log writer refused the action")
+
+
+class _Connection:
+    """A follower's connection to the writer: many requests in flight, answered by id."""
+
+    def __init__(self, sock: socket.socket, on_push):
+        self.sock, self.on_push = sock, on_push
+        self.alive = True
+        self._send_lock = threading.Lock()
+        self._mu = threading.Lock()
+        self._pending: dict[int, Future] = {}
+        self._next = 0
+        threading.Thread(target=self._read_loop, name="bucket-writer-link", daemon=True).start()
+
+    def request(self, action: "Action") -> Future:
+        future: Future = Future()
+        with self._mu:
+            if not self.alive:
+                future.set_exception(_WriterLost())
+                return future
+            self._next += 1
+            rid = self._next
+            self._pending[rid] = future
+        try:
+            with self._send_lock:
+                _send(self.sock, {"id": rid, "action": _action_to_wire(action)})
+        except OSError:
+            self._fail()
+        return future
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                reply = _recv(self.sock)
+                if reply is None:
+                    break
+                if "push" in reply:  # a commit, sent before the answers to its actions
+                    try:
+                        self.on_push(_commit_from_wire(reply["push"]))
+                    except Exception:  # a push only saves a read; never lose the link over one
+                        log.exception("could not fold in a pushed bucket log commit")
+                    continue
+                with self._mu:
+                    future = self._pending.pop(reply.get("id"), None)
+                if future is not None:
+                    future.set_result(reply)
+        except (OSError, ValueError):
+            pass
+        self._fail()
+
+    def _fail(self) -> None:
+        with self._mu:
+            self.alive = False
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(_WriterLost())
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class NodeLink:
+    """A worker's link to the node's bucket-log writer (which may be this very process)."""
+
+    def __init__(self, store: "BucketStore", name: str | None = None):
+        self.store = store
+        self.name = name or socket_name(store.lake.root)
+        self._mu = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._conn: _Connection | None = None
+        self.board = VersionBoard(self.name)
+        self._peers: dict[socket.socket, threading.Lock] = {}
+        self._peers_mu = threading.Lock()
+        self.takeovers = 0  # times this process became the writer after another writer went away
+
+    @property
+    def is_writer(self) -> bool:
+        return self._listener is not None
+
+    # -- the follower side ---------------------------------------------------------------------
+
+    def submit(self, action: "Action", timeout: float) -> dict[str, Any]:
+        """Commit ``action`` through the node's writer; its event once committed and folded here."""
+        deadline = time.monotonic() + timeout
+        resent = False
+        while True:
+            conn = self._connect(deadline)
+            if conn is None:  # this process is the writer
+                return self.store.enqueue(action).result(timeout=max(0.0, deadline - time.monotonic()))
+            try:
+                reply = conn.request(action).result(timeout=max(0.0, deadline - time.monotonic()))
+            except _WriterLost:
+                resent = True
+                log.warning("the bucket log writer went away with action %s in flight; sending it again",
+                            action.event_id)
+                continue
+            except FutureTimeout:
+                raise errors.Unavailable(f"the bucket log writer did not answer within {timeout:.0f} s; "
+                                         "retry with the same client_event_id") from None
+            if "error" in reply:
+                raise _error_from_wire(reply)
+            replayed = bool(reply.get("replayed")) and not (resent and reply["event_id"] == action.event_id)
+            return self.store.committed(reply["event_id"], replayed=replayed)
+
+    def _connect(self, deadline: float) -> _Connection | None:
+        """The live connection to the writer, or None once this process is the writer."""
+        pause = 0.002
+        while True:
+            with self._mu:
+                if self._listener is not None:
+                    return None
+                if self._conn is not None and self._conn.alive:
+                    return self._conn
+                if self._try_bind():
+                    return None
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.connect(self.name)
+                except OSError:  # bound but not listening yet, or just died: elect again
+                    sock.close()
+                else:
+                    self._conn = _Connection(sock, self.store.apply_pushed)
+                    return self._conn
+            if time.monotonic() > deadline:
+                raise errors.Unavailable("no bucket log writer on this node answered; retry")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    # -- the writer side -----------------------------------------------------------------------
+
+    def _try_bind(self) -> bool:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.name)
+        except OSError:
+            sock.close()
+            return False
+        sock.listen(128)
+        had_writer = self._conn is not None
+        self._listener, self._conn = sock, None
+        if had_writer:
+            self.takeovers += 1
+            log.warning("the bucket log writer of this node went away; pid %d took over", os.getpid())
+        else:
+            log.info("pid %d is the bucket log writer of this node", os.getpid())
+        threading.Thread(target=self._accept_loop, args=(sock,), name="bucket-writer-accept", daemon=True).start()
+        return True
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                _, uid, _ = struct.unpack("3i", creds)
+            except OSError:
+                uid = -1
+            if uid != os.getuid():
+                log.warning("refused a bucket log connection from uid %d", uid)
+                sock.close()
+                continue
+            threading.Thread(target=self._serve, args=(sock,), name="bucket-writer-peer", daemon=True).start()
+
+    def broadcast(self, commit: dict[str, Any]) -> None:
+        """Push a commit to every follower (called by the writer before it answers anyone)."""
+        with self._peers_mu:
+            peers = list(self._peers.items())
+        if not peers:
+            return
+        frame = {"push": _commit_to_wire(commit)}
+        for sock, send_lock in peers:
+            try:
+                with send_lock:
+                    _send(sock, frame)
+            except OSError:
+                with self._peers_mu:
+                    self._peers.pop(sock, None)
+
+    def _serve(self, sock: socket.socket) -> None:
+        send_lock = threading.Lock()
+        with self._peers_mu:
+            self._peers[sock] = send_lock
+
+        def answer(rid: Any, future: Future) -> None:
+            try:
+                event = future.result()
+                reply = {"id": rid, "event_id": event["event_id"], "replayed": bool(event.get("replayed"))}
+            except BaseException as e:
+                reply = {"id": rid, **_error_to_wire(e)}
+            try:
+                with send_lock:
+                    _send(sock, reply)
+            except OSError:
+                pass  # the follower died; its action's fate is in the log
+
+        try:
+            while True:
+                frame = _recv(sock)
+                if frame is None:
+                    break
+                rid = frame.get("id")
+                try:
+                    future = self.store.enqueue(_action_from_wire(frame["action"]))
+                except (TypeError, KeyError, ValueError, errors.ImagelakeError) as e:
+                    future = Future()
+                    future.set_exception(e if isinstance(e, errors.ImagelakeError)
+                                         else errors.BadInput(f"malformed action frame: {e}"))
+                future.add_done_callback(lambda f, rid=rid: answer(rid, f))
+        except (OSError, ValueError):
+            pass
+        finally:
+            with self._peers_mu:
+                self._peers.pop(sock, None)
+            try:
+                sock.close()
+            except OSError:
+                pass
