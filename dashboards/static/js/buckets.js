@@ -16,7 +16,7 @@ export function mountBuckets(root, {thumbLarge, openDetails}) {
   const listBox = root.querySelector("#bucket-index");
   let current = null;   // {bucket_id, name, ...}
   let offset = 0;
-  let visible = false;
+  let visible = true;   // mounted when first shown (the first view event came before this listener)
   selectable(grid, {from: () => current && {bucketId: current.bucket_id, name: current.name}});
 
   const cell = (id, extra = {}) => el("button", {type: "button", class: "cell", dataset: {imageId: id},
