@@ -110,7 +110,7 @@ export function mountBuckets(root, {thumbLarge, openDetails}) {
             others.length ? [choose, el("button", {type: "button", class: "doubt-move",
                                                    onclick: () => act(d.image_id, "move", choose.value)}, "move")] : "") : "");
       };
-      doubtsBox.replaceChildren(el("h3", {}, `Doubtful members (${body.results.length})`),
+      doubtsBox.replaceChildren(el("h3", {}, `Doubtful members · the ${body.results.length} most doubtful`),
         el("p", {class: "muted"}, "members whose nearest labelled neighbours and the bucket's model say they belong elsewhere, most doubtful first"),
         body.results.length ? el("div", {class: "doubts", id: "bucket-doubts-list"}, body.results.map(item))
                             : el("p", {class: "muted"}, "no doubtful members"));
