@@ -17,6 +17,7 @@ const views = {
   curate: async (root) => (await import("./curate.js")).mountCurate(root, context),
   map: async (root) => (await import("./map.js")).mountMap(root, context),
   search: async (root) => (await import("./search.js")).mountSearch(root, context),
+  unusual: async (root) => (await import("./unusual.js")).mountUnusual(root, context),
   buckets: async (root) => (await import("./buckets.js")).mountBuckets(root, context),
 };
 const mounted = {};

@@ -12,10 +12,11 @@ export function mountBuckets(root, {thumbLarge, openDetails}) {
   const pager = root.querySelector("#bucket-pager");
   const pendingBox = root.querySelector("#bucket-pending");
   const historyBox = root.querySelector("#bucket-history");
+  const doubtsBox = root.querySelector("#bucket-doubts");
   const listBox = root.querySelector("#bucket-index");
   let current = null;   // {bucket_id, name, ...}
   let offset = 0;
-  let visible = false;
+  let visible = true;   // mounted when first shown (the first view event came before this listener)
   selectable(grid, {from: () => current && {bucketId: current.bucket_id, name: current.name}});
 
   const cell = (id, extra = {}) => el("button", {type: "button", class: "cell", dataset: {imageId: id},
@@ -24,7 +25,7 @@ export function mountBuckets(root, {thumbLarge, openDetails}) {
 
   async function showList() {
     current = null;
-    for (const part of [head, grid, pager, pendingBox, historyBox]) part.replaceChildren();
+    for (const part of [head, grid, pager, pendingBox, doubtsBox, historyBox]) part.replaceChildren();
     const {buckets} = await api("/buckets");
     listBox.hidden = false;
     listBox.replaceChildren(el("h2", {}, "Buckets"), el("table", {class: "result"},
@@ -73,7 +74,50 @@ export function mountBuckets(root, {thumbLarge, openDetails}) {
       el("p", {}, el("a", {href: "#curate", id: "bucket-review", onclick: () => sessionStorage.setItem("imagelake.active", id)},
                      "review them in Curate"), el("span", {class: "muted"}, " (fast-forward: x marks the wrong ones, then commit)")),
       el("div", {class: "grid"}, body.pending.slice(0, PAGE).map((p) => cell(p)))] : []));
+    doubts(id);
     history(id);
+  }
+
+  // Doubtful members (GET /buckets/<id>/doubts): each with remove and move (to the bucket its
+  // neighbours are in, preselected)
+  async function doubts(id) {
+    const write = document.body.dataset.scope !== "read";
+    try {
+      const [body, {buckets}] = await Promise.all([api(`/buckets/${id}/doubts?n=12`), api("/buckets")]);
+      if (!current || current.bucket_id !== id) return;
+      const others = buckets.filter((b) => !b.system && b.bucket_id !== id);
+      const name = (bid) => (buckets.find((b) => b.bucket_id === bid) || {}).name || bid;
+      const act = async (imageId, kind, target) => {
+        try {
+          if (kind === "remove") await api(`/buckets/${id}/images/${imageId}`, {method: "DELETE"});
+          else await api(`/buckets/${target}/images`, {method: "POST", json: {image_ids: [imageId], from: id, mode: "move"}});
+          toast(kind === "remove" ? `removed from "${current.name}"` : `moved to "${name(target)}"`);
+          document.dispatchEvent(new CustomEvent("imagelake:buckets-changed", {detail: {kind, bucketId: target || id, ids: [imageId]}}));
+        } catch (e) { toast(e.message, "error"); }
+      };
+      const item = (d) => {
+        const choose = el("select", {class: "doubt-target", "aria-label": "move to bucket"},
+          others.map((b) => el("option", {value: b.bucket_id, selected: b.bucket_id === d.suggested_bucket}, b.name)));
+        return el("div", {class: "doubt", dataset: {imageId: d.image_id}},
+          el("button", {type: "button", class: "cell", dataset: {imageId: d.image_id}, onclick: () => openDetails(d.image_id),
+                        title: `neighbours in this bucket ${Math.round(d.neighbours * 100)}%` +
+                               (d.model == null ? "" : ` · model ${Math.round(d.model * 100)}%`)},
+             el("img", {loading: "lazy", alt: "doubtful member", src: thumbUrl(d.image_id, thumbLarge)}),
+             el("span", {class: "caption"}, `doubt ${d.score.toFixed(2)}`)),
+          d.suggested_bucket ? el("span", {class: "muted suggested"}, `neighbours say: ${name(d.suggested_bucket)}`) : "",
+          write ? el("span", {class: "actions"},
+            el("button", {type: "button", class: "doubt-remove", onclick: () => act(d.image_id, "remove")}, "remove"),
+            others.length ? [choose, el("button", {type: "button", class: "doubt-move",
+                                                   onclick: () => act(d.image_id, "move", choose.value)}, "move")] : "") : "");
+      };
+      doubtsBox.replaceChildren(el("h3", {}, `Doubtful members · the ${body.results.length} most doubtful`),
+        el("p", {class: "muted"}, "members whose nearest labelled neighbours and the bucket's model say they belong elsewhere, most doubtful first"),
+        body.results.length ? el("div", {class: "doubts", id: "bucket-doubts-list"}, body.results.map(item))
+                            : el("p", {class: "muted"}, "no doubtful members"));
+    } catch (e) {
+      doubtsBox.replaceChildren(el("h3", {}, "Doubtful members"),
+        el("p", {class: "muted"}, e.status === 503 ? "not available yet (needs embeddings)" : e.message));
+    }
   }
 
   async function history(id) {
