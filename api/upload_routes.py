@@ -2,7 +2,7 @@
 
 Both take the multipart field ``image`` under the same limits as ``POST /search/similar``
 (:func:`api.uploads.read_upload`: 413 size or pixels, 415 format, 400 not an image) and embed it on
-the fly with the embed job's own CPU/ONNX path (:func:`api.uploads.upload_embedder`).
+the fly with the runtime the features key names, as the embed job computes it (:func:`api.uploads.upload_embedder`; 503 when that runtime cannot run in this process).
 
 ``POST /tag`` (read scope: it stores nothing) answers concept tags — the model's ImageNet classes
 cut at ``tag_cum_prob`` cumulative probability, at most ``tag_max_concepts``, as ``imagelake tag``
