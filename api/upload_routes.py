@@ -9,9 +9,10 @@ cut at ``tag_cum_prob`` cumulative probability, at most ``tag_max_concepts``, as
 stores them — and learned tags from the newest tag model (posterior >= ``tag_min_score``), plus
 ``image_id`` when the same bytes are already in the lake.
 
-``POST /images`` (curate scope) stores, ingests, embeds and indexes the image
-(:func:`jobs.add_image.add_image`): 201 with its ``image_id`` when new, 200 with the same id when
-these bytes were added (or ingested) before.
+``POST /images`` (curate scope) stores, ingests and embeds the image (the steps of
+:mod:`jobs.add_image`) and makes it searchable through the recent-uploads overlay
+(:mod:`api.upload_overlay`) — no index build in the request: 201 with its ``image_id`` when new,
+200 with the same id when these bytes were added (or ingested) before.
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ def openapi_paths(settings) -> dict:
             "responses": {"200": json_response(tagged, "The tags"), **errors(400, 409, 413, 415)},
         }},
         "/images": {"post": {
-            "summary": "Add an uploaded image to the lake: stored, ingested, embedded, indexed (curate scope)",
+            "summary": "Add an uploaded image to the lake: stored, ingested, embedded, searchable at once (curate scope)",
             "operationId": "addImage",
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                 "type": "object", "required": ["image"], "properties": {
