@@ -74,7 +74,8 @@ class UploadOverlay:
                         os.remove(os.path.join(folder, stale))
                     except FileNotFoundError:
                         pass
-        self._listed_at.pop(model_key, None)
+        with self._lock:
+            self._listed_at.pop(model_key, None)   # this worker re-lists at its next search
 
     # -- reading (every search) --------------------------------------------------------------------
 
