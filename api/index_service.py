@@ -51,6 +51,7 @@ import numpy as np
 from flask import Flask, current_app
 
 from api.per_process import ProcessOwner
+from api.upload_overlay import UploadOverlay
 from jobs.index.build import Manifest, build_key, verify_build, verify_build_in_store
 from lake.catalog import Lake
 from lake.errors import BadInput, CorruptArtifact, NotFound, Unavailable
@@ -211,6 +212,7 @@ class SearchService:
         self._failed: dict[str, str] = {}
         self._checked_at = float("-inf")
         self._pool: ThreadPoolExecutor | None = None
+        self.overlay = UploadOverlay(self.lake, settings.refresh_s)
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -253,7 +255,8 @@ class SearchService:
             log.warning("serving index build %s while the lake's store is unavailable: %s",
                         self._builds[key].build_id, e)
         key = self._key(model)
-        return self._builds.get(key) if key else None
+        build = self._builds.get(key) if key else None
+        return self.overlay.attach(build)   # + recent uploads not in the build yet (api.upload_overlay)
 
     def _due(self) -> bool:
         return time.monotonic() - self._checked_at >= self.settings.refresh_s

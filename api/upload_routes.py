@@ -2,20 +2,22 @@
 
 Both take the multipart field ``image`` under the same limits as ``POST /search/similar``
 (:func:`api.uploads.read_upload`: 413 size or pixels, 415 format, 400 not an image) and embed it on
-the fly with the embed job's own CPU/ONNX path (:func:`api.uploads.upload_embedder`).
+the fly with the runtime the features key names, as the embed job computes it (:func:`api.uploads.upload_embedder`; 503 when that runtime cannot run in this process).
 
 ``POST /tag`` (read scope: it stores nothing) answers concept tags — the model's ImageNet classes
 cut at ``tag_cum_prob`` cumulative probability, at most ``tag_max_concepts``, as ``imagelake tag``
 stores them — and learned tags from the newest tag model (posterior >= ``tag_min_score``), plus
 ``image_id`` when the same bytes are already in the lake.
 
-``POST /images`` (curate scope) stores, ingests, embeds and indexes the image
-(:func:`jobs.add_image.add_image`): 201 with its ``image_id`` when new, 200 with the same id when
-these bytes were added (or ingested) before.
+``POST /images`` (curate scope) stores, ingests and embeds the image (the steps of
+:mod:`jobs.add_image`) and makes it searchable through the recent-uploads overlay
+(:mod:`api.upload_overlay`) — no index build in the request: 201 with its ``image_id`` when new,
+200 with the same id when these bytes were added (or ingested) before.
 """
 
 from __future__ import annotations
 
+import os
 import re
 
 from flask import Blueprint, current_app, jsonify, request
@@ -23,6 +25,7 @@ from flask import Blueprint, current_app, jsonify, request
 from api.auth import requires
 from api.index_service import search_service
 from api.services import lake_reader
+from api.upload_overlay import MAX_OVERLAY
 from api.uploads import read_upload, upload_embedder
 from lake.errors import BadInput, NotFound
 
@@ -78,10 +81,81 @@ def tag_upload():
                     "model": model_key, "model_version": model.version if model else None, "tags": tags})
 
 
+def _seq_of(lake, image_id: str) -> int:
+    import pyarrow.compute as pc
+
+    from lake.commit import open_table
+
+    rows = open_table(lake, "images").to_pyarrow_dataset().to_table(
+        columns=["seq"], filter=pc.field("image_id") == image_id).column("seq").to_pylist()
+    return int(rows[0])
+
+
+def add_image_fast(lake, settings, upload, model_key: str, embedded, service, collection: str | None):
+    """Store, ingest and embed one upload (the steps of :func:`jobs.add_image.add_image`, reused),
+    then make it searchable through the upload overlay (:mod:`api.upload_overlay`) instead of an
+    index build: no ``run_index`` (so no drift-triggered rebuild, no delta build, no re-hashing of
+    the build's shards) in the request. Idempotent per bytes, under the lake lock ``upload``."""
+    import time
+
+    from jobs import add_image as steps
+    from lake.commit import ensure_tables
+    from lake.errors import Unavailable
+    from lake.lock import LakeLock
+
+    if not lake.is_local:
+        raise Unavailable("adding images needs a local or shared-filesystem lake (the upload is stored "
+                          "under <lake>/uploads); this lake is on an object store")
+    collection = collection or steps.DEFAULT_COLLECTION
+    ensure_tables(lake, ["images", "sources", "thumbnails", "rejects", "features", "job_runs"])
+    seconds: dict[str, float] = {}
+    with LakeLock(lake, "upload", timeout=steps.UPLOAD_LOCK_S, holder="api upload"):
+        t0 = time.perf_counter()
+        existing = steps._image_row(lake, upload.sha256)
+        created = existing is None
+        if created:
+            path = steps.upload_path(lake, upload.sha256, upload.format)
+            fresh = not os.path.exists(path)
+            steps._store(path, upload.data)
+            try:
+                steps._ingest(lake, settings, path, collection)
+            except BaseException:
+                if fresh and steps._image_row(lake, upload.sha256) is None:
+                    os.remove(path)  # nothing refers to it; a retry stores it again
+                raise
+            existing = steps._image_row(lake, upload.sha256)
+            if existing is None:
+                reason = steps._reject_reason(lake, path)
+                os.remove(path)
+                raise BadInput(f"the image could not be ingested ({reason})")
+        seconds["ingest"] = round(time.perf_counter() - t0, 3)
+        result = steps.AddResult(upload.sha256, created, existing["uri"], existing.get("collection"), False, False,
+                                 None, None)
+        t0 = time.perf_counter()
+        if not steps._has_features(lake, upload.sha256, model_key):
+            steps._embed(lake, upload.sha256, model_key, embedded.vector, embedded.logits)
+            result.embedded = True
+        seconds["embed"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+        build = service.build(model_key)
+        if build is None:
+            result.note = "no index build of this model is published yet; `imagelake index` makes one"
+        elif service._seq_of(build, upload.sha256) is not None:
+            result.indexed, result.build_id = True, build.build_id
+        elif service.overlay.pending(model_key) >= MAX_OVERLAY:
+            result.build_id = build.build_id
+            result.note = (f"{MAX_OVERLAY} uploads are waiting for an index build; the image is stored and "
+                           "embedded and the next `imagelake index` makes it searchable")
+        else:
+            service.overlay.add(model_key, _seq_of(lake, upload.sha256), upload.sha256, embedded.vector, build)
+            result.indexed, result.build_id, result.index_action = True, build.build_id, "overlay"
+        seconds["index"] = round(time.perf_counter() - t0, 3)
+    result.seconds = seconds
+    return result
+
+
 @bp.post("/images")
 def add_upload():
-    from jobs.add_image import add_image
-
     settings = current_app.config["IMAGELAKE_SETTINGS"]
     upload = read_upload("image")
     collection = request.form.get("collection") or None
@@ -92,11 +166,8 @@ def add_upload():
     reader = lake_reader()
     model_key = build.model if build is not None else _fallback_model_key(reader.lake)
     embedded = upload_embedder().embed(upload.data, model_key)
-    result = add_image(reader.lake, settings, upload.data, upload.sha256, upload.format, model_key,
-                       embedded.vector, embedded.logits, collection=collection)
+    result = add_image_fast(reader.lake, settings, upload, model_key, embedded, service, collection)
     reader.refresh(force=True)          # read-your-writes: GET /images/<id> in this worker sees it
-    if result.indexed:
-        service.refresh(force=True)     # and search serves the build that holds it
     body = {"ok": True, **result.as_dict(), "model": model_key}
     return jsonify(body), 201 if result.created else 200
 
@@ -133,7 +204,7 @@ def openapi_paths(settings) -> dict:
             "responses": {"200": json_response(tagged, "The tags"), **errors(400, 409, 413, 415)},
         }},
         "/images": {"post": {
-            "summary": "Add an uploaded image to the lake: stored, ingested, embedded, indexed (curate scope)",
+            "summary": "Add an uploaded image to the lake: stored, ingested, embedded, searchable at once (curate scope)",
             "operationId": "addImage",
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                 "type": "object", "required": ["image"], "properties": {

@@ -17,15 +17,21 @@ decoded); 415 for an image in a format that is not accepted (accepted: JPEG, PNG
 TIFF — what ingest accepts); 400 for a missing field, an empty file, or bytes that are no image.
 
 :class:`UploadEmbedder` decodes and preprocesses with :func:`jobs.embed.decode.decode_image` and
-runs the model's verified ONNX export (:func:`jobs.embed.artifact.ensure_onnx`) with ONNX Runtime
-on CPU — the same code path as ``imagelake embed`` on CPU — so an upload's vector equals the
-stored one for the same file. The runtime is loaded once per process, on first use.
+runs the runtime the features key names (:func:`runtime_for_key`: ``name@version`` -> ONNX Runtime
+fp32 on the verified export, ``+int8.ort`` -> ONNX Runtime on the lake's own calibrated int8 QDQ
+model, ``+int8.openvino`` / ``+bf16.openvino`` -> OpenVINO, ``+bf16`` -> torch bf16) — the same
+code path and files as ``imagelake embed`` — so an upload's vector equals the stored one for the
+same file. Each runtime is built once per process and key, on first use. A key whose runtime
+cannot run in this process (OpenVINO not installed, no AMX/AVX512-BF16 for bf16, a GPU-only
+``+fp16`` key, the lake's int8 model missing) is a 503 naming the key and the runtime: nothing is
+embedded with another runtime and stored under that key.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import threading
 import warnings
 from dataclasses import dataclass
@@ -35,7 +41,7 @@ from flask import Flask, current_app, request
 from PIL import Image, UnidentifiedImageError
 
 from lake.catalog import Lake
-from lake.errors import BadInput, Conflict, TooLarge, Unsupported
+from lake.errors import BadInput, Conflict, CorruptArtifact, TooLarge, Unavailable, Unsupported
 from lake.settings import Settings
 
 __all__ = ["ACCEPTED_FORMATS", "Upload", "Embedded", "UploadEmbedder", "check_image", "read_upload",
@@ -148,22 +154,60 @@ class UploadEmbedder:
         self.lake = Lake.at(settings.lake)
         self.threads = threads
         self._lock = threading.Lock()
+        self._runtimes: dict[tuple[int, str], object] = {}
 
     def _runtime(self, model_key: str):
-        from jobs.embed.artifact import ensure_onnx
-        from jobs.embed.models import get_model, split_key
-        from jobs.embed.runtime import get_runtime
-        from lake.lock import LakeLock
+        """The model spec and the runtime that computes vectors of ``model_key``, built once per
+        process and key (see :func:`runtime_for_key`)."""
+        import os
 
-        base, _ = split_key(model_key)  # the weights; an upload is embedded in fp32 whatever the key's precision
+        from jobs.embed.models import get_model, parse_key
+
+        base, precision, engine = parse_key(model_key)
         spec = get_model(base.split("@", 1)[0])
         if spec.key != base:
             raise Conflict(f"the index was built from {model_key}, but this server's {spec.name} is {spec.key}; "
                            "re-embed and re-index (`imagelake embed`, `imagelake index`)")
+        cache_key = (os.getpid(), model_key)
         with self._lock:
-            with LakeLock(self.lake, f"export-{spec.name}", timeout=600, holder="api upload"):
-                artifact = ensure_onnx(self.lake.artifacts_dir(), spec)
-            return spec, get_runtime(spec, "cpu", artifact=artifact, threads=self.threads, engine="onnx")
+            runtime = self._runtimes.get(cache_key)
+            if runtime is None:
+                runtime = self._runtimes[cache_key] = self._build(spec, model_key, precision, engine)
+            return spec, runtime
+
+    def _build(self, spec, model_key: str, precision: str, engine: str | None):
+        from jobs.embed.artifact import OnnxArtifact, artifact_dir, ensure_onnx, read_verified
+        from jobs.embed.runtime import CATALOG, build_runtime, runtime_available
+        from lake.lock import LakeLock
+
+        name = runtime_for_key(precision, engine)
+        if name is None:
+            raise Unavailable(f"the index's features key is {model_key}: {precision} vectors of that engine are "
+                              "computed on a GPU (`imagelake embed --device cuda`), and this server embeds on CPU; "
+                              "add images with `imagelake ingest` + `imagelake embed` there")
+        ok, why = runtime_available(name)
+        if not ok:
+            raise Unavailable(f"the index's features key is {model_key}, computed by runtime {name}, which cannot "
+                              f"run in this server ({why}); uploads would get vectors of another runtime, so none "
+                              f"is stored. Serve from a machine that has {name}, or add images with "
+                              "`imagelake ingest` + `imagelake embed`")
+        with LakeLock(self.lake, f"export-{spec.name}", timeout=600, holder="api upload"):
+            artifact = ensure_onnx(self.lake.artifacts_dir(), spec)
+        if precision == "int8":
+            # the lake's own calibrated int8 model, the one `imagelake embed` used for this key:
+            # never recalibrated here (another calibration would give other vectors)
+            folder = artifact_dir(self.lake.artifacts_dir(), spec)
+            try:
+                manifest = json.loads(_read_bytes(f"{folder}/int8-manifest.json"))
+                artifact = OnnxArtifact(f"{folder}/int8-qdq.onnx", manifest["sha256"], spec.key)
+                read_verified(artifact)
+            except (OSError, ValueError, KeyError, CorruptArtifact) as e:
+                raise Unavailable(f"the index's features key is {model_key}, but the lake's calibrated int8 model "
+                                  f"of {spec.key} is missing or unreadable ({type(e).__name__}); run "
+                                  f"`imagelake embed --runtime {name}` to make it") from None
+        elif CATALOG[name].engine == "torch":
+            artifact = None
+        return build_runtime(name, spec, artifact, self.threads)
 
     def embed(self, data: bytes, model_key: str) -> Embedded:
         """The embedding of image ``data`` under ``model_key`` (``name@version``).
@@ -183,6 +227,25 @@ class UploadEmbedder:
             raise BadInput(f"the image cannot be decoded: {e}") from None
         emb, logits = runtime.embed(pixels[None])
         return Embedded(model_key, emb[0].astype(np.float32), logits[0].astype(np.float32))
+
+
+#: features-key (precision, engine) -> the CPU catalog runtime that computes it (jobs.embed.runtime.CATALOG)
+KEY_RUNTIMES = {("fp32", None): "ort-fp32", ("int8", "ort"): "ort-int8", ("int8", "openvino"): "openvino-int8",
+                ("bf16", "openvino"): "openvino-bf16", ("bf16", None): "torch-bf16"}
+
+
+def runtime_for_key(precision: str, engine: str | None) -> str | None:
+    """The CPU runtime whose vectors a features key of ``precision``/``engine`` holds (None: a
+    GPU-only key, ``+fp16``). Every fp32 runtime agrees to float rounding, so fp32 is ``ort-fp32``."""
+    return KEY_RUNTIMES.get((precision, engine if engine != "torch" else None))
+
+
+def _read_bytes(uri: str) -> bytes:
+    from lake.staging import filesystem_for
+
+    fs, path = filesystem_for(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
 
 
 def init_app(app: Flask, settings: Settings) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import threading
 from pathlib import Path
 
@@ -156,7 +157,7 @@ def test_added_image_is_searchable_and_a_second_upload_adds_nothing(client, lake
     body = r.get_json()
     new_id = hashlib.sha256(data).hexdigest()
     assert body["image_id"] == new_id and body["created"] and body["embedded"] and body["indexed"]
-    assert body["collection"] == "mine" and body["index_action"] in ("incremental", "full")
+    assert body["collection"] == "mine" and body["index_action"] == "overlay"  # no index build in the request
     stored = Path(body["uri"])
     assert stored.read_bytes() == data and stored.parent == Path(lake.root, "uploads", new_id[:2])
     assert latest_build(lake)["build_id"] == body["build_id"]
@@ -230,10 +231,41 @@ def test_upload_while_jobs_run(client, lake, indexed):
     with LakeLock(lake, "ingest", timeout=0, holder="test ingest"):
         assert "ingest" in assert_error(client.post(ADD, data={"image": (io.BytesIO(data), "a.png")}), 409)["error"]
     assert not Path(lake.root, "uploads", new_id[:2], f"{new_id}.png").exists()
-    with LakeLock(lake, "index", timeout=0, holder="test index"):
-        r = client.post(ADD, data={"image": (io.BytesIO(data), "a.png")})
+    with LakeLock(lake, "index", timeout=0, holder="test index"):  # a running index build does not matter:
+        r = client.post(ADD, data={"image": (io.BytesIO(data), "a.png")})  # the request builds nothing
     body = r.get_json()
-    assert r.status_code == 201 and body["embedded"] and not body["indexed"] and "imagelake index" in body["note"]
-    again = client.post(ADD, data={"image": (io.BytesIO(data), "a.png")})  # the retry folds it in
-    assert again.status_code == 200 and again.get_json()["indexed"] is True
+    assert r.status_code == 201 and body["embedded"] and body["indexed"] and body["index_action"] == "overlay"
     assert client.get(SIMILAR, query_string={"image_id": new_id, "k": 3}).status_code == 200
+
+
+def test_upload_is_searchable_in_other_workers_and_folded_in_by_the_index_step(app, settings, admin_token,
+                                                                                 lake, indexed):
+    from api.upload_overlay import overlay_dir
+
+    other = create_app(settings, {"TESTING": True})   # another worker process's app: its own search service
+    try:
+        c2 = other.test_client()
+        c2.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {admin_token}"
+        c1 = app.test_client()
+        c1.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {admin_token}"
+        assert c2.get(f"{API_PREFIX}/health").status_code == 200
+        data, original = variant(indexed[1], 60, 9)
+        new_id = hashlib.sha256(data).hexdigest()
+        builds = open_table(lake, "index_builds").version()
+        r = c1.post(ADD, data={"image": (io.BytesIO(data), "w.png")})
+        assert r.status_code == 201 and r.get_json()["index_action"] == "overlay"
+        assert open_table(lake, "index_builds").version() == builds      # nothing was built
+        hits = c2.get(SIMILAR, query_string={"image_id": original, "k": 3}).get_json()["results"]
+        assert hits[0]["image_id"] == new_id                              # the other worker finds it
+
+        summary = run_index(lake, Settings(lake=lake.root, runner="local"), runner=LocalRunner())
+        assert summary["action"] in ("incremental", "full") and summary["ntotal"] >= 1
+        hits = c2.get(SIMILAR, query_string={"image_id": new_id, "k": 3}).get_json()
+        assert hits["ok"] and original in {h["image_id"] for h in hits["results"]}
+        folder = Path(overlay_dir(lake, r.get_json()["model"]))
+        assert any(new_id in n for n in os.listdir(folder))
+        data2, _ = variant(indexed[1], 61, 10)
+        assert c1.post(ADD, data={"image": (io.BytesIO(data2), "w2.png")}).status_code == 201
+        assert not any(new_id in n for n in os.listdir(folder))           # pruned: the build holds it
+    finally:
+        other.extensions["imagelake"].close()

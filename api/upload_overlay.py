@@ -1,0 +1,157 @@
+"""Recent uploads, searchable at once beside the published index build, without building one.
+
+``POST /images`` stores, ingests and embeds the image, then :meth:`UploadOverlay.add` writes its
+unit vector to ``<lake>/artifacts/upload-overlay/<model key>/<seq>-<image_id>.npy`` (a few KB,
+written to a temporary name and renamed). Every API worker's search service
+(:class:`api.index_service.SearchService`) serves ``attach(build)``: the published build plus one
+small in-memory shard of the overlay's vectors that the build does not hold yet — encoded with the
+build's own trained index (IVF builds: a copy of ``trained.faiss``'s empty index, so the overlay
+is scanned with the same coarse lists and PQ codes as a delta shard) or exact (Flat builds) — and
+one more segment of seqs, ids and float16 vectors for the exact re-rank and the lookups. So an
+upload is searchable in the worker that answered it at once, and in the other workers at their
+next check (at most ``refresh_s`` later: the folder is listed at most that often).
+
+Nothing is trained, rebuilt or hashed here: the next ``imagelake index`` folds the uploads into a
+build (they are ordinary ``features`` rows), after which their overlay files are no longer served
+(the build holds those seqs) and are deleted by the next upload of that model. At most
+:data:`MAX_OVERLAY` vectors are served per model; beyond that an upload is stored and embedded
+but answers ``indexed: false`` until ``imagelake index`` runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+import uuid
+
+import numpy as np
+
+from lake.catalog import Lake
+
+__all__ = ["UploadOverlay", "MAX_OVERLAY", "overlay_dir"]
+
+MAX_OVERLAY = 20_000
+
+
+def overlay_dir(lake: Lake, model_key: str) -> str:
+    return lake.artifacts_dir("upload-overlay", model_key.replace("/", "_"))
+
+
+class UploadOverlay:
+    """Per process; thread-safe. See the module docstring."""
+
+    def __init__(self, lake: Lake, refresh_s: float = 5.0):
+        self.lake, self.refresh_s = lake, refresh_s
+        self._lock = threading.Lock()
+        self._entries: dict[str, dict[str, tuple[int, str]]] = {}   # model -> file name -> (seq, image id)
+        self._listed_at: dict[str, float] = {}
+        self._attached: dict[str, tuple[tuple, object]] = {}        # model -> (state, augmented build)
+        self._trained: dict[str, object] = {}                       # build id -> its trained index, read once
+
+    # -- writing (the upload request) --------------------------------------------------------------
+
+    def pending(self, model_key: str) -> int:
+        """How many overlay files ``model_key`` has (served or not yet pruned)."""
+        return len(self._list(model_key, force=True))
+
+    def add(self, model_key: str, seq: int, image_id: str, vector: np.ndarray, build=None) -> None:
+        """Write the overlay file of one upload; drop the files ``build`` already holds."""
+        folder = overlay_dir(self.lake, model_key)
+        os.makedirs(folder, exist_ok=True)
+        unit = np.asarray(vector, np.float32).reshape(-1)
+        unit = unit / max(float(np.linalg.norm(unit)), 1e-12)
+        name = f"{int(seq):012d}-{image_id}.npy"
+        tmp = os.path.join(folder, f".{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, unit)
+        os.replace(tmp, os.path.join(folder, name))
+        if build is not None:
+            for stale, (s, _) in list(self._list(model_key, force=True).items()):
+                if stale != name and self._in_build(build, s):
+                    try:
+                        os.remove(os.path.join(folder, stale))
+                    except FileNotFoundError:
+                        pass
+        with self._lock:
+            self._listed_at.pop(model_key, None)   # this worker re-lists at its next search
+
+    # -- reading (every search) --------------------------------------------------------------------
+
+    def _list(self, model_key: str, force: bool = False) -> dict[str, tuple[int, str]]:
+        now = time.monotonic()
+        if force or now - self._listed_at.get(model_key, float("-inf")) >= self.refresh_s:
+            try:
+                names = os.listdir(overlay_dir(self.lake, model_key))
+            except FileNotFoundError:
+                names = []
+            entries = {}
+            for n in sorted(names):
+                seq, dash, rest = n.partition("-")
+                if dash and n.endswith(".npy") and seq.isdigit():
+                    entries[n] = (int(seq), rest[:-4])
+            self._entries[model_key] = entries
+            self._listed_at[model_key] = now
+        return self._entries.get(model_key, {})
+
+    @staticmethod
+    def _in_build(build, seq: int) -> bool:
+        return any(bool(seg.rows_of(np.array([seq], np.int64))[1][0]) for seg in build.segments
+                   if len(seg.seqs) and not getattr(seg, "overlay", False))
+
+    def _outside(self, build, entries: dict) -> list[tuple[str, int, str]]:
+        return [(n, s, i) for n, (s, i) in entries.items() if not self._in_build(build, s)]
+
+    def attach(self, build):
+        """``build`` with the overlay's vectors it lacks as one more shard and segment (``build``
+        itself when there are none). Cached per (build, overlay files)."""
+        if build is None or not self.lake.is_local:
+            return build
+        with self._lock:
+            entries = self._list(build.model)
+            if not entries:
+                return build
+            state = (build.build_id, tuple(entries))
+            cached = self._attached.get(build.model)
+            if cached is not None and cached[0] == state:
+                return cached[1]
+            augmented = self._augment(build, self._outside(build, entries)[:MAX_OVERLAY])
+            self._attached[build.model] = (state, augmented)
+            return augmented
+
+    def _augment(self, build, todo: list[tuple[str, int, str]]):
+        import faiss
+
+        from api.index_service import _Segment
+
+        folder = overlay_dir(self.lake, build.model)
+        seqs, ids, vecs = [], [], []
+        for name, seq, image_id in sorted(todo, key=lambda t: t[1]):
+            try:
+                v = np.load(os.path.join(folder, name))
+                digest = bytes.fromhex(image_id)
+            except (OSError, ValueError):
+                continue   # deleted meanwhile (folded into a build), or not ours
+            if v.shape != (build.d,) or len(digest) != 32:
+                continue
+            seqs.append(seq), ids.append(np.frombuffer(digest, np.uint8)), vecs.append(v)
+        if not seqs:
+            return build
+        seq_arr, x = np.asarray(seqs, np.int64), np.ascontiguousarray(np.stack(vecs), np.float32)
+        segment = _Segment(seq_arr, np.stack(ids), x.astype(np.float16))
+        segment.overlay = True   # not the build's: _in_build skips it
+        if build.coarse is not None:
+            trained = self._trained.get(build.build_id)
+            if trained is None:   # read in full (the served copy is memory-mapped, which FAISS cannot clone)
+                self._trained.clear()
+                trained = self._trained[build.build_id] = faiss.read_index(build.manifests[0].path("trained.faiss"))
+            shard = faiss.clone_index(trained)          # trained, empty: the build's own lists and codes
+            shard.add_with_ids(x, seq_arr)
+            ivf = faiss.extract_index_ivf(shard)
+            ivf.nprobe = build.nprobe
+        else:
+            shard, ivf = faiss.IndexIDMap2(faiss.IndexFlatIP(build.d)), None
+            shard.add_with_ids(x, seq_arr)
+        return dataclasses.replace(build, segments=[*build.segments, segment], shards=[*build.shards, shard],
+                                   ivfs=[*build.ivfs, ivf])
