@@ -200,7 +200,11 @@ def test_search_by_upload_then_open_a_result(page, site):
     assert_seen(page.locator("#search-results .cell img").first, "the best match")
     page.locator("#search-results .cell").first.click()
     page.wait_for_selector("#details:not([hidden]) .mini-grid .cell")
-    assert_seen(page.locator("#details .mini-grid .cell").first, "the match's own neighbours")
+    assert_seen(page.locator("#details .details-image"), "the opened image")
+    # The drawer scrolls: its neighbours sit below the image's facts, as a person scrolls to them.
+    neighbour = page.locator("#details .mini-grid .cell").first
+    neighbour.scroll_into_view_if_needed()
+    assert_seen(neighbour, "the match's own neighbours")
 
 
 def test_a_bucket_name_being_typed_survives_the_bar_reloading(page, site):
