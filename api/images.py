@@ -31,7 +31,7 @@ def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise BadInput(f"{name} must be an integer from {lo} to {hi}, got {raw!r}") from None
+        raise BadInput(f"{name} must be an integer from {lo} to {hi}, got {raw[:40]!r}") from None
     if not lo <= value <= hi:
         raise BadInput(f"{name} must be an integer from {lo} to {hi}, got {value}")
     return value

@@ -8,26 +8,14 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request
 
+from api.images import _int_arg
 from api.services import lake_reader
 from api.text_search import MAX_QUERY, search_text
-from lake.errors import BadInput, Unavailable
+from lake.errors import Unavailable
 
 bp = Blueprint("signals", __name__)
 
 MAX_UNUSUAL = 1000
-
-
-def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadInput(f"{name} must be an integer from {lo} to {hi}, got {raw[:40]!r}") from None
-    if not lo <= value <= hi:
-        raise BadInput(f"{name} must be an integer from {lo} to {hi}, got {value}")
-    return value
 
 
 @bp.get("/images/unusual")

@@ -30,7 +30,6 @@ The cache directory is ``settings.artifact_cache_dir``, by default ``$XDG_CACHE_
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
@@ -41,7 +40,7 @@ import uuid
 from typing import Any
 
 from lake.errors import BadInput, CorruptArtifact
-from lake.store import LakeStore
+from lake.store import Flock, LakeStore
 
 __all__ = ["ArtifactCache", "default_cache_dir", "artifact_cache"]
 
@@ -92,7 +91,7 @@ class ArtifactCache:
         if self._use(final, size):
             return final
         os.makedirs(os.path.dirname(final), exist_ok=True)
-        with _Flock(self._lock_file(sha256)):
+        with Flock(self._lock_file(sha256), create=True):
             if self._use(final, size):    # another worker fetched it while we waited
                 return final
             self._fetch(store, key, sha256, size, final)
@@ -190,7 +189,7 @@ class ArtifactCache:
         nor entries used in the last ``min_age_s``); returns the removed paths."""
         os.makedirs(self.directory, exist_ok=True)
         removed = []
-        with _Flock(os.path.join(self.directory, ".evict.lock")):
+        with Flock(os.path.join(self.directory, ".evict.lock"), create=True):
             entries = sorted(self.entries(), key=lambda e: e[2])
             total = sum(n for _, n, _ in entries)
             now = time.time()
@@ -208,22 +207,6 @@ class ArtifactCache:
         if removed:
             log.info("artifact cache: evicted %d entries", len(removed))
         return removed
-
-
-class _Flock:
-    def __init__(self, path: str):
-        self.path = path
-
-    def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-        finally:
-            os.close(self.fd)
 
 
 def _unlink(path: str) -> bool:

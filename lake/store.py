@@ -338,7 +338,7 @@ class LakeStore:
         Held for one stat and one rename; dropped by the kernel if the process dies."""
         parent = os.path.dirname(self.uri(key))
         os.makedirs(parent, exist_ok=True)
-        return _DirLock(parent)
+        return Flock(parent)
 
     # -- remote helpers ------------------------------------------------------------------------
 
@@ -359,12 +359,16 @@ class LakeStore:
         return str(cfg.get("endpoint") or cfg.get("aws_endpoint") or "")
 
 
-class _DirLock:
-    def __init__(self, path: str):
+class Flock:
+    """An exclusive ``flock`` held for a ``with`` block on ``path``: a directory (opened read-only) or,
+    with ``create=True``, a lock file made when missing (one machine's processes only)."""
+
+    def __init__(self, path: str, create: bool = False):
         self.path = path
+        self.create = create
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDONLY)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644) if self.create else os.open(self.path, os.O_RDONLY)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 

@@ -217,15 +217,7 @@ def verify_build(folder: str, *, expected_manifest_sha256: str | None = None,
         CorruptArtifact: naming the first check that failed; the caller keeps its previous build.
     """
     manifest = read_manifest(folder)
-    if expected_manifest_sha256 and manifest.sha256 != expected_manifest_sha256:
-        raise CorruptArtifact(f"index build {folder}: manifest sha256 {manifest.sha256[:12]}… differs from the "
-                              f"published {expected_manifest_sha256[:12]}…")
-    if manifest.get("format") != FORMAT:
-        raise CorruptArtifact(f"index build {folder}: manifest format {manifest.get('format')!r}, expected {FORMAT}")
-    built_with, running = str(manifest.get("faiss_version", "")), faiss_version()
-    if not built_with or version_tuple(built_with)[:2] > version_tuple(running)[:2]:
-        raise CorruptArtifact(f"index build {folder} was written by faiss {built_with or '?'}, newer than this "
-                              f"process's faiss {running}; upgrade faiss here or rebuild with `imagelake index --rebuild`")
+    _check_header(manifest, folder, expected_manifest_sha256)
     for name, meta in manifest["files"].items():
         path = manifest.path(name)
         try:
