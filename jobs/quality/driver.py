@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import shutil
 from functools import partial
 from typing import Any
 
@@ -23,6 +22,7 @@ from jobs.runs import job_run
 from lake.catalog import Lake
 from lake.commit import commit_staged, ensure_tables, open_table
 from lake.settings import Settings
+from lake.staging import remove_staging
 
 __all__ = ["run_quality", "quality_size"]
 
@@ -104,8 +104,7 @@ def run_quality(lake: Lake, settings: Settings, *, runner: Runner | None = None,
                     runner.close()
             files = [s["file"] for s in stats if s["file"]]
             committed = commit_staged(lake, "image_quality", files, run_id=run.run_id, dedupe=True)
-            if lake.is_local:
-                shutil.rmtree(lake.staging_dir(run.run_id), ignore_errors=True)
+            remove_staging(lake.staging_dir(run.run_id))  # local folder or object-store prefix
             result.update(rows_out=committed.rows, unreadable=sum(s["unreadable"] for s in stats))
         run.rows_out = result["rows_out"]
         run.metrics.update(size=size, measured=result["rows_out"], unreadable=result["unreadable"])
