@@ -125,6 +125,7 @@ class BucketStore:
         self.version: int | None = None
         self._queue: queue.Queue[tuple[Action, Future]] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._busy = False
         self.commits = 0
 
     # -- reading the log -----------------------------------------------------------------------
@@ -207,7 +208,7 @@ class BucketStore:
         action = action.with_event_id()
         if self._node is not None:
             return self._node.submit(action, self.ack_timeout)
-        return self.enqueue(action).result(timeout=self.ack_timeout)
+        return wait_for(self.enqueue(action), self.ack_timeout)
 
     def enqueue(self, action: Action) -> Future:
         """Queue ``action`` (with its ``event_id``) for this process's writer thread; the future
@@ -237,6 +238,7 @@ class BucketStore:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            self._busy = True
             try:
                 results = self._commit([a for a, _ in batch])
             except BaseException as e:  # the commit failed: nobody is acknowledged
@@ -250,6 +252,16 @@ class BucketStore:
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+            self._busy = False
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every queued action has been committed (or refused); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while not self._queue.empty() or self._busy:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
 
     def _writing(self):
         """Held from writing the data file to the commit: the fcntl lock the janitor's orphan sweep
@@ -357,6 +369,17 @@ class BucketStore:
             self._seen.update(commit["files"])
             self.version = commit["version"]
             return True
+
+
+def wait_for(future: Future, timeout: float) -> dict[str, Any]:
+    """The future's event, or Unavailable (503) when its commit did not land within ``timeout``."""
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    try:
+        return future.result(timeout=max(0.0, timeout))
+    except FutureTimeout:
+        raise Unavailable(f"the bucket log commit did not land within {timeout:.0f} s (the action may still "
+                          "land); retry with the same client_event_id") from None
 
 
 def _clean_ids(ids: tuple[str, ...], what: str = "image_ids") -> list[str]:

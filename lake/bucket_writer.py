@@ -30,6 +30,7 @@ writer and the writers order their commits by Delta version (see :mod:`lake.buck
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import json
@@ -229,6 +230,8 @@ class NodeLink:
         self._listener: socket.socket | None = None
         self._conn: _Connection | None = None
         self.board = VersionBoard(self.name)
+        self._retire_registered = False
+        os.register_at_fork(after_in_child=self._after_fork)
         self._peers: dict[socket.socket, threading.Lock] = {}
         self._peers_mu = threading.Lock()
         self.takeovers = 0  # times this process became the writer after another writer went away
@@ -236,6 +239,18 @@ class NodeLink:
     @property
     def is_writer(self) -> bool:
         return self._listener is not None
+
+    def _after_fork(self) -> None:
+        """A forked child must not keep the writer's name bound (it has no accept thread: the
+        node would have a writer nobody answers once the parent dies) nor share its link."""
+        for sock in (self._listener, self._conn.sock if self._conn is not None else None):
+            if sock is not None:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+        self._listener, self._conn = None, None
+        self._mu, self._peers_mu, self._peers = threading.Lock(), threading.Lock(), {}
 
     # -- the follower side ---------------------------------------------------------------------
 
@@ -246,7 +261,9 @@ class NodeLink:
         while True:
             conn = self._connect(deadline)
             if conn is None:  # this process is the writer
-                return self.store.enqueue(action).result(timeout=max(0.0, deadline - time.monotonic()))
+                from lake.bucket_store import wait_for
+
+                return wait_for(self.store.enqueue(action), deadline - time.monotonic())
             try:
                 reply = conn.request(action).result(timeout=max(0.0, deadline - time.monotonic()))
             except _WriterLost:
@@ -304,7 +321,35 @@ class NodeLink:
         else:
             log.info("pid %d is the bucket log writer of this node", os.getpid())
         threading.Thread(target=self._accept_loop, args=(sock,), name="bucket-writer-accept", daemon=True).start()
+        if not self._retire_registered:
+            atexit.register(self.retire)
+            self._retire_registered = True
         return True
+
+    def retire(self, timeout: float = 10.0) -> None:
+        """Stop being the writer (at exit): free the name so a follower takes over, hang up on the
+        followers (they re-send what is unanswered), and let the commits under way finish, so the
+        process does not exit in the middle of one. Re-sent actions that this writer still commits
+        are recognised by their ``event_id`` (the two writers' commits are ordered by version)."""
+        with self._mu:
+            listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        for sock in [listener, *self._peer_sockets()]:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        try:
+            listener.close()
+        except OSError:
+            pass
+        if not self.store.drain(timeout):
+            log.warning("the bucket log writer exited with actions still queued; their senders re-send them")
+
+    def _peer_sockets(self) -> list[socket.socket]:
+        with self._peers_mu:
+            return list(self._peers)
 
     def _accept_loop(self, listener: socket.socket) -> None:
         while True:

@@ -5,6 +5,7 @@ are visible and inside the 1280x860 viewport. Screenshots of each view go to tes
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -316,6 +317,8 @@ def test_a_fast_next_page_keeps_the_drop_made_just_before(page, site, own_bucket
     page.keyboard.press("n")  # at once, before the add has answered
     page.wait_for_selector("#curate-status:has-text('feedback sent')")
     assert first in _members(site, bucket_id), "the drop was lost: the feedback counted the image as rejected"
+    # the status says how the search goes: the member found, the share of the page accepted
+    assert "found 1 · 4% of recent pages accepted" in assert_seen_text(page.locator("#curate-status"), "the status")
 
 
 def test_placing_a_whole_page_then_next_shows_the_next_page(page, site, own_bucket):
@@ -442,7 +445,9 @@ def test_a_drop_on_its_way_is_waited_for_and_page_two_comes_after_the_feedback(p
     page.unroute("**/api/v1/buckets/*/images")
     assert first in _members(site, bucket_id)
     feedback = [i for i, (m, url, _) in enumerate(log) if url.endswith("/feedback")]
-    assert len(feedback) == 1 and first not in (log[feedback[0]][2] or "")
+    assert len(feedback) == 1
+    sent = json.loads(log[feedback[0]][2])
+    assert first in sent["accepted"] and first not in sent["rejected"], sent
     after = [i for i, (m, url, _) in enumerate(log) if "/suggestions" in url and i > feedback[0]]
     assert after, "page 2 was not fetched after the feedback"
     assert_seen(page.locator("#curate-grid .cell").first, "page 2's first cell")
@@ -630,3 +635,15 @@ def test_rename_in_place_delete_without_a_dialog_undo_it_and_the_keys_overlay(pa
     page.keyboard.press("u")
     assert_seen(page.locator(f".bucket[data-bucket-id='{bucket_id}'] .name"), "the bucket, back")
     assert dialogs == [], dialogs
+
+
+@pytest.mark.parametrize("size", [SMALL, {"width": 1920, "height": 1080}], ids=["1366x768", "1920x1080"])
+def test_the_whole_suggestion_page_fits_the_window(page, site, own_bucket, size):
+    page.set_viewport_size(size)
+    page.wait_for_timeout(200)  # the resize handler re-sizes the grid
+    cells = page.locator("#curate-grid .cell")
+    assert cells.count() == 28
+    for i in range(28):
+        assert_seen(cells.nth(i), f"suggestion {i + 1}")
+    assert page.evaluate("() => window.scrollY") == 0
+    assert cells.first.bounding_box()["width"] >= 90  # still big enough to judge

@@ -423,9 +423,9 @@ import json, sys, threading
 from lake.bucket_store import Action, BucketStore
 from lake.catalog import Lake
 from lake.errors import ImagelakeError
-root, who, a, b, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+root, who, a, b, n, node = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6] == "node"
 ids = [f"{k:064x}" for k in range(1, 200)]
-store = BucketStore(Lake.at(root))
+store = BucketStore(Lake.at(root), node_writer=node)
 acked, lock = [], threading.Lock()
 def work(t):
     actor = f"{who}-{t}"
@@ -444,7 +444,7 @@ def work(t):
             acked.append(e.get("event_id") or e["error"])
 ts = [threading.Thread(target=work, args=(t,)) for t in range(4)]
 [t.start() for t in ts]; [t.join() for t in ts]
-print(json.dumps({"acked": acked, "replans": store.replans, "commits": store.commits}))
+print(json.dumps({"acked": acked, "replans": store.replans, "commits": store.commits}), flush=True)
 """
 
 
@@ -464,13 +464,18 @@ def _replay_validates(events: list[dict]) -> None:
         state.apply(e)
 
 
-def test_two_processes_on_an_s3_lake_commit_by_delta_version(s3_lake):
+@pytest.mark.parametrize("layout", ["two nodes", "one node"])
+def test_two_processes_on_an_s3_lake_commit_by_delta_version(s3_lake, layout):
+    """Two writer processes ("two nodes": each commits, ordered by Delta versions), or two
+    processes of one node (one elected writer commits both's actions, the other gets each commit
+    pushed); either way the log is dense, complete and serializable."""
     lake = Lake.at(s3_lake)
     setup = BucketStore(lake)
     a = setup.submit(Action("create", payload={"name": "a"}, actor="setup"))["bucket_id"]
     b = setup.submit(Action("create", payload={"name": "b"}, actor="setup"))["bucket_id"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, s3_lake, f"p{k}", a, b, "12"], cwd=REPO, env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, s3_lake, f"p{k}", a, b, "12",
+                               "node" if layout == "one node" else "own"], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
     outs = []
     for p in procs:
@@ -667,3 +672,33 @@ def test_read_your_writes_on_any_worker_and_a_short_write_heavy_load(lake, ids):
     acked = [e for _, _, r in runs for e in acknowledged(r)]
     assert len(acked) >= 10
     assert check_log(lake, acked) >= len(acked) + 25
+
+
+_FORKING_WRITER = r"""
+import os, sys, time
+from lake.bucket_store import Action, BucketStore
+from lake.catalog import Lake
+store = BucketStore(Lake.at(sys.argv[1]), node_writer=True)
+store.submit(Action("create", payload={"name": "a"}, actor="x"))
+assert store.is_writer
+if os.fork() == 0:  # a child forked by the writer outlives it
+    time.sleep(6)
+    os._exit(0)
+os._exit(0)
+"""
+
+
+def test_a_child_forked_by_the_writer_does_not_keep_the_writer_name(tmp_path):
+    """Otherwise the name stays bound with nobody accepting, and no follower could take over."""
+    from lake.bucket_writer import socket_name
+
+    root = str(tmp_path / "lake")
+    errors = tmp_path / "stderr"
+    with open(errors, "w") as err:  # not a pipe: the child would hold it open, and run() wait for it
+        done = subprocess.run([sys.executable, "-c", _FORKING_WRITER, root], cwd=REPO, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL, stderr=err)
+    assert done.returncode == 0, errors.read_text()[-2000:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(socket_name(root))  # free at once, while the forked child still sleeps
+    store = BucketStore(Lake.at(root), node_writer=True)
+    assert store.submit(Action("create", payload={"name": "b"}, actor="x"))["seq"] == 1 and store.is_writer

@@ -3,9 +3,9 @@
 runs started at once (one proceeds, the other exits 3), and the same run on a local lake for
 comparison: row counts, image ids and near-duplicate groups must be equal.
 
-Steps run: ingest, embed, cluster, tag, grid. Not run here: ``index`` (FAISS builds on object
-stores are another change, jobs/index) and ``suggest`` (the suggestion matrix, lake/compact.py,
-is still written to local paths).
+Every step but ``outliers``, which reads the index build through local paths (``jobs/outliers.py``:
+``os.path.join(lake.artifacts_dir(), ...)``) and fails on an object-store lake with "index build
+s3://... has no manifest".
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from photo_lake import write_photos
 from s3_server import S3Server
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = "ingest,embed,cluster,tag,grid"
+STEPS = "ingest,quality,embed,suggest,index,cluster,tag,grid"
 pytestmark = pytest.mark.spark
 
 
@@ -64,7 +64,7 @@ def _tables(root: str, storage_options: dict | None) -> dict:
         "image_ids": sorted(r["image_id"] for r in images),
         "seqs": sorted(r["seq"] for r in images),
         "counts": {t: len(rows(t, None)) for t in ("images", "sources", "thumbnails", "features", "rejects",
-                                                   "grid", "grid_layouts")},
+                                                   "image_quality", "grid", "grid_layouts")},
         "dup_groups": sorted(sorted(g) for g in dup.values() if len(g) > 1),
         "tags": len(rows("tags", ["image_id"])),
         "failed": [r for r in runs if r["state"] == "failed"],
@@ -81,7 +81,8 @@ def runs(tmp_path_factory):
     try:
         opts = server.storage_options()
         root = f"s3://{server.make_bucket()}/lake"
-        env = dict(os.environ, PYTHONPATH=str(REPO), IMAGELAKE_MASTER="local[2]", **opts)
+        env = dict(os.environ, PYTHONPATH=str(REPO), IMAGELAKE_MASTER="local[2]",
+                   XDG_CACHE_HOME=str(base / "xdg-cache"), **opts)
         cwd = base / "cwd"  # no step may write an "s3:" folder here instead of the bucket
         cwd.mkdir()
         t0 = time.monotonic()
@@ -90,7 +91,8 @@ def runs(tmp_path_factory):
         results = [(p.wait(600), *p.communicate()) for p in procs]
         s3_s = time.monotonic() - t0
         local_root = str(base / "local-lake")
-        local_env = dict(os.environ, PYTHONPATH=str(REPO), IMAGELAKE_RUNNER="local")
+        local_env = dict(os.environ, PYTHONPATH=str(REPO), IMAGELAKE_RUNNER="local",
+                         XDG_CACHE_HOME=str(base / "xdg-cache"))
         t0 = time.monotonic()
         p = _cli(cwd, local_env, "--lake", local_root, "run", "--images", str(src), "--steps", STEPS, "--no-progress")
         local = (p.wait(600), *p.communicate())
@@ -134,6 +136,8 @@ def test_every_byte_went_to_the_bucket_and_staging_is_gone(runs):
     assert any(k.startswith("artifacts/tiles/") and k.endswith("/cells.bin") for k in keys)
     assert any(k.startswith("artifacts/models/") and k.endswith("/model.onnx") for k in keys)  # the ONNX export
     assert any(k.startswith("artifacts/clusters/") and k.endswith("/manifest.json") for k in keys)  # topic model
+    assert any(k.startswith("artifacts/index/") and k.endswith("/manifest.json") for k in keys), keys  # FAISS build
+    assert any(k.startswith("artifacts/suggest/") and k.endswith("/manifest.json") for k in keys)  # suggestion matrix
     assert not store.list("_staging"), [o.key for o in store.list("_staging")]
 
 
@@ -154,7 +158,7 @@ def test_janitor_sweeps_the_object_store_lake(runs):
 
 def test_tiles_are_served_from_the_bucket(runs, monkeypatch, tmp_path):
     """The grid's published layout, read back from the s3 lake: metadata, cells and tiles (a
-    pre-rendered one and a deep one drawn from the cells' pack), from a verified local copy."""
+    pre-rendered one and a deep one drawn from the cells' pack, fetched through the artifact cache)."""
     import io
 
     from PIL import Image
@@ -164,11 +168,10 @@ def test_tiles_are_served_from_the_bucket(runs, monkeypatch, tmp_path):
 
     for k, v in runs["opts"].items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setenv("IMAGELAKE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the node's artifact cache
     view = LayoutStore(Lake.at(runs["root"])).view("latest")
     assert view.width * view.height >= 39
     tiles = view.tiles
     assert Image.open(io.BytesIO(tiles.tile(0, 0, 0))).size == (1, 1)
     deep = tiles.pyramid.max_level
     assert Image.open(io.BytesIO(tiles.tile(deep, 0, 0))).format == "JPEG"
-    assert tiles.folder.startswith(str(tmp_path / "cache"))

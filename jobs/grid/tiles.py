@@ -34,7 +34,7 @@ from PIL import Image
 from lake.artifacts import file_sha256
 from lake.errors import CorruptArtifact, NotFound
 
-__all__ = ["Pyramid", "build_tiles", "publish_tiles", "local_copy", "TileSource", "TILE_SIZE", "BACKGROUND"]
+__all__ = ["Pyramid", "build_tiles", "publish_tiles", "TileSource", "TILE_SIZE", "BACKGROUND"]
 
 TILE_SIZE = 256
 BACKGROUND = (17, 17, 17)
@@ -218,43 +218,6 @@ def publish_tiles(folder: str, store, prefix: str, threads: int = 8) -> int:
     return total + put("manifest.json")
 
 
-def local_copy(uri: str, cache_dir: str | None = None) -> str:
-    """A local copy of the finished tile artifact at ``uri`` (an object-store folder), made once
-    per build under ``cache_dir`` (default ``$IMAGELAKE_CACHE_DIR`` or the temp dir, ``tiles/``).
-
-    Every object but ``manifest.json`` first, the manifest last, each file renamed into place, so
-    concurrent server processes may copy at once and a copy with a manifest is complete; a copy
-    whose manifest differs from the store's is refreshed. :class:`TileSource` then verifies it as it
-    does any folder. Raises: NotFound (no finished build), StoreUnavailable.
-    """
-    import hashlib
-    import tempfile
-
-    from lake.staging import remote_store
-
-    store, prefix = remote_store(uri.rstrip("/"))
-    root = cache_dir or os.environ.get("IMAGELAKE_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "imagelake-cache")
-    local = os.path.join(root, "tiles", hashlib.sha256(uri.encode()).hexdigest()[:24])
-    manifest = store.head(f"{prefix}/manifest.json")
-    if manifest is None:
-        raise NotFound(f"the tiles of this layout are not built ({uri} has no manifest)")
-    marker = os.path.join(local, ".etag")
-    try:
-        with open(marker) as f:
-            if f.read() == manifest.etag and os.path.exists(os.path.join(local, "manifest.json")):
-                return local
-    except FileNotFoundError:
-        pass
-    objects = [o for o in store.list(prefix) if not o.key[len(prefix) + 1:].startswith("cache/")]
-    for o in objects:
-        rel = o.key[len(prefix) + 1:]
-        if rel != "manifest.json":
-            store.download(o.key, os.path.join(local, rel))
-    store.download(f"{prefix}/manifest.json", os.path.join(local, "manifest.json"))
-    _write_atomic(marker, manifest.etag.encode())
-    return local
-
-
 class TileSource:
     """Serves one layout's tiles from its artifact folder; thread-safe.
 
@@ -266,8 +229,6 @@ class TileSource:
     """
 
     def __init__(self, folder: str, cache: bool = True):
-        if "://" in folder and not folder.startswith("file://"):
-            folder = local_copy(folder)  # an object-store lake: serve a verified local copy
         self.folder, self.cache = folder, cache
         try:
             with open(os.path.join(folder, "manifest.json"), "rb") as f:

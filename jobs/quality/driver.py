@@ -104,7 +104,7 @@ def run_quality(lake: Lake, settings: Settings, *, runner: Runner | None = None,
                     runner.close()
             files = [s["file"] for s in stats if s["file"]]
             committed = commit_staged(lake, "image_quality", files, run_id=run.run_id, dedupe=True)
-            remove_staging(lake.staging_dir(run.run_id))  # local folder or object-store prefix
+            remove_staging(lake.staging_dir(run.run_id))  # local or object store
             result.update(rows_out=committed.rows, unreadable=sum(s["unreadable"] for s in stats))
         run.rows_out = result["rows_out"]
         run.metrics.update(size=size, measured=result["rows_out"], unreadable=result["unreadable"])

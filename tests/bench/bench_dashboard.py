@@ -258,7 +258,7 @@ def workflow(lake_dir: Path, repeat: int, workers: int, browser, label: str) -> 
             page.reload()
             page.click(f".bucket[data-bucket-id='{bucket}'] .name")
             page.wait_for_selector(f".bucket.active[data-bucket-id='{bucket}']")
-            page.wait_for_function(f"() => document.querySelector('#curate-status').textContent.endsWith('suggestions for wf {label} {r}')")
+            page.wait_for_function(f"() => document.querySelector('#curate-status').textContent.includes('suggestions for wf {label} {r} ')")
             badges = page.locator("#curate-grid .badge").count()
             got = {"key -> badge": _timed(page, f"document.body.dispatchEvent(new KeyboardEvent('keydown', {{key: '{key}', bubbles: true}}))",
                                           f"() => document.querySelectorAll('#curate-grid .badge').length > {badges}")}

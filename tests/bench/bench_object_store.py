@@ -11,8 +11,9 @@ method, the server's time per request (measured inside its WSGI app), and its CP
 is a Python server; when its busy time is a large share of the S3 run's extra time, the server,
 not imagelake, is the bottleneck (a real S3 endpoint answers in parallel and in native code).
 
-Steps: those that run on an object-store lake today (``index`` and ``suggest`` are not yet moved
-onto the object store; see README).
+Steps: by default ingest, embed, cluster, tag and grid (what the README's figures cover); ``--steps``
+may add quality, suggest and index, which run on an object-store lake too; ``outliers`` does not
+yet (it reads the index build through local paths).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
   const inflight = new Set();  // placements sent and not answered yet: n waits for them
   const failed = new Set();    // placements the server refused: neither accepted nor rejected
   let turning = false;         // n in progress (feedback, then the next page)
+  let meta = null;             // the last suggestions answer: acceptance, positives
 
   const say = (text) => { status.textContent = text; };
   const byKey = (n) => buckets.filter((b) => !b.system)[n - 1];
@@ -238,6 +239,7 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
   async function fetchPage(n) {
     if (!active) return [];
     const body = await api(`/buckets/${active}/suggestions?n=${n}`);
+    meta = body;
     return body.suggestions.map((s) => ({...s, placed: null}));
   }
 
@@ -275,7 +277,18 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     renderGrid();
     if (page.length) performance.mark("curate-grid-shown");  // read by tests/bench/bench_dashboard.py
     preload(prefetched);
-    say(page.length ? `${page.length} suggestions for ${(buckets.find((b) => b.bucket_id === active) || {}).name}` : "no suggestions: add images with features to the bucket");
+    say(page.length ? `${page.length} suggestions for ${(buckets.find((b) => b.bucket_id === active) || {}).name} · ${progress()}`
+                    : "no suggestions: add images with features to the bucket");
+  }
+
+  // how the search is going, in words: members found, recent acceptance, confident candidates left
+  function progress() {
+    const row = buckets.find((b) => b.bucket_id === active) || {};
+    const parts = [`found ${row.count ?? 0}`];
+    if (meta && meta.acceptance != null) parts.push(`${Math.round(100 * meta.acceptance)}% of recent pages accepted`);
+    const confident = page.filter((p) => p.source === "model" && Number(p.score) > 0).length;
+    if (meta && meta.positives && confident < 7) parts.push("few confident candidates left");
+    return parts.join(" · ");
   }
 
   // scores are logits; a person reads a share
@@ -295,6 +308,7 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
       node.addEventListener("dragstart", (e) => e.dataTransfer.setData("text/x-image-id", it.image_id));
       return node;
     }));
+    fitGrid();
     const focused = gridBox.querySelector(".cell.focused");
     if (focused && visible && mode === "grid") focused.scrollIntoView({block: "nearest"});  // keys act on what is seen
     reviewBar.hidden = !review;
@@ -306,6 +320,17 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
         el("button", {type: "button", id: "review-commit", onclick: commitReview}, "commit"));
     }
   }
+
+  // The grid is sized to the window: four rows of seven fit under the bar, whatever the viewport
+  // (1366×768 included), so no cell the keys act on is below the fold.
+  function fitGrid() {
+    if (gridBox.hidden || !visible) return;
+    const top = gridBox.getBoundingClientRect().top + window.scrollY;
+    const room = window.innerHeight - top - 40;  // the keys line below
+    const rows = Math.max(1, Math.ceil(gridBox.children.length / 7));
+    gridBox.style.maxWidth = `${Math.max(420, Math.floor((room - 6 * (rows - 1)) / Math.min(rows, 4) * 7 + 36))}px`;
+  }
+  window.addEventListener("resize", () => fitGrid());
 
   // The bucket's pending images are the review, whoever made them and whenever: after a reload,
   // an undo of a commit, or a fast-forward by another curator. Marks survive a reload (this tab).
@@ -339,9 +364,10 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
       if (inflight.size) await Promise.allSettled([...inflight]);
       const accepted = page.filter((p) => p.placed === active).map((p) => p.image_id);
       const rejected = page.filter((p) => !p.placed && !failed.has(p.image_id)).map((p) => p.image_id);
-      // the accepted ones are members already (each drop was an add): only the untouched are news
-      if (canWrite && rejected.length) {
-        await api(`/buckets/${active}/feedback`, {method: "POST", json: {accepted: [], rejected}});
+      // the accepted ones are members already (each drop was an add); they are named again so the
+      // bucket's acceptance (which sets how much the suggester explores) counts them
+      if (canWrite && (rejected.length || accepted.length)) {
+        await api(`/buckets/${active}/feedback`, {method: "POST", json: {accepted, rejected}});
       }
       if (active !== startedOn) return;
       const shown = new Set(page.map((p) => p.image_id));
@@ -353,8 +379,8 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
       renderGrid();
       if (page.length) performance.mark("curate-next-shown");  // read by tests/bench/bench_dashboard.py
       preload(prefetched);
-      say(`feedback sent: ${accepted.length} accepted, ${rejected.length} rejected · ${page.length} new suggestions`);
-      loadBuckets();
+      await loadBuckets(false);
+      say(`feedback sent: ${accepted.length} accepted, ${rejected.length} rejected · ${page.length} new suggestions · ${progress()}`);
     } catch (e) { toast(e.message, "error"); say("the feedback was not sent; press n to try again"); }
     finally { turning = false; }
   }

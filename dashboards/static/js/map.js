@@ -16,6 +16,8 @@ function loadScript(src) {
   });
 }
 
+const SVG = "http://www.w3.org/2000/svg";
+
 export async function mountMap(root, {openDetails}) {
   const select = root.querySelector("#map-layout");
   const overlaySelect = root.querySelector("#map-overlay");
@@ -28,8 +30,10 @@ export async function mountMap(root, {openDetails}) {
     return;
   }
   select.replaceChildren(...layouts.map((l) => el("option", {value: l.layout_id}, `${l.layout_id} · ${l.n ?? ""} images`)));
+  // the canvas drawer: OpenSeadragon's default WebGL drawer took ~3 s to start and ~4 s to show
+  // the first tiles in Chromium without a GPU (software GL), the canvas one a fraction of that
   const viewer = window.OpenSeadragon({
-    element: box, prefixUrl: "/static/vendor/openseadragon/images/", showNavigator: true,
+    element: box, drawer: "canvas", prefixUrl: "/static/vendor/openseadragon/images/", showNavigator: true,
     maxZoomPixelRatio: 2, visibilityRatio: 0.5, crossOriginPolicy: false, gestureSettingsMouse: {clickToZoom: false},
   });
   let info = null;
@@ -38,6 +42,8 @@ export async function mountMap(root, {openDetails}) {
     const body = await api(`/grid/${layoutId}`);
     info = body.dzi;
     viewer.open(`/api/v1/grid/${body.layout.layout_id}.dzi`);
+    box.dataset.gridWidth = String(body.layout.width);
+    box.dataset.gridHeight = String(body.layout.height);
     const q = body.layout.quality;
     status.textContent = `${body.layout.width}×${body.layout.height} cells` + (q != null ? ` · neighbourhood preservation ${Number(q).toFixed(3)}` : "");
     box.dataset.layoutId = body.layout.layout_id;
@@ -79,12 +85,26 @@ export async function mountMap(root, {openDetails}) {
     } else {
       cells = (await api(`/grid/${box.dataset.layoutId}/overlay?tag=${encodeURIComponent(value)}`)).cells;
     }
-    const size = info.cell_px / info.width;   // OpenSeadragon viewport units: the image width is 1
-    for (const c of cells.slice(0, MAX_OVERLAY)) {
-      const mark = el("div", {class: "map-mark", style: `outline: 2px solid ${color}`});
-      viewer.addOverlay(mark, new window.OpenSeadragon.Rect(c.gx * size, c.gy * size, size, size));
-    }
+    viewer.addOverlay(...cellLayer(cells.slice(0, MAX_OVERLAY), {stroke: color, cls: "map-mark"}));
     status.textContent = `${cells.length} cells highlighted`;
+  }
+
+  // Marked cells as one SVG overlay in cell units (one element for OpenSeadragon to place, not one
+  // per cell: 500 separate overlays took seconds to lay out)
+  function cellLayer(cells, {stroke, fill = "none", cls}) {
+    const w = Number(box.dataset.gridWidth), h = Number(box.dataset.gridHeight);
+    const svg = document.createElementNS(SVG, "svg");
+    svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
+    svg.setAttribute("preserveAspectRatio", "none");
+    svg.setAttribute("class", "map-layer");
+    for (const c of cells) {
+      const r = document.createElementNS(SVG, "rect");
+      for (const [k, v] of Object.entries({x: c.gx + 0.06, y: c.gy + 0.06, width: 0.88, height: 0.88, class: cls,
+                                           fill, stroke, "stroke-width": 0.12})) r.setAttribute(k, v);
+      svg.append(r);
+    }
+    const size = info.cell_px / info.width;   // OpenSeadragon viewport units: the image width is 1
+    return [svg, new window.OpenSeadragon.Rect(0, 0, w * size, h * size)];
   }
 
   async function fillOverlays() {
@@ -101,7 +121,6 @@ export async function mountMap(root, {openDetails}) {
   }
 
   // -- selection: a rectangle or a lasso (buttons, or shift-drag for a lasso) -------------------
-  const SVG = "http://www.w3.org/2000/svg";
   let tool = null, selectionMarks = [];
   const tools = {rect: root.querySelector("#map-rect"), lasso: root.querySelector("#map-lasso")};
   function setTool(next) {
@@ -124,13 +143,9 @@ export async function mountMap(root, {openDetails}) {
     const t0 = performance.now();
     const body = await api(`/grid/${box.dataset.layoutId}/select`, {method: "POST", json: {polygon: toCells(points)}});
     for (const mark of selectionMarks) viewer.removeOverlay(mark);
-    selectionMarks = [];
-    const size = info.cell_px / info.width;
-    for (const c of body.cells.slice(0, MAX_OVERLAY)) {
-      const mark = el("div", {class: "map-mark selected-cell", style: "outline: 2px solid #f5a623; background: #f5a62344"});
-      viewer.addOverlay(mark, new window.OpenSeadragon.Rect(c.gx * size, c.gy * size, size, size));
-      selectionMarks.push(mark);
-    }
+    const [layer, where] = cellLayer(body.cells, {stroke: "#f5a623", fill: "#f5a62344", cls: "selected-cell"});
+    viewer.addOverlay(layer, where);
+    selectionMarks = [layer];
     if (body.image_ids.length) selectIds(body.image_ids); else clearSelection();
     status.textContent = `${body.image_ids.length} images selected${body.truncated ? " (the first 100000)" : ""}`;
     box.dataset.selected = String(body.image_ids.length);
