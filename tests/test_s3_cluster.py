@@ -18,6 +18,7 @@ node needs. One cluster serves the whole module:
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +32,9 @@ from s3_server import S3Server
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = str(REPO / "infra" / "spark-standalone.sh")
-pytestmark = pytest.mark.spark
+pytestmark = [pytest.mark.spark,
+              pytest.mark.skipif(not (shutil.which("java") or os.environ.get("JAVA_HOME")),
+                                 reason="a Spark standalone cluster needs Java (no java on PATH, no JAVA_HOME)")]
 
 
 def _steps() -> str:
