@@ -48,6 +48,7 @@ from lake.catalog import TABLES, Lake
 from lake.commit import ensure_tables
 from lake.errors import BadInput, ImagelakeError, QueryTimeout, TooLarge
 from lake.settings import Settings
+from lake.store import open_delta
 from lake.sql_guard import FILE_ACCESS, check_statement
 
 __all__ = ["QueryResult", "SQL_TABLES", "SqlSandbox", "format_result", "jsonable"]
@@ -96,7 +97,7 @@ class SqlSandbox:
         ensure_tables(lake)
         self._lake, self._settings = lake, settings
         self._lock = threading.Lock()
-        self._tables = {name: DeltaTable(lake.table_uri(name)) for name in SQL_TABLES}
+        self._tables = {name: open_delta(lake, name) for name in SQL_TABLES}  # bounded store timeouts
         self._versions: dict[str, int] = {}
         self._registered: dict[str, Any] = {}   # non-local lakes: Arrow objects each cursor registers
         self._checked_at = -math.inf

@@ -3,9 +3,8 @@
 runs started at once (one proceeds, the other exits 3), and the same run on a local lake for
 comparison: row counts, image ids and near-duplicate groups must be equal.
 
-Every step but ``outliers``, which reads the index build through local paths (``jobs/outliers.py``:
-``os.path.join(lake.artifacts_dir(), ...)``) and fails on an object-store lake with "index build
-s3://... has no manifest".
+Every step but ``outliers`` (kept out to keep this test short; it runs on an object-store lake,
+on a standalone cluster, in tests/test_s3_cluster.py).
 """
 
 from __future__ import annotations
