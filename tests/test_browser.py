@@ -203,7 +203,7 @@ def test_search_by_upload_then_open_a_result(page, site):
     assert_seen(page.locator("#details .details-image"), "the opened image")
     # The drawer scrolls: its neighbours sit below the image's facts, as a person scrolls to them.
     neighbour = page.locator("#details .mini-grid .cell").first
-    neighbour.scroll_into_view_if_needed()
+    neighbour.evaluate("e => e.scrollIntoView({block: 'center'})")
     assert_seen(neighbour, "the match's own neighbours")
 
 
