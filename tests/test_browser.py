@@ -68,8 +68,12 @@ def browser():
 
 def assert_seen(locator, what: str = "") -> dict:
     """The element is visible and wholly inside the viewport (a person sees it without scrolling)."""
-    locator.wait_for(state="visible")
-    box = locator.bounding_box()
+    for _ in range(20):  # a re-render may replace the node between the wait and the measure
+        locator.wait_for(state="visible")
+        box = locator.bounding_box()
+        if box:
+            break
+        locator.page.wait_for_timeout(100)
     view = locator.page.viewport_size or VIEWPORT
     assert box and box["width"] > 0 and box["height"] > 0, (what, box)
     assert box["x"] >= -1 and box["y"] >= -1, (what, box)  # sub-pixel layout

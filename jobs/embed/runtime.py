@@ -148,7 +148,10 @@ class TorchRuntime:
 
     def to_device(self, images: np.ndarray):
         """Host uint8 -> device tensor; pinned + non-blocking on CUDA so the copy overlaps compute."""
-        t = self.torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
+        arr = np.ascontiguousarray(images, dtype=np.uint8)
+        if not arr.flags.writeable:  # torch refuses to share a read-only buffer without a warning
+            arr = arr.copy()
+        t = self.torch.from_numpy(arr)
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
