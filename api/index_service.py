@@ -52,7 +52,7 @@ from flask import Flask, current_app
 
 from api.per_process import ProcessOwner
 from api.upload_overlay import UploadOverlay
-from jobs.index.build import Manifest, build_key, verify_build, verify_build_in_store
+from jobs.index.build import Manifest, verified_manifests
 from lake.catalog import Lake
 from lake.errors import BadInput, CorruptArtifact, NotFound, Unavailable
 from lake.settings import Settings
@@ -154,25 +154,7 @@ def load_build(lake: Lake, row: dict[str, Any], settings: Settings) -> LoadedBui
     """
     import faiss
 
-    if lake.is_local:
-        root = lake.artifacts_dir()
-        top = verify_build(os.path.join(root, row["path"]), expected_manifest_sha256=row.get("manifest_sha256"))
-        manifests = [top]
-        if top["kind"] == "incremental":
-            base_folder = os.path.join(os.path.dirname(top.folder), top["base_build_id"])
-            manifests.insert(0, verify_build(base_folder, expected_manifest_sha256=top["base_manifest_sha256"]))
-    else:
-        from lake.artifact_cache import artifact_cache
-        from lake.store import LakeStore, store_errors
-
-        store, cache = LakeStore.for_lake(lake), artifact_cache(settings)
-        with store_errors(lake):
-            top = verify_build_in_store(store, cache, f"artifacts/{row['path']}",
-                                        expected_manifest_sha256=row.get("manifest_sha256"))
-            manifests = [top]
-            if top["kind"] == "incremental":
-                manifests.insert(0, verify_build_in_store(store, cache, build_key(top["base_build_id"]),
-                                                          expected_manifest_sha256=top["base_manifest_sha256"]))
+    manifests = verified_manifests(lake, row, settings)
     try:
         segments, shards, ivfs = [], [], []
         for m in manifests:
@@ -186,7 +168,7 @@ def load_build(lake: Lake, row: dict[str, Any], settings: Settings) -> LoadedBui
         coarse = _read_index(manifests[0].path("trained.faiss")) if ivfs and ivfs[0] is not None else None
     except (RuntimeError, ValueError, OSError) as e:
         raise CorruptArtifact(f"index build {row['build_id']} could not be loaded: {e}") from None
-    plan_nprobe = int((top.get("plan") or {}).get("nprobe") or 16)
+    plan_nprobe = int((manifests[-1].get("plan") or {}).get("nprobe") or 16)
     nprobe = settings.search_nprobe or plan_nprobe
     for ivf in ivfs:
         if ivf is not None:

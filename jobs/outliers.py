@@ -12,7 +12,6 @@ incremental, scores every image again, since new images change old images' neigh
 from __future__ import annotations
 
 import datetime as dt
-import os
 from typing import Any
 
 import numpy as np
@@ -34,28 +33,9 @@ def _load_vectors(lake: Lake, row: dict, settings: Settings | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """(seqs, image ids as hex, unit float16 vectors, shard paths) of a published build, verified
     (on an object-store lake: fetched into the artifact cache, checked against the manifest)."""
-    from jobs.index.build import verify_build
+    from jobs.index.build import verified_manifests
 
-    if lake.is_local:
-        top = verify_build(os.path.join(lake.artifacts_dir(), row["path"]),
-                           expected_manifest_sha256=row.get("manifest_sha256"))
-        manifests = [top]
-        if top["kind"] == "incremental":
-            base = os.path.join(os.path.dirname(top.folder), top["base_build_id"])
-            manifests.insert(0, verify_build(base, expected_manifest_sha256=top["base_manifest_sha256"]))
-    else:
-        from jobs.index.build import build_key, verify_build_in_store
-        from lake.artifact_cache import artifact_cache
-        from lake.store import LakeStore, store_errors
-
-        store, cache = LakeStore.for_lake(lake), artifact_cache(settings)
-        with store_errors(lake):
-            top = verify_build_in_store(store, cache, f"artifacts/{row['path']}",
-                                        expected_manifest_sha256=row.get("manifest_sha256"))
-            manifests = [top]
-            if top["kind"] == "incremental":
-                manifests.insert(0, verify_build_in_store(store, cache, build_key(top["base_build_id"]),
-                                                          expected_manifest_sha256=top["base_manifest_sha256"]))
+    manifests = verified_manifests(lake, row, settings)
     seqs, ids, vectors, shards = [], [], [], []
     for m in manifests:
         seqs.append(np.load(m.path("seqs.npy")))

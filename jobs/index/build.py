@@ -230,3 +230,33 @@ def verify_build(folder: str, *, expected_manifest_sha256: str | None = None,
         if checksums and file_sha256(path) != meta.get("sha256"):
             raise CorruptArtifact(f"index build {folder}: file {name} does not match its sha256 (corrupt)")
     return manifest
+
+
+def verified_manifests(lake, row: dict, settings=None) -> list[Manifest]:
+    """The verified manifests of the build of ``row`` (an ``index_builds`` row), its base first
+    when it is incremental. On an object-store lake every file is fetched into the local artifact
+    cache and checked against the manifest there; the manifests then name the cached files.
+
+    Raises:
+        CorruptArtifact: a file is missing, truncated, altered, or written by a newer FAISS.
+    """
+    if lake.is_local:
+        top = verify_build(os.path.join(lake.artifacts_dir(), row["path"]),
+                           expected_manifest_sha256=row.get("manifest_sha256"))
+        manifests = [top]
+        if top["kind"] == "incremental":
+            base = os.path.join(os.path.dirname(top.folder), top["base_build_id"])
+            manifests.insert(0, verify_build(base, expected_manifest_sha256=top["base_manifest_sha256"]))
+        return manifests
+    from lake.artifact_cache import artifact_cache
+    from lake.store import LakeStore, store_errors
+
+    store, cache = LakeStore.for_lake(lake), artifact_cache(settings)
+    with store_errors(lake):
+        top = verify_build_in_store(store, cache, f"artifacts/{row['path']}",
+                                    expected_manifest_sha256=row.get("manifest_sha256"))
+        manifests = [top]
+        if top["kind"] == "incremental":
+            manifests.insert(0, verify_build_in_store(store, cache, build_key(top["base_build_id"]),
+                                                      expected_manifest_sha256=top["base_manifest_sha256"]))
+    return manifests
