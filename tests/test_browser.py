@@ -5,6 +5,8 @@ are visible and inside the 1280x860 viewport. Screenshots of each view go to tes
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import shutil
@@ -94,9 +96,13 @@ def errors() -> list[str]:
     return []
 
 
-@pytest.fixture
-def page(browser, site, artifacts_dir, request, errors):
-    context = browser.new_context(viewport=VIEWPORT)  # the page's CSP is enforced (no bypass_csp)
+@contextlib.contextmanager
+def logged_in_page(browser, site, errors, viewport, screenshot, allowed=lambda: ()):
+    """A new context at ``viewport`` with the page's CSP enforced (no bypass_csp), logged in through
+    the login page; console errors, page errors and HTTP errors (but those containing one of the
+    strings ``allowed()`` returns when the test has ended) fail the test. A full-page screenshot
+    goes to ``screenshot``."""
+    context = browser.new_context(viewport=viewport)
     context.add_init_script(_REPORT_CSP)
     page = context.new_page()
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
@@ -109,11 +115,17 @@ def page(browser, site, artifacts_dir, request, errors):
     page.click("button[type=submit]")
     page.wait_for_url(site["base"] + "/")
     yield page
-    page.screenshot(path=str(artifacts_dir / f"dashboard-{request.node.name}.png"), full_page=True)
+    page.screenshot(path=str(screenshot), full_page=True)
     context.close()
-    allowed = getattr(request.node, "allowed_errors", ())
-    unexpected = [e for e in errors if not any(a in e for a in allowed)]
+    unexpected = [e for e in errors if not any(a in e for a in allowed())]
     assert unexpected == [], unexpected
+
+
+@pytest.fixture
+def page(browser, site, artifacts_dir, request, errors):
+    with logged_in_page(browser, site, errors, VIEWPORT, artifacts_dir / f"dashboard-{request.node.name}.png",
+                        allowed=lambda: getattr(request.node, "allowed_errors", ())) as p:
+        yield p
 
 
 def test_login_then_browse_collections_and_open_an_image(page, site):

@@ -14,7 +14,7 @@ import requests
 from PIL import Image, ImageEnhance
 
 from browser import running_server
-from test_browser import _REPORT_CSP, assert_seen, assert_seen_text, browser, errors, pytestmark  # noqa: F401
+from test_browser import assert_seen, assert_seen_text, browser, errors, logged_in_page, pytestmark  # noqa: F401
 from test_signals import _full_exif, _photo, _save
 
 VIEWPORT = {"width": 1366, "height": 768}
@@ -70,20 +70,9 @@ def site(tmp_path_factory):
 @pytest.fixture
 def page(browser, site, artifacts_dir, request, errors):  # noqa: F811
     """As tests/test_browser.py's, at 1366x768; any console error or HTTP error fails the test."""
-    context = browser.new_context(viewport=VIEWPORT)
-    context.add_init_script(_REPORT_CSP)
-    page = context.new_page()
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
-    page.goto(site["base"] + "/login")
-    page.fill("#token", site["token"])
-    page.click("button[type=submit]")
-    page.wait_for_url(site["base"] + "/")
-    yield page
-    page.screenshot(path=str(artifacts_dir / f"dashboard-signals-{request.node.name}.png"), full_page=True)
-    context.close()
-    assert errors == [], errors
+    with logged_in_page(browser, site, errors, VIEWPORT,
+                        artifacts_dir / f"dashboard-signals-{request.node.name}.png") as p:
+        yield p
 
 
 def _search_words(page, site, words: str) -> None:
