@@ -27,6 +27,7 @@ and writes nothing.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import json
@@ -37,6 +38,7 @@ import secrets
 import threading
 import time
 import unicodedata
+import weakref
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -125,7 +127,10 @@ class BucketStore:
         self.version: int | None = None
         self._queue: queue.Queue[tuple[Action, Future]] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._busy = False
+        self._inflight = 0  # queued or being committed; guarded by _idle
+        self._idle = threading.Condition(threading.Lock())
+        self._closed = False
+        self._stop_registered = False
         self.commits = 0
 
     # -- reading the log -----------------------------------------------------------------------
@@ -215,11 +220,18 @@ class BucketStore:
         gets the event (or the action's error) once the batch it is in has committed."""
         self._check_pid()
         future: Future = Future()
-        with self._lock:
+        with self._idle:  # not self._lock: that is held through a commit, and queueing must not wait
+            if self._closed:
+                raise Unavailable("this process's bucket log writer has shut down; retry (another process "
+                                  "takes the writes)")
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="bucket-writer", daemon=True)
                 self._thread.start()
-        self._queue.put((action.with_event_id(), future))
+                if not self._stop_registered:
+                    atexit.register(_close_at_exit, weakref.ref(self))
+                    self._stop_registered = True
+            self._inflight += 1
+            self._queue.put((action.with_event_id(), future))
         return future
 
     def committed(self, event_id: str, replayed: bool = False) -> dict[str, Any]:
@@ -232,13 +244,19 @@ class BucketStore:
 
     def _run(self) -> None:
         while True:
-            batch = [self._queue.get()]
+            first = self._queue.get()
+            if first is None:  # close(): every queued action was committed first
+                return
+            batch = [first]
             while len(batch) < self.max_batch:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-            self._busy = True
+                if item is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(item)
             try:
                 results = self._commit([a for a, _ in batch])
             except BaseException as e:  # the commit failed: nobody is acknowledged
@@ -252,16 +270,29 @@ class BucketStore:
                     future.set_exception(result)
                 else:
                     future.set_result(result)
-            self._busy = False
+            with self._idle:
+                self._inflight -= len(batch)
+                self._idle.notify_all()
 
     def drain(self, timeout: float) -> bool:
         """Wait until every queued action has been committed (or refused); False on timeout."""
-        deadline = time.monotonic() + timeout
-        while not self._queue.empty() or self._busy:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.005)
-        return True
+        with self._idle:
+            return self._idle.wait_for(lambda: self._inflight == 0, timeout)
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Commit what is queued, then stop the writer thread and refuse new actions (at exit,
+        before pyarrow's S3 client is torn down: a commit running into interpreter shutdown
+        crashes the process). True when everything queued was committed in time."""
+        if os.getpid() != self._pid:  # a forked child: the queue and thread are the parent's
+            return True
+        with self._idle:
+            self._closed = True
+            thread = self._thread
+        drained = self.drain(timeout)
+        if thread is not None and thread.is_alive():
+            self._queue.put(None)
+            thread.join(max(0.1, timeout if drained else 1.0))
+        return drained
 
     def _writing(self):
         """Held from writing the data file to the commit: the fcntl lock the janitor's orphan sweep
@@ -369,6 +400,14 @@ class BucketStore:
             self._seen.update(commit["files"])
             self.version = commit["version"]
             return True
+
+
+def _close_at_exit(ref: "weakref.ref[BucketStore]") -> None:
+    store = ref()
+    if store is not None:
+        if store._node is not None:  # hang up on this node's followers first: they elect another writer
+            store._node.retire()
+        store.close()
 
 
 def wait_for(future: Future, timeout: float) -> dict[str, Any]:

@@ -234,6 +234,8 @@ class NodeLink:
         os.register_at_fork(after_in_child=self._after_fork)
         self._peers: dict[socket.socket, threading.Lock] = {}
         self._peers_mu = threading.Lock()
+        self._serving: set[threading.Thread] = set()  # one per follower connection, under _peers_mu
+        self._retired = False
         self.takeovers = 0  # times this process became the writer after another writer went away
 
     @property
@@ -251,6 +253,7 @@ class NodeLink:
                     pass
         self._listener, self._conn = None, None
         self._mu, self._peers_mu, self._peers = threading.Lock(), threading.Lock(), {}
+        self._serving = set()
 
     # -- the follower side ---------------------------------------------------------------------
 
@@ -286,6 +289,9 @@ class NodeLink:
             with self._mu:
                 if self._listener is not None:
                     return None
+                if self._retired:
+                    raise errors.Unavailable("this process has stopped writing the bucket log (shutting "
+                                             "down); retry")
                 if self._conn is not None and self._conn.alive:
                     return self._conn
                 if self._try_bind():
@@ -332,6 +338,7 @@ class NodeLink:
         process does not exit in the middle of one. Re-sent actions that this writer still commits
         are recognised by their ``event_id`` (the two writers' commits are ordered by version)."""
         with self._mu:
+            self._retired = True
             listener, self._listener = self._listener, None
         if listener is None:
             return
@@ -344,7 +351,14 @@ class NodeLink:
             listener.close()
         except OSError:
             pass
-        if not self.store.drain(timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # each queues what it had read, then sees the hang-up
+            with self._peers_mu:
+                serving = [t for t in self._serving if t is not threading.current_thread()]
+            if not serving:
+                break
+            serving[0].join(max(0.0, deadline - time.monotonic()))
+        if not self.store.close(max(0.1, deadline - time.monotonic())):
             log.warning("the bucket log writer exited with actions still queued; their senders re-send them")
 
     def _peer_sockets(self) -> list[socket.socket]:
@@ -366,7 +380,10 @@ class NodeLink:
                 log.warning("refused a bucket log connection from uid %d", uid)
                 sock.close()
                 continue
-            threading.Thread(target=self._serve, args=(sock,), name="bucket-writer-peer", daemon=True).start()
+            thread = threading.Thread(target=self._serve, args=(sock,), name="bucket-writer-peer", daemon=True)
+            with self._peers_mu:
+                self._serving.add(thread)
+            thread.start()
 
     def broadcast(self, commit: dict[str, Any]) -> None:
         """Push a commit to every follower (called by the writer before it answers anyone)."""
@@ -387,6 +404,12 @@ class NodeLink:
         send_lock = threading.Lock()
         with self._peers_mu:
             self._peers[sock] = send_lock
+        if self._retired:  # accepted just as this writer retired: hang up, the follower re-sends
+            sock.close()
+            with self._peers_mu:
+                self._peers.pop(sock, None)
+                self._serving.discard(threading.current_thread())
+            return
 
         def answer(rid: Any, future: Future) -> None:
             try:
@@ -418,6 +441,7 @@ class NodeLink:
         finally:
             with self._peers_mu:
                 self._peers.pop(sock, None)
+                self._serving.discard(threading.current_thread())
             try:
                 sock.close()
             except OSError:

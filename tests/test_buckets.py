@@ -234,6 +234,22 @@ def test_group_commit_batches_concurrent_writers_in_one_process(lake, ids):
     assert store.commits < 161 and set(state.member_ids(bucket)) == set(ids)
 
 
+def test_close_commits_what_is_queued_then_refuses(lake, ids):
+    """What runs at exit: every queued action lands before the writer thread stops (a commit
+    running into interpreter shutdown crashed a process), and a later action is a clean 503."""
+    from lake.errors import Unavailable
+
+    store = BucketStore(lake)
+    bucket = store.submit(Action("create", payload={"name": "closing"}, actor="c"))["bucket_id"]
+    futures = [store.enqueue(Action("add", bucket, (i,), actor="c")) for i in ids[:6]]
+    assert store.close(timeout=30) is True
+    assert all(f.done() and f.exception() is None for f in futures)
+    assert not store._thread.is_alive()
+    assert set(bucket_members(lake, bucket)) == set(ids[:6])
+    with pytest.raises(Unavailable, match="shut down"):
+        store.submit(Action("add", bucket, (ids[6],), actor="c"))
+
+
 def test_members_sql_runs_on_the_plain_table(lake, ids):
     """MEMBERS_SQL is the documented query: it runs on the table as DuckDB reads it."""
     import duckdb
@@ -439,7 +455,7 @@ def work(t):
             else:
                 e = store.submit(Action("add", a, (image,), actor=actor))
         except ImagelakeError as x:  # a move of an image someone else moved first: a clean 409
-            e = {"error": type(x).__name__}
+            e = {"error": type(x).__name__ if type(x).__name__ == "Conflict" else f"{type(x).__name__}: {x}"}
         with lock:
             acked.append(e.get("event_id") or e["error"])
 ts = [threading.Thread(target=work, args=(t,)) for t in range(4)]
@@ -473,7 +489,7 @@ def test_two_processes_on_an_s3_lake_commit_by_delta_version(s3_lake, layout):
     setup = BucketStore(lake)
     a = setup.submit(Action("create", payload={"name": "a"}, actor="setup"))["bucket_id"]
     b = setup.submit(Action("create", payload={"name": "b"}, actor="setup"))["bucket_id"]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONFAULTHANDLER="1")  # a crash prints its stacks
     procs = [subprocess.Popen([sys.executable, "-c", _WRITER, s3_lake, f"p{k}", a, b, "12",
                                "node" if layout == "one node" else "own"], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
