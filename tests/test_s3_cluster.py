@@ -6,9 +6,12 @@ in a third one. The images are in the bucket too (``s3://<bucket>/images``), so 
 three share is the S3 server: no step may read or write a path on one node's disk that another
 node needs. One cluster serves the whole module:
 
-1. every step (ingest, quality, embed, suggest, index, outliers, cluster, tag, grid; those not in
-   this install left out) into the bucket: the same rows, ids, ``seq`` and near-duplicate groups as
-   the s3 pipeline test's run on a local lake of the same images (tests/test_s3_pipeline.py);
+1. two ``imagelake run`` with every step (ingest, quality, embed, suggest, index, outliers, cluster,
+   tag, grid; those not in this install left out) started at once into the bucket: one proceeds,
+   the other exits 3 (the lake's ``pipeline`` lock); the same rows, ids, ``seq``, tags and
+   near-duplicate groups as the same run on a local lake of the same images; every artifact is an
+   object in the bucket, nothing is left in staging or in any node's folders; the janitor sweeps
+   the bucket; the grid's tiles are read back from it;
 2. new images, and kill -9 of one worker (the worker daemon, its executor and that executor's
    Python workers) while the embed step's tasks are staging their files in the bucket: the run
    completes on the other worker or fails cleanly (exit 1, a ``failed`` row), and a re-run
@@ -26,6 +29,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from PIL import Image
 
 from photo_lake import write_photos
 from s3_server import S3Server
@@ -50,6 +55,44 @@ def _steps() -> str:
             continue
         names.append(name)
     return ",".join(names)
+
+
+def _images(folder: Path) -> None:
+    """36 photo views of 12 scenes, plus 3 near-duplicates (one pixel changed) and 2 exact copies."""
+    write_photos(folder, per_class=3)
+    for i, name in enumerate(("astronaut", "coffee", "rocket")):
+        src = folder / name / "photo_00000.png"
+        im = Image.open(src).convert("RGB")
+        im.putpixel((0, 0), tuple(255 - v for v in im.getpixel((0, 0))))
+        im.save(folder / name / "near_dup.png")
+        if i < 2:
+            shutil.copy(src, folder / name / "exact_copy.png")
+
+
+def _tables(root: str, storage_options: dict | None) -> dict:
+    from deltalake import DeltaTable
+
+    def rows(name, cols):
+        return DeltaTable(f"{root}/tables/{name}", storage_options=storage_options).to_pyarrow_table(
+            columns=cols).to_pylist()
+
+    images = rows("images", ["image_id", "seq"])
+    clusters = rows("clusters", ["run_id", "image_id", "kind", "cluster_id"])
+    runs = rows("job_runs", ["run_id", "job", "state"])
+    cluster_run = max(r["run_id"] for r in runs if r["job"] == "cluster" and r["state"] == "succeeded")
+    dup: dict[str, set] = {}
+    for r in clusters:
+        if r["kind"] == "dup" and r["run_id"] == cluster_run:
+            dup.setdefault(r["cluster_id"], set()).add(r["image_id"])
+    return {
+        "image_ids": sorted(r["image_id"] for r in images),
+        "seqs": sorted(r["seq"] for r in images),
+        "counts": {t: len(rows(t, None)) for t in ("images", "sources", "thumbnails", "features", "rejects",
+                                                   "image_quality", "grid", "grid_layouts")},
+        "dup_groups": sorted(sorted(g) for g in dup.values() if len(g) > 1),
+        "tags": len(rows("tags", ["image_id"])),
+        "failed": [r for r in runs if r["state"] == "failed"],
+    }
 
 
 def _free_port() -> int:
@@ -123,8 +166,6 @@ def cluster(tmp_path_factory):
 
         store = LakeStore(f"s3://{bucket}", opts)
         src = base / "src"
-        from test_s3_pipeline import _images  # 36 photos + 3 near-duplicates + 2 exact copies
-
         _images(src)
         assert _upload_images(store, src, "images") == 41
         env = dict(os.environ, PYTHONPATH=str(REPO), PYTHON=sys.executable, SPARK_LOCAL_IP="127.0.0.1",
@@ -161,10 +202,11 @@ def cluster(tmp_path_factory):
         c = dict(server=server, opts=opts, bucket=bucket, store=store, root=f"s3://{bucket}/lake",
                  images=f"s3://{bucket}/images", env=env, master=master, driver_dir=driver_dir, nodes=nodes,
                  daemons=daemons, base=base, src=src)
-        t0 = time.monotonic()
-        p = _cli(c, "run", "--images", c["images"], "--steps", _steps(), "--no-progress")
-        out, err = p.communicate(timeout=900)
-        c.update(first=(p.returncode, out, err), first_s=time.monotonic() - t0)
+        t0 = time.monotonic()  # two runs at once: one proceeds, the other finds the lock held
+        procs = [_cli(c, "run", "--images", c["images"], "--steps", _steps(), "--no-progress") for _ in range(2)]
+        results = [(p.wait(900), *p.communicate()) for p in procs]
+        c.update(first=next((r for r in results if r[0] == 0), results[0]), both=results,
+                 first_s=time.monotonic() - t0)
         yield c
     finally:
         subprocess.run([SCRIPT, "stop"], env=dict(os.environ, SPARK_PID_DIR=str(pid_dir)), capture_output=True,
@@ -178,9 +220,8 @@ def cluster(tmp_path_factory):
         server.stop()
 
 
-def _tables(c: dict) -> dict:
-    from test_s3_pipeline import _tables as tables
-    return tables(c["root"], c["opts"])
+def _lake_tables(c: dict) -> dict:
+    return _tables(c["root"], c["opts"])
 
 
 def _assert_no_duplicates(c: dict) -> None:
@@ -207,8 +248,8 @@ def test_every_step_on_the_cluster_into_the_bucket(cluster):
     assert rc == 0, err[-4000:]
     for step in _steps().split(","):
         assert f" {step} " in out or f"{step} " in out, (step, out)
-    t = _tables(cluster)
-    # the same images as test_s3_pipeline's local-lake run of this image set: 41 files, 2 exact copies
+    t = _lake_tables(cluster)
+    # 41 files, 2 exact copies: paths, not images
     assert t["counts"]["images"] == 39 and t["counts"]["sources"] == 41 and t["counts"]["rejects"] == 0
     assert t["seqs"] == list(range(39)) and not t["failed"]
     assert t["counts"]["features"] == 39 and t["counts"]["thumbnails"] == 39 * 2
@@ -225,22 +266,77 @@ def test_every_step_on_the_cluster_into_the_bucket(cluster):
     print(f"\nall steps on the 2-worker cluster into s3: {cluster['first_s']:.1f} s")
 
 
+def test_two_runs_at_once_one_proceeds_the_other_exits_3(cluster):
+    codes = sorted(rc for rc, _, _ in cluster["both"])
+    assert codes == [0, 3], "\n".join(err[-2000:] for _, _, err in cluster["both"])
+    loser = next(err for rc, _, err in cluster["both"] if rc == 3)
+    assert "'pipeline' lock is held" in loser, loser
+
+
 def test_same_results_as_the_local_lake(cluster):
-    """The same run on a local lake (in-process runner) of the same files: equal ids, groups, counts."""
+    """The same run on a local lake (in-process runner) of the same files: equal ids, seq, row counts
+    of every table, tags and near-duplicate groups."""
     rc, _, err = cluster["first"]
     assert rc == 0, err[-3000:]
     local_root = cluster["base"] / "local-lake"
-    env = dict(os.environ, PYTHONPATH=str(REPO), IMAGELAKE_RUNNER="local")
+    env = dict(os.environ, PYTHONPATH=str(REPO), IMAGELAKE_RUNNER="local",
+               XDG_CACHE_HOME=str(cluster["base"] / "xdg-cache"))
+    t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "imagelake", "--lake", str(local_root), "run", "--images",
-                        str(cluster["src"]), "--steps", "ingest,embed,cluster", "--no-progress"],
-                       env=env, capture_output=True, text=True, timeout=600, cwd=cluster["base"])
+                        str(cluster["src"]), "--steps", "ingest,quality,embed,suggest,index,cluster,tag,grid",
+                        "--no-progress"], env=env, capture_output=True, text=True, timeout=600, cwd=cluster["base"])
     assert p.returncode == 0, p.stderr[-3000:]
-    from test_s3_pipeline import _tables as tables
-    local, s3 = tables(str(local_root), None), _tables(cluster)
+    local, s3 = _tables(str(local_root), None), _lake_tables(cluster)
     assert s3["image_ids"] == local["image_ids"] and s3["seqs"] == local["seqs"]
+    assert s3["counts"] == local["counts"]
+    assert s3["tags"] == local["tags"] > 0
     assert s3["dup_groups"] == local["dup_groups"]
-    for name in ("images", "sources", "thumbnails", "features", "rejects"):
-        assert s3["counts"][name] == local["counts"][name], name
+    print(f"\nlocal run (in process) {time.monotonic() - t0:.1f} s")
+
+
+def test_every_byte_went_to_the_bucket_and_staging_is_gone(cluster):
+    rc, _, err = cluster["first"]
+    assert rc == 0, err[-3000:]
+    store = cluster["store"]
+    keys = [o.key for o in store.list("lake/artifacts")]
+    for kind, name in (("tiles", "manifest.json"), ("tiles", "cells.bin"), ("models", "model.onnx"),
+                       ("clusters", "manifest.json"), ("index", "manifest.json"), ("suggest", "manifest.json")):
+        assert any(k.startswith(f"lake/artifacts/{kind}/") and k.endswith(f"/{name}") for k in keys), (kind, name, keys)
+    assert not store.list("lake/_staging"), [o.key for o in store.list("lake/_staging")]
+    assert not any(cluster["driver_dir"].iterdir()), sorted(p.name for p in cluster["driver_dir"].iterdir())
+
+
+def test_tiles_are_served_from_the_bucket(cluster, monkeypatch, tmp_path):
+    """The grid's published layout, read back from the s3 lake: metadata, cells and tiles (a
+    pre-rendered one and a deep one drawn from the cells' pack, fetched through the artifact cache)."""
+    import io
+
+    from jobs.grid.store import LayoutStore
+    from lake.catalog import Lake
+
+    for k, v in cluster["opts"].items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # this node's artifact cache
+    monkeypatch.setenv("IMAGELAKE_ARTIFACT_CACHE_DIR", str(tmp_path / "cache" / "artifacts"))
+    view = LayoutStore(Lake.at(cluster["root"])).view("latest")
+    assert view.width * view.height >= 39
+    tiles = view.tiles
+    assert Image.open(io.BytesIO(tiles.tile(0, 0, 0))).size == (1, 1)
+    assert Image.open(io.BytesIO(tiles.tile(tiles.pyramid.max_level, 0, 0))).format == "JPEG"
+
+
+def test_janitor_sweeps_the_object_store_lake(cluster):
+    store = cluster["store"]
+    images = _lake_tables(cluster)["counts"]["images"]
+    store.write_bytes("lake/_staging/ingest-killed/images/part-00000.parquet", b"partial")  # a killed run's file
+    orphan = "lake/tables/images/part-00000-orphan.parquet"
+    store.write_bytes(orphan, b"x")
+    p = _cli(cluster, "janitor", "--older-than", "0")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert "removed 1 staging folders, 1 orphan data files" in out, out
+    assert not store.exists(orphan) and not store.list("lake/_staging")
+    assert _lake_tables(cluster)["counts"]["images"] == images
 
 
 def test_kill_9_of_a_worker_mid_embed_then_rerun_leaves_no_duplicates(cluster, tmp_path):
@@ -287,7 +383,7 @@ def test_kill_9_of_a_worker_mid_embed_then_rerun_leaves_no_duplicates(cluster, t
     out2, err2 = again.communicate(timeout=600)
     assert again.returncode == 0, err2[-3000:]
     _assert_no_duplicates(cluster)
-    t = _tables(cluster)
+    t = _lake_tables(cluster)
     assert t["counts"]["images"] == 39 + n_new, t["counts"]
     assert t["counts"]["features"] == 39 + n_new
     print(f"\nkilled worker-1 ({len(killed)} processes) {'; run completed' if proc.returncode == 0 else '; run failed'}"
