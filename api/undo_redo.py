@@ -27,7 +27,7 @@ from lake.bucket_store import Action
 from lake.buckets import BucketState
 from lake.errors import Conflict
 
-__all__ = ["bp", "redo_target", "REDO_PREFIX"]
+__all__ = ["bp", "named_event", "redo_target", "REDO_PREFIX"]
 
 bp = Blueprint("undo_redo", __name__)
 
@@ -58,7 +58,7 @@ def redo_target(state: BucketState, actor: str) -> tuple[dict[str, Any], dict[st
     return None
 
 
-def _named(state: BucketState, event: dict[str, Any] | None) -> dict[str, Any] | None:
+def named_event(state: BucketState, event: dict[str, Any] | None) -> dict[str, Any] | None:
     """The event as JSON plus the names of its buckets (a bucket whose create was undone is named
     from the create's payload), so a control can say "Undo: add 3 to Cats"."""
     if event is None:
@@ -92,8 +92,8 @@ def undo_state():
     with bucket_store().reading() as state:
         target = state.last_undoable(actor)
         redo = redo_target(state, actor)
-        return jsonify({"ok": True, "undo": _named(state, target),
-                        "redo": _named(state, redo[1]) if redo else None})
+        return jsonify({"ok": True, "undo": named_event(state, target),
+                        "redo": named_event(state, redo[1]) if redo else None})
 
 
 @bp.post("/redo")
@@ -107,7 +107,7 @@ def redo():
         if found is None:
             raise Conflict("nothing to redo: this token has no undo left to reverse (a new action clears redo)")
         undo_event, target = found
-        redone = _named(state, target)
+        redone = named_event(state, target)
     payload = json.loads(target.get("payload") or "{}") if target.get("payload") else {}
     action = Action(target["action"], target.get("bucket_id"), image_ids=tuple(target.get("image_ids") or ()),
                     rejected_ids=tuple(target.get("rejected_ids") or ()), from_bucket=target.get("from_bucket"),

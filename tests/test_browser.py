@@ -365,10 +365,41 @@ def test_undo_takes_the_badge_back_and_says_what_it_undid(page, site, own_bucket
     first.locator(".badge").wait_for(state="visible")
     page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('1 images')")
     page.keyboard.press("u")
-    page.wait_for_selector("#curate-status:has-text('undone: add of 1 image to')")
+    page.wait_for_selector("#curate-status:has-text('undone: add 1 to')")
     page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('0 images')")
     assert first.locator(".badge").count() == 0, "the cell keeps its bucket badge after the undo"
     assert _members(site, bucket_id) == set()
+
+
+def test_the_undo_and_redo_buttons_name_what_they_do_and_follow_each_action(page, site, own_bucket):
+    bucket_id, _ = own_bucket
+    page.set_viewport_size(SMALL)
+    name = page.inner_text(f".bucket[data-bucket-id='{bucket_id}'] .name")
+    cells = page.locator("#curate-grid .cell")
+    ids = cells.evaluate_all("cs => cs.slice(0, 3).map(c => c.dataset.imageId)")
+    for i in range(3):
+        cells.nth(i).click(modifiers=["Control"])
+    page.select_option("#selection-bucket", bucket_id)
+    page.click("#selection-add")  # one request: one action of three images
+    undo, redo = page.locator("#undo-button"), page.locator("#redo-button")
+    page.wait_for_selector(f"#undo-button:has-text('Undo: add 3 to {name}')")
+    assert assert_seen_text(redo, "the redo button") == "Nothing to redo" and redo.is_disabled()
+    assert_seen(undo, "the undo button")
+    page.wait_for_function("() => document.querySelectorAll('#curate-grid .badge').length === 3")
+    undo.click()
+    page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('0 images')")
+    page.wait_for_selector(f"#redo-button:has-text('Redo: add 3 to {name}')")
+    assert page.locator("#curate-grid .badge").count() == 0
+    assert "undone: add 3 to" in page.inner_text("#curate-status")
+    assert _members(site, bucket_id) == set()
+    redo.click()
+    page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('3 images')")
+    page.wait_for_selector("#redo-button:has-text('Nothing to redo')")
+    assert_seen(page.locator(f"#undo-button:has-text('Undo: add 3 to {name}')"), "the undo button, after the redo")
+    page.wait_for_function("() => document.querySelectorAll('#curate-grid .badge').length === 3")
+    assert _members(site, bucket_id) == set(ids)
+    page.keyboard.press("Control+z")  # the same undo from the keyboard, in any view
+    page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('0 images')")
 
 
 def test_every_sql_preset_runs(page, site):
