@@ -101,7 +101,8 @@ def bulk():
     actor = (principal.name or principal.token_id) if principal else None
     reader = lake_reader()
     change = bulk_edit(reader.lake, reader.settings, ids, edit.add, edit.remove, actor, _store())
-    reader.refresh_sql()
+    reader.refresh_sql()  # read-your-writes: SQL and a Browse filter by the tag see it at once (this worker)
+    reader.refresh(force=True)
     return jsonify({"ok": True, "images": len(ids), **change})
 
 

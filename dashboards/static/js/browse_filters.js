@@ -114,5 +114,6 @@ export function mountBrowseFilters(root, {thumbSize, onChange}) {
     try { choices = await api("/browse/filters"); render(); } catch (e) { bar.replaceChildren(el("span", {class: "muted"}, e.message)); }
   }
 
+  document.addEventListener("imagelake:tagged", () => load());  // a new tag joins the list
   return {load, params, summary};
 }

@@ -1,8 +1,8 @@
 // One selection of images for the whole app, and the bar that acts on it.
 // In any grid: ctrl/cmd-click toggles an image, shift-click selects the range from the last one
 // clicked; a drag with shift held on a grid's background draws a rubber band. The map adds its
-// lasso. The bar (bottom of the window) shows the count and adds, moves or discards them all in
-// one request; Escape clears it.
+// lasso. The bar (bottom of the window) shows the count and adds, moves, discards or tags them all
+// in one request; Escape clears it.
 import {api, el, toast} from "./api.js";
 
 const selected = new Set();
@@ -122,12 +122,33 @@ function render() {
       el("button", {type: "button", id: "selection-add", onclick: () => act("add", choose.value)}, source ? "copy there" : "add"),
       source ? el("button", {type: "button", id: "selection-move", onclick: () => act("move", choose.value)}, "move there") : "",
       source ? el("button", {type: "button", id: "selection-remove", onclick: () => act("remove")}, "remove from bucket") : "",
-      el("button", {type: "button", id: "selection-discard", onclick: () => act("discard")}, "discard")] : []),
+      el("button", {type: "button", id: "selection-discard", onclick: () => act("discard")}, "discard"),
+      tagForm()] : []),
     el("button", {type: "button", class: "link", id: "selection-clear", onclick: clearSelection}, "clear"));
   if (!buckets.length && write && !bar.dataset.loading) {
     bar.dataset.loading = "1";
     loadBuckets().finally(() => delete bar.dataset.loading);
   }
+}
+
+// bulk tag: one POST /tags/bulk for the whole selection (the user tags teach the learned model)
+function tagForm() {
+  const input = el("input", {id: "selection-tag", placeholder: "tag", size: 10, maxlength: 64, "aria-label": "tag the selection"});
+  const send = async (e) => {
+    e.preventDefault();
+    const tag = input.value.trim();
+    if (!tag) return input.focus();
+    const ids = [...selected];
+    try {
+      const body = await api("/tags/bulk", {method: "POST", json: {image_ids: ids, add: [tag]}});
+      const got = Object.values(body.added || {})[0] ?? 0;
+      toast(`tagged ${ids.length} image${ids.length === 1 ? "" : "s"} "${tag.toLowerCase()}" (${got} new)`);
+      document.dispatchEvent(new CustomEvent("imagelake:tagged", {detail: {tag, ids}}));
+      input.value = "";
+    } catch (err) { toast(err.message, "error"); }
+  };
+  input.addEventListener("keydown", (e) => { e.stopPropagation(); if (e.key === "Enter") send(e); });
+  return el("span", {class: "selection-tag"}, input, el("button", {type: "button", id: "selection-tag-add", onclick: send}, "tag"));
 }
 
 const names = (id) => (buckets.find((b) => b.bucket_id === id) || {}).name || id;
