@@ -13,7 +13,11 @@ served views, every value bound as a parameter:
 - ``cluster``: a member of the near-duplicate group or topic cluster (ids from ``/browse/filters``
   or ``GET /clusters``);
 - ``where``: a filter of :mod:`lake.metadata_filter` (JSON) over images, metadata and capture
-  columns, e.g. ``{"taken_at": {">=": "2020-01-01"}, "camera": "Canon EOS 5D", "has_gps": true}``.
+  columns, e.g. ``{"taken_at": {">=": "2020-01-01"}, "camera": "Canon EOS 5D", "has_gps": true}``;
+- ``stack=dup``: each near-duplicate group of the current cluster run is one stack: its
+  lowest-seq member stands for it (with ``stack: {cluster_id, size, members}``), the others are
+  left out of the pages (the stacking is done before the other filters' paging: a stack whose
+  first member is filtered out is not shown).
 
 A cluster's name is the concept tag most of its members carry (summed concept probability), or
 for a near-duplicate group the file name of its most central member.
@@ -38,7 +42,7 @@ __all__ = ["FILTER_ARGS", "bp", "filtered_page", "has_filters"]
 
 bp = Blueprint("browse_filters", __name__)
 
-FILTER_ARGS = ("folder", "tag", "bucket", "cluster", "where")
+FILTER_ARGS = ("folder", "tag", "bucket", "cluster", "where", "stack")
 _CLUSTER_ID = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
 _BUCKET_ID = re.compile(r"[0-9a-f]{16}|discard")
 
@@ -79,6 +83,21 @@ def _cluster_members(cluster_id: str) -> list[str]:
     return ids
 
 
+def dup_groups() -> dict[str, list[str]]:
+    """The current run's near-duplicate groups: cluster id -> member ids, lowest seq first."""
+    from api.clusters import _lit, _rows, current_runs
+
+    run_id, _ = current_runs()
+    if run_id is None:
+        return {}
+    groups: dict[str, list[str]] = {}
+    for cluster_id, image_id in _rows(f"SELECT c.cluster_id, c.image_id FROM clusters c JOIN images i USING (image_id) "
+                                      f"WHERE c.kind = 'dup' AND c.run_id = {_lit(run_id)} "
+                                      f"GROUP BY 1, 2 ORDER BY 1, min(i.seq)", max_rows=10_000_000):
+        groups.setdefault(cluster_id, []).append(image_id)
+    return groups
+
+
 def filtered_page(args, *, limit: int, offset: int) -> dict[str, Any]:
     """``GET /images`` with filters: a page in seq order, the total, counts per collection (under
     the other filters) and the filters as understood."""
@@ -86,7 +105,20 @@ def filtered_page(args, *, limit: int, offset: int) -> dict[str, Any]:
     folder, tag = _text(args, "folder"), _text(args, "tag", 200)
     bucket, cluster = _text(args, "bucket", 40), _text(args, "cluster", 200)
     where = parse_filter(args.get("where"))
+    stack = _text(args, "stack", 10)
+    if stack not in (None, "dup"):
+        raise BadInput(f"stack takes dup (near-duplicate groups as one stack), got {stack!r}")
     conds, params = [], []
+    stacks: dict[str, tuple[str, list[str]]] = {}  # a stack's first image -> (group, members)
+    if stack:
+        hidden = []
+        for cluster_id, members in dup_groups().items():
+            if len(members) > 1:
+                stacks[members[0]] = (cluster_id, members)
+                hidden.extend(members[1:])
+        if hidden:
+            conds.append("i.image_id NOT IN (SELECT unnest(CAST(? AS VARCHAR[])))")
+            params.append(hidden)
     if folder:
         prefix = folder.rstrip("/")
         like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "/%"
@@ -117,10 +149,14 @@ def filtered_page(args, *, limit: int, offset: int) -> dict[str, Any]:
             raise BadInput(f"the filter could not be applied: {str(e).splitlines()[0]}") from None
     finally:
         cur.close()
+    for row in page:
+        if row["image_id"] in stacks:
+            row["stack"] = {"cluster_id": stacks[row["image_id"]][0], "size": len(stacks[row["image_id"]][1]),
+                            "members": stacks[row["image_id"]][1]}
     by_collection = {(c or None): n for c, n in counts}
     total = by_collection.get(collection, 0) if collection else sum(by_collection.values())
     filters = {k: v for k, v in (("folder", folder), ("tag", tag), ("bucket", bucket), ("cluster", cluster),
-                                 ("where", where)) if v}
+                                 ("where", where), ("stack", stack)) if v}
     return {"images": page, "total": total, "collections": by_collection, "filters": filters}
 
 

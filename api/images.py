@@ -92,6 +92,8 @@ def openapi_paths(settings) -> dict:
                  "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,200}$"}},
                 {"name": "where", "in": "query", "description": "a metadata/capture filter (JSON, the filter language)",
                  "schema": {"type": "string"}},
+                {"name": "stack", "in": "query", "description": "dup: each near-duplicate group as one stack",
+                 "schema": {"type": "string", "enum": ["dup"]}},
             ],
             "responses": {
                 "200": json_response({"type": "object", "required": ["ok", "images", "total", "collections"], "properties": {

@@ -29,14 +29,39 @@ export function mountBrowse(root, {thumbSize, thumbSmall, onOpen}) {
     const filtered = filters.summary();
     title.textContent = `${state.collection || "All images"} · ${body.total} images${filtered ? ` · ${filtered}` : ""}`;
     grid.replaceChildren(...body.images.map((im) =>
-      el("button", {type: "button", class: "cell", title: `#${im.seq} ${im.width}×${im.height} ${im.format}`,
-                    dataset: {imageId: im.image_id}, onclick: () => onOpen(im.image_id)},
-         el("img", {loading: "lazy", alt: `image ${im.seq}`, src: thumbUrl(im.image_id, thumbSize)}))));
+      el("button", {type: "button", class: im.stack ? "cell stack" : "cell",
+                    title: im.stack ? `a stack of ${im.stack.size} near-duplicates: e expands it, 1–9 sorts them all into a bucket`
+                                    : `#${im.seq} ${im.width}×${im.height} ${im.format}`,
+                    dataset: {imageId: im.image_id, ...(im.stack ? {members: im.stack.members.join(","), clusterId: im.stack.cluster_id} : {})},
+                    onclick: () => onOpen(im.image_id)},
+         el("img", {loading: "lazy", alt: `image ${im.seq}`, src: thumbUrl(im.image_id, thumbSize)}),
+         im.stack ? el("span", {class: "stack-count"}, `×${im.stack.size}`) : "")));
     if (!body.images.length) grid.append(el("p", {class: "empty"}, filtered ? "No image matches these filters." : "No images yet. Run imagelake ingest --images FOLDER."));
     pager.replaceChildren(
       state.page > 0 ? el("button", {type: "button", onclick: () => { state.page--; load(); }}, "← previous") : "",
       (state.page + 1) * PAGE < body.total ? el("button", {type: "button", onclick: () => { state.page++; load(); }}, "next →") : "");
   }
+
+  // a focused stack: e expands it, 1–9 sorts every member into that bucket (Curate's numbering)
+  grid.addEventListener("keydown", async (e) => {
+    const cell = e.target.closest(".cell.stack");
+    if (!cell || e.ctrlKey || e.metaKey || e.altKey) return;
+    const members = cell.dataset.members.split(",");
+    if (e.key === "e") {
+      e.preventDefault();
+      filters.expand(cell.dataset.clusterId, members.length);
+    } else if (/^[1-9]$/.test(e.key)) {
+      const bucket = filters.buckets()[Number(e.key) - 1];
+      if (!bucket) return;
+      e.preventDefault();
+      try {
+        await api(`/buckets/${bucket.bucket_id}/images`, {method: "POST", json: {image_ids: members}});
+        toast(`${members.length} near-duplicates added to "${bucket.name}"`);
+        cell.classList.add("sorted");
+        document.dispatchEvent(new CustomEvent("imagelake:buckets-changed", {detail: {kind: "add", bucketId: bucket.bucket_id, ids: members}}));
+      } catch (err) { toast(err.message, "error"); }
+    }
+  });
 
   function go(collection) {
     state = {collection, page: 0};

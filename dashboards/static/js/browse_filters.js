@@ -7,7 +7,7 @@ import {api, el, thumbUrl, toast} from "./api.js";
 export function mountBrowseFilters(root, {thumbSize, onChange}) {
   const bar = root.querySelector("#browse-filters");
   const strip = root.querySelector("#browse-clusters");
-  const state = {folder: "", tag: "", bucket: "", cluster: "", clusterName: "", from: "", to: "", camera: "", gps: false, where: ""};
+  const state = {folder: "", tag: "", bucket: "", cluster: "", clusterName: "", from: "", to: "", camera: "", gps: false, where: "", stack: false};
   let choices = null;
   let clusterKind = "topic";
 
@@ -47,6 +47,9 @@ export function mountBrowseFilters(root, {thumbSize, onChange}) {
       c.cameras.length ? select("filter-camera", "Camera", c.cameras.map((x) => [x.camera, `${x.camera} (${x.images})`]), "camera") : "",
       el("label", {}, el("input", {type: "checkbox", id: "filter-gps", checked: state.gps, onchange: (e) => set("gps", e.target.checked)}),
          ` has GPS (${c.with_gps})`),
+      el("label", {title: "show each near-duplicate group as one stack; e expands it, 1–9 sorts it into a bucket"},
+         el("input", {type: "checkbox", id: "filter-stack", checked: state.stack, onchange: (e) => set("stack", e.target.checked)}),
+         " stack near-duplicates"),
       el("label", {}, "Where ", el("input", {id: "filter-where", value: state.where, size: 28, spellcheck: "false",
                                               placeholder: '{"width": {">=": 100}}', "aria-label": "filter (JSON)",
                                               onchange: (e) => set("where", e.target.value.trim())})),
@@ -65,7 +68,7 @@ export function mountBrowseFilters(root, {thumbSize, onChange}) {
   }
 
   function clear() {
-    Object.assign(state, {folder: "", tag: "", bucket: "", cluster: "", clusterName: "", from: "", to: "", camera: "", gps: false, where: ""});
+    Object.assign(state, {folder: "", tag: "", bucket: "", cluster: "", clusterName: "", from: "", to: "", camera: "", gps: false, where: "", stack: false});
     render();
     onChange();
   }
@@ -91,6 +94,7 @@ export function mountBrowseFilters(root, {thumbSize, onChange}) {
   function params() {
     const out = {};
     for (const key of ["folder", "tag", "bucket", "cluster"]) if (state[key]) out[key] = state[key];
+    if (state.stack && !state.cluster) out.stack = "dup";
     const w = where();
     if (w) out.where = JSON.stringify(w);
     return out;
@@ -114,6 +118,13 @@ export function mountBrowseFilters(root, {thumbSize, onChange}) {
     try { choices = await api("/browse/filters"); render(); } catch (e) { bar.replaceChildren(el("span", {class: "muted"}, e.message)); }
   }
 
+  // a stack expanded: its group becomes the cluster filter (all its members shown)
+  function expand(clusterId, size) {
+    Object.assign(state, {cluster: clusterId, clusterName: `near-duplicate group of ${size}`});
+    render();
+    onChange();
+  }
+
   document.addEventListener("imagelake:tagged", () => load());  // a new tag joins the list
-  return {load, params, summary};
+  return {load, params, summary, expand, buckets: () => (choices ? choices.buckets.filter((b) => b.bucket_id !== "discard") : [])};
 }

@@ -53,6 +53,14 @@ export function selectable(grid, {from = () => null} = {}) {
     e.preventDefault();
     e.stopImmediatePropagation();
     const id = cell.dataset.imageId;
+    if (cell.dataset.members && !e.shiftKey) {  // a stack of near-duplicates: all its members at once
+      const members = cell.dataset.members.split(",");
+      const on = !selected.has(id);
+      for (const m of members) on ? selected.add(m) : selected.delete(m);
+      anchor = id;
+      source = from();
+      return changed();
+    }
     const cells = [...grid.querySelectorAll(".cell[data-image-id]")];
     if (e.shiftKey && anchor && cells.some((c) => c.dataset.imageId === anchor)) {
       const a = cells.findIndex((c) => c.dataset.imageId === anchor), b = cells.indexOf(cell);
