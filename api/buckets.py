@@ -129,7 +129,10 @@ def action_response(event: dict[str, Any], status: int = 200):
         undone = state.by_id.get(event["undo_of"]) if event.get("undo_of") else None
     body = {"ok": True, "event": event_json(event), "bucket": jsonable(bucket)}
     if event.get("action") == "undo":
-        body["undone"] = event_json(undone) if undone else None  # what the undo cancelled, for the UI
+        from api.undo_redo import named_event  # what the undo cancelled, with its bucket names, for the UI
+
+        with store.reading(fresh=False) as state:
+            body["undone"] = named_event(state, undone) if undone else None
     response = jsonify(body)
     response.status_code = status
     return response

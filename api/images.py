@@ -17,9 +17,14 @@ _IMMUTABLE = "private, max-age=31536000, immutable"
 
 @bp.get("/images")
 def browse():
-    """A page of images in seq order: ``?limit=`` (1..500, default 60), ``?offset=``, ``?collection=``."""
+    """A page of images in seq order: ``?limit=`` (1..500, default 60), ``?offset=``, ``?collection=``;
+    ``?folder= &tag= &bucket= &cluster= &where=`` filter it (:mod:`api.browse_filters`)."""
     limit = _int_arg("limit", 60, 1, 500)
     offset = _int_arg("offset", 0, 0, 2**62)
+    from api.browse_filters import filtered_page, has_filters  # folder, tag, bucket, cluster, where
+
+    if has_filters(request.args):
+        return jsonify({"ok": True, **jsonable(filtered_page(request.args, limit=limit, offset=offset))})
     page = lake_reader().browse(limit=limit, offset=offset, collection=request.args.get("collection") or None)
     return jsonify({"ok": True, **jsonable(page)})
 
@@ -77,12 +82,25 @@ def openapi_paths(settings) -> dict:
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 60}},
                 {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}},
                 {"name": "collection", "in": "query", "schema": {"type": "string"}},
+                {"name": "folder", "in": "query", "description": "images seen at a path in this folder or below",
+                 "schema": {"type": "string", "maxLength": 1000}},
+                {"name": "tag", "in": "query", "description": "a current tag (user, concept or learned)",
+                 "schema": {"type": "string", "maxLength": 200}},
+                {"name": "bucket", "in": "query", "description": "members of this bucket (pending excluded)",
+                 "schema": {"type": "string", "pattern": "^([0-9a-f]{16}|discard)$"}},
+                {"name": "cluster", "in": "query", "description": "members of this near-duplicate group or topic cluster",
+                 "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,200}$"}},
+                {"name": "where", "in": "query", "description": "a metadata/capture filter (JSON, the filter language)",
+                 "schema": {"type": "string"}},
+                {"name": "stack", "in": "query", "description": "dup: each near-duplicate group as one stack",
+                 "schema": {"type": "string", "enum": ["dup"]}},
             ],
             "responses": {
                 "200": json_response({"type": "object", "required": ["ok", "images", "total", "collections"], "properties": {
                     "ok": {"const": True}, "images": {"type": "array", "items": {"type": "object"}},
-                    "total": {"type": "integer"}, "collections": {"type": "object"}}}, "One page"),
-                **errors(400),
+                    "total": {"type": "integer"}, "collections": {"type": "object"},
+                    "filters": {"type": "object"}}}, "One page"),
+                **errors(400, 404),
             },
         }},
         "/images/{image_id}": {"get": {

@@ -68,3 +68,51 @@ def test_facets_are_kept_per_table_version(lake, client, tmp_path):
     run_ingest(lake, Settings(lake=lake.root, runner="local"), str(tmp_path / "b"))
     assert counts() == {"a": 9, "b": 9}  # a new images version is counted again
     assert client.get(f"{API}/facets?column=collection&where=%7Bbad").status_code == 400
+
+
+def test_filters_by_folder_tag_bucket_and_where_and_bulk_tags(lake, client, tmp_path):
+    """GET /images?folder=&tag=&bucket=&where= (with a collection), GET /browse/filters, and
+    POST /tags/bulk tagging a selection in one request; bad input answers 400/404/413."""
+    from urllib.parse import quote
+
+    def page(q):
+        body = client.get(f"{API}/images?limit=60&{q}").get_json()
+        assert body["ok"] is True, body
+        return body
+
+    every = page("")["images"]
+    a_ids = [i["image_id"] for i in every if i["collection"] == "a"]
+    folder = page(f"folder={quote(str(tmp_path / 'b'))}")
+    assert folder["total"] == 7 and folder["collections"] == {"b": 7}
+    assert page(f"folder={quote(str(tmp_path))}")["total"] == 16  # a folder includes its sub-folders
+    assert page(f"folder={quote(str(tmp_path)[:-1])}")["total"] == 0  # a folder, not a prefix of a name
+    choices = client.get(f"{API}/browse/filters").get_json()
+    assert {f["folder"]: f["images"] for f in choices["folders"]} == {str(tmp_path / "a"): 9, str(tmp_path / "b"): 7}
+    # bulk tag three images of a, then filter by that tag and by a bucket
+    tagged = client.post(f"{API}/tags/bulk", json={"image_ids": a_ids[:3], "add": ["Beach"]}).get_json()
+    assert tagged["ok"] and tagged["images"] == 3 and tagged["added"] == {"beach": 3}
+    by_tag = page("tag=beach")
+    assert sorted(i["image_id"] for i in by_tag["images"]) == sorted(a_ids[:3]) and by_tag["filters"] == {"tag": "beach"}
+    assert {"tag": "beach", "sources": ["user"], "images": 3} in client.get(f"{API}/browse/filters").get_json()["tags"]
+    again = client.post(f"{API}/tags/bulk", json={"image_ids": a_ids[:4], "add": ["beach"], "remove": []}).get_json()
+    assert again["added"] == {"beach": 1}  # only the one that had not got it
+    client.post(f"{API}/tags/bulk", json={"image_ids": a_ids[:2], "remove": ["beach"]})
+    assert page("tag=beach")["total"] == 2
+    bucket = client.post(f"{API}/buckets", json={"name": "sea"}).get_json()["bucket"]["bucket_id"]
+    client.post(f"{API}/buckets/{bucket}/images", json={"image_ids": a_ids[2:6]})
+    both = page(f"bucket={bucket}&tag=beach&collection=a")
+    assert sorted(i["image_id"] for i in both["images"]) == sorted(a_ids[2:4])
+    wide = quote('{"width": {">=": 64}, "format": "JPEG"}')
+    assert page(f"where={wide}&bucket={bucket}")["total"] == 4
+    narrow, unknown = quote('{"width": {">": 64}}'), quote('{"nope": 1}')
+    assert page(f"where={narrow}")["total"] == 0
+    assert page("where=%7B%7D")["total"] == 16  # an empty filter matches everything (the index path)
+    for q, status in (("where=%7Bbad", 400), (f"where={unknown}", 400), ("bucket=xyz", 400),
+                      ("bucket=0000000000000000", 404), ("cluster=no%20such", 400), ("cluster=nosuch", 404)):
+        body = client.get(f"{API}/images?{q}").get_json()
+        assert body["ok"] is False and body["status"] == status and body["error"], (q, body)
+    for body, status in (({"image_ids": a_ids[:1]}, 400), ({"image_ids": ["f" * 64], "add": ["x"]}, 404),
+                         ({"image_ids": a_ids[:1], "add": ["bad\ttag!"]}, 400), ({"image_ids": a_ids[:1], "correct": []}, 400),
+                         ({"image_ids": ["f" * 64] * 100_001, "add": ["x"]}, 413)):
+        answer = client.post(f"{API}/tags/bulk", json=body)
+        assert answer.status_code == status, (body if len(str(body)) < 300 else "413 case", answer.get_json())

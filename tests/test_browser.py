@@ -365,10 +365,41 @@ def test_undo_takes_the_badge_back_and_says_what_it_undid(page, site, own_bucket
     first.locator(".badge").wait_for(state="visible")
     page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('1 images')")
     page.keyboard.press("u")
-    page.wait_for_selector("#curate-status:has-text('undone: add of 1 image to')")
+    page.wait_for_selector("#curate-status:has-text('undone: add 1 to')")
     page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('0 images')")
     assert first.locator(".badge").count() == 0, "the cell keeps its bucket badge after the undo"
     assert _members(site, bucket_id) == set()
+
+
+def test_the_undo_and_redo_buttons_name_what_they_do_and_follow_each_action(page, site, own_bucket):
+    bucket_id, _ = own_bucket
+    page.set_viewport_size(SMALL)
+    name = page.inner_text(f".bucket[data-bucket-id='{bucket_id}'] .name")
+    cells = page.locator("#curate-grid .cell")
+    ids = cells.evaluate_all("cs => cs.slice(0, 3).map(c => c.dataset.imageId)")
+    for i in range(3):
+        cells.nth(i).click(modifiers=["Control"])
+    page.select_option("#selection-bucket", bucket_id)
+    page.click("#selection-add")  # one request: one action of three images
+    undo, redo = page.locator("#undo-button"), page.locator("#redo-button")
+    page.wait_for_selector(f"#undo-button:has-text('Undo: add 3 to {name}')")
+    assert assert_seen_text(redo, "the redo button") == "Nothing to redo" and redo.is_disabled()
+    assert_seen(undo, "the undo button")
+    page.wait_for_function("() => document.querySelectorAll('#curate-grid .badge').length === 3")
+    undo.click()
+    page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('0 images')")
+    page.wait_for_selector(f"#redo-button:has-text('Redo: add 3 to {name}')")
+    assert page.locator("#curate-grid .badge").count() == 0
+    assert "undone: add 3 to" in page.inner_text("#curate-status")
+    assert _members(site, bucket_id) == set()
+    redo.click()
+    page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('3 images')")
+    page.wait_for_selector("#redo-button:has-text('Nothing to redo')")
+    assert_seen(page.locator(f"#undo-button:has-text('Undo: add 3 to {name}')"), "the undo button, after the redo")
+    page.wait_for_function("() => document.querySelectorAll('#curate-grid .badge').length === 3")
+    assert _members(site, bucket_id) == set(ids)
+    page.keyboard.press("Control+z")  # the same undo from the keyboard, in any view
+    page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('0 images')")
 
 
 def test_every_sql_preset_runs(page, site):
@@ -667,3 +698,72 @@ def test_the_whole_suggestion_page_fits_the_window(page, site, own_bucket, size)
         assert_seen(cells.nth(i), f"suggestion {i + 1}")
     assert page.evaluate("() => window.scrollY") == 0
     assert cells.first.bounding_box()["width"] >= 90  # still big enough to judge
+
+
+BIG = {"width": 1920, "height": 1080}
+VIEW_READY = {"curate": "#curate-grid .cell img", "map": "#map-viewer[data-ready='1'] canvas", "search": "#search-form button",
+              "sql": "#sql-presets button", "browse": "#browse-grid .cell img", "unusual": "#unusual-grid .cell img",
+              "buckets": "#bucket-index a"}
+
+
+def test_browse_filters_stacks_and_bulk_tags_then_a_screenshot_of_every_view_at_1920(page, site, own_bucket, artifacts_dir):
+    """Browse at 1920x1080: clusters shown by name, size and a preview (a click filters by one),
+    a folder filter, a bulk tag of a selection found again by the tag filter, a near-duplicate
+    stack sorted into a bucket by one key and expanded by another, the bucket filter; then every
+    view once, screenshotted into test-artifacts/."""
+    bucket_id, key = own_bucket
+    page.set_viewport_size(BIG)
+    page.goto(site["base"] + "/#browse")
+    page.wait_for_selector("#browse-grid .cell img")
+    title = page.locator("#browse-title")
+    card = page.locator(".cluster-card").first
+    assert_seen(card.locator("img"), "a cluster's preview")
+    name, size = card.locator(".cluster-name").inner_text(), int(card.locator(".cluster-size").inner_text().split()[0])
+    assert name and "." not in name and size > 1, name  # a name, not the raw id
+    card.click()
+    page.wait_for_function(f"() => document.querySelector('#browse-title').textContent.startsWith('All images · {size} images · cluster')")
+    assert page.locator("#browse-grid .cell").count() == min(size, 60)
+    card.click()  # again: the cluster filter goes
+    page.wait_for_function("() => document.querySelector('#browse-title').textContent === 'All images · 290 images'")
+    page.select_option("#filter-folder", str(site["root"] / "dogs"))
+    page.wait_for_function("() => document.querySelector('#browse-title').textContent.includes('20 images · folder dogs')")
+    assert_seen(page.locator("#filter-folder"), "the folder filter")
+    # bulk tag: three selected images get a tag in one request; the tag filter finds exactly them
+    cells = page.locator("#browse-grid .cell")
+    chosen = cells.evaluate_all("cs => cs.slice(0, 3).map(c => c.dataset.imageId)")
+    for i in range(3):
+        cells.nth(i).click(modifiers=["Control"])
+    page.fill("#selection-tag", "Seaside")
+    assert_seen(page.locator("#selection-tag-add"), "the bulk tag button")
+    page.click("#selection-tag-add")
+    page.wait_for_selector(".toast:has-text('tagged 3 images \"seaside\"')")
+    page.keyboard.press("Escape")
+    page.click("#filter-clear")
+    page.fill("#filter-tag", "seaside")
+    page.press("#filter-tag", "Enter")
+    page.wait_for_function("() => document.querySelector('#browse-title').textContent.includes('3 images · tag seaside')")
+    assert sorted(cells.evaluate_all("cs => cs.map(c => c.dataset.imageId)")) == sorted(chosen)
+    page.click("#filter-clear")
+    # a near-duplicate group is one stack with its count; one key sorts it all into the bucket
+    page.check("#filter-stack")
+    stack = page.locator("#browse-grid .cell.stack").first
+    assert_seen(stack.locator(".stack-count"), "the stack's count")
+    members = stack.get_attribute("data-members").split(",")
+    assert stack.locator(".stack-count").inner_text() == f"×{len(members)}" and len(members) > 1
+    assert page.locator("#browse-grid .cell[data-image-id='%s']" % members[1]).count() == 0  # the others are stacked
+    stack.focus()
+    page.keyboard.press(key)
+    page.wait_for_selector(f".toast:has-text('{len(members)} near-duplicates added')")
+    assert _members(site, bucket_id) == set(members)
+    stack.focus()
+    page.keyboard.press("e")  # expands: the group's members, each shown
+    page.wait_for_function(f"() => document.querySelector('#browse-title').textContent.includes('{len(members)} images · cluster near-duplicate')")
+    assert set(cells.evaluate_all("cs => cs.map(c => c.dataset.imageId)")) == set(members)
+    page.click("#filter-clear")
+    page.select_option("#filter-bucket", bucket_id)
+    page.wait_for_function(f"() => document.querySelector('#browse-title').textContent.includes('{len(members)} images · bucket')")
+    for view, ready in VIEW_READY.items():
+        page.goto(f"{site['base']}/#{view}")
+        page.wait_for_selector(ready)
+        assert_seen(page.locator(f"#tabs a[data-view='{view}']"), f"the {view} tab")
+        page.screenshot(path=str(artifacts_dir / f"view-{view}-1920x1080.png"))

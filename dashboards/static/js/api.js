@@ -28,6 +28,8 @@ export async function api(path, {method = "GET", json, form, signal} = {}) {
   if (!response.ok || body.ok === false) {
     throw new ApiError(body.error || `HTTP ${response.status}`, response.status);
   }
+  // a bucket write changes what undo and redo would act on (undo.js asks again)
+  if (method !== "GET" && /^\/(buckets|discard|undo|redo)\b/.test(path)) document.dispatchEvent(new CustomEvent("imagelake:wrote"));
   return body;
 }
 

@@ -4,6 +4,7 @@ import {mountBrowse} from "./browse.js";
 import {mountDetails} from "./details.js";
 import {mountSql} from "./sql.js";
 import "./selection.js";  // the app-wide selection and its bar
+import {mountUndo} from "./undo.js";
 
 const body = document.body;
 const thumbSmall = Number(body.dataset.thumbSmall);
@@ -12,7 +13,7 @@ const details = mountDetails(document.getElementById("details"), {thumbSize: thu
 const context = {thumbSmall, thumbLarge, scope: body.dataset.scope, openDetails: (id) => details.open(id)};
 
 const views = {
-  browse: async (root) => mountBrowse(root, {thumbSize: thumbLarge, onOpen: context.openDetails}).load(),
+  browse: async (root) => mountBrowse(root, {thumbSize: thumbLarge, thumbSmall, onOpen: context.openDetails}).load(),
   sql: async (root) => mountSql(root),
   curate: async (root) => (await import("./curate.js")).mountCurate(root, context),
   map: async (root) => (await import("./map.js")).mountMap(root, context),
@@ -21,6 +22,7 @@ const views = {
   buckets: async (root) => (await import("./buckets.js")).mountBuckets(root, context),
 };
 const mounted = {};
+mountUndo(document.getElementById("undo-control"));
 
 async function show() {
   // "#buckets/<id>": a view and its argument

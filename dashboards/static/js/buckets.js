@@ -143,8 +143,8 @@ export function mountBuckets(root, {thumbLarge, openDetails}) {
   }
 
   document.addEventListener("imagelake:view", (e) => { visible = e.detail === "buckets"; });
-  document.addEventListener("imagelake:buckets-changed", () => {
-    if (visible && current) showBucket(current.bucket_id, offset);
-  });
+  for (const name of ["imagelake:buckets-changed", "imagelake:undone"]) {
+    document.addEventListener(name, () => { if (visible && current) showBucket(current.bucket_id, offset); });
+  }
   return {route: show};
 }

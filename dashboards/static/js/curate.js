@@ -2,7 +2,9 @@
 // Keys: 1–9 drop the focused image into bucket N, x discards it, u undoes your last action,
 // arrows move the focus, n shows the next page, f fast-forwards, t switches Grid/Tetris.
 import {api, el, thumbUrl, toast} from "./api.js";
+import {keysHelp} from "./keys.js";
 import {clearSelection, selectable, selectionIds} from "./selection.js";
+import {describe, redoLast, undoLast} from "./undo.js";
 
 const PAGE = 28;          // 4 × 7
 const PALETTE = ["#2f6fb3", "#e07b39", "#3a9b5c", "#b8439a", "#8a6d3b", "#d64550", "#5a5a9e", "#1b998b", "#c9a227"];
@@ -196,36 +198,18 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     if (mode === "grid") renderGrid();
   }
 
-  function describe(event) {
-    const n = (event.image_ids || []).length;
-    const name = event.bucket_id === "discard" ? "the discard pile" : `"${(buckets.find((b) => b.bucket_id === event.bucket_id) || {}).name || event.bucket_id}"`;
-    const images = `${n} image${n === 1 ? "" : "s"}`;
-    switch (event.action) {
-      case "add": case "copy": return event.bucket_id === "discard" ? `discard of ${images}` : `add of ${images} to ${name}`;
-      case "discard": return `discard of ${images}`;
-      case "pending": return `fast-forward of ${images} into ${name}`;
-      case "move": return `move of ${images} to ${name}`;
-      case "remove": return `removal of ${images} from ${name}`;
-      case "feedback": return `feedback on ${name}`;
-      case "create": return `creation of ${name}`;
-      default: return `${event.action} of ${name}`;
-    }
-  }
-
-  async function undo() {
-    try {
-      const body = await api("/undo", {method: "POST", json: {}});
-      const undone = body.undone || {};
-      await loadBuckets(false);
-      say(`undone: ${describe(undone)}`);
-      const ids = new Set(undone.image_ids || []);
-      const back = undone.action === "move" ? (undone.from_bucket || null) : null;
-      for (const item of page) if (ids.has(item.image_id)) item.placed = back;
-      // an undone fast-forward takes its pending images away; an undone commit brings them back
-      if (mode === "grid") { await resumeReview(); renderGrid(); } else nextTetris();
-      loadPreviews();
-    } catch (e) { toast(e.message, "error"); }
-  }
+  // an undo from anywhere (u here, the header's button, ctrl+Z): the badges and the review follow
+  document.addEventListener("imagelake:undone", async (e) => {
+    const undone = e.detail || {};
+    await loadBuckets(false);
+    say(`undone: ${describe(undone)}`);
+    const ids = new Set(undone.image_ids || []);
+    const back = undone.action === "move" ? (undone.from_bucket || null) : null;
+    for (const item of page) if (ids.has(item.image_id)) item.placed = back;
+    // an undone fast-forward takes its pending images away; an undone commit brings them back
+    if (mode === "grid") { await resumeReview(); renderGrid(); } else nextTetris();
+    loadPreviews();
+  });
 
   function mark(imageId, bucketId) {
     const item = page.find((p) => p.image_id === imageId);
@@ -475,7 +459,8 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     } else if (e.key === "Enter" && mode === "tetris" && tetrisItem) {
       place(tetrisItem.image_id, tetrisItem.bucket.bucket_id);
     } else if (e.key === "?") keysHelp();
-    else if (e.key === "u") undo();
+    else if (e.key === "u") undoLast();
+    else if (e.key === "U") redoLast();
     else if (e.key === "n") nextPage();
     else if (e.key === "f") fastForward();
     else if (e.key === "t") setMode(mode === "grid" ? "tetris" : "grid");
@@ -486,23 +471,6 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     } else return;
     e.preventDefault();
   });
-  // ? shows every key in an overlay; any key or click closes it
-  function keysHelp() {
-    const rows = [["1–9", "drop the focused image (or the selection) into bucket N; again with another number moves it"],
-                  ["x", "discard the focused image (in a review: mark it as not belonging)"], ["u", "undo your last action"],
-                  ["←↑→↓", "move the focus"], ["n", "next page: the untouched images become negatives"],
-                  ["f", "fast-forward: the model's top 28 join pending review"], ["t", "Grid / Tetris"],
-                  ["Enter", "Tetris: accept the suggested bucket"], ["ctrl/shift-click, shift-drag", "select images"],
-                  ["Escape", "close the drawer, clear the selection"], ["?", "this help"]];
-    const box = el("div", {class: "keys-help", id: "keys-help", role: "dialog", "aria-label": "keys"},
-      el("h3", {}, "Keys"), el("table", {}, rows.map(([k, what]) => el("tr", {}, el("td", {}, el("kbd", {}, k)), el("td", {}, what)))),
-      el("p", {class: "muted"}, "any key or click closes this"));
-    const close = (e) => { e.preventDefault(); e.stopImmediatePropagation(); box.remove();
-                           document.removeEventListener("keydown", close, true); };
-    box.addEventListener("click", close);
-    document.addEventListener("keydown", close, true);
-    document.body.append(box);
-  }
   document.addEventListener("imagelake:view", (e) => { visible = e.detail === "curate"; });
   // the selection bar acted on images of this page: the badges follow
   document.addEventListener("imagelake:buckets-changed", (e) => {

@@ -1,8 +1,8 @@
 // One selection of images for the whole app, and the bar that acts on it.
 // In any grid: ctrl/cmd-click toggles an image, shift-click selects the range from the last one
 // clicked; a drag with shift held on a grid's background draws a rubber band. The map adds its
-// lasso. The bar (bottom of the window) shows the count and adds, moves or discards them all in
-// one request; Escape clears it.
+// lasso. The bar (bottom of the window) shows the count and adds, moves, discards or tags them all
+// in one request; Escape clears it.
 import {api, el, toast} from "./api.js";
 
 const selected = new Set();
@@ -53,6 +53,14 @@ export function selectable(grid, {from = () => null} = {}) {
     e.preventDefault();
     e.stopImmediatePropagation();
     const id = cell.dataset.imageId;
+    if (cell.dataset.members && !e.shiftKey) {  // a stack of near-duplicates: all its members at once
+      const members = cell.dataset.members.split(",");
+      const on = !selected.has(id);
+      for (const m of members) on ? selected.add(m) : selected.delete(m);
+      anchor = id;
+      source = from();
+      return changed();
+    }
     const cells = [...grid.querySelectorAll(".cell[data-image-id]")];
     if (e.shiftKey && anchor && cells.some((c) => c.dataset.imageId === anchor)) {
       const a = cells.findIndex((c) => c.dataset.imageId === anchor), b = cells.indexOf(cell);
@@ -122,12 +130,33 @@ function render() {
       el("button", {type: "button", id: "selection-add", onclick: () => act("add", choose.value)}, source ? "copy there" : "add"),
       source ? el("button", {type: "button", id: "selection-move", onclick: () => act("move", choose.value)}, "move there") : "",
       source ? el("button", {type: "button", id: "selection-remove", onclick: () => act("remove")}, "remove from bucket") : "",
-      el("button", {type: "button", id: "selection-discard", onclick: () => act("discard")}, "discard")] : []),
+      el("button", {type: "button", id: "selection-discard", onclick: () => act("discard")}, "discard"),
+      tagForm()] : []),
     el("button", {type: "button", class: "link", id: "selection-clear", onclick: clearSelection}, "clear"));
   if (!buckets.length && write && !bar.dataset.loading) {
     bar.dataset.loading = "1";
     loadBuckets().finally(() => delete bar.dataset.loading);
   }
+}
+
+// bulk tag: one POST /tags/bulk for the whole selection (the user tags teach the learned model)
+function tagForm() {
+  const input = el("input", {id: "selection-tag", placeholder: "tag", size: 10, maxlength: 64, "aria-label": "tag the selection"});
+  const send = async (e) => {
+    e.preventDefault();
+    const tag = input.value.trim();
+    if (!tag) return input.focus();
+    const ids = [...selected];
+    try {
+      const body = await api("/tags/bulk", {method: "POST", json: {image_ids: ids, add: [tag]}});
+      const got = Object.values(body.added || {})[0] ?? 0;
+      toast(`tagged ${ids.length} image${ids.length === 1 ? "" : "s"} "${tag.toLowerCase()}" (${got} new)`);
+      document.dispatchEvent(new CustomEvent("imagelake:tagged", {detail: {tag, ids}}));
+      input.value = "";
+    } catch (err) { toast(err.message, "error"); }
+  };
+  input.addEventListener("keydown", (e) => { e.stopPropagation(); if (e.key === "Enter") send(e); });
+  return el("span", {class: "selection-tag"}, input, el("button", {type: "button", id: "selection-tag-add", onclick: send}, "tag"));
 }
 
 const names = (id) => (buckets.find((b) => b.bucket_id === id) || {}).name || id;
