@@ -1,7 +1,7 @@
 """The ``storage_options`` setting is all a process needs to reach an ``s3://`` lake: no ``AWS_*``
 variable anywhere, the credentials in variables the settings only name. The CLI ingests into the
 loopback S3 server (moto, signature-checking off); an app made with those settings serves the
-images, thumbnails and SQL; bad options are named, a missing credential variable is exit 2.
+images, thumbnails and SQL, and the quality step runs on the lake; bad options are named, a missing credential variable is exit 2.
 """
 
 from __future__ import annotations
@@ -74,9 +74,19 @@ def test_an_app_made_with_the_settings_serves_the_s3_lake(lake, monkeypatch, tmp
         sql = client.post(f"{API_PREFIX}/sql", json={"sql": "SELECT count(*) AS n FROM thumbnails"})
         assert sql.status_code == 200, sql.data[:300]
         assert sql.get_json()["rows"][0][0] == 24
+        # the quality step on the s3 lake: its input staged in the bucket, each task reading its own file
+        from jobs.quality.driver import run_quality
+        from jobs.runner import LocalRunner
+        from lake.catalog import Lake
         from lake.store import LakeStore
 
-        assert any(o.key.startswith("tables/images/_delta_log/") for o in LakeStore.for_lake(root).list("tables/images"))
+        summary = run_quality(Lake.at(root), settings, runner=LocalRunner())
+        assert summary["rows_in"] == summary["rows_out"] == 12, summary
+        sql = client.post(f"{API_PREFIX}/sql", json={"sql": "SELECT count(DISTINCT image_id) FROM image_quality"})
+        assert sql.get_json()["rows"][0][0] == 12
+        store = LakeStore.for_lake(root)
+        assert any(o.key.startswith("tables/images/_delta_log/") for o in store.list("tables/images"))
+        assert store.list("_staging") == []  # the staged input and output are gone
     finally:
         from lake.remote import configure
 
