@@ -37,6 +37,9 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
         test_config: Flask config overrides (``TESTING`` and the like), applied last.
     """
     settings = settings if settings is not None else load_settings()
+    from lake.remote import configure
+
+    configure(settings.storage_options, settings.lake)  # how this process reaches an object-store lake
     app = Flask(__name__, static_folder=None)  # the dashboard serves its own static files
     app.config.update(MAX_CONTENT_LENGTH=settings.upload_max_bytes)
     request_limits.init_app(app)  # bounded JSON nesting, form limits that name themselves

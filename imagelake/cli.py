@@ -515,6 +515,9 @@ def _run(argv: Sequence[str]) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         for noisy in ("py4j", "pyspark"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        from lake.remote import configure
+
+        configure(settings.storage_options, settings.lake)  # deltalake, obstore and pyarrow alike, children too
         lake = Lake.at(settings.lake)
         return _COMMANDS[args.command](args, settings, lake)
     except ImagelakeError as e:

@@ -27,6 +27,10 @@ def spark_conf(settings: Settings) -> dict[str, str]:
         "spark.task.maxFailures": "4",
         "spark.driver.extraJavaOptions": "-Dio.netty.tryReflectionSetAccessible=true",
     }
+    if settings.storage_options:  # executors read no settings file: the options (env names, no secrets)
+        import json
+
+        conf["spark.executorEnv.IMAGELAKE_STORAGE_OPTIONS"] = json.dumps(settings.storage_options, sort_keys=True)
     if settings.master.startswith("local"):
         conf["spark.driver.host"] = os.environ.get("SPARK_LOCAL_IP", "127.0.0.1")
         conf["spark.driver.bindAddress"] = conf["spark.driver.host"]

@@ -47,6 +47,7 @@ from deltalake.exceptions import TableNotFoundError
 
 from lake.catalog import Lake, table_spec
 from lake.errors import BadInput, NotFound
+from lake.remote import delta_options
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +272,7 @@ def events_from_arrow(table: pa.Table) -> list[dict[str, Any]]:
 
 def _open(lake: Lake, version: int | None = None, as_of: dt.datetime | None = None) -> DeltaTable | None:
     try:
-        table = DeltaTable(lake.table_uri("bucket_events"))
+        table = DeltaTable(lake.table_uri("bucket_events"), storage_options=delta_options(lake))
     except TableNotFoundError:
         return None
     try:
@@ -282,7 +283,7 @@ def _open(lake: Lake, version: int | None = None, as_of: dt.datetime | None = No
     except Exception as e:  # deltalake raises several types for a version outside the log
         # The library's text names the table's path: it goes to the log, not to the caller.
         log.info("bucket_events version %s not loadable: %s", version if version is not None else as_of, e)
-        latest = DeltaTable(lake.table_uri("bucket_events")).version()
+        latest = DeltaTable(lake.table_uri("bucket_events"), storage_options=delta_options(lake)).version()
         what = f"version {version}" if version is not None else f"version as of {as_of.isoformat()}"
         raise NotFound(f"bucket_events has no {what}; its versions are 0 to {latest}") from None
     return table

@@ -29,6 +29,7 @@ from deltalake.transaction import AddAction
 
 from lake.catalog import TABLES, Lake, TableSpec, table_spec
 from lake.lock import LakeLock
+from lake.remote import delta_options
 from lake.staging import filesystem_for
 
 __all__ = ["CommitResult", "ensure_tables", "open_table", "commit_staged", "commit_rows", "now_utc"]
@@ -52,15 +53,15 @@ def ensure_tables(lake: Lake, names: Iterable[str] | None = None) -> None:
     for name in names or TABLES:
         spec = table_spec(name)
         DeltaTable.create(lake.table_uri(name), spec.schema, mode="ignore", name=name,
-                          description=spec.description)
+                          description=spec.description, storage_options=delta_options(lake))
 
 
 def open_table(lake: Lake, name: str) -> DeltaTable:
     try:
-        return DeltaTable(lake.table_uri(name))
+        return DeltaTable(lake.table_uri(name), storage_options=delta_options(lake))
     except TableNotFoundError:
         ensure_tables(lake, [name])
-        return DeltaTable(lake.table_uri(name))
+        return DeltaTable(lake.table_uri(name), storage_options=delta_options(lake))
 
 
 def _sources_dataset(paths: list[str]) -> pads.Dataset:

@@ -41,10 +41,11 @@ def upgrade_lake(lake: Lake) -> dict[str, list[str]]:
     from deltalake import DeltaTable
 
     from lake.catalog import TABLES
+    from lake.remote import delta_options
 
     added = {}
     for name in TABLES:
-        if DeltaTable.is_deltatable(lake.table_uri(name)):
+        if DeltaTable.is_deltatable(lake.table_uri(name), storage_options=delta_options(lake)):
             columns = upgrade_table(lake, name)
             if columns:
                 added[name] = columns

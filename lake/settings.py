@@ -29,6 +29,7 @@ class Settings:
     """The effective configuration. Build it with :func:`load_settings`, change it with ``replace``."""
 
     lake: str = _opt("./lakehouse", "Lake root: a local path or a deltalake-supported URI.")
+    storage_options: dict = field(default_factory=dict, metadata={"help": "Object-store options for an s3:// lake (a TOML table, or JSON in IMAGELAKE_STORAGE_OPTIONS): endpoint, region, allow_http, access_key_id_env, secret_access_key_env, session_token_env, conditional_put, virtual_hosted_style; see Object storage."})
     master: str = _opt("local[*]", "Spark master URL (local[N], spark://host:7077, k8s://..., yarn).")
     runner: str = _opt("spark", "Where partition functions run: 'spark', or 'local' (in-process, tiny data).")
     partition_files: int = _opt(512, "Files per ingest partition (one Spark task, one staged file per table).")
@@ -109,9 +110,10 @@ class Setting:
     help: str
 
 
-_TYPES = {"str": str, "int": int, "bool": bool, "float": float, "tuple": tuple}
+_TYPES = {"str": str, "int": int, "bool": bool, "float": float, "tuple": tuple, "dict": dict}
 SETTINGS: tuple[Setting, ...] = tuple(
-    Setting(f.name, _TYPES[f.type], f.default, f.metadata["help"])
+    Setting(f.name, _TYPES[f.type], f.default if f.default is not dataclasses.MISSING else f.default_factory(),
+            f.metadata["help"])
     for f in dataclasses.fields(Settings) if not f.metadata.get("internal")
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -123,6 +125,10 @@ def _coerce(name: str, value: Any) -> Any:
     spec = _BY_NAME.get(name)
     if spec is None:
         raise BadInput(f"unknown setting {name!r}; known settings: {', '.join(sorted(_BY_NAME))}")
+    if spec.type is dict:
+        from lake.remote import check_storage_options
+
+        return check_storage_options(value)
     try:
         if spec.type is bool:
             if isinstance(value, str):

@@ -22,10 +22,13 @@ __all__ = ["StagedWriter", "staged_path", "filesystem_for", "remove_staging", "s
 
 
 def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and in-filesystem path for a local path or URI."""
+    """The pyarrow filesystem and in-filesystem path for a local path or URI (``s3://`` with the
+    settings' ``storage_options``, see :mod:`lake.remote`)."""
     if "://" not in path:
         return pafs.LocalFileSystem(), path
-    return pafs.FileSystem.from_uri(path)
+    from lake.remote import job_filesystem
+
+    return job_filesystem(path)
 
 
 def remote_store(uri: str):

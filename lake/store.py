@@ -16,9 +16,9 @@ stores behave the same:
   like any other lake error.
 
 Object stores are reached with ``obstore`` (Rust ``object_store``), configured by the same
-``AWS_*`` / ``GOOGLE_*`` / ``AZURE_*`` environment variables deltalake reads, plus an optional
-``storage_options`` mapping in deltalake's spelling (``AWS_ENDPOINT_URL``, ``AWS_ALLOW_HTTP``, ...),
-so one configuration serves the tables and everything else.
+``AWS_*`` / ``GOOGLE_*`` / ``AZURE_*`` environment variables deltalake reads, plus the
+``storage_options`` setting (:mod:`lake.remote`, passed in deltalake's spelling: ``AWS_ENDPOINT_URL``,
+``AWS_ALLOW_HTTP``, ...), so one configuration serves the tables and everything else.
 
 obstore's runtime threads do not survive ``fork``: a process forked after its parent made a remote
 call would hang on its first one, so it gets a clear error instead (start such processes with
@@ -41,6 +41,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator, Mapping
 
 from lake.errors import BadInput, NotFound, Unavailable
+from lake.remote import arrow_filesystem, delta_storage_options, open_delta, resolved_options
 
 __all__ = ["LakeStore", "ObjectInfo", "StoreUnavailable", "StoreTimeouts", "delta_storage_options", "open_delta",
            "as_store_unavailable", "store_errors", "arrow_filesystem"]
@@ -98,12 +99,15 @@ class LakeStore:
         self.is_local = "://" not in self.root
         if self.root.startswith("file://"):
             self.root, self.is_local = self.root[len("file://"):] or "/", True
-        self._remote = None if self.is_local else _open_remote(self.root, storage_options or {}, self.timeouts)
+        self._remote = None if self.is_local else _open_remote(
+            self.root, resolved_options() if storage_options is None else storage_options, self.timeouts)
 
     @classmethod
     def for_lake(cls, lake: Any, storage_options: Mapping[str, str] | None = None) -> "LakeStore":
         """The store of ``lake`` (a :class:`lake.catalog.Lake` or a root string), one per process."""
         root = getattr(lake, "root", lake)
+        if storage_options is None and "://" in str(root):
+            storage_options = resolved_options()  # the settings' storage_options (lake.remote)
         opts = tuple(sorted((storage_options or {}).items()))
         return _cached(str(root), opts, os.getpid())
 
@@ -486,23 +490,10 @@ def _translate(e: BaseException, op: str, key: str, root: str, endpoint: str = "
         why = ("connection refused" if "ConnectionRefused" in text else
                "timed out" if re.search(r"kind: Timeout|TimedOut", text) else
                "name not resolved" if "dns error" in text.lower() else "connection failed")
-        return StoreUnavailable(f"{where} is unreachable ({op} {key}: {why}); check AWS_ENDPOINT_URL and the network")
+        return StoreUnavailable(f"{where} is unreachable ({op} {key}: {why}); check the endpoint (storage_options or AWS_ENDPOINT_URL) and the network")
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EACCES):
         return StoreUnavailable(f"{where}: {op} {key} failed: {e.strerror}")
     return StoreUnavailable(f"{where}: {op} {key} failed: {_first_line(e)}")
-
-
-def delta_storage_options(lake: Any, *, timeout_s: float = 5.0, connect_timeout_s: float = 2.0,
-                          retries: int = 2, retry_total_s: float = 2.0) -> dict[str, str] | None:
-    """Storage options for ``DeltaTable(uri, storage_options=...)`` on an object-store lake: the
-    client limits that keep a dead endpoint from hanging a reader (deltalake's defaults retry for
-    minutes). Credentials and the endpoint still come from the ``AWS_*`` (``GOOGLE_*``, ``AZURE_*``)
-    environment. ``None`` for a local lake (nothing to bound)."""
-    root = str(getattr(lake, "root", lake))
-    if "://" not in root or root.startswith("file://"):
-        return None
-    return {"timeout": f"{timeout_s:g}s", "connect_timeout": f"{connect_timeout_s:g}s",
-            "max_retries": str(retries), "retry_timeout": f"{retry_total_s:g}s"}
 
 
 _STORE_TEXT = re.compile(r"error sending request|connection refused|Connection refused|dns error|timed out|"
@@ -529,8 +520,8 @@ def as_store_unavailable(e: BaseException, root: str) -> StoreUnavailable | None
            "the bucket does not exist" if "NoSuchBucket" in text else
            "the credentials were refused" if re.search(r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied", text)
            else "request failed")
-    return StoreUnavailable(f"the object store of the lake is unavailable ({why}); check AWS_ENDPOINT_URL, "
-                            "the credentials and the network, then retry")
+    return StoreUnavailable(f"the object store of the lake is unavailable ({why}); check the endpoint "
+                            "(storage_options or AWS_ENDPOINT_URL), the credentials and the network, then retry")
 
 
 class store_errors:
@@ -550,43 +541,3 @@ class store_errors:
         if translated is None or translated is e:
             return False
         raise translated from None
-
-
-def open_delta(lake: Any, name: str):
-    """``DeltaTable`` of the lake's table ``name`` with :func:`delta_storage_options` (bounded
-    timeouts and retries on an object store). Raises deltalake's TableNotFoundError as it is, and
-    StoreUnavailable when the store cannot be reached."""
-    from deltalake import DeltaTable
-
-    with store_errors(lake):
-        return DeltaTable(lake.table_uri(name), storage_options=delta_storage_options(lake))
-
-
-@functools.lru_cache(maxsize=8)
-def _arrow_s3(endpoint: str, region: str, pid: int):
-    from pyarrow import fs as pafs
-
-    kwargs: dict[str, Any] = {"connect_timeout": 2.0, "request_timeout": 10.0,
-                              "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2)}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
-    if region:
-        kwargs["region"] = region
-    return pafs.S3FileSystem(**kwargs)
-
-
-def arrow_filesystem(uri: str):
-    """(pyarrow filesystem, path in it) for a file of an object-store lake, with short timeouts and
-    few retries (pyarrow's defaults take many seconds to give up on a dead endpoint); local
-    paths and non-S3 URIs as ``pyarrow.fs.FileSystem.from_uri``."""
-    from pyarrow import fs as pafs
-
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), uri
-    scheme, _, rest = uri.partition("://")
-    if scheme.lower() not in {"s3", "s3a"}:
-        return pafs.FileSystem.from_uri(uri)
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or ""
-    return _arrow_s3(endpoint, region, os.getpid()), rest

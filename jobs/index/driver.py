@@ -52,6 +52,7 @@ from lake.catalog import TABLES, Lake
 from lake.commit import commit_rows, ensure_tables, now_utc, open_table
 from lake.errors import BadInput, NotFound
 from lake.lock import LakeLock
+from lake.remote import delta_options
 from lake.settings import Settings
 from lake.vectors import default_model_key, features_key, list_to_matrix
 
@@ -76,7 +77,7 @@ def _ensure_builds_table(lake: Lake) -> None:
     if table.file_uris():
         raise BadInput("the lake's index_builds table has an older schema and rows; migrate it before indexing")
     DeltaTable.create(lake.table_uri("index_builds"), spec.schema, mode="overwrite", name="index_builds",
-                      description=spec.description)
+                      description=spec.description, storage_options=delta_options(lake))
 
 
 def resolve_model_key(lake: Lake, model: str | None) -> str:

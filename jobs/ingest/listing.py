@@ -10,6 +10,7 @@ import pyarrow as pa
 from pyarrow import fs as pafs
 
 from lake.errors import BadInput, NotFound
+from lake.staging import filesystem_for
 
 __all__ = ["LISTING_SCHEMA", "list_source", "iter_source", "default_collection", "LISTING_CHUNK_ROWS"]
 
@@ -116,7 +117,8 @@ def _list_lines(lines: list[str], base: Path) -> Iterator[tuple]:
         if not line or line.startswith("#"):
             continue
         if "://" in line and not line.startswith("file://"):
-            f = pafs.FileSystem.from_uri(line)[0].get_file_info(pafs.FileSystem.from_uri(line)[1])
+            fs, inner = filesystem_for(line)  # s3:// with the settings' storage_options
+            f = fs.get_file_info(inner)
             yield (line, f.size if f.type == pafs.FileType.File else None,
                    int(f.mtime.timestamp() * 1e6) if f.mtime else None)
             continue
@@ -131,7 +133,7 @@ def _list_lines(lines: list[str], base: Path) -> Iterator[tuple]:
 
 def _list_uri_prefix(src: str) -> Iterator[tuple]:
     try:
-        fs, prefix = pafs.FileSystem.from_uri(src)
+        fs, prefix = filesystem_for(src)
         infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True))
     except (OSError, ValueError) as e:
         raise BadInput(f"--images {src!r} cannot be listed: {e}") from None
