@@ -57,7 +57,7 @@ from lake.errors import BadInput, Conflict, ImagelakeError, NotFound, Unavailabl
 from lake.lock import LakeLock
 from lake.staging import filesystem_for
 
-__all__ = ["Action", "BucketStore"]
+__all__ = ["Action", "BucketStore", "WriterStats"]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,7 @@ class BucketStore:
         self._closed = False
         self._stop_registered = False
         self.commits = 0
+        self.stats = WriterStats()
 
     # -- reading the log -----------------------------------------------------------------------
 
@@ -231,7 +232,7 @@ class BucketStore:
                     atexit.register(_close_at_exit, weakref.ref(self))
                     self._stop_registered = True
             self._inflight += 1
-            self._queue.put((action.with_event_id(), future))
+            self._queue.put((action.with_event_id(), future, time.perf_counter()))
         return future
 
     def committed(self, event_id: str, replayed: bool = False) -> dict[str, Any]:
@@ -248,6 +249,7 @@ class BucketStore:
             if first is None:  # close(): every queued action was committed first
                 return
             batch = [first]
+            started = time.perf_counter()
             while len(batch) < self.max_batch:
                 try:
                     item = self._queue.get_nowait()
@@ -257,19 +259,23 @@ class BucketStore:
                     self._queue.put(None)  # stop after this batch
                     break
                 batch.append(item)
+            self.stats.picked(started, [t for _, _, t in batch])
             try:
-                results = self._commit([a for a, _ in batch])
+                results = self._commit([a for a, _, _ in batch])
             except BaseException as e:  # the commit failed: nobody is acknowledged
                 log.exception("bucket log commit failed")
                 if not isinstance(e, ImagelakeError):
                     e = Unavailable(f"the bucket log commit failed ({type(e).__name__}); retry with the same "
                                     "client_event_id")
                 results = [e] * len(batch)
-            for (_, future), result in zip(batch, results):
+            for (_, future, _), result in zip(batch, results):
                 if isinstance(result, BaseException):
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+            self.stats.done(started)
+            if self._node is not None and self._node.is_writer and (self._queue.empty() or self.stats.due()):
+                self._node.board.publish_stats(self.stats.snapshot())
             with self._idle:
                 self._inflight -= len(batch)
                 self._idle.notify_all()
@@ -305,12 +311,15 @@ class BucketStore:
     def _commit(self, batch: list[Action]) -> list[Any]:
         """Plan ``batch`` on the latest state and commit it as the next Delta version; when another
         writer took that version, drop the plan, re-read and plan again."""
+        clock = self.stats.clock()
         for attempt in range(self.max_replans + 1):
             with self._writing(), self._lock:
+                clock("lock")
                 # Read the tail first (a cheap check of the log when nothing changed): planning on
                 # the fold as it is would also be correct (a commit from elsewhere makes ours fail
                 # and we re-plan), but each lost commit leaves an orphaned data file behind.
                 state = self.sync()
+                clock("sync")
                 results: list[Any] = []
                 rows: list[dict[str, Any]] = []
                 for action in batch:
@@ -328,6 +337,7 @@ class BucketStore:
                         results.append(event)
                     except ImagelakeError as e:
                         results.append(e)
+                clock("plan")
                 if not rows:
                     return results
                 base = self.version
@@ -343,16 +353,23 @@ class BucketStore:
                         self._seen, self.state, self.version = set(), BucketState(), None
                         raise Unavailable(f"the bucket log commit failed: {e}") from None
                     self.replans += 1
+                    self.stats.count("replans")
                     log.info("bucket log: version %s was taken by another writer; planning %d action(s) again",
                              (base if base is not None else -1) + 1, len(batch))
+                    clock("commit")
                     continue
                 except BaseException:
                     self._seen, self.state, self.version = set(), BucketState(), None  # drop the unwritten folds
                     raise
+                clock("commit")
                 self.commits += 1
+                self.stats.committed(len(rows))
                 self._adopt_own_commit(base, rows)
+                clock("adopt")
                 if len(self._seen) > self.compact_files:
                     self.compact()
+                    self.stats.count("compactions")
+                    clock("compact")
                 return results
         raise Unavailable(f"the bucket log commit lost to other writers {self.max_replans + 1} times in a row; retry")
 
@@ -400,6 +417,69 @@ class BucketStore:
             self._seen.update(commit["files"])
             self.version = commit["version"]
             return True
+
+
+class WriterStats:
+    """Counters of one process's log writer (what a batch costs and where the time goes), read by
+    ``imagelake``'s load benchmark from the node's version board (:meth:`snapshot`).
+
+    ``seconds`` sums wall time per phase over all batches: ``lock`` waiting for the table lock
+    (local lakes), ``sync`` reading the log's tail before planning, ``plan`` validating the batch,
+    ``commit`` writing its data file and commit, ``adopt`` folding in and pushing the commit to the
+    node's followers, ``compact`` rewriting small files; ``queue`` sums each action's wait from
+    being queued to its batch being taken, ``batch`` each batch's time from taken to answered.
+    Written by the writer thread only."""
+
+    PHASES = ("lock", "sync", "plan", "commit", "adopt", "compact", "checkpoint")
+
+    def __init__(self):
+        self.pid = os.getpid()
+        self.started = time.time()
+        self.counts = {"batches": 0, "actions": 0, "commits": 0, "rows": 0, "max_batch": 0, "replans": 0,
+                       "compactions": 0, "checkpoints": 0}
+        self.seconds = dict.fromkeys((*self.PHASES, "queue", "batch"), 0.0)
+        self.max_queue_s = 0.0
+        self._published = 0.0
+
+    def clock(self):
+        """A function ``lap(phase)`` adding the time since the last lap to ``phase``."""
+        last = [time.perf_counter()]
+
+        def lap(phase: str) -> None:
+            now = time.perf_counter()
+            self.seconds[phase] += now - last[0]
+            last[0] = now
+        return lap
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counts[name] += n
+
+    def picked(self, at: float, queued: list[float]) -> None:
+        self.counts["batches"] += 1
+        self.counts["actions"] += len(queued)
+        self.counts["max_batch"] = max(self.counts["max_batch"], len(queued))
+        waits = [at - t for t in queued]
+        self.seconds["queue"] += sum(waits)
+        self.max_queue_s = max(self.max_queue_s, *waits)
+
+    def committed(self, rows: int) -> None:
+        self.counts["commits"] += 1
+        self.counts["rows"] += rows
+
+    def done(self, started: float) -> None:
+        self.seconds["batch"] += time.perf_counter() - started
+
+    def due(self, every_s: float = 0.25) -> bool:
+        """True at most every ``every_s`` (when the writer publishes a snapshot)."""
+        now = time.monotonic()
+        if now - self._published < every_s:
+            return False
+        self._published = now
+        return True
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"pid": self.pid, "started": self.started, "at": time.time(), **self.counts,
+                "seconds": {k: round(v, 6) for k, v in self.seconds.items()}, "max_queue_s": round(self.max_queue_s, 6)}
 
 
 def _close_at_exit(ref: "weakref.ref[BucketStore]") -> None:

@@ -81,6 +81,28 @@ class VersionBoard:
     def publish(self, version: int) -> None:
         os.pwrite(self._fd, self._REC.pack(version, (version ^ self._MAGIC) & (2**64 - 1)), 0)
 
+    @property
+    def stats_path(self) -> str:
+        return self.path[: -len(".version")] + ".stats.json"
+
+    def publish_stats(self, stats: dict[str, Any]) -> None:
+        """The writer's counters (:class:`lake.bucket_store.WriterStats`) for ``read_stats``."""
+        tmp = f"{self.stats_path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(stats, f)
+            os.replace(tmp, self.stats_path)
+        except OSError:  # counters only: never fail a commit over them
+            pass
+
+    def read_stats(self) -> dict[str, Any] | None:
+        """The node writer's latest counters, or None when none were published."""
+        try:
+            with open(self.stats_path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
     def read(self) -> int | None:
         """The published version; None when nothing (valid) is published yet."""
         data = os.pread(self._fd, self._REC.size, 0)

@@ -110,14 +110,57 @@ def check_log(lake: Any, acked: list[str]) -> int:
     return len(seqs)
 
 
+def writer_stats(lake_root: str) -> dict[str, Any] | None:
+    """The node's bucket-log writer counters (:class:`lake.bucket_store.WriterStats`), as published."""
+    from lake.bucket_writer import VersionBoard, socket_name
+
+    return VersionBoard(socket_name(lake_root)).read_stats()
+
+
+def stats_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the writer did between two snapshots (``after`` alone when another process took over)."""
+    if after is None:
+        return None
+    if before is None or before.get("pid") != after.get("pid") or before.get("started") != after.get("started"):
+        return after
+    out = {k: after[k] - before[k] for k in ("batches", "actions", "commits", "rows", "replans", "compactions",
+                                              "checkpoints") if k in after}
+    out["max_batch"], out["max_queue_s"] = after["max_batch"], after["max_queue_s"]  # since the writer started
+    out["seconds"] = {k: after["seconds"][k] - before["seconds"].get(k, 0.0) for k in after["seconds"]}
+    return out
+
+
 def run_matrix(base: str, token: str, mixes: dict[str, list[Op]], ctx: LoadContext, clients: list[int],
-               seconds: float) -> list[tuple[str, int, LoadReport]]:
-    """Every mix with every client count (in the order given), ``seconds`` each."""
+               seconds: float, lake_root: str | None = None) -> list[tuple[str, int, LoadReport]]:
+    """Every mix with every client count (in the order given), ``seconds`` each; each report gets
+    the writer's counters over its run as ``report.writer`` (when ``lake_root`` is given)."""
     out = []
     for name, ops in mixes.items():
         for k, n in enumerate(clients):
-            out.append((name, n, run_load(base, token, ops, ctx, clients=n, seconds=seconds, seed=10 * k + 2)))
+            before = writer_stats(lake_root) if lake_root else None
+            report = run_load(base, token, ops, ctx, clients=n, seconds=seconds, seed=10 * k + 2)
+            report.writer = stats_delta(before, writer_stats(lake_root)) if lake_root else None
+            out.append((name, n, report))
     return out
+
+
+def writer_table(runs: list[tuple[str, int, LoadReport]]) -> str:
+    """Per run: the writer's batches, actions per batch and milliseconds per batch in each phase."""
+    phases = ("queue", "lock", "sync", "plan", "commit", "adopt", "compact", "checkpoint", "batch")
+    head = f"{'run':<16}{'batches':>8}{'act/b':>7}{'max b':>6}{'commits':>8}{'replan':>7}" + "".join(
+        f"{p:>8}" for p in phases)
+    lines = [head, f"{'':<16}{'':>36}" + f"{'(ms per batch; queue: ms per action)':>{8 * len(phases)}}"]
+    for mix, n, r in runs:
+        w = getattr(r, "writer", None)
+        if not w or not w.get("batches"):
+            lines.append(f"{mix + ' ' + str(n):<16}{'-':>8}")
+            continue
+        b = w["batches"]
+        cells = [w["seconds"].get("queue", 0.0) / max(1, w["actions"]) * 1e3] + [
+            w["seconds"].get(p, 0.0) / b * 1e3 for p in phases[1:]]
+        lines.append(f"{mix + ' ' + str(n):<16}{b:>8}{w['actions'] / b:>7.1f}{w['max_batch']:>6}{w['commits']:>8}"
+                     f"{w['replans']:>7}" + "".join(f"{c:>8.2f}" for c in cells))
+    return "\n".join(lines)
 
 
 def write_rate(report: LoadReport) -> float:
@@ -231,7 +274,7 @@ def main() -> None:
                 run_load(base, token, ops, ctx, clients=max(clients), seconds=3, seed=99)  # warm every worker
             load_before = os.getloadavg()
             baseline = run_load(base, token, HEALTH_ONLY, ctx, clients=16, seconds=args.baseline_seconds, seed=1)
-            runs = run_matrix(base, token, mixes, ctx, clients, args.seconds)
+            runs = run_matrix(base, token, mixes, ctx, clients, args.seconds, lake_root=str(lake_dir))
             load_after = os.getloadavg()
         finally:
             server.terminate()
@@ -251,6 +294,8 @@ def main() -> None:
     print(baseline.table())
     print("\n-- per op p50 / p99, the one-client run first (the single-client baseline)\n")
     print(comparison(runs))
+    print("-- the node's bucket-log writer per run (lake.bucket_store.WriterStats)\n")
+    print(writer_table(runs) + "\n")
     for mix, n, r in runs:
         if r.error_samples:
             print(f"error samples ({mix}, {n} clients):\n  " + "\n  ".join(r.error_samples[:5]))
