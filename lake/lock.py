@@ -120,6 +120,8 @@ class LakeLock:
                     raise LockHeld(self._held_message(who)) from None
                 time.sleep(pause)
                 pause = min(pause * 2, self.poll[1])
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} {self.holder}".strip().encode(), 0)
+        holder = f"pid {os.getpid()} {self.holder}".strip().encode()
+        if os.pread(fd, len(holder) + 1, 0) != holder:  # a writer locking many times a second: no rewrite
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder, 0)
         self._fd = fd

@@ -428,6 +428,57 @@ def test_the_writer_compacts_a_log_of_many_small_files(lake, ids):
     assert bucket_members(lake, bucket) == ids[1:30]
 
 
+def test_the_append_path_writes_a_plain_delta_table(lake, ids):
+    """Batches committed by the append path (the writer's own Parquet file and put-if-absent commit
+    file): deltalake reads them with statistics on every flat column, a checkpoint lands every
+    ``checkpoint_every`` commits, the writer never re-reads its own files, and a catalog column
+    the table lacks is merged in by write_deltalake once, after which batches append directly."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    from deltalake import DeltaTable
+
+    from lake.catalog import table_spec
+
+    uri = lake.table_uri("bucket_events")
+    shutil.rmtree(uri)  # a log created before the catalog had actor_name
+    spec = table_spec("bucket_events").schema
+    DeltaTable.create(uri, spec.remove(spec.get_field_index("actor_name")), name="bucket_events")
+    store = BucketStore(lake, checkpoint_every=5)
+    a = store.submit(Action("create", payload={"name": "a"}, actor="t", actor_name="tess"))["bucket_id"]
+    assert store._direct, "the merged schema is the catalog's: the append path applies again"
+    for j in range(11):
+        store.submit(Action("add", a, (ids[j],), actor="t"))
+    assert store.drain(30)  # the checkpoint is written after the batch was answered
+    log_dir = Path(uri) / "_delta_log"
+    engines = [json.loads(open(log_dir / f"{v:020d}.json").readline())["commitInfo"].get("engineInfo", "")
+               for v in (1, 2, 12)]
+    assert engines[0].startswith("delta-rs") and engines[1:] == ["imagelake-bucket-log"] * 2
+    assert (log_dir / "_last_checkpoint").exists() and store.stats.counts["checkpoints"] >= 1
+    table = DeltaTable(uri)
+    assert table.version() == 12 and "actor_name" in table.schema().to_arrow().names
+    assert set(table.file_uris()) == store._seen  # the writer's fold knows every file by its URI
+    adds = pa.table(table.get_add_actions(flatten=True)).to_pylist()
+    assert all(r["num_records"] == 1 and r["min.seq"] == r["max.seq"] for r in adds)
+    late = table.to_pyarrow_dataset().to_table(filter=pads.field("seq") >= 9, columns=["seq"])
+    assert sorted(late.column("seq").to_pylist()) == [9, 10, 11]
+    assert bucket_members(lake, a) == ids[:11] and read_events(lake)[0][0]["actor_name"] == "tess"
+    assert store.sync() is store.state and store.version == 12  # nothing new: the log is not read
+
+
+def test_an_unreachable_object_store_is_a_quick_clean_503(monkeypatch):
+    from lake.errors import Unavailable
+
+    for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}", "AWS_ALLOW_HTTP": "true",
+                 "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match=r"unavailable \(connection refused\)") as e:
+        BucketStore(Lake.at("s3://bucket/lake")).submit(Action("create", payload={"name": "x"}, actor="t"))
+    assert e.value.status == 503 and "\n" not in str(e.value) and time.monotonic() - started < 10
+
+
 # -- ordering by Delta versions: several writers, no lock (the object-store case) ----------------
 
 from s3_server import s3_lake, s3_server  # noqa: E402,F401  (fixtures)
