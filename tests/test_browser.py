@@ -385,6 +385,8 @@ def test_the_undo_and_redo_buttons_name_what_they_do_and_follow_each_action(page
     page.wait_for_selector(f"#undo-button:has-text('Undo: add 3 to {name}')")
     assert assert_seen_text(redo, "the redo button") == "Nothing to redo" and redo.is_disabled()
     assert_seen(undo, "the undo button")
+    first_tab, last_tab = (page.locator(f"#tabs a[data-view='{v}']").bounding_box() for v in ("curate", "buckets"))
+    assert abs(first_tab["y"] - last_tab["y"]) < 2, "the tabs wrapped beside the undo buttons"
     page.wait_for_function("() => document.querySelectorAll('#curate-grid .badge').length === 3")
     undo.click()
     page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('0 images')")
