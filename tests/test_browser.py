@@ -385,6 +385,8 @@ def test_the_undo_and_redo_buttons_name_what_they_do_and_follow_each_action(page
     page.wait_for_selector(f"#undo-button:has-text('Undo: add 3 to {name}')")
     assert assert_seen_text(redo, "the redo button") == "Nothing to redo" and redo.is_disabled()
     assert_seen(undo, "the undo button")
+    first_tab, last_tab = (page.locator(f"#tabs a[data-view='{v}']").bounding_box() for v in ("curate", "buckets"))
+    assert abs(first_tab["y"] - last_tab["y"]) < 2, "the tabs wrapped beside the undo buttons"
     page.wait_for_function("() => document.querySelectorAll('#curate-grid .badge').length === 3")
     undo.click()
     page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('0 images')")
@@ -703,7 +705,7 @@ def test_the_whole_suggestion_page_fits_the_window(page, site, own_bucket, size)
 BIG = {"width": 1920, "height": 1080}
 VIEW_READY = {"curate": "#curate-grid .cell img", "map": "#map-viewer[data-ready='1'] canvas", "search": "#search-form button",
               "sql": "#sql-presets button", "browse": "#browse-grid .cell img", "unusual": "#unusual-grid .cell img",
-              "buckets": "#bucket-index a"}
+              "buckets/{bucket}": "#bucket-members .cell img"}
 
 
 def test_browse_filters_stacks_and_bulk_tags_then_a_screenshot_of_every_view_at_1920(page, site, own_bucket, artifacts_dir):
@@ -762,8 +764,10 @@ def test_browse_filters_stacks_and_bulk_tags_then_a_screenshot_of_every_view_at_
     page.click("#filter-clear")
     page.select_option("#filter-bucket", bucket_id)
     page.wait_for_function(f"() => document.querySelector('#browse-title').textContent.includes('{len(members)} images · bucket')")
+    page.wait_for_function(f"() => document.querySelector('#filter-bucket option:checked').textContent.endsWith('({len(members)})')")
     for view, ready in VIEW_READY.items():
-        page.goto(f"{site['base']}/#{view}")
+        page.goto(f"{site['base']}/#{view.format(bucket=bucket_id)}")
         page.wait_for_selector(ready)
-        assert_seen(page.locator(f"#tabs a[data-view='{view}']"), f"the {view} tab")
-        page.screenshot(path=str(artifacts_dir / f"view-{view}-1920x1080.png"))
+        name = view.split("/")[0]
+        assert_seen(page.locator(f"#tabs a[data-view='{name}'].active"), f"the {name} tab")
+        page.screenshot(path=str(artifacts_dir / f"view-{name}-1920x1080.png"))

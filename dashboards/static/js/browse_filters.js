@@ -125,6 +125,7 @@ export function mountBrowseFilters(root, {thumbSize, onChange}) {
     onChange();
   }
 
-  document.addEventListener("imagelake:tagged", () => load());  // a new tag joins the list
+  // a new tag joins the list; bucket counts follow writes and undos
+  for (const name of ["imagelake:tagged", "imagelake:buckets-changed", "imagelake:undone"]) document.addEventListener(name, () => load());
   return {load, params, summary, expand, buckets: () => (choices ? choices.buckets.filter((b) => b.bucket_id !== "discard") : [])};
 }

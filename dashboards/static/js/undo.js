@@ -41,6 +41,9 @@ function render() {
   undoButton.textContent = targets.undo ? `Undo: ${describe(targets.undo)}` : "Nothing to undo";
   redoButton.textContent = targets.redo ? `Redo: ${describe(targets.redo)}` : "Nothing to redo";
   undoButton.dataset.eventId = targets.undo ? targets.undo.event_id : "";
+  // the whole label on hover, when a long bucket name is cut short
+  undoButton.title = `${undoButton.textContent} (ctrl+Z; u in Curate)`;
+  redoButton.title = `${redoButton.textContent} (ctrl+shift+Z; U in Curate)`;
 }
 
 // one question at a time; a write made while it is in flight asks again when it returns
