@@ -1,6 +1,7 @@
 """Serving from an object-store lake: the same lake on local disk and on a real S3 server on
 loopback (moto, its own process) answer search, a suggestion round, thumbnails and tiles alike over
-real HTTP; the index is built straight into the store (`imagelake index` on the s3:// lake); the
+real HTTP; the suggestion matrix and the index are built straight into the store (`imagelake run
+--steps quality,suggest,index` on the s3:// lake), then served, by `imagelake serve` too; the
 artifacts are served from the node's verified cache; a dead store is a quick 503.
 
 The lake's tables are made locally (ingest, embed) and copied into the bucket, because this test is
@@ -85,9 +86,9 @@ def _upload_tree(store: LakeStore, local_root: str, prefixes: tuple[str, ...]) -
     return n
 
 
-def _cli(root: str, *args: str) -> subprocess.CompletedProcess:
+def _cli(root: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYSPARK_PYTHON": sys.executable,
-           "PYSPARK_DRIVER_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+           "PYSPARK_DRIVER_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "imagelake", "--lake", root, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -110,9 +111,14 @@ def lakes(tmp_path_factory):
         assert _upload_tree(store, template.root, ("tables",)) > 0
         run_grid(Lake.at(root), Settings(lake=root, runner="local"), seed=3)
 
-        # `imagelake index` on the s3:// lake: built in a temporary folder, placed into the store
-        proc = _cli(root, "--runner", "local", "index", "--shard-size", str(SHARDS), "--no-progress")
+        # `imagelake run` on the s3:// lake (the steps after embed that serving reads: the suggestion
+        # matrix and the index, built in a temporary folder and placed into the store); the tests
+        # below then serve it, `imagelake serve` included
+        proc = _cli(root, "--runner", "local", "run", "--steps", "quality,suggest,index", "--no-progress",
+                    env={"IMAGELAKE_INDEX_SHARD_SIZE": str(SHARDS), "IMAGELAKE_ARTIFACT_CACHE_DIR": str(base / "cache-run")})
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert re.search(r"quality 2000 rows out.*suggest .*index 2000 rows out", proc.stdout), proc.stdout
+        assert LakeStore.for_lake(root).list("artifacts/suggest"), "the run placed no suggestion matrix"
         s3_index = run_index(Lake.at(root), _settings(root, base / "unused"), runner=LocalRunner(), shard_size=SHARDS)
         local_index = run_index(local, Settings(lake=local.root, runner="local"), runner=LocalRunner(),
                                 shard_size=SHARDS)
@@ -159,26 +165,6 @@ def test_search_answers_the_same_as_the_local_lake(lakes):
     assert not (base / "cache-local").exists()  # a local lake maps its own files
 
 
-@pytest.mark.spark
-def test_index_encode_tasks_on_spark_read_their_rows_from_the_store(lakes):
-    """`imagelake index --rebuild` with Spark (local[2]): the encode tasks run in Spark's Python
-    workers and read their rows of the placed vectors from the store, sharing nothing with the
-    driver but the store; the server picks the new build up and answers as before."""
-    local, s3, _, root, ids, _, _ = lakes
-    before = [s3.json("GET", f"/search/similar?image_id={i}&k=10")["results"] for i in ids[50:53]]
-    proc = _cli(root, "--master", "local[2]", "--runner", "spark", "index", "--rebuild", "--shard-size",
-                str(SHARDS), "--no-progress")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    found = re.search(r"full build (\S+) published", proc.stdout)
-    assert found, proc.stdout
-    build_id = found.group(1)
-    names = {o.key.rsplit("/", 1)[-1] for o in LakeStore.for_lake(root).list(f"artifacts/index/{build_id}")}
-    assert {"manifest.json", "shard-00000.faiss", "shard-00001.faiss", "shard-00002.faiss"} <= names, proc.stdout
-    assert s3.json("GET", "/health")["builds"]["index"]["build_id"] == build_id
-    after = [s3.json("GET", f"/search/similar?image_id={i}&k=10")["results"] for i in ids[50:53]]
-    assert [[h["image_id"] for h in r] for r in after] == [[h["image_id"] for h in r] for r in before]
-
-
 def test_thumbnails_answer_the_same(lakes):
     local, s3, _, _, ids, _, _ = lakes
     for image_id in ids[:4]:
@@ -202,7 +188,7 @@ def test_a_suggestion_round_answers_the_same(lakes):
         second = [s["image_id"] for s in srv.json("GET", f"/buckets/{bucket}/suggestions?n=12&explore=false")["suggestions"]]
         assert len(second) == 12 and not {first[0], first[-1]} & set(second)
         out.append(first)
-    # the same matrix on both: the s3 server built it into the store and maps its verified cache copy
+    # the same matrix on both: the run built it into the store, the s3 server maps its verified cache copy
     local_lake = Lake.at(base / "local")
     [local_manifest] = Path(local_lake.artifacts_dir("suggest")).rglob("manifest.json")
     store = LakeStore.for_lake(root)

@@ -112,3 +112,22 @@ def test_a_missing_credential_variable_is_one_line_and_exit_2(lake):
     proc = _cli(work, env, "status")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "LAKE_SECRET" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_executors_get_the_options_by_name_never_the_secrets(monkeypatch):
+    from jobs.spark import spark_conf
+    from lake.remote import active_options, resolved_options
+
+    options = {"endpoint": "http://10.0.0.9:9000", "secret_access_key_env": "LAKE_SECRET", "access_key_id_env": "LAKE_KEY"}
+    monkeypatch.setenv("LAKE_SECRET", "s3cr3t")
+    monkeypatch.setenv("LAKE_KEY", "k3y")
+    conf = spark_conf(Settings(master="spark://h:7077").replace(storage_options=options))
+    shipped = conf["spark.executorEnv.IMAGELAKE_STORAGE_OPTIONS"]
+    assert json.loads(shipped) == options and "s3cr3t" not in shipped
+    # an executor reads no settings: the variable alone gives it the options, its own env the secrets
+    monkeypatch.setattr("lake.remote._ACTIVE", None)
+    monkeypatch.setenv("IMAGELAKE_STORAGE_OPTIONS", shipped)
+    assert active_options() == options
+    assert resolved_options() == {"AWS_ENDPOINT_URL": "http://10.0.0.9:9000", "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+                                  "AWS_ACCESS_KEY_ID": "k3y"}
+    assert "spark.executorEnv.IMAGELAKE_STORAGE_OPTIONS" not in spark_conf(Settings())
