@@ -209,8 +209,8 @@ def _train(folder: str, plan: IndexPlan, threads: int) -> tuple[str, float | Non
         if isinstance(index, faiss.IndexPreTransform) and plan.opq:
             opq = faiss.downcast_VectorTransform(index.chain.at(0))
             opq.max_train_points = 32_768
-        from jobs.index import gpu  # FAISS on the GPU when present (the gpu extra), else index.train
-        index = gpu.train(index, sample)
+        from jobs.index import cputrain, gpu  # FAISS on the GPU when present (the gpu extra)
+        index = gpu.train(index, sample) if gpu.gpu_count() else cputrain.train(index, sample, threads)
         residual = _coarse_residual(index, sample[: min(len(sample), 20_000)])
     path = os.path.join(folder, "trained.faiss")
     faiss.write_index(index, path)

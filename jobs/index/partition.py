@@ -19,6 +19,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
+from jobs.index import cputrain
 from jobs.index.build import file_sha256
 from jobs.runner import PartitionContext
 from lake.errors import CorruptArtifact
@@ -70,14 +71,10 @@ def _encode_one(job: EncodeJob, shard: int, start: int, end: int) -> dict:
     t0 = time.perf_counter()
     if file_sha256(job.trained_path) != job.trained_sha256:
         raise CorruptArtifact(f"trained index {job.trained_path} does not match the sha256 the driver recorded")
-    faiss.omp_set_num_threads(max(1, job.threads))
     index = faiss.read_index(job.trained_path)
     vectors = np.load(os.path.join(job.folder, "vectors.npy"), mmap_mode="r")
     seqs = np.load(os.path.join(job.folder, "seqs.npy"), mmap_mode="r")
-    for lo in range(start, end, _CHUNK):
-        hi = min(end, lo + _CHUNK)
-        index.add_with_ids(np.ascontiguousarray(vectors[lo:hi], dtype=np.float32),
-                           np.ascontiguousarray(seqs[lo:hi], dtype=np.int64))
+    cputrain.add_with_ids(index, vectors[start:end], seqs[start:end], job.threads)
     name = shard_file(shard)
     final = os.path.join(job.folder, name)
     tmp = os.path.join(job.folder, f".{name}.{uuid.uuid4().hex}.tmp")
@@ -111,7 +108,6 @@ def _encode_remote(job: EncodeJob, shard: int, start: int, end: int) -> dict:
         trained_path = os.path.join(work, "trained.faiss")
         with open(trained_path, "wb") as f:
             f.write(trained)
-        faiss.omp_set_num_threads(max(1, job.threads))
         index = faiss.read_index(trained_path)
         seqs = np.frombuffer(store.read_range(f"{job.prefix}/seqs.npy", job.seqs_offset + 8 * start,
                                               job.seqs_offset + 8 * end), dtype="<i8")
@@ -120,8 +116,8 @@ def _encode_remote(job: EncodeJob, shard: int, start: int, end: int) -> dict:
             hi = min(end, lo + _CHUNK)
             raw = store.read_range(f"{job.prefix}/vectors.npy", job.vectors_offset + row * lo,
                                    job.vectors_offset + row * hi)
-            x = np.frombuffer(raw, dtype="<f2").reshape(hi - lo, job.d).astype(np.float32)
-            index.add_with_ids(np.ascontiguousarray(x), np.ascontiguousarray(seqs[lo - start:hi - start], np.int64))
+            x = np.frombuffer(raw, dtype="<f2").reshape(hi - lo, job.d)
+            cputrain.add_with_ids(index, x, seqs[lo - start:hi - start], job.threads)
         name = shard_file(shard)
         local = os.path.join(work, name)
         faiss.write_index(index, local)
