@@ -636,7 +636,8 @@ def engine_variants(ds: LabeledSet, names: list[str]) -> dict:
 
 
 VARIANTS: dict[str, dict] = {"c1": {"c": 1.0}, "tetris-own": {"tetris_others": False},
-                           "margin1": {"tetris_margin": 1.0}}
+                           "margin1": {"tetris_margin": 1.0}, "prior0": {"tetris_prior": 0.0},
+                           "prior1": {"tetris_prior": 1.0}}
 
 
 def main(argv=None):
