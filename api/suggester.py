@@ -107,9 +107,11 @@ class Suggester:
     features version every ``refresh_s`` seconds (a new embed run gets a new build)."""
 
     def __init__(self, lake: Lake, *, dims: int = 128, refresh_s: float = 30.0, max_negatives: int = 500,
-                 c: float = 10.0, tetris_others: bool = True, tetris_margin: float = 0.0, cache=None):
+                 c: float = 10.0, tetris_others: bool = True, tetris_margin: float = 0.0, tetris_prior: float = 0.5,
+                 cache=None):
         self.lake, self.dims, self.refresh_s, self.max_negatives = lake, dims, refresh_s, max_negatives
         self.c, self.tetris_others, self.tetris_margin = c, tetris_others, tetris_margin
+        self.tetris_prior = tetris_prior
         self.cache = cache   # the artifact cache (object-store lakes); None: the default one
         self._lock = threading.Lock()
         self._matrix: CompactMatrix | None = None
@@ -290,12 +292,17 @@ class Suggester:
             return None
         params = faiss.SearchParameters(sel=faiss.IDSelectorNot(faiss.IDSelectorBatch(labeled))) if len(labeled) else None
         w = np.vstack([mo.w for mo in models]).astype(np.float32)
-        bias = np.array([mo.b for mo in models], np.float32)
+        bias = np.array([mo.b + self.tetris_prior * np.log(len(mo.positives) / max(1, mo.negatives))
+                         for mo in models], np.float32)
         _, rows = m.index.search(np.ascontiguousarray(w), 16, params=params)
         candidates = np.unique(rows[rows >= 0])
         if len(candidates) == 0:
             return None
-        # every candidate goes to the bucket whose model scores it highest; show the surest one
+        # every candidate goes to the bucket whose model scores it highest; show the surest one. The
+        # models are fitted class-balanced, so each logit assumes a 50/50 prior; ``tetris_prior`` puts
+        # back part of the bucket's own prior, log(positives / negatives): a bucket that has found many
+        # members is trusted more than one with a few (measured: 0.5 closes most of the gap to plain,
+        # unbalanced logistic regression on Fashion-MNIST's shirt / T-shirt pair, and wins on emoji)
         scores = m.vectors(candidates) @ w.T + bias
         best = scores.argmax(axis=1)
         margin = scores[np.arange(len(candidates)), best] - (np.partition(scores, -2, axis=1)[:, -2]

