@@ -12,8 +12,7 @@ is a Python server; when its busy time is a large share of the S3 run's extra ti
 not imagelake, is the bottleneck (a real S3 endpoint answers in parallel and in native code).
 
 Steps: by default ingest, embed, cluster, tag and grid (what the README's figures cover); ``--steps``
-may add quality, suggest and index, which run on an object-store lake too; ``outliers`` does not
-yet (it reads the index build through local paths).
+may add quality, suggest, index and outliers, which run on an object-store lake too.
 """
 
 from __future__ import annotations
