@@ -26,11 +26,14 @@ for a near-duplicate group the file name of its most central member.
 from __future__ import annotations
 
 import re
+import threading
+import time
 from typing import Any
 
 import duckdb
 from flask import Blueprint, jsonify, request
 
+from api.auth import requires
 from api.images import _int_arg
 from api.services import lake_reader
 from jobs.tag.state import CURRENT_TAGS_SQL
@@ -83,19 +86,61 @@ def _cluster_members(cluster_id: str) -> list[str]:
     return ids
 
 
+_groups_cache: dict[str, dict[str, Any]] = {}  # per lake root
+_groups_lock = threading.Lock()
+
+
 def dup_groups() -> dict[str, list[str]]:
-    """The current run's near-duplicate groups: cluster id -> member ids, lowest seq first."""
+    """The current run's near-duplicate groups: cluster id -> member ids, lowest seq first. Kept per
+    process for the run (and images version) it was read at, re-checked at most every refresh_s:
+    a group lookup is then a dict read."""
+    return _current_groups()["groups"]
+
+
+def _current_groups() -> dict[str, Any]:
     from api.clusters import _lit, _rows, current_runs
 
+    reader = lake_reader()
+    cached = _groups_cache.setdefault(str(reader.lake.root), {"key": None, "groups": {}, "by_image": {}, "checked": 0.0})
+    if cached["key"] is not None and time.monotonic() - cached["checked"] < reader.settings.refresh_s:
+        return cached  # the lake's usual staleness: a new cluster run is seen within refresh_s
     run_id, _ = current_runs()
-    if run_id is None:
-        return {}
-    groups: dict[str, list[str]] = {}
-    for cluster_id, image_id in _rows(f"SELECT c.cluster_id, c.image_id FROM clusters c JOIN images i USING (image_id) "
-                                      f"WHERE c.kind = 'dup' AND c.run_id = {_lit(run_id)} "
-                                      f"GROUP BY 1, 2 ORDER BY 1, min(i.seq)", max_rows=10_000_000):
-        groups.setdefault(cluster_id, []).append(image_id)
-    return groups
+    key = (run_id, reader.refresh().get("images"))
+    if cached["key"] == key:
+        cached["checked"] = time.monotonic()
+        return cached
+    with _groups_lock:
+        if cached["key"] == key:
+            return cached
+        groups: dict[str, list[str]] = {}
+        if run_id is not None:
+            for cluster_id, image_id in _rows(
+                    f"SELECT c.cluster_id, c.image_id FROM clusters c JOIN images i USING (image_id) "
+                    f"WHERE c.kind = 'dup' AND c.run_id = {_lit(run_id)} GROUP BY 1, 2 ORDER BY 1, min(i.seq)",
+                    max_rows=10_000_000):
+                groups.setdefault(cluster_id, []).append(image_id)
+        by_image = {i: c for c, members in groups.items() if len(members) > 1 for i in members}
+        cached.update(key=key, groups=groups, by_image=by_image, checked=time.monotonic())
+        return cached
+
+
+@bp.post("/clusters/dup-groups")
+@requires("read")
+def dup_groups_of():
+    """``{"image_ids": [...]}`` → ``{"groups": {image_id: {cluster_id, size, members}}}``: the
+    near-duplicate group (current cluster run, two or more images) of each given image that has
+    one, members lowest seq first. Curate stacks a suggestion page with it."""
+    from api.buckets import image_ids_arg, json_body
+
+    ids = image_ids_arg(json_body(), "image_ids")
+    current = _current_groups()
+    out = {}
+    for image_id in ids:
+        cluster_id = current["by_image"].get(image_id)
+        if cluster_id is not None:
+            members = current["groups"][cluster_id]
+            out[image_id] = {"cluster_id": cluster_id, "size": len(members), "members": members}
+    return jsonify({"ok": True, "groups": out})
 
 
 def filtered_page(args, *, limit: int, offset: int) -> dict[str, Any]:
@@ -250,7 +295,18 @@ def openapi_paths(settings) -> dict:
         "size": {"type": "integer"}, "preview": {"type": "array", "items": {"type": "string"}}}}
     group = {"type": "object", "properties": {"kind": {"type": "string"}, "level": {"type": ["integer", "null"]},
                                               "clusters": {"type": "array", "items": cluster}}}
-    return {"/browse/filters": {"get": {
+    return {"/clusters/dup-groups": {"post": {
+        "summary": "The near-duplicate group (members, size) of each given image that has one (read scope)",
+        "operationId": "dupGroupsOf",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["image_ids"], "properties": {
+                "image_ids": {"type": "array", "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}}}}},
+        "responses": {"200": json_response({"type": "object", "required": ["ok", "groups"], "properties": {
+            "ok": {"const": True}, "groups": {"type": "object", "additionalProperties": {"type": "object", "properties": {
+                "cluster_id": {"type": "string"}, "size": {"type": "integer"},
+                "members": {"type": "array", "items": {"type": "string"}}}}}}}, "The groups, by image id"),
+            **errors(400, 404, 413)}},
+    }, "/browse/filters": {"get": {
         "summary": "Browse's filter choices: folders, tags, buckets, clusters (name, size, previews), capture range and cameras",
         "operationId": "browseFilters",
         "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 100}}],

@@ -371,37 +371,66 @@ def test_undo_takes_the_badge_back_and_says_what_it_undid(page, site, own_bucket
     assert _members(site, bucket_id) == set()
 
 
-def test_the_undo_and_redo_buttons_name_what_they_do_and_follow_each_action(page, site, own_bucket):
-    bucket_id, _ = own_bucket
+def test_a_near_duplicate_stack_sorts_with_one_key_and_the_undo_redo_buttons_name_it(page, site, own_bucket):
+    """A bucket seeded with one image of the largest near-duplicate group: its suggestions hold
+    that group as one stack with a count; one key sorts the whole group; the header's Undo / Redo
+    buttons name the action before they are pressed and follow each step; e expands the stack."""
+    bucket_id, key = own_bucket
     page.set_viewport_size(SMALL)
+    api = site["base"] + "/api/v1"
+    group = requests.get(f"{api}/clusters?kind=dup&limit=1", headers=_auth(site), timeout=30).json()["clusters"][0]
+    seed = requests.get(f"{api}/clusters/{group['cluster_id']}?limit=1", headers=_auth(site), timeout=30).json()["members"][0]
+    requests.post(f"{api}/buckets/{bucket_id}/images", json={"image_ids": [seed["image_id"]]}, headers=_auth(site),
+                  timeout=30).raise_for_status()
+    page.reload()
+    page.click(f".bucket[data-bucket-id='{bucket_id}'] .name")
+    page.wait_for_function("() => document.querySelector('#curate-status').textContent.includes('suggestions for')")
+    page.click("#mode-stacks")  # off by default: a key then sorts one image, as the other tests expect
+    page.wait_for_selector("#mode-stacks.active")
+    page.wait_for_selector("#curate-grid .cell.stack")
     name = page.inner_text(f".bucket[data-bucket-id='{bucket_id}'] .name")
-    cells = page.locator("#curate-grid .cell")
-    ids = cells.evaluate_all("cs => cs.slice(0, 3).map(c => c.dataset.imageId)")
-    for i in range(3):
-        cells.nth(i).click(modifiers=["Control"])
-    page.select_option("#selection-bucket", bucket_id)
-    page.click("#selection-add")  # one request: one action of three images
+    stack = page.locator("#curate-grid .cell.stack").first
+    assert_seen(stack.locator(".stack-count"), "the stack's count")
+    rep = stack.get_attribute("data-image-id")
+    members = requests.post(f"{api}/clusters/dup-groups", json={"image_ids": [rep]}, headers=_auth(site),
+                            timeout=30).json()["groups"][rep]["members"]
+    size = len(members)
+    total = len(set(members) | {seed["image_id"]})  # the seed may be of another group
+    assert stack.locator(".stack-count").inner_text() == f"×{size}" and size > 1
+    on_page = set(page.locator("#curate-grid .cell").evaluate_all("cs => cs.map(c => c.dataset.imageId)"))
+    assert on_page & set(members) == {rep}, "a group's images must be one stack, not several cells"
+    stack = page.locator(f"#curate-grid .cell[data-image-id='{rep}']")
+    stack.click()
+    page.keyboard.press(key)  # the whole group, in one request
     undo, redo = page.locator("#undo-button"), page.locator("#redo-button")
-    page.wait_for_selector(f"#undo-button:has-text('Undo: add 3 to {name}')")
+    page.wait_for_selector(f"#undo-button:has-text('Undo: add {size} to {name}')")
+    page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('{total} images')")
+    assert _members(site, bucket_id) == set(members) | {seed["image_id"]}
     assert assert_seen_text(redo, "the redo button") == "Nothing to redo" and redo.is_disabled()
     assert_seen(undo, "the undo button")
     first_tab, last_tab = (page.locator(f"#tabs a[data-view='{v}']").bounding_box() for v in ("curate", "buckets"))
     assert abs(first_tab["y"] - last_tab["y"]) < 2, "the tabs wrapped beside the undo buttons"
-    page.wait_for_function("() => document.querySelectorAll('#curate-grid .badge').length === 3")
+    assert stack.locator(".badge").count() == 1
     undo.click()
-    page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('0 images')")
-    page.wait_for_selector(f"#redo-button:has-text('Redo: add 3 to {name}')")
-    assert page.locator("#curate-grid .badge").count() == 0
-    assert "undone: add 3 to" in page.inner_text("#curate-status")
-    assert _members(site, bucket_id) == set()
+    page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('1 images')")
+    page.wait_for_selector(f"#redo-button:has-text('Redo: add {size} to {name}')")
+    assert stack.locator(".badge").count() == 0
+    assert f"undone: add {size} to" in page.inner_text("#curate-status")
+    assert _members(site, bucket_id) == {seed["image_id"]}
     redo.click()
-    page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('3 images')")
+    page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('{total} images')")
     page.wait_for_selector("#redo-button:has-text('Nothing to redo')")
-    assert_seen(page.locator(f"#undo-button:has-text('Undo: add 3 to {name}')"), "the undo button, after the redo")
-    page.wait_for_function("() => document.querySelectorAll('#curate-grid .badge').length === 3")
-    assert _members(site, bucket_id) == set(ids)
+    assert_seen(page.locator(f"#undo-button:has-text('Undo: add {size} to {name}')"), "the undo button, after the redo")
+    stack.locator(".badge").wait_for(state="visible")
+    assert _members(site, bucket_id) == set(members) | {seed["image_id"]}
     page.keyboard.press("Control+z")  # the same undo from the keyboard, in any view
-    page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('0 images')")
+    page.wait_for_selector(f".bucket[data-bucket-id='{bucket_id}'] .count:has-text('1 images')")
+    before = page.locator("#curate-grid .cell").count()
+    stack.click()
+    page.keyboard.press("e")  # expands: the group's images, each a cell
+    page.wait_for_function(f"() => document.querySelectorAll('#curate-grid .cell').length > {before}")
+    shown = set(page.locator("#curate-grid .cell").evaluate_all("cs => cs.map(c => c.dataset.imageId)"))
+    assert set(members) - {seed["image_id"]} <= shown
 
 
 def test_every_sql_preset_runs(page, site):

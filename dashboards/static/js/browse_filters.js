@@ -115,7 +115,10 @@ export function mountBrowseFilters(root, {thumbSize, onChange}) {
   }
 
   async function load() {
-    try { choices = await api("/browse/filters"); render(); } catch (e) { bar.replaceChildren(el("span", {class: "muted"}, e.message)); }
+    try { choices = await api("/browse/filters"); render(); } catch (e) {
+      if (choices) toast(e.message, "error");  // a failed reload keeps the bar as it was
+      else bar.replaceChildren(el("span", {class: "muted"}, e.message));
+    }
   }
 
   // a stack expanded: its group becomes the cluster filter (all its members shown)

@@ -5,6 +5,7 @@ import {api, el, thumbUrl, toast} from "./api.js";
 import {keysHelp} from "./keys.js";
 import {clearSelection, selectable, selectionIds} from "./selection.js";
 import {describe, redoLast, undoLast} from "./undo.js";
+import {expandStack, idsOf, mountStackToggle, stackSuggestions} from "./stacks.js";
 
 const PAGE = 28;          // 4 × 7
 const PALETTE = ["#2f6fb3", "#e07b39", "#3a9b5c", "#b8439a", "#8a6d3b", "#d64550", "#5a5a9e", "#1b998b", "#c9a227"];
@@ -158,7 +159,8 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     const tetris = mode === "tetris";  // the next Tetris card must come after the write
     if (!tetris) mark(imageId, bucketId);
     // a second key on a placed image moves it: an image sits in one bucket of this page at a time
-    const json = before ? {image_ids: [imageId], from: before, mode: "move"} : {image_ids: [imageId]};
+    const ids = idsOf(page, imageId);  // a near-duplicate stack: its whole group
+    const json = before ? {image_ids: ids, from: before, mode: "move"} : {image_ids: ids};
     await track(imageId, (async () => {
       try {
         await api(`/buckets/${bucketId}/images`, {method: "POST", json});
@@ -183,7 +185,8 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     if (!tetris) mark(imageId, "discard");
     await track(imageId, (async () => {
       try {
-        await api("/discard", {method: "POST", json: before ? {image_ids: [imageId], from: before} : {image_ids: [imageId]}});
+        const ids = idsOf(page, imageId);
+        await api("/discard", {method: "POST", json: before ? {image_ids: ids, from: before} : {image_ids: ids}});
         if (tetris) mark(imageId, "discard");
         if (before) loadBuckets();
       } catch (e) { unmark(imageId, before); failed.add(imageId); toast(e.message, "error"); }
@@ -224,7 +227,7 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     if (!active) return [];
     const body = await api(`/buckets/${active}/suggestions?n=${n}`);
     meta = body;
-    return body.suggestions.map((s) => ({...s, placed: null}));
+    return (await stackSuggestions(body.suggestions)).map((s) => ({...s, placed: null}));
   }
 
   // The next page's thumbnails are fetched only once the visible page's have arrived, so the two
@@ -281,12 +284,13 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
   function renderGrid() {
     const items = review ? review.map((id) => ({image_id: id, placed: review.removed?.has(id) ? "discard" : active, source: "pending"})) : page;
     gridBox.replaceChildren(...items.map((it, i) => {
-      const node = el("button", {type: "button", class: `cell${i === focus ? " focused" : ""}`, draggable: "true",
+      const node = el("button", {type: "button", class: `cell${i === focus ? " focused" : ""}${it.stack ? " stack" : ""}`, draggable: "true",
                                  title: it.score != null ? `${it.source} · confidence ${confidence(it.score)}` : it.source,
                                  dataset: {imageId: it.image_id, index: i},
                                  onclick: () => { focus = i; renderGrid(); },
                                  ondblclick: () => openDetails(it.image_id)},
         el("img", {alt: "suggested image", src: thumbUrl(it.image_id, thumbLarge)}),
+        it.stack ? el("span", {class: "stack-count", title: "near-duplicates: a key sorts them all, e expands"}, `×${it.stack.size}`) : "",
         it.placed ? el("span", {class: "badge", style: `--bucket:${it.placed === "discard" ? "#444" : colorOf(it.placed)}`},
                        it.placed === "discard" ? "discarded" : (buckets.find((b) => b.bucket_id === it.placed) || {}).name || "") : "");
       node.addEventListener("dragstart", (e) => e.dataTransfer.setData("text/x-image-id", it.image_id));
@@ -461,6 +465,7 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     } else if (e.key === "?") keysHelp();
     else if (e.key === "u") undoLast();
     else if (e.key === "U") redoLast();
+    else if (e.key === "e" && mode === "grid" && !review) { page = expandStack(page, focus); renderGrid(); }
     else if (e.key === "n") nextPage();
     else if (e.key === "f") fastForward();
     else if (e.key === "t") setMode(mode === "grid" ? "tetris" : "grid");
@@ -483,6 +488,7 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
   selectable(gridBox);
   root.querySelector("#mode-grid").addEventListener("click", () => setMode("grid"));
   root.querySelector("#mode-tetris").addEventListener("click", () => setMode("tetris"));
+  mountStackToggle(root.querySelector(".curate-modes"), () => refresh());
 
   return loadBuckets(false).then(refresh).then(loadPreviews);
 }

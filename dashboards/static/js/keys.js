@@ -5,6 +5,7 @@ const ROWS = [["1–9", "drop the focused image (or the selection) into bucket N
               ["x", "discard the focused image (in a review: mark it as not belonging)"],
               ["u", "undo your last action (the header's Undo button names it)"], ["U", "redo what you undid"],
               ["ctrl+Z / ctrl+shift+Z", "undo / redo, in every view"],
+              ["e", "expand a near-duplicate stack (×N) into its images; a key on the stack sorts them all"],
               ["←↑→↓", "move the focus"], ["n", "next page: the untouched images become negatives"],
               ["f", "fast-forward: the model's top 28 join pending review"], ["t", "Grid / Tetris"],
               ["Enter", "Tetris: accept the suggested bucket"], ["ctrl/shift-click, shift-drag", "select images"],
