@@ -74,6 +74,16 @@ def test_an_app_made_with_the_settings_serves_the_s3_lake(lake, monkeypatch, tmp
         sql = client.post(f"{API_PREFIX}/sql", json={"sql": "SELECT count(*) AS n FROM thumbnails"})
         assert sql.status_code == 200, sql.data[:300]
         assert sql.get_json()["rows"][0][0] == 24
+        # bucket writes commit to the bucket log on the s3 lake with the same settings
+        made = client.post(f"{API_PREFIX}/buckets", json={"name": "from settings"})
+        assert made.status_code == 201, made.data[:300]
+        bucket = made.get_json()["event"]["bucket_id"]
+        added = client.post(f"{API_PREFIX}/buckets/{bucket}/images", json={"image_ids": ids[:2]})
+        assert added.status_code in (200, 201), added.data[:300]
+        from lake.buckets import bucket_members
+        from lake.catalog import Lake as _Lake
+
+        assert sorted(bucket_members(_Lake.at(root), bucket)) == sorted(ids[:2])
         # the quality step on the s3 lake: its input staged in the bucket, each task reading its own file
         from jobs.quality.driver import run_quality
         from jobs.runner import LocalRunner
