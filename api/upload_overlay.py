@@ -123,7 +123,7 @@ class UploadOverlay:
     def _augment(self, build, todo: list[tuple[str, int, str]]):
         import faiss
 
-        from api.index_service import _Segment
+        from api.loaded_build import _Segment
 
         folder = overlay_dir(self.lake, build.model)
         seqs, ids, vecs = [], [], []
