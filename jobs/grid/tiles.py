@@ -143,8 +143,8 @@ def _fit_many(jpegs: list, cell: int) -> list:
 
 class _Decoder:
     """Decodes batches of thumbnails for the base mosaic: in this process (``workers`` = 1), or in
-    a pool of ``workers`` processes (forkserver: the driver holds DuckDB threads) with at most
-    2 x ``workers`` batches in flight; results come back in submission order."""
+    a pool of ``workers`` forked processes with at most 2 x ``workers`` batches in flight; results
+    come back in submission order (decoded here if the pool breaks)."""
 
     def __init__(self, workers: int, cell: int):
         self.workers, self.cell = max(1, int(workers)), cell
@@ -155,7 +155,15 @@ class _Decoder:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"))
+            # fork (forkserver/spawn would re-import an unguarded __main__ script, i.e. run it again);
+            # a fork context starts every worker at the first submit: here, before the thumbnail
+            # reads start DuckDB's threads
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
+            try:
+                self.pool.submit(int).result()
+            except Exception:   # no pool on this platform: decode here
+                self.pool.shutdown(wait=False)
+                self.pool = None
         return self
 
     def __exit__(self, *exc) -> None:
@@ -163,20 +171,41 @@ class _Decoder:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
     def submit(self, cells: list[int], jpegs: list) -> list[tuple[list[int], list]]:
-        if self.pool is None:
-            return [(cells, _fit_many(jpegs, self.cell))]
+        if self.pool is None:   # decoded images as they are (no copy through bytes)
+            return [(cells, [_fit(jpeg, self.cell) for jpeg in jpegs])]
         for lo in range(0, len(jpegs), 1024):
-            self.pending.append((cells[lo:lo + 1024], self.pool.submit(_fit_many, jpegs[lo:lo + 1024], self.cell)))
+            part = jpegs[lo:lo + 1024]
+            self.pending.append((cells[lo:lo + 1024], part, self._submit(part)))
         done = []
         while len(self.pending) > 2 * self.workers:
-            c, fut = self.pending.pop(0)
-            done.append((c, fut.result()))
+            c, part, fut = self.pending.pop(0)
+            done.append((c, self._result(part, fut)))
         return done
 
     def drain(self) -> list[tuple[list[int], list]]:
-        done = [(c, fut.result()) for c, fut in self.pending]
+        done = [(c, self._result(part, fut)) for c, part, fut in self.pending]
         self.pending = []
         return done
+
+    def _submit(self, part: list):
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return self.pool.submit(_fit_many, part, self.cell)
+        except (BrokenProcessPool, RuntimeError):
+            return None
+
+    def _result(self, part: list, fut) -> list:
+        """The pool's answer; decoded here when the pool cannot run (e.g. a ``__main__`` script
+        without an ``if __name__ == "__main__"`` guard, which forkserver workers re-import)."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        if fut is not None:
+            try:
+                return fut.result()
+            except BrokenProcessPool:
+                pass
+        return [_fit(jpeg, self.cell) for jpeg in part]
 
 
 def build_tiles(folder: str, pyramid: Pyramid, thumbnails: Iterator[tuple[np.ndarray, list]],
@@ -207,7 +236,7 @@ def build_tiles(folder: str, pyramid: Pyramid, thumbnails: Iterator[tuple[np.nda
             for cell, fitted in zip(cells, small):
                 if fitted is not None:
                     gy, gx = divmod(cell, p.width)
-                    thumb = Image.frombytes("RGB", fitted[:2], fitted[2])
+                    thumb = Image.frombytes("RGB", fitted[:2], fitted[2]) if isinstance(fitted, tuple) else fitted
                     _paste(base, thumb, gx * p.base_px, gy * p.base_px, p.base_px)
 
         for cells, jpegs in thumbnails:
