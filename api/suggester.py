@@ -35,7 +35,8 @@ import numpy as np
 from api.errors import without_paths
 from lake.buckets import DISCARD, BucketState
 from lake.catalog import Lake
-from lake.compact import CompactMatrix, ensure_compact
+from api.suggest_overlay import search_excluding, served_matrix
+from lake.compact import CompactMatrix
 from lake.errors import Unavailable
 
 __all__ = ["BucketLabels", "Suggester", "explore_fraction", "fit_logistic", "labels_of"]
@@ -116,6 +117,7 @@ class Suggester:
         self._lock = threading.Lock()
         self._matrix: CompactMatrix | None = None
         self._checked = float("-inf")
+        self._mapped: dict = {}      # folder -> the build mapped (verified) once; see api.suggest_overlay
         self._neighbour_cache: OrderedDict[tuple[str, int], list[int]] = OrderedDict()
 
     def matrix(self) -> CompactMatrix:
@@ -126,13 +128,18 @@ class Suggester:
                     from lake.store import store_errors
 
                     with store_errors(self.lake):
-                        self._matrix = ensure_compact(self.lake, self.dims, cache=self.cache)
+                        self._matrix = served_matrix(self.lake, self.dims, cache=self.cache, mapped=self._mapped)
                 except NotFound as e:
                     if self._matrix is None:
                         raise Unavailable(f"suggestions are not available: {without_paths(str(e))}") from None
                 self._checked = time.monotonic()
                 _limit_threads(len(self._matrix))
             return self._matrix
+
+    def refresh_soon(self) -> None:
+        """Re-check the matrix (and the upload overlay) at the next request: after an upload."""
+        with self._lock:
+            self._checked = float("-inf")
 
     # -- the model -----------------------------------------------------------------------------
 
@@ -171,8 +178,6 @@ class Suggester:
         Returns ``suggestions`` ([{image_id, score, source: model|neighbour|explore}]),
         ``explore_fraction``, ``acceptance``, ``positives``, ``negatives``, ``ms``.
         """
-        import faiss
-
         t0 = time.perf_counter()
         m = self.matrix()
         bucket_id = labels.bucket_id
@@ -187,8 +192,7 @@ class Suggester:
         taken: set[int] = set()
         if model is not None:
             k = min(len(m), n_model + 8)
-            params = faiss.SearchParameters(sel=faiss.IDSelectorNot(faiss.IDSelectorBatch(labeled))) if len(labeled) else None
-            scores, rows = m.index.search(np.ascontiguousarray(model.w[None, :], np.float32), k, params=params)
+            scores, rows = search_excluding(m, model.w[None, :], k, labeled)
             for s, r in zip(scores[0], rows[0]):
                 if len(picks) >= n_model:
                     break
@@ -275,8 +279,6 @@ class Suggester:
             buckets_labels: (bucket row, its labels) for every live bucket.
             labeled_all: images labeled for any bucket (none of them is shown).
         """
-        import faiss
-
         m = self.matrix()
         labeled = self._rows(m, labeled_all)
         member_rows = [self._rows(m, labels.positives) for _, labels in buckets_labels]
@@ -290,11 +292,10 @@ class Suggester:
                 models.append(model)
         if not models:
             return None
-        params = faiss.SearchParameters(sel=faiss.IDSelectorNot(faiss.IDSelectorBatch(labeled))) if len(labeled) else None
         w = np.vstack([mo.w for mo in models]).astype(np.float32)
         bias = np.array([mo.b + self.tetris_prior * np.log(len(mo.positives) / max(1, mo.negatives))
                          for mo in models], np.float32)
-        _, rows = m.index.search(np.ascontiguousarray(w), 16, params=params)
+        _, rows = search_excluding(m, w, 16, labeled)
         candidates = np.unique(rows[rows >= 0])
         if len(candidates) == 0:
             return None

@@ -91,6 +91,17 @@ def _seq_of(lake, image_id: str) -> int:
     return int(rows[0])
 
 
+def _suggestions_see_it() -> None:
+    """This worker's suggester re-reads the upload overlay at its next request (no matrix rebuild:
+    :mod:`api.suggest_overlay`); other workers within ``suggest_refresh_s``."""
+    from api.suggest import suggester
+
+    try:
+        suggester().refresh_soon()
+    except (KeyError, RuntimeError):   # an app without the suggestion routes, or no app context
+        pass
+
+
 def add_image_fast(lake, settings, upload, model_key: str, embedded, service, collection: str | None):
     """Store, ingest and embed one upload (the steps of :func:`jobs.add_image.add_image`, reused),
     then make it searchable through the upload overlay (:mod:`api.upload_overlay`) instead of an
@@ -149,6 +160,7 @@ def add_image_fast(lake, settings, upload, model_key: str, embedded, service, co
         else:
             service.overlay.add(model_key, _seq_of(lake, upload.sha256), upload.sha256, embedded.vector, build)
             result.indexed, result.build_id, result.index_action = True, build.build_id, "overlay"
+            _suggestions_see_it()
         seconds["index"] = round(time.perf_counter() - t0, 3)
     result.seconds = seconds
     return result

@@ -301,7 +301,9 @@ def index_line(summary: dict[str, Any]) -> str:
     what = "full build" if summary["action"] == "full" else f"incremental build (+{summary['delta']} vectors)"
     return (f"index {summary['run_id']}: {what} {summary['build_id']} published: {summary['factory']}, "
             f"{summary['ntotal']} vectors in {summary['shards']} shard(s), {summary['seconds']:.1f} s"
-            + (f" ({summary['reason']})" if summary["action"] == "full" else ""))
+            + (f" ({summary['reason']})" if summary["action"] == "full" else "")
+            + (f"; read {summary['read_s']} s, train {summary['train_s']} s, encode {summary['encode_s']} s"
+               if "train_s" in summary else ""))
 
 
 def _cmd_sql(args, settings: Settings, lake: Lake) -> int:

@@ -136,6 +136,36 @@ def test_refinement_improves_on_the_split_alone():
     assert q[1] > q[0] + 0.03
 
 
+def test_parallel_paths_equal_the_sequential_ones(monkeypatch, tmp_path):
+    """Threaded block assignments, blocked exact kNN of the quality score and the decoding pool of
+    the tiles (the paths large collections take) give exactly what the one-thread paths give."""
+    import jobs.grid.layout as layout_mod
+    import jobs.grid.quality as quality_mod
+    from jobs.grid.tiles import build_tiles
+
+    vectors, groups = planted(n_groups=5, per=300, d=16, seed=3)
+    monkeypatch.setattr(layout_mod, "_solver_threads", lambda n_tiles: 1)
+    one = layout_grid(vectors, seed=4, params=LayoutParams(rounds=6))
+    monkeypatch.setattr(layout_mod, "_solver_threads", lambda n_tiles: 3)
+    three = layout_grid(vectors, seed=4, params=LayoutParams(rounds=6))
+    assert np.array_equal(one.cells, three.cells)
+
+    whole = neighbourhood_preservation(vectors, one.cells, one.width, one.height, sample=400, seed=1)
+    monkeypatch.setattr(quality_mod, "_BLOCK", 97)   # 16 blocks, the last one short
+    assert neighbourhood_preservation(vectors, one.cells, one.width, one.height, sample=400, seed=1) == whole
+
+    pyramid = Pyramid(one.width, one.height, cell_px=64)
+    jpegs = {g: _jpeg(GROUP_COLORS[g], size=(64, 40 + 4 * g)) for g in range(5)}
+    order = np.argsort(one.cells)
+    batches = [(one.cells[order[lo:lo + 500]], [jpegs[int(groups[i])] if i % 37 else None for i in order[lo:lo + 500]])
+               for lo in range(0, len(order), 500)]
+    a = build_tiles(str(tmp_path / "a"), pyramid, iter(batches), workers=1)
+    b = build_tiles(str(tmp_path / "b"), pyramid, iter(batches), workers=2)
+    assert a == b
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) > 3 and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+
+
 # -- the job, the CLI and --where -------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -95,6 +95,60 @@ def test_plan_rule_flat_for_small_ivfpq_for_large_and_budget_limits():
 
 # -- builds ---------------------------------------------------------------------------------------
 
+def test_cpu_training_and_encoding_equal_faiss_own():
+    """jobs/index/cputrain.py trains IVF-PQ per sub-quantizer in threads and encodes chunks in
+    threads: FAISS's coarse centroids, FAISS's PQ training of the same residuals, the same lists,
+    codes and ids as add_with_ids, and the recall of FAISS's own index.train."""
+    import faiss
+
+    from jobs.index import cputrain
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((3000, 64)) + 3 * rng.standard_normal((12, 64))[rng.integers(0, 12, 3000)])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16).astype(np.float32)
+    ids = np.arange(3000, dtype=np.int64) * 7
+
+    def fresh():
+        index = faiss.index_factory(64, "IVF16,PQ8x4", faiss.METRIC_INNER_PRODUCT)
+        faiss.extract_index_ivf(index).cp.niter = 6
+        return index
+
+    faiss.omp_set_num_threads(2)
+    theirs = fresh()
+    theirs.train(x)
+    ours = cputrain.train(fresh(), x, threads=2)
+    a, b = (faiss.downcast_index(faiss.extract_index_ivf(i)) for i in (theirs, ours))
+    assert np.array_equal(a.quantizer.reconstruct_n(0, 16), b.quantizer.reconstruct_n(0, 16))
+    assign = b.quantizer.assign(x, 1).ravel()
+    residuals = np.empty_like(x)
+    b.quantizer.compute_residual_n(len(x), faiss.swig_ptr(x), faiss.swig_ptr(residuals), faiss.swig_ptr(assign))
+    pq = faiss.ProductQuantizer(64, 8, 4)
+    pq.train(residuals)
+    assert np.array_equal(faiss.vector_to_array(pq.centroids), faiss.vector_to_array(b.pq.centroids))
+
+    reference = faiss.clone_index(ours)
+    reference.add_with_ids(x, ids)
+    cputrain.add_with_ids(ours, x.astype(np.float16), ids, threads=2, chunk=250)   # float16 rows, as stored
+    c = faiss.extract_index_ivf(reference)
+    for lst in range(16):
+        size = c.invlists.list_size(lst)
+        assert size == b.invlists.list_size(lst)
+        assert np.array_equal(faiss.rev_swig_ptr(c.invlists.get_ids(lst), size),
+                              faiss.rev_swig_ptr(b.invlists.get_ids(lst), size))
+        assert np.array_equal(faiss.rev_swig_ptr(c.invlists.get_codes(lst), size * c.code_size),
+                              faiss.rev_swig_ptr(b.invlists.get_codes(lst), size * b.code_size))
+
+    theirs.add_with_ids(x, ids)
+    exact = x[:200] @ x.T
+    truth = ids[np.argsort(-exact, axis=1)[:, :10]]
+    recall = []
+    for index in (theirs, ours):
+        index.nprobe = 4
+        _, found = index.search(x[:200], 50)
+        recall.append(np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found)]))
+    assert recall[1] >= recall[0] - 0.02, recall
+
+
 def test_full_build_publishes_a_verified_manifest_and_finds_true_neighbours(lake):
     summary = build(lake)
     assert summary["action"] == "full" and summary["ntotal"] == N_IMAGES and summary["shards"] == 3

@@ -269,3 +269,33 @@ def test_upload_is_searchable_in_other_workers_and_folded_in_by_the_index_step(a
         assert not any(new_id in n for n in os.listdir(folder))           # pruned: the build holds it
     finally:
         other.extensions["imagelake"].close()
+
+
+def test_first_suggestions_after_an_upload_use_the_matrix_and_the_overlay_without_a_rebuild(app, client, lake,
+                                                                                             indexed, settings):
+    """POST /images bumps the features version; the suggestions map the existing matrix plus the
+    upload overlay (api.suggest_overlay) and build nothing: no folder for the new version appears."""
+    from api.suggest import suggester
+    from lake.compact import compact_dir, ensure_compact
+
+    base = ensure_compact(lake, settings.suggest_dims)      # what the pipeline's suggest step leaves
+    data, original = variant(indexed[1], 33, 5)
+    r = client.post(ADD, data={"image": (io.BytesIO(data), "sugg.png")})
+    assert r.status_code == 201 and r.get_json()["index_action"] == "overlay", r.get_data(as_text=True)
+    new_id, version = r.get_json()["image_id"], open_table(lake, "features").version()
+    assert version > base.features_version
+
+    bucket = client.post(f"{API_PREFIX}/buckets", json={"name": "twins"}).get_json()["bucket"]["bucket_id"]
+    assert client.post(f"{API_PREFIX}/buckets/{bucket}/images", json={"image_ids": [original]}).status_code == 200
+    out = client.get(f"{API_PREFIX}/buckets/{bucket}/suggestions?n=10").get_json()
+    assert out["ok"] and new_id in [s["image_id"] for s in out["suggestions"] if s["source"] == "model"]
+    assert not os.path.exists(compact_dir(lake, base.model, version, settings.suggest_dims))  # nothing rebuilt
+    with app.app_context():
+        m = suggester().matrix()
+    assert m.features_version == base.features_version and len(m) > len(base)
+    row = m.ids.rows_of([new_id])
+    assert len(row) == 1 and len(base) <= row[0] < len(m)                   # an overlay row, after the build's
+    assert m.ids.image_id(int(row[0])) == new_id and m.vectors(row).shape == (1, base.k)
+    # the overlay row scores like the image it copies
+    twin = m.vectors(m.ids.rows_of([original]))[0]
+    assert float(m.vectors(row)[0] @ twin) > 0.9 * float(twin @ twin)

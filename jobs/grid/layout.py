@@ -20,7 +20,9 @@ Deterministic for a seed: every random choice comes from one ``numpy.random.Gene
 from __future__ import annotations
 
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -246,12 +248,28 @@ def _assign_blocks(z: np.ndarray, grid: np.ndarray, targets: np.ndarray, width: 
     tc = targets[np.maximum(cell_pad, 0)]
     # |z_i - t_j|^2 minus |z_i|^2, which is the same for every cell of an item's row.
     cost = np.einsum("tjp,tjp->tj", tc, tc)[:, None, :] - 2.0 * np.matmul(zi, tc.transpose(0, 2, 1))
-    for t in range(n_tiles):
-        c = int(counts[t])
-        if c < 2:
-            continue
-        _, cols = linear_sum_assignment(cost[t, :c, :c])
-        grid[cell_pad[t, cols]] = item_pad[t, :c]
+
+    def solve(tiles_: range) -> None:   # tiles own disjoint cells: the writes never collide
+        for t in tiles_:
+            c = int(counts[t])
+            if c < 2:
+                continue
+            _, cols = linear_sum_assignment(cost[t, :c, :c])
+            grid[cell_pad[t, cols]] = item_pad[t, :c]
+
+    workers = _solver_threads(n_tiles)
+    if workers == 1:
+        solve(range(n_tiles))
+        return
+    # scipy's assignment solver releases the GIL: the tiles of a round are solved on every core
+    step = -(-n_tiles // workers)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(solve, [range(lo, min(n_tiles, lo + step)) for lo in range(0, n_tiles, step)]))
+
+
+def _solver_threads(n_tiles: int) -> int:
+    """Threads for one round's assignments: one per core, none below 256 tiles (~30 ms of work)."""
+    return 1 if n_tiles < 256 else max(1, min(os.cpu_count() or 1, 8))
 
 
 def _one_blas_thread():

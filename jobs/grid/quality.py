@@ -16,6 +16,24 @@ __all__ = ["neighbourhood_preservation", "random_baseline"]
 _OFFSETS = [(-1, -1), (0, -1), (1, -1), (-1, 0), (1, 0), (-1, 1), (0, 1), (1, 1)]
 
 
+_BLOCK = 65_536
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _block_knn(xq: np.ndarray, xb: np.ndarray, k: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    d, i = faiss.knn(xq, xb, min(k, len(xb)), metric=faiss.METRIC_INNER_PRODUCT)
+    if d.shape[1] < k:   # a last block smaller than k: pad with nothing
+        d = np.hstack([d, np.full((len(d), k - d.shape[1]), -np.inf, np.float32)])
+        i = np.hstack([i, np.full((len(i), k - i.shape[1]), -1, np.int64)])
+    return np.ascontiguousarray(d, np.float32), np.where(i >= 0, i + offset, -1).astype(np.int64)
+
+
 def random_baseline(n: int, k: int = 50) -> float:
     """What a random placement is expected to score."""
     return min(1.0, k / max(1, n - 1))
@@ -37,15 +55,17 @@ def neighbourhood_preservation(vectors: np.ndarray, cells: np.ndarray, width: in
     if n < 2:
         return 0.0
     k = min(k, n - 1)
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     rng = np.random.default_rng(seed)
     queries = np.arange(n) if sample is None or sample >= n else np.sort(rng.choice(n, sample, replace=False))
     if threads:
         faiss.omp_set_num_threads(int(threads))
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    _, knn = index.search(x[queries], k + 1)
+    # exact search block by block (no normalised copy nor index of the whole collection: 10 GB at 1M)
+    xq = _unit(vectors[queries])
+    heap = faiss.ResultHeap(len(queries), k + 1, keep_max=True)
+    for lo in range(0, n, _BLOCK):
+        heap.add_result(*_block_knn(xq, _unit(vectors[lo:lo + _BLOCK]), k + 1, lo))
+    heap.finalize()
+    knn = heap.I
     grid = np.full(width * height, -1, np.int64)
     grid[cells] = np.arange(n)
     gx, gy = cells[queries] % width, cells[queries] // width

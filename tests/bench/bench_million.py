@@ -82,14 +82,17 @@ def write_images(folder: Path, n: int, start: int = 0, seed: int = 0) -> list[Pa
 
 
 def write_embeddings(path: Path, uris: list[str], seed: int, chunk: int = 20_000) -> None:
-    """Parquet keyed by uri: ``embedding`` from the real spectrum, 2 % near-copies of the row before,
+    """Parquet keyed by uri: ``embedding`` from the real spectrum (one mixture for every round, fresh
+    draws per ``seed``: before, each round had its own cluster centres and the +1 % round's drift
+    forced a full index rebuild), 2 % near-copies of the row before,
     ``concept_probs`` a softmax over 1,000 classes of a fixed random projection (so tags vary)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    mix = Mixture(d=D, seed=seed)
+    mix = Mixture(d=D, seed=0)          # one collection: the +1 % round draws new images of the same kinds
+    mix.rng = np.random.default_rng(seed)
     rng = np.random.default_rng(seed + 7)
-    proj = rng.standard_normal((D, 1000)).astype(np.float32) * 4
+    proj = np.random.default_rng(7).standard_normal((D, 1000)).astype(np.float32) * 4  # the same concepts
     schema = pa.schema([("uri", pa.string()), ("embedding", pa.list_(pa.float32(), D)),
                         ("concept_probs", pa.list_(pa.float32(), 1000))])
     with pq.ParquetWriter(path, schema, compression="zstd") as w:
