@@ -150,6 +150,7 @@ class BucketStore:
         self._recent: list[tuple[str, int, list[dict[str, Any]]]] = []  # (name, size, rows) appended since the last merge
         self.max_batch = max_batch  # 1 turns group commit off (the benchmark's baseline)
         self._lock = threading.RLock()
+        self._pushed = threading.Condition(self._lock)  # notified when a pushed commit was folded in
         self._pid = os.getpid()
         self._table: DeltaTable | None = None
         self._seen: set[str] = set()
@@ -179,12 +180,11 @@ class BucketStore:
             self._check_pid()
             if self._table is None:
                 self._open()
-            elif self.version is not None and not self._must_sync and not self._log_has(self.version + 1):
+            elif self._nothing_new():
                 self._checked_at = time.monotonic()
                 return self.state
             else:
-                with store_errors(self.lake):
-                    self._table.update_incremental()
+                self._catch_up_table()
             self._checked_at = time.monotonic()
             self._must_sync = False
             if self._table.version() == self.version:
@@ -209,6 +209,35 @@ class BucketStore:
             self.version = self._table.version()
             self._publish()
             return self.state
+
+    def _nothing_new(self) -> bool:
+        """True when the fold is at the log's tail: no commit file after ``self.version``, or (a
+        follower) only commits of this node's writer whose push arrives within moments."""
+        if self.version is None or self._must_sync:
+            return False
+        for _ in range(4):
+            if not self._log_has(self.version + 1):
+                return True
+            if not self._await_push(self.version + 1):
+                return False
+        return False
+
+    def _await_push(self, version: int, timeout: float = 0.05) -> bool:
+        """A follower: wait (a few ms at most) for the node writer's push of ``version`` to be
+        folded in by the link's reader thread, instead of reading the log for it."""
+        if self._node is None or self._node.is_writer or not self._node.connected:
+            return False
+        return self._pushed.wait_for(lambda: self.version is not None and self.version >= version, timeout)
+
+    def _catch_up_table(self) -> None:
+        """Bring the DeltaTable object to the log's tail. Commits of the append path and pushes
+        leave it behind: far behind, loading the table afresh (from its checkpoint) is quicker
+        than replaying every commit since."""
+        with store_errors(self.lake):
+            if self.version is None or self._table.version() + 2 * self.checkpoint_every < self.version:
+                self._table = open_delta(self.lake, "bucket_events")
+            else:
+                self._table.update_incremental()
 
     def _open(self) -> None:
         """Open the log with the store's bounded timeouts (an unreachable store is a quick 503)."""
@@ -541,10 +570,10 @@ class BucketStore:
             self._seen.difference_update(gone)
             self._seen.add(self._file_uri(name))
             self.version = base + 1
-            self._publish()
             if self._node is not None:
                 self._node.broadcast({"base": base, "version": self.version, "files": [self._file_uri(name)],
                                       "removed": gone, "rows": []})
+            self._publish()
 
     def _append_deltalake(self, rows: list[dict[str, Any]], base: int) -> list[str] | None:
         """Commit ``rows`` as version ``base + 1`` through ``write_deltalake`` (no commit retries);
@@ -552,7 +581,7 @@ class BucketStore:
         spec = table_spec("bucket_events")
         with store_errors(self.lake):
             if self._table.version() != base:
-                self._table.update_incremental()  # the append path's commits moved the log
+                self._catch_up_table()  # the append path's commits moved the log
                 if self._table.version() != base:
                     return None
             try:
@@ -618,6 +647,9 @@ class BucketStore:
         with self._lock:
             self.sync()
             base = self.version
+            self._catch_up_table()  # sync reads nothing when nothing is new: the object may lag
+            if self._table.version() != base:
+                return  # another writer committed meanwhile: compact on a later round
             with store_errors(self.lake):
                 self._table.optimize.compact()
                 self._table.update_incremental()
@@ -637,9 +669,9 @@ class BucketStore:
         in. The node's followers get the commit pushed (rows and files) before anyone is answered."""
         self._seen.update(added)
         self.version = base + 1
-        self._publish()
-        if self._node is not None:
+        if self._node is not None:  # pushed first: a follower that sees the board ahead waits for it
             self._node.broadcast({"base": base, "version": self.version, "files": added, "rows": rows})
+        self._publish()
 
     def apply_pushed(self, commit: dict[str, Any]) -> bool:
         """Fold in a commit the node's writer pushed (no I/O) when it follows what this process has
@@ -655,6 +687,7 @@ class BucketStore:
                 self._seen.difference_update(commit.get("removed", ()))
                 self._seen.update(commit["files"])
             self.version = commit["version"]
+            self._pushed.notify_all()
             return True
 
 
