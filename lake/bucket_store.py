@@ -222,8 +222,8 @@ class BucketStore:
                 return False
         return False
 
-    def _await_push(self, version: int, timeout: float = 0.05) -> bool:
-        """A follower: wait (a few ms at most) for the node writer's push of ``version`` to be
+    def _await_push(self, version: int, timeout: float = 0.5) -> bool:
+        """A follower: wait (a few ms; at most 0.5 s on a starved machine) for the node writer's push of ``version`` to be
         folded in by the link's reader thread, instead of reading the log for it."""
         if self._node is None or self._node.is_writer or not self._node.connected:
             return False
