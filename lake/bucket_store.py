@@ -52,7 +52,7 @@ from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from lake.buckets import DISCARD, BucketState, events_from_arrow, check_bucket_id
 from lake.catalog import Lake, table_spec
-from lake.commit import _file_stats, ensure_tables, now_utc
+from lake.commit import _stat_value, ensure_tables, now_utc
 from lake.errors import BadInput, Conflict, ImagelakeError, NotFound, Unavailable
 from lake.lock import LakeLock
 from lake.store import LakeStore, StoreTimeouts, arrow_filesystem, open_delta, store_errors
@@ -107,6 +107,10 @@ class BucketStore:
             (the benchmark's baseline; also used whenever the table needs more than a plain append).
         checkpoint_every: with ``direct_append``, the writer writes a Delta checkpoint after this
             many of its commits (deltalake's own interval), so readers replay a short log.
+        merge_files: with ``direct_append``, the writer rewrites the files it appended into one
+            once there are this many (one commit, same rows; older files are left alone), so the
+            table keeps few files at a cost of milliseconds; ``compact_files`` stays the bound on
+            all files (a full ``optimize.compact``).
 
     The append path: a batch is one small Parquet file (statistics for every flat column, as
     :mod:`lake.commit` states them) and one commit file ``_delta_log/<V+1>.json`` holding a
@@ -122,7 +126,8 @@ class BucketStore:
 
     def __init__(self, lake: Lake, lock_timeout: float = 30.0, ack_timeout: float = 60.0, max_batch: int = 512,
                  compact_files: int = 1000, node_writer: bool = False, max_replans: int = 100,
-                 refresh_s: float = 0.0, direct_append: bool = True, checkpoint_every: int = 100):
+                 refresh_s: float = 0.0, direct_append: bool = True, checkpoint_every: int = 100,
+                 merge_files: int = 64):
         self.lake, self.lock_timeout, self.ack_timeout = lake, lock_timeout, ack_timeout
         self.max_replans = max_replans
         self.replans = 0  # commits lost to another writer and planned again
@@ -141,8 +146,11 @@ class BucketStore:
         self._must_sync = True
         self._checkpointed: int | None = None
         self._ckpt_table: DeltaTable | None = None
+        self.merge_files = merge_files
+        self._recent: list[tuple[str, int, list[dict[str, Any]]]] = []  # (name, size, rows) appended since the last merge
         self.max_batch = max_batch  # 1 turns group commit off (the benchmark's baseline)
         self._lock = threading.RLock()
+        self._pushed = threading.Condition(self._lock)  # notified when a pushed commit was folded in
         self._pid = os.getpid()
         self._table: DeltaTable | None = None
         self._seen: set[str] = set()
@@ -172,12 +180,11 @@ class BucketStore:
             self._check_pid()
             if self._table is None:
                 self._open()
-            elif self.version is not None and not self._must_sync and not self._log_has(self.version + 1):
+            elif self._nothing_new():
                 self._checked_at = time.monotonic()
                 return self.state
             else:
-                with store_errors(self.lake):
-                    self._table.update_incremental()
+                self._catch_up_table()
             self._checked_at = time.monotonic()
             self._must_sync = False
             if self._table.version() == self.version:
@@ -185,7 +192,7 @@ class BucketStore:
             self._check_direct()
             files = self._table.file_uris()
             if not self._seen.issubset(files):  # compacted or vacuumed: start over
-                self._seen, self.state = set(), BucketState()
+                self._seen, self.state, self._recent = set(), BucketState(), []
             new = [f for f in files if f not in self._seen]
             if new:
                 fs, _ = arrow_filesystem(new[0])
@@ -202,6 +209,35 @@ class BucketStore:
             self.version = self._table.version()
             self._publish()
             return self.state
+
+    def _nothing_new(self) -> bool:
+        """True when the fold is at the log's tail: no commit file after ``self.version``, or (a
+        follower) only commits of this node's writer whose push arrives within moments."""
+        if self.version is None or self._must_sync:
+            return False
+        for _ in range(4):
+            if not self._log_has(self.version + 1):
+                return True
+            if not self._await_push(self.version + 1):
+                return False
+        return False
+
+    def _await_push(self, version: int, timeout: float = 0.5) -> bool:
+        """A follower: wait (a few ms; at most 0.5 s on a starved machine) for the node writer's push of ``version`` to be
+        folded in by the link's reader thread, instead of reading the log for it."""
+        if self._node is None or self._node.is_writer or not self._node.connected:
+            return False
+        return self._pushed.wait_for(lambda: self.version is not None and self.version >= version, timeout)
+
+    def _catch_up_table(self) -> None:
+        """Bring the DeltaTable object to the log's tail. Commits of the append path and pushes
+        leave it behind: far behind, loading the table afresh (from its checkpoint) is quicker
+        than replaying every commit since."""
+        with store_errors(self.lake):
+            if self.version is None or self._table.version() + 2 * self.checkpoint_every < self.version:
+                self._table = open_delta(self.lake, "bucket_events")
+            else:
+                self._table.update_incremental()
 
     def _open(self) -> None:
         """Open the log with the store's bounded timeouts (an unreachable store is a quick 503)."""
@@ -315,8 +351,15 @@ class BucketStore:
         return {**event, "replayed": True} if replayed else event
 
     def _run(self) -> None:
+        dirty = False
         while True:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=0.2)
+            except queue.Empty:  # idle: publish the counters of the last batches
+                if dirty and self._node is not None and self._node.is_writer:
+                    self._node.board.publish_stats(self.stats.snapshot())
+                dirty = False
+                continue
             if first is None:  # close(): every queued action was committed first
                 return
             batch = [first]
@@ -350,8 +393,10 @@ class BucketStore:
             self.stats.done(started)
             if self._queue.empty() or self.stats.counts["batches"] % 8 == 0:
                 self._maintain()
-            if self._node is not None and self._node.is_writer and (self._queue.empty() or self.stats.due()):
+            dirty = True
+            if self._node is not None and self._node.is_writer and self.stats.due():
                 self._node.board.publish_stats(self.stats.snapshot())
+                dirty = False
             with self._idle:
                 self._inflight -= len(batch)
                 self._idle.notify_all()
@@ -404,7 +449,7 @@ class BucketStore:
                 try:
                     added = self._append_direct(rows, base) if self._direct else self._append_deltalake(rows, base)
                 except BaseException:
-                    self._seen, self.state, self.version = set(), BucketState(), None  # drop the unwritten folds
+                    self._seen, self.state, self.version, self._recent = set(), BucketState(), None, []  # drop the unwritten folds
                     raise
                 clock("commit")
                 if added is None:  # another writer took the version: plan again on the new state
@@ -443,35 +488,92 @@ class BucketStore:
                 results.append(e)
         return results, rows
 
-    def _append_direct(self, rows: list[dict[str, Any]], base: int) -> list[str] | None:
-        """Commit ``rows`` as version ``base + 1`` by the append path; the added file's URI, or
-        None when another writer committed that version first (our data file is removed)."""
+    def _encode(self, rows: list[dict[str, Any]], compression: str = "none") -> tuple[pa.Buffer, dict] | None:
+        """``rows`` as one Parquet file and its Delta statistics; None when some column's bounds
+        cannot be stated (then deltalake writes the rows and computes its own). A batch's file is
+        a few KB and left uncompressed (zstd's setup per column cost more than the rest of the
+        encoding); merged files are compressed."""
         spec = table_spec("bucket_events")
+        stats = _row_stats(rows, spec.schema)
+        if stats is None:
+            return None
         sink = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pylist(rows, schema=spec.schema), sink, compression="zstd")
-        data = sink.getvalue()
-        stats = _file_stats(pq.read_metadata(pa.BufferReader(data)), spec)
-        if stats is None:  # some column's bounds cannot be stated: let deltalake write it
-            return self._append_deltalake(rows, base)
-        name = f"part-00000-{secrets.token_hex(16)}-c000.zstd.parquet"
+        with pq.ParquetWriter(sink, spec.schema, compression=compression) as writer:
+            writer.write_table(pa.Table.from_pylist(rows, schema=spec.schema))
+        return sink.getvalue(), stats
+
+    def _put_commit(self, base: int, operation: str, name: str, data: pa.Buffer, stats: dict, *,
+                    data_change: bool = True, removes: list[dict[str, Any]] = ()) -> bool:
+        """Write the data file ``name`` and create the commit file of version ``base + 1`` (one
+        ``add``, plus ``removes``); False when another writer committed that version first (the
+        data file is removed again: no commit refers to it)."""
         now = int(time.time() * 1000)
-        commit = [
-            {"commitInfo": {"timestamp": now, "operation": "WRITE", "operationParameters": {"mode": "Append"},
-                            "readVersion": base, "isolationLevel": "Serializable", "isBlindAppend": True,
-                            "operationMetrics": {"num_added_files": 1, "num_removed_files": 0,
-                                                 "num_added_rows": len(rows)},
-                            "engineInfo": "imagelake-bucket-log", "clientVersion": "imagelake"}},
-            {"add": {"path": name, "partitionValues": {}, "size": data.size, "modificationTime": now,
-                     "dataChange": True, "stats": json.dumps(stats, separators=(",", ":"))}},
-        ]
+        info = {"timestamp": now, "operation": operation, "readVersion": base, "isolationLevel": "Serializable",
+                "operationParameters": {"mode": "Append"} if operation == "WRITE" else {},
+                "operationMetrics": {"num_added_files": 1, "num_removed_files": len(removes),
+                                     "num_added_rows": stats["numRecords"]},
+                "engineInfo": "imagelake-bucket-log", "clientVersion": "imagelake"}
+        if operation == "WRITE":
+            info["isBlindAppend"] = True
+        actions = [{"commitInfo": info}, *removes,
+                   {"add": {"path": name, "partitionValues": {}, "size": data.size, "modificationTime": now,
+                            "dataChange": data_change, "stats": json.dumps(stats, separators=(",", ":"))}}]
         key = f"{self._table_key}/{name}"
         self._store.write_bytes(key, data.to_pybytes())
-        body = "".join(json.dumps(a, separators=(",", ":")) + "\n" for a in commit).encode()
+        body = "".join(json.dumps(a, separators=(",", ":")) + "\n" for a in actions).encode()
         if self._store.put_if_absent(self._log_key(base + 1), body) is None:
-            self._store.delete(key)  # no commit refers to it
-            return None
+            self._store.delete(key)
+            return False
         self._checked_at = time.monotonic()  # version base + 1 was the tail just now
-        return [f"{self.lake.table_uri('bucket_events')}/{name}"]
+        return True
+
+    def _file_uri(self, name: str) -> str:
+        return f"{self.lake.table_uri('bucket_events')}/{name}"
+
+    def _append_direct(self, rows: list[dict[str, Any]], base: int) -> list[str] | None:
+        """Commit ``rows`` as version ``base + 1`` by the append path; the added file's URI, or
+        None when another writer committed that version first."""
+        encoded = self._encode(rows)
+        if encoded is None:
+            return self._append_deltalake(rows, base)
+        name = f"part-00000-{secrets.token_hex(16)}-c000.parquet"
+        if not self._put_commit(base, "WRITE", name, *encoded):
+            return None
+        self._recent.append((name, encoded[0].size, rows))
+        return [self._file_uri(name)]
+
+    def _merge_recent(self) -> None:
+        """Rewrite the files this writer appended since its last merge into one (same rows, one
+        ``remove`` each and one ``add``, committed like a batch), so the table keeps few files
+        without rewriting the older ones. Skipped when anything else committed since (the next
+        batch re-reads the tail first)."""
+        with self._writing(), self._lock:
+            recent, self._recent = self._recent, []
+            base = self.version
+            if (base is None or self._must_sync or any(self._file_uri(n) not in self._seen for n, _, _ in recent)
+                    or self._log_has(base + 1)):
+                self._must_sync = True
+                return
+            rows = sorted((r for _, _, part in recent for r in part), key=lambda r: r["seq"])
+            encoded = self._encode(rows, compression="zstd")
+            if encoded is None:
+                return
+            now = int(time.time() * 1000)
+            removes = [{"remove": {"path": n, "deletionTimestamp": now, "dataChange": False,
+                                   "extendedFileMetadata": True, "partitionValues": {}, "size": size}}
+                       for n, size, _ in recent]
+            name = f"part-00000-{secrets.token_hex(16)}-c000.zstd.parquet"
+            if not self._put_commit(base, "OPTIMIZE", name, *encoded, data_change=False, removes=removes):
+                self._must_sync = True
+                return
+            gone = [self._file_uri(n) for n, _, _ in recent]
+            self._seen.difference_update(gone)
+            self._seen.add(self._file_uri(name))
+            self.version = base + 1
+            if self._node is not None:
+                self._node.broadcast({"base": base, "version": self.version, "files": [self._file_uri(name)],
+                                      "removed": gone, "rows": []})
+            self._publish()
 
     def _append_deltalake(self, rows: list[dict[str, Any]], base: int) -> list[str] | None:
         """Commit ``rows`` as version ``base + 1`` through ``write_deltalake`` (no commit retries);
@@ -479,7 +581,7 @@ class BucketStore:
         spec = table_spec("bucket_events")
         with store_errors(self.lake):
             if self._table.version() != base:
-                self._table.update_incremental()  # the append path's commits moved the log
+                self._catch_up_table()  # the append path's commits moved the log
                 if self._table.version() != base:
                     return None
             try:
@@ -506,18 +608,23 @@ class BucketStore:
         self.state = state
 
     def _maintain(self) -> None:
-        """After a batch was answered: compact a log of many small files, or write a checkpoint
-        every ``checkpoint_every`` commits of the append path (deltalake writes its own)."""
+        """After a batch was answered: merge this writer's recent small files, compact a log of
+        many files, or write a checkpoint every ``checkpoint_every`` commits of the append path
+        (deltalake writes its own)."""
         if self._table is None or self.version is None:
             return
         try:
-            if len(self._seen) > self.compact_files:
+            if len(self._recent) >= self.merge_files:
+                clock = self.stats.clock()
+                self._merge_recent()
+                self.stats.count("merges")
+                clock("compact")
+            elif len(self._seen) > self.compact_files:
                 clock = self.stats.clock()
                 with self._writing():
                     self.compact()
                 self.stats.count("compactions")
                 clock("compact")
-                self._checkpointed = self.version
             elif self._checkpointed is None:
                 self._checkpointed = self.version
             elif self._direct and self.version - self._checkpointed >= self.checkpoint_every:
@@ -532,7 +639,7 @@ class BucketStore:
                 self.stats.count("checkpoints")
                 clock("checkpoint")
         except Exception:  # upkeep only: the log stays correct without it
-            log.exception("bucket log upkeep (compaction or checkpoint) failed; trying again later")
+            log.exception("bucket log upkeep (merge, compaction or checkpoint) failed; trying again later")
             self._checkpointed = self.version
 
     def compact(self) -> None:
@@ -540,13 +647,20 @@ class BucketStore:
         with self._lock:
             self.sync()
             base = self.version
+            self._catch_up_table()  # sync reads nothing when nothing is new: the object may lag
+            if self._table.version() != base:
+                return  # another writer committed meanwhile: compact on a later round
             with store_errors(self.lake):
                 self._table.optimize.compact()
                 self._table.update_incremental()
+            self._recent = []
             if self._table.version() == (base if base is not None else -1) + 1:  # ours only: same rows
                 self._seen, self.version = set(self._table.file_uris()), self._table.version()
+                if self._node is not None and base is not None:  # followers swap their file list, no read
+                    self._node.broadcast({"base": base, "version": self.version, "files": sorted(self._seen),
+                                          "replace": True, "rows": []})
             else:  # another writer committed around the compaction: read everything again
-                self._seen, self.state, self.version = set(), BucketState(), None
+                self._seen, self.state, self.version, self._recent = set(), BucketState(), None, []
                 self.sync()
             self._publish()
 
@@ -555,9 +669,9 @@ class BucketStore:
         in. The node's followers get the commit pushed (rows and files) before anyone is answered."""
         self._seen.update(added)
         self.version = base + 1
-        self._publish()
-        if self._node is not None:
+        if self._node is not None:  # pushed first: a follower that sees the board ahead waits for it
             self._node.broadcast({"base": base, "version": self.version, "files": added, "rows": rows})
+        self._publish()
 
     def apply_pushed(self, commit: dict[str, Any]) -> bool:
         """Fold in a commit the node's writer pushed (no I/O) when it follows what this process has
@@ -567,8 +681,13 @@ class BucketStore:
                 return False
             for event in commit["rows"]:
                 self.state.apply(event)
-            self._seen.update(commit["files"])
+            if commit.get("replace"):  # a compaction: the same rows in other files
+                self._seen = set(commit["files"])
+            else:
+                self._seen.difference_update(commit.get("removed", ()))
+                self._seen.update(commit["files"])
             self.version = commit["version"]
+            self._pushed.notify_all()
             return True
 
 
@@ -579,7 +698,8 @@ class WriterStats:
     ``seconds`` sums wall time per phase over all batches: ``lock`` waiting for the table lock
     (local lakes), ``sync`` reading the log's tail before planning, ``plan`` validating the batch,
     ``commit`` writing its data file and commit, ``adopt`` folding in and pushing the commit to the
-    node's followers, ``compact`` rewriting small files; ``queue`` sums each action's wait from
+    node's followers, ``compact`` rewriting small files (merges and compactions), ``checkpoint``
+    writing a Delta checkpoint; ``queue`` sums each action's wait from
     being queued to its batch being taken, ``batch`` each batch's time from taken to answered.
     Written by the writer thread only."""
 
@@ -589,7 +709,7 @@ class WriterStats:
         self.pid = os.getpid()
         self.started = time.time()
         self.counts = {"batches": 0, "actions": 0, "commits": 0, "rows": 0, "max_batch": 0, "replans": 0,
-                       "compactions": 0, "checkpoints": 0}
+                       "compactions": 0, "merges": 0, "checkpoints": 0}
         self.seconds = dict.fromkeys((*self.PHASES, "queue", "batch"), 0.0)
         self.max_queue_s = 0.0
         self._published = 0.0
@@ -622,7 +742,7 @@ class WriterStats:
     def done(self, started: float) -> None:
         self.seconds["batch"] += time.perf_counter() - started
 
-    def due(self, every_s: float = 0.25) -> bool:
+    def due(self, every_s: float = 0.2) -> bool:
         """True at most every ``every_s`` (when the writer publishes a snapshot)."""
         now = time.monotonic()
         if now - self._published < every_s:
@@ -633,6 +753,27 @@ class WriterStats:
     def snapshot(self) -> dict[str, Any]:
         return {"pid": self.pid, "started": self.started, "at": time.time(), **self.counts,
                 "seconds": {k: round(v, 6) for k, v in self.seconds.items()}, "max_queue_s": round(self.max_queue_s, 6)}
+
+
+def _row_stats(rows: list[dict[str, Any]], schema: pa.Schema) -> dict | None:
+    """Delta file statistics of ``rows`` as :func:`lake.commit._file_stats` states them from a
+    file's Parquet metadata (row count; null count, min and max of every flat column), computed
+    from the values themselves: Python orders strings by code point, which is the byte order of
+    their UTF-8 that Parquet's statistics use. None when a bound cannot be stated."""
+    stats: dict = {"numRecords": len(rows), "minValues": {}, "maxValues": {}, "nullCount": {}}
+    for f in schema:
+        t = f.type
+        if pa.types.is_nested(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
+            continue
+        values = [r[f.name] for r in rows if r.get(f.name) is not None]
+        stats["nullCount"][f.name] = len(rows) - len(values)
+        if not values:
+            continue
+        lo, hi = _stat_value(t, min(values), False), _stat_value(t, max(values), True)
+        if lo is None or hi is None:
+            return None
+        stats["minValues"][f.name], stats["maxValues"][f.name] = lo, hi
+    return stats
 
 
 def _close_at_exit(ref: "weakref.ref[BucketStore]") -> None:

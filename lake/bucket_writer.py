@@ -264,6 +264,12 @@ class NodeLink:
     def is_writer(self) -> bool:
         return self._listener is not None
 
+    @property
+    def connected(self) -> bool:
+        """A follower with a live link to the writer (whose pushes keep its fold current)."""
+        conn = self._conn
+        return conn is not None and conn.alive
+
     def _after_fork(self) -> None:
         """A forked child must not keep the writer's name bound (it has no accept thread: the
         node would have a writer nobody answers once the parent dies) nor share its link."""

@@ -445,26 +445,37 @@ def test_the_append_path_writes_a_plain_delta_table(lake, ids):
     shutil.rmtree(uri)  # a log created before the catalog had actor_name
     spec = table_spec("bucket_events").schema
     DeltaTable.create(uri, spec.remove(spec.get_field_index("actor_name")), name="bucket_events")
-    store = BucketStore(lake, checkpoint_every=5)
+    store = BucketStore(lake, checkpoint_every=5, merge_files=4)
     a = store.submit(Action("create", payload={"name": "a"}, actor="t", actor_name="tess"))["bucket_id"]
     assert store._direct, "the merged schema is the catalog's: the append path applies again"
     for j in range(11):
         store.submit(Action("add", a, (ids[j],), actor="t"))
-    assert store.drain(30)  # the checkpoint is written after the batch was answered
+        assert store.drain(30)  # merges and checkpoints run after the batch was answered
     log_dir = Path(uri) / "_delta_log"
-    engines = [json.loads(open(log_dir / f"{v:020d}.json").readline())["commitInfo"].get("engineInfo", "")
-               for v in (1, 2, 12)]
-    assert engines[0].startswith("delta-rs") and engines[1:] == ["imagelake-bucket-log"] * 2
+    infos = [json.loads(open(p).readline())["commitInfo"] for p in sorted(log_dir.glob("*.json"))]
+    assert infos[1]["engineInfo"].startswith("delta-rs")  # the schema merge
+    assert {i["engineInfo"] for i in infos[2:]} == {"imagelake-bucket-log"}
+    assert [i["operation"] for i in infos[2:]].count("OPTIMIZE") == store.stats.counts["merges"] == 2
     assert (log_dir / "_last_checkpoint").exists() and store.stats.counts["checkpoints"] >= 1
     table = DeltaTable(uri)
-    assert table.version() == 12 and "actor_name" in table.schema().to_arrow().names
-    assert set(table.file_uris()) == store._seen  # the writer's fold knows every file by its URI
+    assert table.version() == store.version == 14 and "actor_name" in table.schema().to_arrow().names
+    assert set(table.file_uris()) == store._seen and len(store._seen) == 6  # create + 2 merged + 3 recent
     adds = pa.table(table.get_add_actions(flatten=True)).to_pylist()
-    assert all(r["num_records"] == 1 and r["min.seq"] == r["max.seq"] for r in adds)
+    assert sum(r["num_records"] for r in adds) == 12 and all(r["min.seq"] <= r["max.seq"] for r in adds)
+    import pyarrow.parquet as pq
+
+    from lake.commit import _file_stats
+    ours = [json.loads(line)["add"] for p in sorted(log_dir.glob("*.json"))[2:] for line in open(p)
+            if line.startswith('{"add"')]
+    assert len(ours) == 13 and all(  # the statistics are what the file's Parquet metadata says
+        json.loads(a["stats"]) == _file_stats(pq.read_metadata(f"{uri}/{a['path']}"), table_spec("bucket_events"))
+        for a in ours)
     late = table.to_pyarrow_dataset().to_table(filter=pads.field("seq") >= 9, columns=["seq"])
     assert sorted(late.column("seq").to_pylist()) == [9, 10, 11]
-    assert bucket_members(lake, a) == ids[:11] and read_events(lake)[0][0]["actor_name"] == "tess"
-    assert store.sync() is store.state and store.version == 12  # nothing new: the log is not read
+    events = read_events(lake)[0]
+    assert [e["seq"] for e in events] == list(range(12)) and events[0]["actor_name"] == "tess"
+    assert bucket_members(lake, a) == ids[:11] == BucketStore(lake).sync().member_ids(a)
+    assert store.sync() is store.state and store.version == 14  # nothing new: the log is not read
 
 
 def test_an_unreachable_object_store_is_a_quick_clean_503(monkeypatch):

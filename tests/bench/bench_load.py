@@ -124,7 +124,7 @@ def stats_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> 
     if before is None or before.get("pid") != after.get("pid") or before.get("started") != after.get("started"):
         return after
     out = {k: after[k] - before[k] for k in ("batches", "actions", "commits", "rows", "replans", "compactions",
-                                              "checkpoints") if k in after}
+                                              "merges", "checkpoints") if k in after}
     out["max_batch"], out["max_queue_s"] = after["max_batch"], after["max_queue_s"]  # since the writer started
     out["seconds"] = {k: after["seconds"][k] - before["seconds"].get(k, 0.0) for k in after["seconds"]}
     return out
@@ -139,17 +139,20 @@ def run_matrix(base: str, token: str, mixes: dict[str, list[Op]], ctx: LoadConte
         for k, n in enumerate(clients):
             before = writer_stats(lake_root) if lake_root else None
             report = run_load(base, token, ops, ctx, clients=n, seconds=seconds, seed=10 * k + 2)
-            report.writer = stats_delta(before, writer_stats(lake_root)) if lake_root else None
+            if lake_root:
+                time.sleep(0.5)  # the writer publishes its counters every 0.2 s
+                report.writer = stats_delta(before, writer_stats(lake_root))
             out.append((name, n, report))
     return out
 
 
 def writer_table(runs: list[tuple[str, int, LoadReport]]) -> str:
     """Per run: the writer's batches, actions per batch and milliseconds per batch in each phase."""
-    phases = ("queue", "lock", "sync", "plan", "commit", "adopt", "compact", "checkpoint", "batch")
-    head = f"{'run':<16}{'batches':>8}{'act/b':>7}{'max b':>6}{'commits':>8}{'replan':>7}" + "".join(
+    phases = ("queue", "lock", "sync", "plan", "commit", "adopt", "compact", "ckpt", "batch")
+    head = f"{'run':<16}{'batches':>8}{'act/b':>7}{'max b':>6}{'commits':>8}{'replan':>7}{'m/c/ck':>9}" + "".join(
         f"{p:>8}" for p in phases)
-    lines = [head, f"{'':<16}{'':>36}" + f"{'(ms per batch; queue: ms per action)':>{8 * len(phases)}}"]
+    lines = [head, f"{'':<16}{'(merges/compactions/checkpoints)':>45}" +
+             f"{'(ms per batch; queue: ms per action)':>{8 * len(phases)}}"]
     for mix, n, r in runs:
         w = getattr(r, "writer", None)
         if not w or not w.get("batches"):
@@ -157,9 +160,10 @@ def writer_table(runs: list[tuple[str, int, LoadReport]]) -> str:
             continue
         b = w["batches"]
         cells = [w["seconds"].get("queue", 0.0) / max(1, w["actions"]) * 1e3] + [
-            w["seconds"].get(p, 0.0) / b * 1e3 for p in phases[1:]]
+            w["seconds"].get({"ckpt": "checkpoint"}.get(p, p), 0.0) / b * 1e3 for p in phases[1:]]
+        upkeep = f"{w.get('merges', 0)}/{w.get('compactions', 0)}/{w.get('checkpoints', 0)}"
         lines.append(f"{mix + ' ' + str(n):<16}{b:>8}{w['actions'] / b:>7.1f}{w['max_batch']:>6}{w['commits']:>8}"
-                     f"{w['replans']:>7}" + "".join(f"{c:>8.2f}" for c in cells))
+                     f"{w['replans']:>7}{upkeep:>9}" + "".join(f"{c:>8.2f}" for c in cells))
     return "\n".join(lines)
 
 
