@@ -23,13 +23,15 @@ Retries: every action carries an ``event_id`` chosen before it is sent (a re-sen
 writer crash is recognised and answered with the committed event), and may carry a
 ``client_event_id``; the same (actor, client_event_id) again is answered with the original event
 and writes nothing.
+
+Validation and planning of one action live in :mod:`lake.bucket_plan`, the writer's counters in
+:mod:`lake.bucket_stats`.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -37,11 +39,9 @@ import queue
 import secrets
 import threading
 import time
-import unicodedata
 import weakref
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -50,38 +50,20 @@ import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
-from lake.buckets import DISCARD, BucketState, events_from_arrow, check_bucket_id
+from lake.buckets import BucketState, events_from_arrow
 from lake.catalog import Lake, table_spec
-from lake.commit import _stat_value, ensure_tables, now_utc
-from lake.errors import BadInput, Conflict, ImagelakeError, NotFound, Unavailable
+from lake.commit import ensure_tables
+from lake.errors import ImagelakeError, Unavailable
 from lake.lock import LakeLock
 from lake.store import LakeStore, StoreTimeouts, arrow_filesystem, open_delta, store_errors
+
+from lake.bucket_plan import MAX_NAME, Action, _plan  # noqa: F401  (Action, MAX_NAME, _plan re-exported)
+from lake.bucket_stats import WriterStats, _row_stats  # noqa: F401  (WriterStats re-exported)
 
 __all__ = ["Action", "BucketStore", "WriterStats"]
 
 log = logging.getLogger(__name__)
 
-_COLOR = r"#[0-9a-fA-F]{6}"
-_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
-
-
-@dataclass(frozen=True)
-class Action:
-    """One curation request, before validation. ``actor`` is the token id (``""`` with auth off)."""
-
-    action: str
-    bucket_id: str | None = None
-    image_ids: tuple[str, ...] = ()
-    rejected_ids: tuple[str, ...] = ()
-    from_bucket: str | None = None
-    payload: dict[str, Any] = field(default_factory=dict)
-    actor: str = ""
-    actor_name: str = ""
-    client_event_id: str | None = None
-    event_id: str | None = None  # chosen by the submitter, so a re-sent action is recognised
-
-    def with_event_id(self) -> "Action":
-        return self if self.event_id else dataclasses.replace(self, event_id=secrets.token_hex(16))
 
 
 class BucketStore:
@@ -691,91 +673,6 @@ class BucketStore:
             return True
 
 
-class WriterStats:
-    """Counters of one process's log writer (what a batch costs and where the time goes), read by
-    ``imagelake``'s load benchmark from the node's version board (:meth:`snapshot`).
-
-    ``seconds`` sums wall time per phase over all batches: ``lock`` waiting for the table lock
-    (local lakes), ``sync`` reading the log's tail before planning, ``plan`` validating the batch,
-    ``commit`` writing its data file and commit, ``adopt`` folding in and pushing the commit to the
-    node's followers, ``compact`` rewriting small files (merges and compactions), ``checkpoint``
-    writing a Delta checkpoint; ``queue`` sums each action's wait from
-    being queued to its batch being taken, ``batch`` each batch's time from taken to answered.
-    Written by the writer thread only."""
-
-    PHASES = ("lock", "sync", "plan", "commit", "adopt", "compact", "checkpoint")
-
-    def __init__(self):
-        self.pid = os.getpid()
-        self.started = time.time()
-        self.counts = {"batches": 0, "actions": 0, "commits": 0, "rows": 0, "max_batch": 0, "replans": 0,
-                       "compactions": 0, "merges": 0, "checkpoints": 0}
-        self.seconds = dict.fromkeys((*self.PHASES, "queue", "batch"), 0.0)
-        self.max_queue_s = 0.0
-        self._published = 0.0
-
-    def clock(self):
-        """A function ``lap(phase)`` adding the time since the last lap to ``phase``."""
-        last = [time.perf_counter()]
-
-        def lap(phase: str) -> None:
-            now = time.perf_counter()
-            self.seconds[phase] += now - last[0]
-            last[0] = now
-        return lap
-
-    def count(self, name: str, n: int = 1) -> None:
-        self.counts[name] += n
-
-    def picked(self, at: float, queued: list[float]) -> None:
-        self.counts["batches"] += 1
-        self.counts["actions"] += len(queued)
-        self.counts["max_batch"] = max(self.counts["max_batch"], len(queued))
-        waits = [at - t for t in queued]
-        self.seconds["queue"] += sum(waits)
-        self.max_queue_s = max(self.max_queue_s, *waits)
-
-    def committed(self, rows: int) -> None:
-        self.counts["commits"] += 1
-        self.counts["rows"] += rows
-
-    def done(self, started: float) -> None:
-        self.seconds["batch"] += time.perf_counter() - started
-
-    def due(self, every_s: float = 0.2) -> bool:
-        """True at most every ``every_s`` (when the writer publishes a snapshot)."""
-        now = time.monotonic()
-        if now - self._published < every_s:
-            return False
-        self._published = now
-        return True
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"pid": self.pid, "started": self.started, "at": time.time(), **self.counts,
-                "seconds": {k: round(v, 6) for k, v in self.seconds.items()}, "max_queue_s": round(self.max_queue_s, 6)}
-
-
-def _row_stats(rows: list[dict[str, Any]], schema: pa.Schema) -> dict | None:
-    """Delta file statistics of ``rows`` as :func:`lake.commit._file_stats` states them from a
-    file's Parquet metadata (row count; null count, min and max of every flat column), computed
-    from the values themselves: Python orders strings by code point, which is the byte order of
-    their UTF-8 that Parquet's statistics use. None when a bound cannot be stated."""
-    stats: dict = {"numRecords": len(rows), "minValues": {}, "maxValues": {}, "nullCount": {}}
-    for f in schema:
-        t = f.type
-        if pa.types.is_nested(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
-            continue
-        values = [r[f.name] for r in rows if r.get(f.name) is not None]
-        stats["nullCount"][f.name] = len(rows) - len(values)
-        if not values:
-            continue
-        lo, hi = _stat_value(t, min(values), False), _stat_value(t, max(values), True)
-        if lo is None or hi is None:
-            return None
-        stats["minValues"][f.name], stats["maxValues"][f.name] = lo, hi
-    return stats
-
-
 def _close_at_exit(ref: "weakref.ref[BucketStore]") -> None:
     store = ref()
     if store is not None:
@@ -793,123 +690,3 @@ def wait_for(future: Future, timeout: float) -> dict[str, Any]:
     except FutureTimeout:
         raise Unavailable(f"the bucket log commit did not land within {timeout:.0f} s (the action may still "
                           "land); retry with the same client_event_id") from None
-
-
-def _clean_ids(ids: tuple[str, ...], what: str = "image_ids") -> list[str]:
-    out = list(dict.fromkeys(ids))
-    if not out:
-        raise BadInput(f"{what} is empty; send at least one image id")
-    return out
-
-
-def _plan(state: BucketState, a: Action, seq: int) -> dict[str, Any]:
-    """The event ``a`` becomes on top of ``state``. Raises BadInput, NotFound or Conflict."""
-    event: dict[str, Any] = {"event_id": a.event_id or secrets.token_hex(16), "seq": seq, "bucket_id": a.bucket_id,
-                             "action": a.action, "image_ids": None, "rejected_ids": None,
-                             "from_bucket": None, "undo_of": None, "payload": None,
-                             "client_event_id": a.client_event_id, "actor": a.actor,
-                             "actor_name": a.actor_name, "at": now_utc()}
-    kind = a.action
-    if kind == "create":
-        name, color = _name(a.payload.get("name")), _color(a.payload.get("color"))
-        bucket_id = a.bucket_id or secrets.token_hex(8)
-        if bucket_id in state.buckets:
-            raise Conflict(f"bucket {bucket_id} exists already")
-        color = color or _PALETTE[sum(1 for b in state.buckets.values() if not b["system"]) % len(_PALETTE)]
-        return {**event, "bucket_id": bucket_id, "payload": json.dumps({"name": name, "color": color})}
-    if kind == "undo":
-        target = state.last_undoable(a.actor)
-        if target is None:
-            raise Conflict("nothing to undo: this token has no action left that is not undone")
-        return {**event, "bucket_id": target["bucket_id"], "undo_of": target["event_id"]}
-    if a.bucket_id == DISCARD and kind not in ("discard", "remove"):
-        raise BadInput("the discard pile takes images with POST /api/v1/discard and gives them back with "
-                       "DELETE /api/v1/buckets/discard/images/<image_id>")
-    state.live_bucket(a.bucket_id)
-    if kind == "update":
-        payload = {}
-        if a.payload.get("name") is not None:
-            payload["name"] = _name(a.payload["name"])
-        if a.payload.get("color") is not None:
-            payload["color"] = _color(a.payload["color"])
-        if not payload:
-            raise BadInput('send {"name": ...} and/or {"color": "#rrggbb"}')
-        return {**event, "payload": json.dumps(payload)}
-    if kind == "delete":
-        return event
-    ids = _clean_ids(a.image_ids) if kind != "feedback" else list(dict.fromkeys(a.image_ids))
-    members = state.members.get(a.bucket_id, {})
-    if kind in ("move", "copy") or (kind == "discard" and a.from_bucket):
-        source = check_bucket_id(a.from_bucket or "")
-        if source == a.bucket_id:
-            raise BadInput("from_bucket is the target bucket itself")
-        state.live_bucket(source)
-        source_members = state.members.get(source, {})
-        missing = [i for i in ids if i not in source_members]
-        if missing:
-            raise Conflict(f"{len(missing)} of the images are not in bucket {source} (first: {missing[0]})")
-        event["from_bucket"] = source
-    elif kind == "remove":
-        missing = [i for i in ids if i not in members]
-        if missing:
-            raise NotFound(f"{len(missing)} of the images are not in bucket {a.bucket_id} (first: {missing[0]})")
-    elif kind == "pending":
-        labeled = state.labeled(a.bucket_id)
-        ids = [i for i in ids if i not in labeled]
-        if not ids:
-            raise Conflict("every image is labeled already; nothing to fast-forward")
-    elif kind == "feedback":
-        rejected = list(dict.fromkeys(a.rejected_ids))
-        if not ids and not rejected:
-            raise BadInput('send {"accepted": [image ids], "rejected": [image ids]} with at least one id')
-        both = set(ids) & set(rejected)
-        if both:
-            raise BadInput(f"image {sorted(both)[0]} is both accepted and rejected")
-        event["rejected_ids"] = rejected
-    elif kind not in ("add", "discard"):
-        raise BadInput(f"unknown action {kind!r}")
-    event["image_ids"] = ids
-    return event
-
-
-MAX_NAME = 200
-# Bidirectional formatting controls: they reorder how the text around a name is shown (a name
-# could make a listing read differently from what it holds).
-_BIDI = {0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)}
-
-
-def _name(value: Any) -> str:
-    """A bucket name as stored: NFC-normalised, trimmed, 1 to 200 characters, printable.
-
-    Names end up in every listing, export and SQL result: a NUL, a line break, a lone surrogate
-    (which fails every UTF-8 conversion of the log) or a bidi override would corrupt or disguise
-    them, so each is refused with the rule it breaks."""
-    if not isinstance(value, str):
-        raise BadInput(f"a bucket name must be a string, got {type(value).__name__}")
-    for i, ch in enumerate(value):
-        code = ord(ch)
-        category = unicodedata.category(ch)
-        if category == "Cs":
-            raise BadInput(f"a bucket name must be valid Unicode: a lone surrogate U+{code:04X} at position {i}")
-        if category in ("Cc", "Zl", "Zp"):
-            raise BadInput(f"a bucket name must not contain control characters or line breaks "
-                           f"(U+{code:04X} at position {i})")
-        if code in _BIDI:
-            raise BadInput(f"a bucket name must not contain bidirectional formatting characters "
-                           f"(U+{code:04X} at position {i})")
-    name = unicodedata.normalize("NFC", value).strip()
-    if not name:
-        raise BadInput("a bucket name must not be empty or only spaces")
-    if len(name) > MAX_NAME:
-        raise BadInput(f"a bucket name must be at most {MAX_NAME} characters; this one has {len(name)}")
-    return name
-
-
-def _color(value: Any) -> str | None:
-    import re
-
-    if value is None:
-        return None
-    if not isinstance(value, str) or not re.fullmatch(_COLOR, value):
-        raise BadInput(f"color must look like #1f77b4, got {value!r}")
-    return value.lower()
