@@ -124,7 +124,7 @@ def _current_groups() -> dict[str, Any]:
         return cached
 
 
-@bp.post("/clusters/dup-groups")
+@bp.post("/dup-groups")
 @requires("read")
 def dup_groups_of():
     """``{"image_ids": [...]}`` → ``{"groups": {image_id: {cluster_id, size, members}}}``: the
@@ -295,7 +295,7 @@ def openapi_paths(settings) -> dict:
         "size": {"type": "integer"}, "preview": {"type": "array", "items": {"type": "string"}}}}
     group = {"type": "object", "properties": {"kind": {"type": "string"}, "level": {"type": ["integer", "null"]},
                                               "clusters": {"type": "array", "items": cluster}}}
-    return {"/clusters/dup-groups": {"post": {
+    return {"/dup-groups": {"post": {
         "summary": "The near-duplicate group (members, size) of each given image that has one (read scope)",
         "operationId": "dupGroupsOf",
         "requestBody": {"required": True, "content": {"application/json": {"schema": {

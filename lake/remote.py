@@ -201,9 +201,12 @@ def _arrow_kwargs(resolved: Mapping[str, str]) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=8)
 def _arrow_s3(items: tuple, bounded: bool, pid: int):
+    """One S3 filesystem per distinct configuration (``items``: the keyword arguments, the
+    endpoint and region read from the environment included, so a changed environment gets a new
+    client rather than one still pointing at the old endpoint)."""
     from pyarrow import fs as pafs
 
-    kwargs = _arrow_kwargs(dict(items))
+    kwargs = dict(items)
     if bounded:
         kwargs.update(connect_timeout=2.0, request_timeout=10.0,
                       retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2))
@@ -221,7 +224,7 @@ def _filesystem(uri: str, bounded: bool):
     resolved = resolved_options()
     if not bounded and not resolved:
         return pafs.FileSystem.from_uri(uri)  # the environment's configuration, pyarrow's defaults
-    return _arrow_s3(tuple(sorted(resolved.items())), bounded, os.getpid()), rest
+    return _arrow_s3(tuple(sorted(_arrow_kwargs(resolved).items())), bounded, os.getpid()), rest
 
 
 def arrow_filesystem(uri: str):

@@ -107,8 +107,8 @@ def test_filters_by_folder_tag_bucket_and_where_and_bulk_tags(lake, client, tmp_
     narrow, unknown = quote('{"width": {">": 64}}'), quote('{"nope": 1}')
     assert page(f"where={narrow}")["total"] == 0
     assert page("where=%7B%7D")["total"] == 16  # an empty filter matches everything (the index path)
-    assert client.post(f"{API}/clusters/dup-groups", json={"image_ids": a_ids[:2]}).get_json() == {"ok": True, "groups": {}}
-    assert client.post(f"{API}/clusters/dup-groups", json={"image_ids": ["x"]}).status_code == 400  # (no cluster run here)
+    assert client.post(f"{API}/dup-groups", json={"image_ids": a_ids[:2]}).get_json() == {"ok": True, "groups": {}}
+    assert client.post(f"{API}/dup-groups", json={"image_ids": ["x"]}).status_code == 400  # (no cluster run here)
     for q, status in (("where=%7Bbad", 400), (f"where={unknown}", 400), ("bucket=xyz", 400),
                       ("bucket=0000000000000000", 404), ("cluster=no%20such", 400), ("cluster=nosuch", 404)):
         body = client.get(f"{API}/images?{q}").get_json()

@@ -392,7 +392,7 @@ def test_a_near_duplicate_stack_sorts_with_one_key_and_the_undo_redo_buttons_nam
     stack = page.locator("#curate-grid .cell.stack").first
     assert_seen(stack.locator(".stack-count"), "the stack's count")
     rep = stack.get_attribute("data-image-id")
-    members = requests.post(f"{api}/clusters/dup-groups", json={"image_ids": [rep]}, headers=_auth(site),
+    members = requests.post(f"{api}/dup-groups", json={"image_ids": [rep]}, headers=_auth(site),
                             timeout=30).json()["groups"][rep]["members"]
     size = len(members)
     total = len(set(members) | {seed["image_id"]})  # the seed may be of another group

@@ -125,6 +125,25 @@ def test_deltalake_and_store_share_one_configuration(s3_lake):
     assert LakeStore.for_lake(lake) is store
 
 
+def test_a_server_reading_files_follows_a_changed_endpoint(s3_server, monkeypatch):
+    """The reader's pyarrow client is cached per configuration, the endpoint taken from the
+    environment included: pointed at a second server, it reads there, not from the first."""
+    from lake.store import arrow_filesystem
+
+    other = S3Server()
+    try:
+        for server, body in ((s3_server, b"first"), (other, b"second")):
+            for k, v in server.storage_options().items():
+                monkeypatch.setenv(k, v)
+            bucket = server.make_bucket()
+            LakeStore(f"s3://{bucket}").write_bytes("f.txt", body)
+            fs, path = arrow_filesystem(f"s3://{bucket}/f.txt")
+            with fs.open_input_file(path) as f:
+                assert f.read() == body
+    finally:
+        other.stop()
+
+
 # -- faults: one clear line, quickly -----------------------------------------------------------
 
 def _opts(s3_server, **over):

@@ -1,7 +1,7 @@
 // Near-duplicate stacks on a Curate suggestion page (the "Stack near-duplicates" toggle, off by
 // default, kept in this browser): images of one near-duplicate group (the pipeline's cluster
 // step) show as one cell with a count; a bucket key sorts the whole group, x discards it, e
-// expands the stack into its members on the page. Asked of POST /clusters/dup-groups once per
+// expands the stack into its members on the page. Asked of POST /dup-groups once per
 // page; without groups (or on an error) the page is as it was.
 import {api, el} from "./api.js";
 
@@ -23,7 +23,7 @@ export async function stackSuggestions(items) {
   if (!enabled || !items.length) return items;
   let groups;
   try {
-    groups = (await api("/clusters/dup-groups", {method: "POST", json: {image_ids: items.map((s) => s.image_id)}})).groups;
+    groups = (await api("/dup-groups", {method: "POST", json: {image_ids: items.map((s) => s.image_id)}})).groups;
   } catch { return items; }
   const seen = new Set();
   const out = [];
