@@ -30,8 +30,7 @@ bp = Blueprint("bulk_tags", __name__)
 def bulk_edit(lake, settings, image_ids: list[str], add: tuple[str, ...], remove: tuple[str, ...],
               actor: str | None, store) -> dict:
     """Commit the rows and update the model; returns per-tag image counts of what changed."""
-    from jobs.tag.edits import _features_model
-    from jobs.tag.model import TagModel
+    from jobs.tag.edits import _features_model, current_or_new_model
     from jobs.tag.state import current_tags
     from lake.commit import commit_rows, ensure_tables, now_utc
     from lake.migrate import upgrade_table
@@ -72,10 +71,7 @@ def bulk_edit(lake, settings, image_ids: list[str], add: tuple[str, ...], remove
         unlearn = [(i, t) for i, t in unlearn if i in row_of]
         if learn or unlearn:
             with store.locked():
-                model = store.fresh()
-                if model is None or model.features_model != emb.model:
-                    sample = load_embeddings(lake, emb.model, limit=20_000)
-                    model = TagModel.empty(emb.model, sample.vectors, settings.tag_pca_dim)
+                model = current_or_new_model(store, lake, emb.model, settings)
                 if unlearn:
                     model.unlearn(emb.vectors[[row_of[i] for i, _ in unlearn]], [t for _, t in unlearn])
                 if learn:

@@ -115,10 +115,7 @@ def apply_edit(lake: Lake, settings: Settings, image_id: str, edit: TagEdit, act
     unlearn = [t for t in removed if t in now]
     if emb is not None and len(emb) and (added or unlearn):
         with store.locked():
-            model = store.fresh()
-            if model is None or model.features_model != emb.model:
-                sample = load_embeddings(lake, emb.model, limit=20_000)
-                model = TagModel.empty(emb.model, sample.vectors, settings.tag_pca_dim)
+            model = current_or_new_model(store, lake, emb.model, settings)
             if unlearn:
                 model.unlearn(emb.vectors.repeat(len(unlearn), axis=0), unlearn)
             if added:
@@ -158,3 +155,13 @@ def _check_image(lake: Lake, image_id: str) -> None:
             con.close()
     if not found:
         raise NotFound(f"no image {image_id} in the lake; ids are sha256 of the image bytes")
+
+
+def current_or_new_model(store, lake, features_model: str, settings):
+    """The stored tag model when it was learned on ``features_model``, else an empty one fitted
+    (PCA) on a sample of that model's embeddings. Call under ``store.locked()``."""
+    model = store.fresh()
+    if model is None or model.features_model != features_model:
+        sample = load_embeddings(lake, features_model, limit=20_000)
+        model = TagModel.empty(features_model, sample.vectors, settings.tag_pca_dim)
+    return model
