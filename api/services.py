@@ -24,6 +24,7 @@ from flask import Flask, current_app
 
 from api.browse_index import BrowseIndex
 from api.per_process import ProcessOwner
+from lake.bucket_store import retry_log_gap
 from lake.catalog import TABLES, Lake
 from lake.errors import BadInput, NotFound
 from lake.metadata_filter import facet_counts, matching_seqs
@@ -120,12 +121,12 @@ class LakeReader:
         table = self._tables.get(name)
         if table is None:
             try:
-                table = open_delta(self.lake, name)  # bounded timeouts on an object store
+                table = retry_log_gap(lambda: open_delta(self.lake, name))  # bounded timeouts on an object store
             except TableNotFoundError:
                 return None
             self._tables[name] = table
         else:
-            table.update_incremental()
+            retry_log_gap(table.update_incremental)  # a listing can race the bucket log's commits
         return table.version()
 
     def _build_view(self, name: str) -> None:
