@@ -98,10 +98,12 @@ class AppendPath:
 
     def _writing(self):
         """Held from writing the data file to the commit: the fcntl lock the janitor's orphan sweep
-        waits on (local lakes; the janitor does not sweep object stores, and ordering needs no lock)."""
+        waits on (local lakes; the janitor does not sweep object stores, and ordering needs no lock).
+        Shared: two writers of one node (a hand-over, or a follower committing past a hung writer)
+        never wait on each other, only the janitor's exclusive sweep waits for them."""
         if self.lake.is_local:
             return LakeLock(self.lake, "bucket_events", self.lock_timeout, holder="bucket log writer",
-                            poll=(0.0005, 0.004))
+                            poll=(0.0005, 0.004), shared=True)
         return contextlib.nullcontext()
 
     def _encode(self, rows: list[dict[str, Any]], compression: str = "none") -> tuple[pa.Buffer, dict] | None:

@@ -78,6 +78,9 @@ class BucketStore(AppendPath):
         node_writer: hand actions to the node's elected writer process over a local socket
             (:mod:`lake.bucket_writer`; what the server does) instead of committing them here.
         max_replans: commits lost to another writer (another node) in a row before giving up (503).
+        writer_hung_s: with ``node_writer``, a follower whose node writer has sent nothing (no answer,
+            no push) for this long while an action waited commits that action, and its next ones,
+            itself (ordered by Delta versions like a second node) until the writer answers again.
         refresh_s: with ``node_writer``, how often a read re-checks the Delta log for commits made
             elsewhere (other nodes); commits of this node's writer are seen at once (its version
             board). Without ``node_writer`` every read checks the log.
@@ -101,7 +104,7 @@ class BucketStore(AppendPath):
     def __init__(self, lake: Lake, lock_timeout: float = 30.0, ack_timeout: float = 60.0, max_batch: int = 512,
                  compact_files: int = 1000, node_writer: bool = False, max_replans: int = 100,
                  refresh_s: float = 0.0, direct_append: bool = True, checkpoint_every: int = 100,
-                 merge_files: int = 64, log_expiry_every_s: float = 600.0):
+                 merge_files: int = 64, log_expiry_every_s: float = 600.0, writer_hung_s: float = 5.0):
         self.lake, self.lock_timeout, self.ack_timeout = lake, lock_timeout, ack_timeout
         self.max_replans = max_replans
         self.replans = 0  # commits lost to another writer and planned again
@@ -111,7 +114,7 @@ class BucketStore(AppendPath):
         if node_writer:
             from lake.bucket_writer import NodeLink
 
-            self._node = NodeLink(self)
+            self._node = NodeLink(self, hung_s=writer_hung_s)
         self.compact_files = compact_files
         self.direct_append, self.checkpoint_every = direct_append, checkpoint_every
         self._direct = False  # the table allows the append path (checked on every new metadata)
@@ -239,7 +242,7 @@ class BucketStore(AppendPath):
         return self._store.head(self._log_key(version)) is not None
 
     def _publish(self) -> None:
-        if self._node is not None and self._node.is_writer and self.version is not None:
+        if self._node is not None and self._node.commits_here and self.version is not None:
             self._node.board.publish(self.version)
 
     def _fresh(self) -> BucketState:

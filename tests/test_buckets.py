@@ -716,6 +716,71 @@ def test_kill_9_of_the_node_writer_mid_burst_a_follower_takes_over(lake, ids):
             assert len(acked[k]) <= len(mine) <= attempts[k]
 
 
+def test_a_hung_node_writer_is_written_past_and_nothing_is_lost(lake, ids):
+    """SIGSTOP of the writer worker mid-burst: it keeps the name and its connections but answers
+    nothing; after ``writer_hung_s`` (5 s) the followers commit the waiting actions themselves,
+    ordered by Delta versions. After SIGCONT the writer's own queue is recognised (event ids), and
+    the log has every acknowledged action once, seq dense."""
+    admin = _session(lake, "admin", "setup")
+    sessions = [_session(lake, "curate", f"h{k}") for k in range(4)]
+    server = Server(lake, workers=3)
+    acked: dict[int, list[str]] = {k: [] for k in range(4)}
+    after: list[float] = []
+    stopped_at: list[float] = []
+    stop = threading.Event()
+    victim = None
+    try:
+        bucket = admin.post(f"{server.base}/buckets", json={"name": "h"}, timeout=30).json()["bucket"]["bucket_id"]
+
+        def writer(k: int) -> None:
+            j = 0
+            while not stop.is_set():
+                body = {"image_ids": [ids[(k * 13 + j) % len(ids)]], "client_event_id": f"{k}-{j}"}
+                for _ in range(10):  # a request the stopped worker itself took times out: sent again
+                    try:
+                        r = requests.post(f"{server.base}/buckets/{bucket}/images", json=body, timeout=12,
+                                          headers=sessions[k].headers)
+                    except requests.RequestException:
+                        continue
+                    if r.status_code == 200:
+                        acked[k].append(r.json()["event"]["event_id"])
+                        if stopped_at:
+                            after.append(time.monotonic() - stopped_at[0])
+                    break
+                j += 1
+
+        threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+        [t.start() for t in threads]
+        deadline = time.monotonic() + 120
+        while sum(map(len, acked.values())) < 12 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        victim = _writer_pid(lake, _children(server.proc.pid))
+        assert victim is not None
+        os.kill(victim, signal.SIGSTOP)
+        stopped_at.append(time.monotonic())
+        while len(after) < 12 and time.monotonic() < stopped_at[0] + 60:
+            time.sleep(0.05)
+        os.kill(victim, signal.SIGCONT)
+        stop.set()
+        [t.join() for t in threads]
+    finally:
+        stop.set()
+        if victim is not None:
+            os.kill(victim, signal.SIGCONT)
+        server.stop()
+    log = server.proc.stderr.read()
+    assert len(after) >= 12, f"writes did not go on past the hung writer ({len(after)} acks)"
+    print(f"acks after the SIGSTOP at {', '.join(f'{t:.1f}' for t in sorted(after)[:25])} s")
+    assert "sent nothing for 5 s" in log  # followers committed past it
+    events = read_events(lake)[0]
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    keys = [e["client_event_id"] for e in events if e.get("client_event_id")]
+    assert len(keys) == len(set(keys)), "an action was committed twice"
+    committed = {e["event_id"] for e in events}
+    for k in range(4):
+        assert set(acked[k]) <= committed, f"client {k} lost an acknowledged write"
+
+
 def test_read_your_writes_on_any_worker_and_a_short_write_heavy_load(lake, ids):
     """refresh_s = 60: a worker would not poll the log for a minute, yet every read right after a
     write (new connection each time, so any of the 3 workers answers) sees it: the writer's
@@ -908,3 +973,19 @@ def test_a_log_listing_that_raced_a_commit_is_read_again(lake, tmp_path):
     with pytest.raises(TableNotFoundError):
         retry_log_gap(lambda: calls.append(1) or DeltaTable(str(tmp_path / "none")))
     assert len(calls) == 3
+
+
+def test_bucket_log_writers_share_the_lock_the_janitor_takes_alone(lake):
+    """Writers hold the ``bucket_events`` lock shared (two writers of one node never wait on each
+    other, a stuck one included); the janitor's exclusive hold waits for all of them."""
+    from lake.errors import LockHeld
+    from lake.lock import LakeLock
+
+    with LakeLock(lake, "bucket_events", shared=True), LakeLock(lake, "bucket_events", timeout=0, shared=True):
+        with pytest.raises(LockHeld):
+            with LakeLock(lake, "bucket_events", timeout=0):
+                pass
+    with LakeLock(lake, "bucket_events", timeout=0):
+        with pytest.raises(LockHeld):
+            with LakeLock(lake, "bucket_events", timeout=0, shared=True):
+                pass
