@@ -3,7 +3,7 @@ process, the full mix and a write-heavy mix, in one run.
 
     python tests/bench/bench_load.py [--n 2000] [--clients 1,16,64] [--seconds 30] [--workers 4]
                                      [--mixes full,write] [--steps ingest,embed,...] [--lake DIR]
-                                     [--baseline-tree DIR --rounds 3]
+                                     [--baseline-tree DIR --rounds 3] [--op-costs]
 
 Builds a demo-sized lake with ``imagelake run`` (every step this build has, unless ``--steps``;
 ``--steps ingest`` with ``--mixes write`` is enough for the write-heavy mix), starts the server in
