@@ -14,7 +14,9 @@
    connection: an upper bound of what a browser fetches in parallel), a browse page
    (``GET /images?limit=60``), the facets, the image drawer (``GET /images/<id>``), similar-by-id
    p50, a suggestion round (an accept, then the next suggestions), cached map tile p99, and
-   ``POST /images`` of one new photo; every worker's RSS afterwards.
+   ``POST /images`` of 5 new photos, each with its vector in the form field ``embedding`` (the
+   lake's embeddings are imported: no model in the server computes them), each then searched by
+   id; every worker's RSS afterwards.
 
 Each step runs in its own process: its wall time and peak RSS (VmHWM, polled) are printed, with lake
 bytes per image and each target of issue 20 (scaled to 1M where it is a time) met or not. Baseline
@@ -267,19 +269,34 @@ def measure_view(port: int, token: str, ids: list[str], repeat: int) -> tuple[di
         again = [c.call("GET", url.format(z=t[0], x=t[1], y=t[2]))[2] for t in tiles * 2]
         lat["cached tile p99"] = pct(again, 0.99)
         extra["first tile p50"] = statistics.median(first)
-    # POST /images: one new photo
+    # POST /images: new photos with their vectors (the lake's embeddings are imported, so the client
+    # sends each upload's vector as the form field `embedding`), then similar-by-id of each at once
     from PIL import Image
 
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(99).integers(0, 256, (72, 96, 3), dtype=np.uint8)).save(buf, "JPEG")
-    boundary = "benchboundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"new.jpg\"\r\n"
-            f"Content-Type: image/jpeg\r\n\r\n").encode() + buf.getvalue() + f"\r\n--{boundary}--\r\n".encode()
-    status, payload, ms = c.call("POST", "/api/v1/images", raw=body,
-                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    # an error answer (e.g. 404: imported vectors have no model to embed an upload with) is no figure
-    lat["POST /images"] = ms if 200 <= status < 300 else float("nan")
-    extra["POST /images answer"] = f"{status} in {ms:.0f} ms: {payload[:160].decode(errors='replace')}"
+    mix = Mixture(d=D, seed=0)
+    mix.rng = np.random.default_rng(99)
+    posts, searchable, answer = [], 0, ""
+    for u, vec in enumerate(mix.draw(5)):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(99 + u).integers(0, 256, (72, 96, 3), dtype=np.uint8)).save(buf, "JPEG")
+        boundary = "benchboundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"embedding\"\r\n\r\n"
+                f"{json.dumps(vec.tolist())}\r\n"
+                f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"new{u}.jpg\"\r\n"
+                f"Content-Type: image/jpeg\r\n\r\n").encode() + buf.getvalue() + f"\r\n--{boundary}--\r\n".encode()
+        status, payload, ms = c.call("POST", "/api/v1/images", raw=body,
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        answer = f"{status} in {ms:.0f} ms: {payload[:240].decode(errors='replace')}"
+        if not 200 <= status < 300:
+            break
+        posts.append(ms)
+        new_id = json.loads(payload)["image_id"]
+        st, found, _ = c.call("GET", f"/api/v1/search/similar?image_id={new_id}&k=5")
+        searchable += st == 200 and bool(json.loads(found).get("results"))
+    # an error answer is no figure
+    lat["POST /images"] = statistics.median(posts) if posts else float("nan")
+    extra["POST /images answer (last)"] = answer
+    extra["POST /images searchable by id right after"] = f"{searchable} of {len(posts)}"
     return lat, extra
 
 
