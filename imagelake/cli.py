@@ -132,7 +132,7 @@ def _cmd_grid(args, settings: Settings, lake: Lake) -> int:
     except ImportError as e:
         raise BadInput(f"the grid job needs the 'grid' extra (pip install 'imagelake[grid]'): {e}") from None
     summary = run_grid(lake, settings, where=args.where, seed=args.seed, layout_id=args.layout_id,
-                       model=args.model)
+                       model=args.model, full=args.full)
     print(grid_line(summary))
     return 0
 

@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="random seed; same data and seed -> same layout (default 0)")
     s.add_argument("--layout-id", metavar="ID", help="id of the new layout (default: the run id)")
     s.add_argument("--model", help="features of this model key (default: the one with most features)")
+    s.add_argument("--full", action="store_true", help="lay every image out anew, even when the new ones "
+                                                       "fit into the newest layout's free cells")
 
     s = sub.add_parser("index", help="build or update the similarity index (FAISS IVF-PQ shards)")
     s.add_argument("--model", help="model name or name@version key (default: the model with the most features)")
