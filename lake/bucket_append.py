@@ -21,14 +21,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import secrets
 import time
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, WriterProperties, write_deltalake
-from deltalake.exceptions import CommitFailedError
+from deltalake.exceptions import CommitFailedError, DeltaError
 
 from lake.bucket_stats import _row_stats
 from lake.buckets import BucketState
@@ -37,9 +38,44 @@ from lake.errors import Unavailable
 from lake.lock import LakeLock
 from lake.store import open_delta, store_errors
 
-__all__ = ["AppendPath"]
+__all__ = ["AppendPath", "retention_seconds", "retry_log_gap"]
 
 log = logging.getLogger("lake.bucket_store")
+
+_LOG_FILE = re.compile(r"^(\d{20})\.(?:json|crc|checkpoint(?:\.[^/]+)?\.parquet)$")
+_INTERVAL = re.compile(r"^\s*interval\s+(\d+)\s+(\w+?)s?\s*$", re.IGNORECASE)
+_UNIT_S = {"nanosecond": 1e-9, "microsecond": 1e-6, "millisecond": 1e-3, "second": 1, "minute": 60, "hour": 3600,
+           "day": 86400, "week": 604800}
+
+
+T = TypeVar("T")
+
+
+def retry_log_gap(read: Callable[[], T], attempts: int = 6) -> T:
+    """``read()`` (open or update a Delta table), again when it saw a gap in the commit files.
+
+    Listing a local ``_delta_log`` folder while a writer adds commit files to it may return a later
+    commit but not the one before it (a directory read is not a snapshot of concurrent creates), and
+    deltalake then fails with "Expected contiguous commit files, but found gap". The missing file is
+    there: reading again a moment later sees both. Seen in the load benchmark as a rare 500 on
+    ``GET /images/<id>`` and ``GET /buckets/<id>``; other errors are raised at once."""
+    for attempt in range(attempts):
+        try:
+            return read()
+        except DeltaError as e:
+            if "contiguous commit files" not in str(e) or attempt == attempts - 1:
+                raise
+            log.info("a Delta log listing raced a commit (%s); reading it again", str(e)[:80])
+            time.sleep(0.001 * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def retention_seconds(value: str) -> float | None:
+    """A Delta interval property (``"interval 30 days"``) in seconds; None when it is not one."""
+    m = _INTERVAL.match(str(value))
+    if not m or m.group(2).lower() not in _UNIT_S:
+        return None
+    return int(m.group(1)) * _UNIT_S[m.group(2).lower()]
 
 
 class AppendPath:
@@ -203,15 +239,62 @@ class AppendPath:
                 version = self.version
                 with store_errors(self.lake):
                     if self._ckpt_table is None:
-                        self._ckpt_table = open_delta(self.lake, "bucket_events")
-                    self._ckpt_table.update_incremental()
+                        self._ckpt_table = retry_log_gap(lambda: open_delta(self.lake, "bucket_events"))
+                    retry_log_gap(self._ckpt_table.update_incremental)
                     self._ckpt_table.create_checkpoint()
                 self._checkpointed = version
                 self.stats.count("checkpoints")
+                if time.monotonic() - self._expired_at >= self.log_expiry_every_s:
+                    self._expired_at = time.monotonic()
+                    self.stats.count("expired_logs", self.expire_logs())
                 clock("checkpoint")
         except Exception:  # upkeep only: the log stays correct without it
             log.exception("bucket log upkeep (merge, compaction or checkpoint) failed; trying again later")
             self._checkpointed = self.version
+
+    def expire_logs(self, now: float | None = None) -> int:
+        """Delete the log's commit, checksum and checkpoint files that are both older than the
+        table's ``delta.logRetentionDuration`` (30 days unless set) and of a version below its
+        latest checkpoint, as deltalake's post-commit cleanup does for the commits it makes, keeping
+        the checkpoint that the oldest version inside the retention loads from; nothing
+        when ``delta.enableExpiredLogCleanup`` is false or the retention cannot be read. Versions
+        before the latest checkpoint then no longer load (time travel reaches back the retention).
+        Returns the number of files deleted."""
+        with store_errors(self.lake):
+            if self._ckpt_table is None:
+                self._ckpt_table = retry_log_gap(lambda: open_delta(self.lake, "bucket_events"))
+            retry_log_gap(self._ckpt_table.update_incremental)
+        config = self._ckpt_table.metadata().configuration or {}
+        if str(config.get("delta.enableExpiredLogCleanup", "true")).lower() == "false":
+            return 0
+        retention_s = retention_seconds(config.get("delta.logRetentionDuration", "interval 30 days"))
+        if retention_s is None:
+            log.warning("bucket log: delta.logRetentionDuration %r is not an interval; no log files expire",
+                        config.get("delta.logRetentionDuration"))
+            return 0
+        prefix = f"{self._table_key}/_delta_log"
+        with store_errors(self.lake):
+            try:
+                checkpoint = int(json.loads(self._store.read_bytes(f"{prefix}/_last_checkpoint"))["version"])
+            except (FileNotFoundError, KeyError, ValueError):
+                return 0
+            cutoff = (time.time() if now is None else now) - retention_s
+            files = []  # (version, key, expired, is a checkpoint)
+            for info in self._store.list(prefix):
+                m = _LOG_FILE.match(info.key.rsplit("/", 1)[-1])
+                if m:
+                    files.append((int(m.group(1)), info.key, info.mtime.timestamp() < cutoff,
+                                  ".checkpoint" in info.key))
+            # keep the checkpoint that every version still inside the retention is loaded from
+            young = min((v for v, key, expired, _ in files if not expired and key.endswith(".json")),
+                        default=checkpoint)
+            keep_from = max((v for v, _, _, ckpt in files if ckpt and v <= min(young, checkpoint)), default=0)
+            doomed = [key for v, key, expired, _ in files if v < keep_from and expired]
+            for key in doomed:
+                self._store.delete(key)
+        if doomed:
+            log.info("bucket log: expired %d log file(s) before checkpoint %d", len(doomed), checkpoint)
+        return len(doomed)
 
     def compact(self) -> None:
         """Rewrite the log's small files into a few (same rows). Call from the writer."""

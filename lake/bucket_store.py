@@ -55,10 +55,10 @@ from lake.errors import ImagelakeError, Unavailable
 from lake.store import LakeStore, StoreTimeouts, arrow_filesystem, open_delta, store_errors
 
 from lake.bucket_plan import MAX_NAME, Action, _plan  # noqa: F401  (Action, MAX_NAME, _plan re-exported)
-from lake.bucket_append import AppendPath
+from lake.bucket_append import AppendPath, retry_log_gap
 from lake.bucket_stats import WriterStats  # noqa: F401  (WriterStats re-exported)
 
-__all__ = ["Action", "BucketStore", "WriterStats"]
+__all__ = ["Action", "BucketStore", "WriterStats", "retry_log_gap"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,9 @@ class BucketStore(AppendPath):
             once there are this many (one commit, same rows; older files are left alone), so the
             table keeps few files at a cost of milliseconds; ``compact_files`` stays the bound on
             all files (a full ``optimize.compact``).
+        log_expiry_every_s: with ``direct_append``, after a checkpoint, at most this often, the
+            writer deletes log files past the table's ``delta.logRetentionDuration`` that precede
+            the latest checkpoint (:meth:`expire_logs`), as deltalake's post-commit cleanup would.
 
     The append path (how a batch is committed without ``write_deltalake``, and when it applies) is
     described in :mod:`lake.bucket_append`.
@@ -98,7 +101,7 @@ class BucketStore(AppendPath):
     def __init__(self, lake: Lake, lock_timeout: float = 30.0, ack_timeout: float = 60.0, max_batch: int = 512,
                  compact_files: int = 1000, node_writer: bool = False, max_replans: int = 100,
                  refresh_s: float = 0.0, direct_append: bool = True, checkpoint_every: int = 100,
-                 merge_files: int = 64):
+                 merge_files: int = 64, log_expiry_every_s: float = 600.0):
         self.lake, self.lock_timeout, self.ack_timeout = lake, lock_timeout, ack_timeout
         self.max_replans = max_replans
         self.replans = 0  # commits lost to another writer and planned again
@@ -118,6 +121,7 @@ class BucketStore(AppendPath):
         self._checkpointed: int | None = None
         self._ckpt_table: DeltaTable | None = None
         self.merge_files = merge_files
+        self.log_expiry_every_s, self._expired_at = log_expiry_every_s, float("-inf")
         self._recent: list[tuple[str, int, list[dict[str, Any]]]] = []  # (name, size, rows) appended since the last merge
         self.max_batch = max_batch  # 1 turns group commit off (the benchmark's baseline)
         self._lock = threading.RLock()
@@ -206,17 +210,17 @@ class BucketStore(AppendPath):
         than replaying every commit since."""
         with store_errors(self.lake):
             if self.version is None or self._table.version() + 2 * self.checkpoint_every < self.version:
-                self._table = open_delta(self.lake, "bucket_events")
+                self._table = retry_log_gap(lambda: open_delta(self.lake, "bucket_events"))
             else:
-                self._table.update_incremental()
+                retry_log_gap(self._table.update_incremental)
 
     def _open(self) -> None:
         """Open the log with the store's bounded timeouts (an unreachable store is a quick 503)."""
         try:
-            self._table = open_delta(self.lake, "bucket_events")
+            self._table = retry_log_gap(lambda: open_delta(self.lake, "bucket_events"))
         except TableNotFoundError:
             ensure_tables(self.lake, ["bucket_events"])
-            self._table = open_delta(self.lake, "bucket_events")
+            self._table = retry_log_gap(lambda: open_delta(self.lake, "bucket_events"))
         self._store = LakeStore(self.lake.root, timeouts=StoreTimeouts(connect_s=2.0, request_s=10.0, read_s=5.0,
                                                                        retries=2, retry_total_s=2.0))
         uri = self.lake.table_uri("bucket_events")
