@@ -8,7 +8,9 @@
    (``bench_index.Mixture``: the eigenvalues and cluster structure of unit-length EfficientNet-Lite0
    features), 2 % of them near-copies of others, keyed by URI, with top-50 concept probabilities;
 4. ``imagelake index``, ``cluster``, ``tag``, ``grid`` and the pipeline's ``suggest`` step on them;
-5. a second round with 1 % new images through the same steps (the incremental cost, step by step);
+5. a second round with 1 % new images through the same steps (the incremental cost, step by step),
+   its ``grid`` (new images placed into the layout's free cells) followed by ``grid --full`` on the
+   same lake: the baseline, what every grid run cost before;
 6. ``imagelake serve`` (``--workers`` gunicorn workers) and the user's view over loopback HTTP:
    the curation view (a bucket's 28 suggestions plus their 28 thumbnails, sequentially on one
    connection: an upper bound of what a browser fetches in parallel), a browse page
@@ -72,13 +74,18 @@ def write_images(folder: Path, n: int, start: int = 0, seed: int = 0) -> list[Pa
         sub = folder / f"d{i % 100:02d}"
         sub.mkdir(parents=True, exist_ok=True)
         small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        p = sub / f"img_{i:08d}.jpg"
+        if p.exists():   # a --keep folder of an earlier run: the same bytes (drawn from the same seed)
+            paths.append(p)
+            continue
         im = Image.fromarray(small).resize((96, 72), Image.Resampling.BILINEAR)
         px = np.asarray(im).copy()
         px[0, :32] = np.unpackbits(np.array([i >> 24, i >> 16, i >> 8, i], np.uint32).astype(np.uint8))[:, None] * 255
         buf = io.BytesIO()
         Image.fromarray(px).save(buf, "JPEG", quality=85)
-        p = sub / f"img_{i:08d}.jpg"
-        p.write_bytes(buf.getvalue())
+        tmp = p.with_suffix(".tmp")
+        tmp.write_bytes(buf.getvalue())
+        tmp.rename(p)
         paths.append(p)
     return paths
 
@@ -336,7 +343,14 @@ def main() -> None:
               flush=True)
 
         def rounds(label: str, src: Path, emb: Path) -> list[dict]:
-            run = []
+            class Run(list):
+                def append(self, r: dict) -> None:   # printed as each step ends: a long run shows its progress
+                    r["round"] = label
+                    print(f"[{label}] {r['step']:8s} {r['seconds']:8.1f} s  {r['cpu_s']:7.1f} CPU-s  load {r['load']:5.1f}  "
+                          f"peak RSS {r['rss_mb']:7.0f} MB  {r['line'][:400]}", flush=True)
+                    super().append(r)
+
+            run = Run()
             run.append(step("ingest", "ingest", "--images", str(src), "--collection", "bench", "--no-progress",
                             lake=lake, runner=args.runner))
             from deltalake import DeltaTable
@@ -358,11 +372,7 @@ def main() -> None:
             run.append(step("grid", "grid", "--model", MODEL, lake=lake, runner=args.runner))
             if label != "full":   # baseline in the same run: what every grid run cost before (all laid out anew)
                 run.append(step("grid --full", "grid", "--model", MODEL, "--full", lake=lake, runner=args.runner))
-            for r in run:
-                r["round"] = label
-                print(f"[{label}] {r['step']:8s} {r['seconds']:8.1f} s  {r['cpu_s']:7.1f} CPU-s  load {r['load']:5.1f}  "
-                      f"peak RSS {r['rss_mb']:7.0f} MB  {r['line'][:400]}", flush=True)
-            return run
+            return list(run)
 
         full = rounds("full", images, tmp / "emb-full.parquet")
         results += full
