@@ -212,8 +212,8 @@ def filtered_page(args, *, limit: int, offset: int) -> dict[str, Any]:
                 params_all.extend(wparams)
             base = " AND ".join(conds_all) or "TRUE"
             try:
-                got = cur.execute(f"SELECT i.seq, coalesce(i.collection, '') AS collection FROM images i WHERE {base} "
-                                  "ORDER BY i.seq", params_all).fetchnumpy()
+                got = cur.sql(f"SELECT i.seq, coalesce(i.collection, '') AS collection FROM images i WHERE {base} "
+                                  "ORDER BY i.seq", params=params_all).to_arrow_table()
             except duckdb.Error as e:
                 raise BadInput(f"the filter could not be applied: {str(e).splitlines()[0]}") from None
             return seq_index(None, got)

@@ -42,12 +42,19 @@ class SeqIndex:
         return len(self.seqs) if collection is None else self.counts.get(collection, 0)
 
 
-def seq_index(version, got: dict) -> SeqIndex:
-    """A :class:`SeqIndex` from ``fetchnumpy()`` of ``seq, collection`` in seq order."""
-    seqs = np.asarray(got["seq"], np.int64)
-    colls = np.asarray(got["collection"], object)
-    names, codes = np.unique(colls, return_inverse=True) if len(colls) else (np.empty(0, object), np.empty(0, np.int64))
-    by = {str(name): seqs[codes == i] for i, name in enumerate(names)}
+def seq_index(version, table) -> SeqIndex:
+    """A :class:`SeqIndex` from an Arrow table of ``seq, collection`` in seq order (collections
+    grouped through a dictionary encoding: no Python object per row)."""
+    seqs = np.asarray(table.column("seq").to_numpy(), np.int64)
+    coll = table.column("collection").combine_chunks().dictionary_encode()
+    names = [str(n) for n in coll.dictionary.to_pylist()]
+    if len(names) <= 1:
+        by = {names[0]: seqs} if names else {}
+    else:
+        codes = coll.indices.to_numpy(zero_copy_only=False)
+        order = np.argsort(codes, kind="stable")  # stable: each collection's seqs stay ascending
+        bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
+        by = {name: seqs[order[bounds[i]:bounds[i + 1]]] for i, name in enumerate(names)}
     counts = dict(sorted(((k, len(v)) for k, v in by.items()), key=lambda kv: (-kv[1], kv[0])))
     return SeqIndex(version, seqs, by, counts)
 
@@ -106,6 +113,6 @@ class BrowseIndex:
             current = self._current
             if current is not None and current.version == version:
                 return current
-            got = cursor.execute("SELECT seq, coalesce(collection, '') AS collection FROM images ORDER BY seq").fetchnumpy()
+            got = cursor.sql("SELECT seq, coalesce(collection, '') AS collection FROM images ORDER BY seq").to_arrow_table()
             self._current = seq_index(version, got)
             return self._current

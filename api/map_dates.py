@@ -44,7 +44,7 @@ def dated_cells(view: LayoutView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return hit
     cur = reader.cursor()
     try:
-        table = cur.execute("SELECT image_id, CAST(floor(epoch(taken_at) / 86400) AS INTEGER) AS day FROM capture "
+        table = cur.sql("SELECT image_id, CAST(floor(epoch(taken_at) / 86400) AS INTEGER) AS day FROM capture "
                             "WHERE taken_at IS NOT NULL").to_arrow_table()
     finally:
         cur.close()

@@ -200,7 +200,11 @@ export async function mountMap(root, {openDetails}) {
     window.addEventListener("pointerup", up, true);
   }, true);
 
-  select.addEventListener("change", () => open(select.value));
+  select.addEventListener("change", () => {  // another layout: its cells differ, so the overlay starts over
+    overlaySelect.value = "";
+    dates.hide();
+    open(select.value);
+  });
   overlaySelect.addEventListener("change", () => overlay(overlaySelect.value).catch((e) => toast(e.message, "error")));
   await open(layouts[0].layout_id);
   fillOverlays();
