@@ -301,11 +301,27 @@ _COMMANDS = {
 
 
 def _exit_code(e: ImagelakeError) -> int:
+    from lake.store_errors import StoreUnavailable
+
     if isinstance(e, LockHeld):
         return 3
-    if isinstance(e, (BadInput, NotFound)) or 400 <= e.status < 500:
+    if isinstance(e, (BadInput, NotFound, StoreUnavailable)) or 400 <= e.status < 500:
         return 2
     return 1
+
+
+#: Commands that do not reach the lake's store before their work starts (or, ``serve``, answer a
+#: store outage per request with a 503 instead of refusing to start).
+_NO_STORE_PROBE = {"serve", "settings", "demo"}
+
+
+def _probe_store(lake: Lake) -> None:
+    """One listing of ``_locks/`` with the store's bounded timeouts: a missing bucket, refused
+    credentials or an unreachable endpoint end the command at once with one line (exit 2), before
+    deltalake's own clients retry for minutes and answer with a Rust error chain."""
+    from lake.store import LakeStore
+
+    LakeStore.for_lake(lake).list("_locks")
 
 
 def _spark_message(e: Exception) -> str | None:
@@ -365,8 +381,10 @@ def _exit_process(command: Any) -> None:
 
 def _run(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
+    root = ""
     try:
         settings = _settings(args)
+        root = settings.lake
         logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         for noisy in ("py4j", "pyspark"):
@@ -375,6 +393,8 @@ def _run(argv: Sequence[str]) -> int:
 
         configure(settings.storage_options, settings.lake)  # deltalake, obstore and pyarrow alike, children too
         lake = Lake.at(settings.lake)
+        if not lake.is_local and args.command not in _NO_STORE_PROBE:
+            _probe_store(lake)
         return _COMMANDS[args.command](args, settings, lake)
     except ImagelakeError as e:
         if args.debug:
@@ -385,6 +405,12 @@ def _run(argv: Sequence[str]) -> int:
         print("imagelake: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        from lake.store_errors import as_store_unavailable
+
+        store = as_store_unavailable(e, root)
+        if store is not None and not args.debug:  # deltalake or pyarrow lost the store mid-command
+            print(f"imagelake: error: {store}", file=sys.stderr)
+            return 2
         msg = _spark_message(e)
         if msg is None or args.debug:
             raise

@@ -47,7 +47,7 @@ def translate(e: BaseException, op: str, key: str, root: str, endpoint: str = ""
             r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|ExpiredToken|InvalidToken|403 Forbidden"
             r"|401 Unauthorized", text):
         return StoreUnavailable(f"{where} refused the credentials ({op} {key}); check AWS_ACCESS_KEY_ID / "
-                                "AWS_SECRET_ACCESS_KEY (or the node's role)")
+                                "AWS_SECRET_ACCESS_KEY, the variables storage_options names, or the node's role")
     if isinstance(e, FileNotFoundError):
         return NotFound(f"no object {key!r} in the lake at {root}")
     if re.search(r"error sending request|kind: (Connect|Timeout)|dns error|connection", text, re.I):
