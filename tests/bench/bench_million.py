@@ -229,7 +229,21 @@ def worker_rss(server_pid: int) -> list[float]:
     return out
 
 
-def measure_view(port: int, token: str, ids: list[str], repeat: int) -> tuple[dict, dict]:
+def server_cpu_s(server_pid: int) -> float:
+    """CPU seconds (user + system) of the server process and its workers so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in [Path(f"/proc/{server_pid}")] + [q for q in Path("/proc").iterdir() if q.name.isdigit()]:
+        try:
+            fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if p.name == str(server_pid) or fields[1] == str(server_pid):
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def measure_view(port: int, token: str, ids: list[str], repeat: int, server_pid: int = 0) -> tuple[dict, dict]:
     c = Client(port, token)
     rng = random.Random(5)
     lat: dict[str, float] = {}
@@ -294,7 +308,7 @@ def measure_view(port: int, token: str, ids: list[str], repeat: int) -> tuple[di
 
     mix = _mixture()
     mix.rng = np.random.default_rng(99)
-    posts, searchable, answer = [], 0, ""
+    posts, searchable, answer, upload_cpu = [], 0, "", []
     for u, vec in enumerate(mix.draw(5)):
         buf = io.BytesIO()
         Image.fromarray(np.random.default_rng(99 + u).integers(0, 256, (72, 96, 3), dtype=np.uint8)).save(buf, "JPEG")
@@ -303,8 +317,11 @@ def measure_view(port: int, token: str, ids: list[str], repeat: int) -> tuple[di
                 f"{json.dumps(vec.tolist())}\r\n"
                 f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"new{u}.jpg\"\r\n"
                 f"Content-Type: image/jpeg\r\n\r\n").encode() + buf.getvalue() + f"\r\n--{boundary}--\r\n".encode()
+        cpu0 = server_cpu_s(server_pid) if server_pid else 0.0
         status, payload, ms = c.call("POST", "/api/v1/images", raw=body,
                                      headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        if server_pid:
+            upload_cpu.append((server_cpu_s(server_pid) - cpu0) * 1000)
         answer = f"{status} in {ms:.0f} ms: {payload[:240].decode(errors='replace')}"
         if not 200 <= status < 300:
             break
@@ -316,6 +333,8 @@ def measure_view(port: int, token: str, ids: list[str], repeat: int) -> tuple[di
     # an error answer is no figure
     lat["POST /images"] = statistics.median(posts) if posts else float("nan")
     extra["POST /images answer (last)"] = answer
+    if upload_cpu:   # load-proof: the server's CPU per upload (all its processes, the request's share of idle threads too)
+        extra["POST /images server CPU ms p50"] = statistics.median(upload_cpu)
     extra["POST /images searchable by id right after"] = f"{searchable} of {len(posts)}"
     return lat, extra
 
@@ -398,7 +417,7 @@ def main() -> None:
         server = start_server(str(lake), port, args.workers, str(log), threads=4)
         start_s = time.perf_counter() - t0
         try:
-            lat, extra = measure_view(port, token, ids, args.repeat)
+            lat, extra = measure_view(port, token, ids, args.repeat, server.pid)
             rss = worker_rss(server.pid)
         finally:
             server.terminate()
