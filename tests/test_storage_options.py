@@ -124,6 +124,37 @@ def test_a_missing_credential_variable_is_one_line_and_exit_2(lake):
     assert "LAKE_SECRET" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_missing_bucket_refused_credentials_or_a_dead_endpoint_is_one_line_and_exit_2(lake, tmp_path):
+    """The CLI checks the store with one bounded listing before a command starts; before, deltalake
+    retried for 40 s and the command ended with a Rust error chain and exit 1."""
+    import socket
+
+    server, root, options, work = lake
+    signing = S3Server(auth=True)  # checks signatures; no IAM user exists, so every key is wrong
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    cases = {"the bucket does not exist": (server.endpoint, "s3://no-such-bucket-here/lake"),
+             "refused the credentials": (signing.endpoint, root),
+             "is unreachable (list _locks: connection refused)": (dead, root)}
+    try:
+        procs = {}
+        for i, (message, (endpoint, lake_root)) in enumerate(cases.items()):
+            node = tmp_path / f"node{i}"
+            node.mkdir()
+            table = "".join(f"{k} = {json.dumps(v)}\n" for k, v in {**options, "endpoint": endpoint}.items())
+            (node / "imagelake.toml").write_text(f'[imagelake]\nlake = "{lake_root}"\n\n[imagelake.storage_options]\n{table}')
+            procs[message] = subprocess.Popen([sys.executable, "-m", "imagelake", "status"], cwd=node, env=_clean_env(),
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for message, proc in procs.items():
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 2, (message, out, err)
+            assert err.startswith("imagelake: error: the object store of the lake s3://") and message in err, err
+            assert err.count("\n") == 1 and "Traceback" not in err
+    finally:
+        signing.stop()
+
+
 def test_executors_get_the_options_by_name_never_the_secrets(monkeypatch):
     from jobs.spark import spark_conf
     from lake.remote import active_options, resolved_options
