@@ -254,8 +254,9 @@ def test_tiles_answer_the_same(lakes):
 
 def test_imagelake_serve_with_two_workers_on_the_s3_lake(lakes, tmp_path):
     """A real gunicorn (`imagelake serve`, 2 worker processes sharing one artifact cache), configured
-    by the settings file alone (no AWS_* variable): search, thumbnails, a suggestion round, bucket
-    writes (answered by either worker) and tiles over HTTP, the same as the local lake's."""
+    by the settings file alone (no AWS_* variable): search and thumbnails the same as the local
+    lake's. (Suggestions, bucket writes, undo and tiles through `imagelake serve` configured this
+    way: tests/test_storage_options.py.)"""
     local, _, s3, root, ids, _, base = lakes
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -282,32 +283,6 @@ def test_imagelake_serve_with_two_workers_on_the_s3_lake(lakes, tmp_path):
             assert got == [h["image_id"] for h in local.json("GET", f"/search/similar?image_id={image_id}&k=5")["results"]]
         assert _request(url, "GET", f"/images/{ids[100]}/thumbnail?size=64")[1] == \
             local.request("GET", f"/images/{ids[100]}/thumbnail?size=64")[1]
-        # a suggestion round; each write goes to whichever worker answers, and commits to the bucket log
-        bucket = _json(url, "POST", "/buckets", {"name": "settings only"}, status=201)["bucket"]["bucket_id"]
-        for i in range(4):
-            _json(url, "POST", f"/buckets/{bucket}/images", {"image_ids": ids[200 + 2 * i:202 + 2 * i]})
-        first = [h["image_id"] for h in _json(url, "GET", f"/buckets/{bucket}/suggestions?n=8&explore=false")["suggestions"]]
-        assert len(first) == 8 and not set(first) & set(ids[200:208])
-        _json(url, "POST", f"/buckets/{bucket}/feedback", {"accepted": first[:2], "rejected": first[-1:]})
-        second = [h["image_id"] for h in _json(url, "GET", f"/buckets/{bucket}/suggestions?n=8&explore=false")["suggestions"]]
-        assert len(second) == 8 and not set(first[:2] + first[-1:]) & set(second)
-        for _ in range(4):  # every worker sees every write
-            assert sorted(_json(url, "GET", f"/buckets/{bucket}")["members"]) == sorted(ids[200:208] + first[:2])
-        undone = _json(url, "POST", "/undo", {})  # cancels the feedback, whichever worker answers
-        assert undone["event"]["action"] == "undo" and undone["undone"]["action"] == "feedback", undone
-        for _ in range(4):
-            assert sorted(_json(url, "GET", f"/buckets/{bucket}")["members"]) == sorted(ids[200:208])
-        from lake.buckets import bucket_members, read_events
-
-        assert sorted(bucket_members(Lake.at(root), bucket)) == sorted(ids[200:208])
-        seqs = [e["seq"] for e in read_events(Lake.at(root))[0]]
-        assert seqs == list(range(len(seqs)))  # one dense order over both workers' commits
-        # the grid's tiles from the store, pre-rendered and drawn from the pack
-        a, b = local.json("GET", "/grid/latest"), _json(url, "GET", "/grid/latest")
-        for z in (0, b["dzi"]["max_level"]):
-            ta = local.request("GET", f"/grid/{a['layout']['layout_id']}/tiles/{z}/0_0.jpg")
-            tb = _request(url, "GET", f"/grid/{b['layout']['layout_id']}/tiles/{z}/0_0.jpg")
-            assert ta[0] == tb[0] == 200 and ta[1] == tb[1] and tb[1][:2] == b"\xff\xd8", z
         entries = [f for _, _, files in os.walk(cache) for f in files if f.endswith(".bin")]
         assert entries  # (a worker's warm-up may still be fetching more: its .tmp files are its own)
     finally:
