@@ -265,12 +265,17 @@ def machine_id() -> tuple[str, str]:
     return desc, hashlib.sha256(desc.encode()).hexdigest()[:12]
 
 
-def runtime_available(name: str) -> tuple[bool, str]:
-    """Whether catalog runtime ``name`` can run on this machine, and why not."""
+def runtime_available(name: str, *, native: bool = True) -> tuple[bool, str]:
+    """Whether catalog runtime ``name`` can run on this machine, and why not.
+
+    ``native`` (auto-selection, ``--runtime``) also asks for the CPU's own bf16 units. With
+    ``native=False`` (an upload that must match a key the lake already holds) torch's bf16 counts
+    on any CPU: torch computes bfloat16 without those units too, slowly, as the embed job's torch
+    engine does. OpenVINO's bf16 does not count (without the units it computes fp32)."""
     entry = CATALOG.get(name)
     if entry is None:
         raise BadInput(f"unknown runtime {name!r}; one of {', '.join(CATALOG)}")
-    if entry.needs_flags:
+    if entry.needs_flags and (native or entry.engine != "torch"):
         flags = set(cpu_info()["flags"])
         if not flags & set(entry.needs_flags):
             return False, f"the CPU has none of {', '.join(entry.needs_flags)}"
@@ -281,13 +286,14 @@ def runtime_available(name: str) -> tuple[bool, str]:
     return True, ""
 
 
-def build_runtime(name: str, spec: ModelSpec, artifact: OnnxArtifact | None, threads: int) -> Runtime:
+def build_runtime(name: str, spec: ModelSpec, artifact: OnnxArtifact | None, threads: int,
+                  native: bool = True) -> Runtime:
     """A fresh runtime for catalog entry ``name``; ``artifact`` is the fp32 export for fp32/bf16
     ONNX-based entries and the int8 QDQ model for the int8 ones (torch needs none)."""
     entry = CATALOG.get(name)
     if entry is None:
         raise BadInput(f"unknown runtime {name!r}; one of {', '.join(CATALOG)}")
-    ok, why = runtime_available(name)
+    ok, why = runtime_available(name, native=native)
     if not ok:
         raise BadInput(f"runtime {name} cannot run on this machine: {why}")
     if entry.engine == "torch":
