@@ -12,7 +12,10 @@ stores them — and learned tags from the newest tag model (posterior >= ``tag_m
 ``POST /images`` (curate scope) stores, ingests and embeds the image (the steps of
 :mod:`jobs.add_image`) and makes it searchable through the recent-uploads overlay
 (:mod:`api.upload_overlay`) — no index build in the request: 201 with its ``image_id`` when new,
-200 with the same id when these bytes were added (or ingested) before.
+200 with the same id when these bytes were added (or ingested) before. On a lake whose served key
+holds imported embeddings (``imagelake embed --import``: no model here computes them) the client
+sends the image's vector as the form field ``embedding`` (a JSON array), checked like an imported
+row; without it the answer is a 400 that says so.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from api.auth import requires
 from api.index_service import search_service
 from api.services import lake_reader
 from api.upload_overlay import MAX_OVERLAY
-from api.uploads import read_upload, upload_embedder
+from api.uploads import is_imported_key, read_embedding, read_upload, upload_embedder
 from lake.errors import BadInput, NotFound
 
 __all__ = ["bp", "openapi_paths"]
@@ -166,6 +169,35 @@ def add_image_fast(lake, settings, upload, model_key: str, embedded, service, co
     return result
 
 
+def _upload_vector(lake, upload, model_key: str, build):
+    """The upload's vector: computed here by the key's runtime, or, for a key of imported embeddings
+    (no runtime here computes them), the client's own, sent as the form field ``embedding``."""
+    if not is_imported_key(model_key):
+        if request.form.get("embedding") is not None:
+            raise BadInput(f"this lake's vectors ({model_key}) are computed by the server; send the image "
+                           "without the form field `embedding`")
+        return upload_embedder().embed(upload.data, model_key)
+    dim = build.d if build is not None else _stored_dim(lake, model_key)
+    embedded = read_embedding("embedding", model_key, dim)
+    if embedded is None:
+        raise BadInput(f"this lake's vectors are embeddings imported under {model_key} (`imagelake embed --import`), "
+                       "which no model in this server computes: send the image's vector, computed where the "
+                       f"others were, as the form field `embedding` (a JSON array of {dim} floats)")
+    return embedded
+
+
+def _stored_dim(lake, model_key: str) -> int:
+    import pyarrow.compute as pc
+
+    from lake.commit import open_table
+
+    rows = open_table(lake, "features").to_pyarrow_dataset().head(
+        1, columns=["embedding"], filter=pc.field("model") == model_key).column(0).to_pylist()
+    if not rows:
+        raise NotFound(f"no features of {model_key} in this lake")
+    return len(rows[0])
+
+
 @bp.post("/images")
 def add_upload():
     settings = current_app.config["IMAGELAKE_SETTINGS"]
@@ -177,7 +209,7 @@ def add_upload():
     build = service.build()
     reader = lake_reader()
     model_key = build.model if build is not None else _fallback_model_key(reader.lake)
-    embedded = upload_embedder().embed(upload.data, model_key)
+    embedded = _upload_vector(reader.lake, upload, model_key, build)
     result = add_image_fast(reader.lake, settings, upload, model_key, embedded, service, collection)
     reader.refresh(force=True)          # read-your-writes: GET /images/<id> in this worker sees it
     body = {"ok": True, **result.as_dict(), "model": model_key}
@@ -221,7 +253,9 @@ def openapi_paths(settings) -> dict:
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                 "type": "object", "required": ["image"], "properties": {
                     "image": image_field,
-                    "collection": {"type": "string", "default": "uploads", "maxLength": 100}}}}}},
+                    "collection": {"type": "string", "default": "uploads", "maxLength": 100},
+                    "embedding": {"type": "string", "description": "a JSON array of floats: the image's vector, "
+                                  "required (and only accepted) when the served key holds imported embeddings"}}}}}},
             "responses": {"201": json_response(added, "Added"),
                           "200": json_response(added, "These bytes were in the lake already: the same id"),
                           **errors(400, 409, 413, 415, 503)},

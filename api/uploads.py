@@ -45,7 +45,7 @@ from lake.errors import BadInput, Conflict, CorruptArtifact, TooLarge, Unavailab
 from lake.settings import Settings
 
 __all__ = ["ACCEPTED_FORMATS", "Upload", "Embedded", "UploadEmbedder", "check_image", "read_upload",
-           "upload_embedder", "init_app"]
+           "read_embedding", "is_imported_key", "upload_embedder", "init_app"]
 
 ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
@@ -135,8 +135,8 @@ def read_upload(field: str = "image", settings: Settings | None = None) -> Uploa
 @dataclass(frozen=True)
 class Embedded:
     model: str
-    vector: np.ndarray      # float32 (d,)
-    logits: np.ndarray      # float32 (classes,)
+    vector: np.ndarray          # float32 (d,)
+    logits: np.ndarray | None   # float32 (classes,); None for a vector the client sent (no concepts)
 
     def concepts(self, k: int = 50) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` class ids and softmax probabilities, as the features table stores them."""
@@ -164,6 +164,11 @@ class UploadEmbedder:
         from jobs.embed.models import get_model, parse_key
 
         base, precision, engine = parse_key(model_key)
+        if is_imported_key(model_key):
+            raise Conflict(f"the index holds embeddings imported under {model_key} (`imagelake embed --import`); "
+                           "this server has no model that computes them, so it cannot embed an uploaded image. "
+                           "POST /images takes the image's vector, computed where the others were, as the form "
+                           "field `embedding` (a JSON array of floats); search by `image_id` instead of by file")
         spec = get_model(base.split("@", 1)[0])
         if spec.key != base:
             raise Conflict(f"the index was built from {model_key}, but this server's {spec.name} is {spec.key}; "
@@ -227,6 +232,41 @@ class UploadEmbedder:
             raise BadInput(f"the image cannot be decoded: {e}") from None
         emb, logits = runtime.embed(pixels[None])
         return Embedded(model_key, emb[0].astype(np.float32), logits[0].astype(np.float32))
+
+
+def is_imported_key(model_key: str) -> bool:
+    """True for a features key whose model is not in this process's registry: vectors brought in by
+    ``imagelake embed --import`` (the importer refuses registry names), which no runtime here computes."""
+    from jobs.embed.models import MODELS, parse_key
+
+    base = parse_key(model_key)[0]
+    return base.split("@", 1)[0] not in MODELS
+
+
+def read_embedding(field: str, model_key: str, dim: int) -> Embedded | None:
+    """The vector sent as the form field ``field`` (a JSON array of ``dim`` floats), or None when the
+    request has no such field. Checked as ``imagelake embed --import`` checks a row.
+
+    Raises:
+        BadInput: not a JSON array of numbers, another dimension than ``dim``, not finite, all zero.
+    """
+    text = request.form.get(field)
+    if text is None:
+        return None
+    try:
+        values = json.loads(text)
+        vector = np.asarray(values, np.float64)
+    except (ValueError, TypeError):
+        raise BadInput(f"form field {field!r} must be a JSON array of {dim} numbers") from None
+    if vector.ndim != 1 or vector.dtype.kind not in "fiu":
+        raise BadInput(f"form field {field!r} must be a JSON array of {dim} numbers")
+    if len(vector) != dim:
+        raise BadInput(f"form field {field!r} has {len(vector)} numbers; the index of {model_key} has dimension {dim}")
+    if not np.isfinite(vector).all():
+        raise BadInput(f"form field {field!r} holds a value that is not finite (NaN or infinity)")
+    if not np.any(vector):
+        raise BadInput(f"form field {field!r} is the zero vector; cosine similarity is undefined for it")
+    return Embedded(model_key, vector.astype(np.float32), None)
 
 
 #: features-key (precision, engine) -> the CPU catalog runtime that computes it (jobs.embed.runtime.CATALOG)

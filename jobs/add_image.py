@@ -137,12 +137,16 @@ def _ingest(lake: Lake, settings: Settings, path: str, collection: str) -> None:
         os.remove(listing)
 
 
-def _embed(lake: Lake, image_id: str, model_key: str, vector: np.ndarray, logits: np.ndarray) -> None:
+def _embed(lake: Lake, image_id: str, model_key: str, vector: np.ndarray, logits: np.ndarray | None) -> None:
     from jobs.embed.partition import EmbedJob, top_concepts
     from jobs.runs import job_run
 
     top_k = EmbedJob.__dataclass_fields__["top_k"].default
-    ids, probs = top_concepts(np.asarray(logits, np.float32).reshape(1, -1), top_k)
+    if logits is None:   # a vector the client sent (imported embeddings): no concepts, as the importer
+        concept_ids, concept_probs = [None], [None]
+    else:
+        ids, probs = top_concepts(np.asarray(logits, np.float32).reshape(1, -1), top_k)
+        concept_ids, concept_probs = [ids[0].astype(np.int16).tolist()], [probs[0].astype(np.float32).tolist()]
     schema = TABLES["features"].schema
     with job_run(lake, "embed", {"model": model_key, "source": "upload", "image_id": image_id}) as run:
         run.rows_in = 1
@@ -150,14 +154,14 @@ def _embed(lake: Lake, image_id: str, model_key: str, vector: np.ndarray, logits
             "image_id": pa.array([image_id], pa.string()),
             "model": pa.array([model_key], pa.string()),
             "embedding": pa.array([np.asarray(vector, np.float32).tolist()], pa.list_(pa.float32())),
-            "concept_ids": pa.array([ids[0].astype(np.int16).tolist()], pa.list_(pa.int16())),
-            "concept_probs": pa.array([probs[0].astype(np.float32).tolist()], pa.list_(pa.float32())),
+            "concept_ids": pa.array(concept_ids, pa.list_(pa.int16())),
+            "concept_probs": pa.array(concept_probs, pa.list_(pa.float32())),
             "run_id": pa.array([run.run_id], pa.string()),
             "created_at": pa.array([dt.datetime.now(dt.timezone.utc)], schema.field("created_at").type),
         })
         result = commit_rows(lake, "features", row, run_id=run.run_id, dedupe=True)
         run.rows_out = result.rows
-        run.metrics.update(embedded=result.rows, pending=1, runtimes=["onnx-upload"])
+        run.metrics.update(embedded=result.rows, pending=1, runtimes=["onnx-upload" if logits is not None else "client-vector"])
 
 
 def _in_build(lake: Lake, row: dict, image_id: str) -> bool:

@@ -79,6 +79,7 @@ class Settings:
     tag_pca_dim: int = _opt(0, "Learned tags: embeddings are PCA-reduced to this many dimensions before naive Bayes (0: none).")
 
     grid_quality_sample: int = _opt(2000, "Cells scored for a layout's neighbourhood-preservation quality (exact kNN over all images for each; 0: skip; all cells when fewer).")
+    grid_spare_fraction: float = _opt(0.05, "Share of extra empty cells a full grid layout leaves, spread over the map, for later images: `imagelake grid` places new images into the newest layout's free cells (old cells kept) while they fit, and lays everything out anew once they do not; 0: every run is a full layout.")
     grid_tile_cache: bool = _opt(True, "Keep deep-zoom tiles rendered on first request as files under the layout's tile folder.")
     run_abandon_h: float = _opt(72.0, "A `running` job run whose process cannot be checked from here (another host or container, or a row from an older version) counts as abandoned once this many hours old; 0: never by age. Runs on this host are checked by their process at once.")
     artifact_cache_dir: str = _opt("", "Local folder where server workers keep verified copies of an object-store lake's artifacts (index builds, suggestion matrix, tile packs) to memory-map; empty: $XDG_CACHE_HOME/imagelake/artifacts. Unused for local lakes.")
@@ -183,6 +184,8 @@ def _validate(s: Settings) -> Settings:
         raise BadInput(f"vacuum_retention_h must be 0 or more hours, got {s.vacuum_retention_h!r}")
     if s.grid_quality_sample < 0:
         raise BadInput(f"grid_quality_sample must be 0 or more, got {s.grid_quality_sample!r}")
+    if not 0 <= s.grid_spare_fraction <= 1:
+        raise BadInput(f"grid_spare_fraction must be in [0, 1], got {s.grid_spare_fraction!r}")
     return s
 
 

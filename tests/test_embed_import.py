@@ -150,3 +150,49 @@ def test_cli_import_and_bad_input(lake, tmp_path, capsys):
     with pytest.raises(NotFound):
         import_embeddings(lake, None, str(npy), MODEL, keys_file=str(tmp_path / "none.txt"))
     assert len(features(lake)) == 2
+
+
+def test_upload_to_a_lake_of_imported_embeddings_takes_the_clients_vector(lake, tmp_path):
+    """No model here computes an imported key: ``POST /images`` takes the vector as the form field
+    ``embedding`` (checked like an imported row) and the image is searchable at once; without it, or
+    with a bad one, a 400 that says so; a search by file is a 409 naming the way out."""
+    import io
+    import json
+
+    from api import API_PREFIX, create_app
+    from conftest import make_jpeg
+    from jobs.index.driver import run_index
+    from jobs.runner import LocalRunner
+
+    ids = [r["image_id"] for r in images(lake)]
+    path = tmp_path / "emb.npz"
+    np.savez(path, embedding=vectors(len(ids)), image_id=np.array(ids))
+    import_embeddings(lake, None, str(path), MODEL)
+    run_index(lake, Settings(lake=lake.root, runner="local"), runner=LocalRunner(), model=MODEL)
+    client = create_app(Settings(lake=lake.root, refresh_s=0.0, auth=False), {"TESTING": True}).test_client()
+    add = f"{API_PREFIX}/images"
+
+    def post(**fields):
+        return client.post(add, data={"image": (io.BytesIO(make_jpeg(99, (64, 48))), "new.jpg"), **fields})
+
+    for fields, words in [({}, "form field `embedding`"), ({"embedding": json.dumps([1.0] * (D - 1))}, "dimension 16"),
+                          ({"embedding": json.dumps([0.0] * D)}, "zero vector"), ({"embedding": "[1, \"a\"]"}, "JSON array"),
+                          ({"embedding": json.dumps([float("nan")] * D)}, "not finite")]:
+        r = post(**fields)
+        assert r.status_code == 400 and words in r.get_json()["error"], (fields, r.get_json())
+    assert len(images(lake)) == len(ids)                      # nothing stored by a refused upload
+    r = client.post(f"{API_PREFIX}/search/similar", data={"image": (io.BytesIO(make_jpeg(99, (64, 48))), "q.jpg")})
+    assert r.status_code == 409 and "imported" in r.get_json()["error"] and "image_id" in r.get_json()["error"]
+
+    mine = vectors(1, seed=5)[0] * 3
+    r = post(embedding=json.dumps(mine.tolist()))
+    body = r.get_json()
+    assert r.status_code == 201, body
+    assert (body["indexed"], body["index_action"], body["model"]) == (True, "overlay", MODEL)
+    new_id = body["image_id"]
+    assert np.allclose(features(lake)[new_id]["embedding"], mine, atol=1e-6)
+    assert features(lake)[new_id]["concept_ids"] is None
+    hits = client.get(f"{API_PREFIX}/search/similar", query_string={"image_id": new_id, "k": 3}).get_json()
+    assert hits["results"] and new_id not in [h["image_id"] for h in hits["results"]]
+    twin = client.get(f"{API_PREFIX}/search/similar", query_string={"image_id": ids[0], "k": len(ids) + 1}).get_json()
+    assert new_id in [h["image_id"] for h in twin["results"]]   # the upload is among the others' neighbours

@@ -174,7 +174,7 @@ def grid_lake(tmp_path_factory):
     lake = Lake.at(tmp_path_factory.mktemp("grid") / "lake")
     vectors, groups = planted(n_groups=6, per=40, seed=1)
     ids = fill_lake(lake, vectors, groups)
-    summary = run_grid(lake, Settings(lake=lake.root), seed=7, layout_id="L1")
+    summary = run_grid(lake, Settings(lake=lake.root, grid_spare_fraction=0.0), seed=7, layout_id="L1")
     return lake, ids, groups, summary
 
 
@@ -205,8 +205,9 @@ def test_grid_job_writes_one_cell_per_image_and_metadata(grid_lake):
     assert any(r["job"] == "grid" and r["state"] == "succeeded" for r in runs)
 
 
-def test_cli_same_seed_same_layout_and_where_subset(grid_lake, capsys):
+def test_cli_same_seed_same_layout_and_where_subset(grid_lake, capsys, monkeypatch):
     lake = grid_lake[0]
+    monkeypatch.setenv("IMAGELAKE_GRID_SPARE_FRACTION", "0")   # L1's: no spare cells
     assert main(["--lake", lake.root, "grid", "--seed", "7", "--layout-id", "L1-again"]) == 0
     out = capsys.readouterr().out
     assert "grid L1-again: 240 images on 16x15 cells, quality" in out and "random" in out
@@ -246,6 +247,69 @@ def test_layout_id_is_checked_and_never_overwritten(grid_lake):
     for bad in ("latest", "a/b", "a.dzi", "", "x" * 65):
         with pytest.raises(BadInput):
             run_grid(lake, Settings(lake=lake.root), layout_id=bad)
+
+
+def _add_images(lake: Lake, vectors: np.ndarray, groups: np.ndarray, start: int) -> list[str]:
+    ids = [hashlib.sha256(f"img-{i}".encode()).hexdigest() for i in range(start, start + len(vectors))]
+    commit_rows(lake, "images", [
+        {"image_id": ids[j], "seq": start + j, "uri": f"/data/img_{start + j}.jpg", "collection": "new",
+         "format": "JPEG", "width": 64, "height": 48, "bytes": 1000} for j in range(len(ids))], run_id=f"t-img-{start}")
+    commit_rows(lake, "thumbnails", [
+        {"image_id": ids[j], "size": 64, "width": 64, "height": 48, "jpeg": _jpeg(GROUP_COLORS[int(groups[j])])}
+        for j in range(len(ids))], run_id=f"t-th-{start}")
+    commit_rows(lake, "features", [{"image_id": ids[j], "model": MODEL, "embedding": vectors[j].tolist()}
+                                   for j in range(len(ids))], run_id=f"t-f-{start}")
+    return ids
+
+
+def test_new_images_go_into_free_cells_and_old_cells_stay(tmp_path, capsys):
+    """A second run with a few new images keeps every old image's cell and puts the new ones into
+    free cells beside their own group, drawn in the tiles; nothing new: the layout stays; more new
+    images than free cells: a full layout."""
+    from jobs.grid.tiles import TileSource
+
+    lake = Lake.at(tmp_path / "lake")
+    vectors, groups = planted(n_groups=6, per=40, seed=1)
+    fill_lake(lake, vectors, groups)
+    settings = Settings(lake=lake.root, grid_spare_fraction=0.1)
+    first = run_grid(lake, settings, seed=7)
+    assert first["mode"] == "full" and first["width"] * first["height"] >= 264   # 240 + 10 % free
+    old = _layout_rows(lake, first["layout_id"])
+    free = first["width"] * first["height"] - 240
+
+    new_vectors, new_groups = planted(n_groups=6, per=40, seed=1)            # the same group centres
+    pick = np.flatnonzero(new_groups == 2)[:5]
+    new_ids = _add_images(lake, new_vectors[pick] + 0.01, new_groups[pick], start=240)
+    second = run_grid(lake, settings, seed=7)
+    assert second["mode"] == "placed" and (second["placed"], second["removed"]) == (5, 0)
+    assert (second["width"], second["height"]) == (first["width"], first["height"])
+    assert second["free_cells"] == free - 5
+    rows = _layout_rows(lake, second["layout_id"])
+    kept = rows.filter(pa.compute.is_in(rows["image_id"], old["image_id"]))
+    assert kept.select(["image_id", "gx", "gy"]).equals(old.select(["image_id", "gx", "gy"]))   # old cells kept
+    cell = {i: (x, y) for i, x, y in zip(*(rows.column(c).to_pylist() for c in ("image_id", "gx", "gy")))}
+    assert len(set(cell.values())) == 245 and all(i in cell for i in new_ids)
+    old_ids = [hashlib.sha256(f"img-{i}".encode()).hexdigest() for i in range(240)]
+    group_of = dict(zip(old_ids, groups.tolist()))
+    at = {v: k for k, v in cell.items()}
+    for i in new_ids:   # beside its own group: most of its grid neighbours are group-2 images
+        x, y = cell[i]
+        near = [group_of.get(at.get((x + dx, y + dy)), 2) for dx in (-1, 0, 1) for dy in (-1, 0, 1)
+                if (dx, dy) != (0, 0) and (x + dx, y + dy) in at]
+        assert near and sum(g == 2 for g in near) / len(near) >= 0.5, (i, near)
+    tiles = TileSource(lake.path(f"artifacts/tiles/{second['layout_id']}"))
+    p = tiles.pyramid
+    x, y = cell[new_ids[0]]
+    img = Image.open(io.BytesIO(tiles.tile(p.max_level, x * 64 // 256, y * 64 // 256))).convert("RGB")
+    px = img.getpixel(((x * 64) % 256 + 32, (y * 64) % 256 + 24))
+    assert all(abs(a - b) < 40 for a, b in zip(px, GROUP_COLORS[2])), px      # the new cell is drawn
+    assert tiles.manifest["cells"]["filled"] == 245
+
+    third = run_grid(lake, settings, seed=7)                                   # nothing new
+    assert third["mode"] == "unchanged" and third["layout_id"] == second["layout_id"]
+    _add_images(lake, new_vectors[:free], new_groups[:free], start=245)        # more than the free cells
+    fourth = run_grid(lake, settings, seed=7)
+    assert fourth["mode"] == "full" and fourth["n"] == 245 + free
 
 
 # -- tiles and the HTTP API -------------------------------------------------------------------
@@ -362,7 +426,7 @@ def test_real_images_ingest_embed_grid_end_to_end(tmp_path, capsys):
     run_ingest(lake, settings, str(folder), runner=LocalRunner())
     run_embed(lake, settings, runner=LocalRunner())
     assert main(["--lake", lake.root, "--runner", "local", "grid", "--layout-id", "fm"]) == 0
-    assert "grid fm: 36 images on 6x6 cells" in capsys.readouterr().out
+    assert "grid fm: 36 images on 7x6 cells" in capsys.readouterr().out   # 36 + 5 % spare cells
     rows = _layout_rows(lake, "fm").to_pylist()
     assert len({(r["gx"], r["gy"]) for r in rows}) == 36 and {r["image_id"] for r in rows} == set(label_of)
     grid = {(r["gx"], r["gy"]): label_of[r["image_id"]] for r in rows}

@@ -29,8 +29,8 @@ import numpy as np
 from scipy.ndimage import uniform_filter
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["LayoutParams", "Layout", "grid_shape", "reduce_dims", "balanced_split", "refine",
-           "layout_grid"]
+__all__ = ["LayoutParams", "Layout", "grid_shape", "reduce_dims", "fit_reduction", "project", "balanced_split",
+           "refine", "layout_grid"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,9 @@ class Layout:
     cells: np.ndarray            # int64 (n,)
     xy: np.ndarray               # float32 (n, 2)
     timings: dict[str, float] = field(default_factory=dict)
+    z: np.ndarray | None = None       # float32 (n, dims): the reduced vectors the layout placed
+    mean: np.ndarray | None = None    # the reduction (see fit_reduction), for later images
+    basis: np.ndarray | None = None
 
     @property
     def gx(self) -> np.ndarray:
@@ -93,6 +96,14 @@ def reduce_dims(vectors: np.ndarray, dims: int, sample: int, rng: np.random.Gene
 
     Returns float32 (n, min(dims, d)) whose first column is PC1.
     """
+    mean, basis = fit_reduction(vectors, dims, sample, rng)
+    return project(vectors, mean, basis)
+
+
+def fit_reduction(vectors: np.ndarray, dims: int, sample: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (d,), basis (d, k)) of the PCA :func:`reduce_dims` applies: kept with a layout so that
+    later images are projected into the same space (:mod:`jobs.grid.incremental`)."""
     x = np.asarray(vectors, np.float32)
     n, d = x.shape
     rows = x if n <= sample else x[np.sort(rng.choice(n, sample, replace=False))]
@@ -110,9 +121,14 @@ def reduce_dims(vectors: np.ndarray, dims: int, sample: int, rng: np.random.Gene
             q, _ = np.linalg.qr(centred @ (centred.T @ q))
         _, _, vt = np.linalg.svd(q.T @ centred, full_matrices=False)
         basis = vt[:k]
-    basis = np.ascontiguousarray(basis.T, dtype=np.float32)
-    out = np.empty((n, k), np.float32)
-    for start in range(0, n, 65536):  # chunks: no second n x d copy at 1M x 1280
+    return mean.astype(np.float32), np.ascontiguousarray(basis.T, dtype=np.float32)
+
+
+def project(vectors: np.ndarray, mean: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """float32 (n, k): unit-normalised rows, centred, on ``basis`` (chunked: no second n x d copy)."""
+    x = np.asarray(vectors, np.float32)
+    out = np.empty((len(x), basis.shape[1]), np.float32)
+    for start in range(0, len(x), 65536):
         out[start:start + 65536] = (_unit(x[start:start + 65536]) - mean) @ basis
     return out
 
@@ -281,8 +297,12 @@ def _one_blas_thread():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def layout_grid(vectors: np.ndarray, seed: int = 0, params: LayoutParams | None = None) -> Layout:
+def layout_grid(vectors: np.ndarray, seed: int = 0, params: LayoutParams | None = None,
+                spare: float = 0.0) -> Layout:
     """Lay out ``vectors`` (n, d) on a near-square grid; the same inputs and seed give the same cells.
+
+    ``spare``: leave about this share of n extra cells empty, spread over the map by the split, for
+    later images (:mod:`jobs.grid.incremental`).
 
     Raises:
         ValueError: no vectors.
@@ -292,15 +312,16 @@ def layout_grid(vectors: np.ndarray, seed: int = 0, params: LayoutParams | None 
     if n == 0:
         raise ValueError("nothing to lay out")
     rng = np.random.default_rng(seed)
-    width, height = grid_shape(n)
+    width, height = grid_shape(n + int(math.ceil(n * max(0.0, spare))))
     timings = {}
     # One BLAS thread: most products here are small, and on a shared machine BLAS threads that
     # spin-wait for busy cores made even the PCA 10-30x slower (measured under load).
     with _one_blas_thread():
         t0 = time.perf_counter()
-        z = reduce_dims(vectors, params.dims, params.pca_sample, rng)
-        if z.shape[1] < 2:
-            z = np.pad(z, ((0, 0), (0, 2 - z.shape[1])))
+        mean, basis = fit_reduction(vectors, params.dims, params.pca_sample, rng)
+        if basis.shape[1] < 2:
+            basis = np.pad(basis, ((0, 0), (0, 2 - basis.shape[1])))
+        z = project(vectors, mean, basis)
         timings["reduce_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         cells = balanced_split(z, width, height, params.leaf_cells)
@@ -309,4 +330,4 @@ def layout_grid(vectors: np.ndarray, seed: int = 0, params: LayoutParams | None 
         if params.rounds > 0 and n > 1:
             cells = refine(z, cells, width, height, params, rng)
         timings["refine_s"] = time.perf_counter() - t0
-    return Layout(width, height, cells, np.ascontiguousarray(z[:, :2]), timings)
+    return Layout(width, height, cells, np.ascontiguousarray(z[:, :2]), timings, z=z, mean=mean, basis=basis)

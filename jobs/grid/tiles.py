@@ -34,7 +34,8 @@ from PIL import Image
 from lake.artifacts import file_sha256
 from lake.errors import CorruptArtifact, NotFound
 
-__all__ = ["Pyramid", "build_tiles", "publish_tiles", "TileSource", "TILE_SIZE", "BACKGROUND"]
+__all__ = ["Pyramid", "build_tiles", "finish_tiles", "save_mosaic", "load_mosaic", "publish_tiles", "TileSource",
+           "TILE_SIZE", "BACKGROUND"]
 
 TILE_SIZE = 256
 BACKGROUND = (17, 17, 17)
@@ -209,7 +210,7 @@ class _Decoder:
 
 
 def build_tiles(folder: str, pyramid: Pyramid, thumbnails: Iterator[tuple[np.ndarray, list]],
-                *, meta: dict | None = None, workers: int | None = None) -> dict:
+                *, meta: dict | None = None, workers: int | None = None, keep_mosaic: bool = False) -> dict:
     """Write a layout's tile artifact into ``folder`` (local path) and return its manifest.
 
     Args:
@@ -256,6 +257,34 @@ def build_tiles(folder: str, pyramid: Pyramid, thumbnails: Iterator[tuple[np.nda
             paste(*done)
     os.replace(pack_path + ".tmp", pack_path)
     offsets[1:] = np.cumsum(sizes)
+    if keep_mosaic:
+        save_mosaic(folder, base)
+    return finish_tiles(folder, p, offsets, base, meta)
+
+
+MOSAIC = "mosaic.npy"
+
+
+def save_mosaic(folder: str, base: Image.Image) -> None:
+    """Keep the ``base_px`` mosaic (raw RGB, ``height·base_px × width·base_px × 3`` bytes: 192 MB at
+    1M cells) so that a later run placing a few new images redraws only their cells."""
+    tmp = os.path.join(folder, MOSAIC + ".tmp.npy")
+    np.save(tmp, np.asarray(base))
+    os.replace(tmp, os.path.join(folder, MOSAIC))
+
+
+def load_mosaic(folder: str) -> Image.Image | None:
+    try:
+        return Image.fromarray(np.load(os.path.join(folder, MOSAIC)))
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+
+
+def finish_tiles(folder: str, p: Pyramid, offsets: np.ndarray, base: Image.Image, meta: dict | None) -> dict:
+    """Write ``cells.idx`` from ``offsets``, the pre-rendered levels cut from ``base``, then the
+    manifest (last); ``cells.bin`` must be in place. Returns the manifest."""
+    pack_path = os.path.join(folder, "cells.bin")
+    sizes = np.diff(offsets)
     idx_buf = io.BytesIO()
     np.save(idx_buf, offsets)
     _write_atomic(os.path.join(folder, "cells.idx"), idx_buf.getvalue())

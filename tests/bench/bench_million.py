@@ -8,13 +8,17 @@
    (``bench_index.Mixture``: the eigenvalues and cluster structure of unit-length EfficientNet-Lite0
    features), 2 % of them near-copies of others, keyed by URI, with top-50 concept probabilities;
 4. ``imagelake index``, ``cluster``, ``tag``, ``grid`` and the pipeline's ``suggest`` step on them;
-5. a second round with 1 % new images through the same steps (the incremental cost, step by step);
+5. a second round with 1 % new images through the same steps (the incremental cost, step by step),
+   its ``grid`` (new images placed into the layout's free cells) followed by ``grid --full`` on the
+   same lake: the baseline, what every grid run cost before;
 6. ``imagelake serve`` (``--workers`` gunicorn workers) and the user's view over loopback HTTP:
    the curation view (a bucket's 28 suggestions plus their 28 thumbnails, sequentially on one
    connection: an upper bound of what a browser fetches in parallel), a browse page
    (``GET /images?limit=60``), the facets, the image drawer (``GET /images/<id>``), similar-by-id
    p50, a suggestion round (an accept, then the next suggestions), cached map tile p99, and
-   ``POST /images`` of one new photo; every worker's RSS afterwards.
+   ``POST /images`` of 5 new photos, each with its vector in the form field ``embedding`` (the
+   lake's embeddings are imported: no model in the server computes them), each then searched by
+   id; every worker's RSS afterwards.
 
 Each step runs in its own process: its wall time and peak RSS (VmHWM, polled) are printed, with lake
 bytes per image and each target of issue 20 (scaled to 1M where it is a time) met or not. Baseline
@@ -70,13 +74,18 @@ def write_images(folder: Path, n: int, start: int = 0, seed: int = 0) -> list[Pa
         sub = folder / f"d{i % 100:02d}"
         sub.mkdir(parents=True, exist_ok=True)
         small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        p = sub / f"img_{i:08d}.jpg"
+        if p.exists():   # a --keep folder of an earlier run: the same bytes (drawn from the same seed)
+            paths.append(p)
+            continue
         im = Image.fromarray(small).resize((96, 72), Image.Resampling.BILINEAR)
         px = np.asarray(im).copy()
         px[0, :32] = np.unpackbits(np.array([i >> 24, i >> 16, i >> 8, i], np.uint32).astype(np.uint8))[:, None] * 255
         buf = io.BytesIO()
         Image.fromarray(px).save(buf, "JPEG", quality=85)
-        p = sub / f"img_{i:08d}.jpg"
-        p.write_bytes(buf.getvalue())
+        tmp = p.with_suffix(".tmp")
+        tmp.write_bytes(buf.getvalue())
+        tmp.rename(p)
         paths.append(p)
     return paths
 
@@ -89,7 +98,7 @@ def write_embeddings(path: Path, uris: list[str], seed: int, chunk: int = 20_000
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    mix = Mixture(d=D, seed=0)          # one collection: the +1 % round draws new images of the same kinds
+    mix = _mixture()                    # one collection: the +1 % round draws new images of the same kinds
     mix.rng = np.random.default_rng(seed)
     rng = np.random.default_rng(seed + 7)
     proj = np.random.default_rng(7).standard_normal((D, 1000)).astype(np.float32) * 4  # the same concepts
@@ -113,6 +122,16 @@ def write_embeddings(path: Path, uris: list[str], seed: int, chunk: int = 20_000
             w.write_table(t)
 
 
+_MIXTURE: list = []
+
+
+def _mixture() -> Mixture:
+    """The one embedding mixture (built once: its 1280 x 1280 QR costs seconds on a loaded machine)."""
+    if not _MIXTURE:
+        _MIXTURE.append(Mixture(d=D, seed=0))
+    return _MIXTURE[0]
+
+
 def step(name: str, *args: str, lake: Path, runner: str) -> dict:
     """One ``imagelake`` command in its own process: wall time, peak RSS (wait4), its last line."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -124,7 +143,7 @@ def step(name: str, *args: str, lake: Path, runner: str) -> dict:
     # start from this (large) parent's RSS at fork
     peak = 0.0
     while True:
-        pid, status = os.waitpid(proc.pid, os.WNOHANG)
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
         peak = max(peak, _hwm_mb(proc.pid))
@@ -133,10 +152,12 @@ def step(name: str, *args: str, lake: Path, runner: str) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     out.seek(0), err.seek(0)
     text, errs = out.read().decode(errors="replace").strip(), err.read().decode(errors="replace").strip()
-    if proc.returncode != 0:
-        sys.exit(f"imagelake {' '.join(args)} failed ({proc.returncode}): {errs[-3000:]}")
     line = text.splitlines()[0] if text else ""
-    return dict(step=name, seconds=seconds, rss_mb=peak, line=line, out=text)
+    if proc.returncode != 0:   # recorded, and the run goes on: one broken step should not hide the others
+        print(f"imagelake {' '.join(args)} FAILED ({proc.returncode}): {errs[-3000:]}", flush=True)
+        line = f"FAILED ({proc.returncode}): {errs.strip().splitlines()[-1][:300] if errs.strip() else ''}"
+    return dict(step=name, seconds=seconds, rss_mb=peak, line=line, out=text,
+                cpu_s=usage.ru_utime + usage.ru_stime, load=os.getloadavg()[0])
 
 
 def _hwm_mb(pid: int) -> float:
@@ -208,7 +229,21 @@ def worker_rss(server_pid: int) -> list[float]:
     return out
 
 
-def measure_view(port: int, token: str, ids: list[str], repeat: int) -> tuple[dict, dict]:
+def server_cpu_s(server_pid: int) -> float:
+    """CPU seconds (user + system) of the server process and its workers so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in [Path(f"/proc/{server_pid}")] + [q for q in Path("/proc").iterdir() if q.name.isdigit()]:
+        try:
+            fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if p.name == str(server_pid) or fields[1] == str(server_pid):
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def measure_view(port: int, token: str, ids: list[str], repeat: int, server_pid: int = 0) -> tuple[dict, dict]:
     c = Client(port, token)
     rng = random.Random(5)
     lat: dict[str, float] = {}
@@ -267,19 +302,40 @@ def measure_view(port: int, token: str, ids: list[str], repeat: int) -> tuple[di
         again = [c.call("GET", url.format(z=t[0], x=t[1], y=t[2]))[2] for t in tiles * 2]
         lat["cached tile p99"] = pct(again, 0.99)
         extra["first tile p50"] = statistics.median(first)
-    # POST /images: one new photo
+    # POST /images: new photos with their vectors (the lake's embeddings are imported, so the client
+    # sends each upload's vector as the form field `embedding`), then similar-by-id of each at once
     from PIL import Image
 
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(99).integers(0, 256, (72, 96, 3), dtype=np.uint8)).save(buf, "JPEG")
-    boundary = "benchboundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"new.jpg\"\r\n"
-            f"Content-Type: image/jpeg\r\n\r\n").encode() + buf.getvalue() + f"\r\n--{boundary}--\r\n".encode()
-    status, payload, ms = c.call("POST", "/api/v1/images", raw=body,
-                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    # an error answer (e.g. 404: imported vectors have no model to embed an upload with) is no figure
-    lat["POST /images"] = ms if 200 <= status < 300 else float("nan")
-    extra["POST /images answer"] = f"{status} in {ms:.0f} ms: {payload[:160].decode(errors='replace')}"
+    mix = _mixture()
+    mix.rng = np.random.default_rng(99)
+    posts, searchable, answer, upload_cpu = [], 0, "", []
+    for u, vec in enumerate(mix.draw(5)):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(99 + u).integers(0, 256, (72, 96, 3), dtype=np.uint8)).save(buf, "JPEG")
+        boundary = "benchboundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"embedding\"\r\n\r\n"
+                f"{json.dumps(vec.tolist())}\r\n"
+                f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"new{u}.jpg\"\r\n"
+                f"Content-Type: image/jpeg\r\n\r\n").encode() + buf.getvalue() + f"\r\n--{boundary}--\r\n".encode()
+        cpu0 = server_cpu_s(server_pid) if server_pid else 0.0
+        status, payload, ms = c.call("POST", "/api/v1/images", raw=body,
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        if server_pid:
+            upload_cpu.append((server_cpu_s(server_pid) - cpu0) * 1000)
+        answer = f"{status} in {ms:.0f} ms: {payload[:240].decode(errors='replace')}"
+        if not 200 <= status < 300:
+            break
+        posts.append(ms)
+        new_id = json.loads(payload)["image_id"]
+        extra["POST /images server seconds (last)"] = json.dumps(json.loads(payload).get("seconds"))
+        st, found, _ = c.call("GET", f"/api/v1/search/similar?image_id={new_id}&k=5")
+        searchable += st == 200 and bool(json.loads(found).get("results"))
+    # an error answer is no figure
+    lat["POST /images"] = statistics.median(posts) if posts else float("nan")
+    extra["POST /images answer (last)"] = answer
+    if upload_cpu:   # load-proof: the server's CPU per upload (all its processes, the request's share of idle threads too)
+        extra["POST /images server CPU ms p50"] = statistics.median(upload_cpu)
+    extra["POST /images searchable by id right after"] = f"{searchable} of {len(posts)}"
     return lat, extra
 
 
@@ -297,6 +353,7 @@ def main() -> None:
     images, lake = tmp / "images", tmp / "lake"
     results: list[dict] = []
     try:
+        t_bench = time.perf_counter()
         print(machine())
         print(f"n = {args.n:,} images, runner {args.runner}, load average {os.getloadavg()[0]:.2f}", flush=True)
         t0 = time.perf_counter()
@@ -305,7 +362,14 @@ def main() -> None:
               flush=True)
 
         def rounds(label: str, src: Path, emb: Path) -> list[dict]:
-            run = []
+            class Run(list):
+                def append(self, r: dict) -> None:   # printed as each step ends: a long run shows its progress
+                    r["round"] = label
+                    print(f"[{label}] {r['step']:8s} {r['seconds']:8.1f} s  {r['cpu_s']:7.1f} CPU-s  load {r['load']:5.1f}  "
+                          f"peak RSS {r['rss_mb']:7.0f} MB  {r['line'][:400]}", flush=True)
+                    super().append(r)
+
+            run = Run()
             run.append(step("ingest", "ingest", "--images", str(src), "--collection", "bench", "--no-progress",
                             lake=lake, runner=args.runner))
             from deltalake import DeltaTable
@@ -325,11 +389,9 @@ def main() -> None:
             run.append(step("cluster", "cluster", "--model", MODEL, "--no-progress", lake=lake, runner=args.runner))
             run.append(step("tag", "tag", "--model", MODEL, lake=lake, runner=args.runner))
             run.append(step("grid", "grid", "--model", MODEL, lake=lake, runner=args.runner))
-            for r in run:
-                r["round"] = label
-                print(f"[{label}] {r['step']:8s} {r['seconds']:8.1f} s  peak RSS {r['rss_mb']:7.0f} MB  {r['line'][:400]}",
-                      flush=True)
-            return run
+            if label != "full":   # baseline in the same run: what every grid run cost before (all laid out anew)
+                run.append(step("grid --full", "grid", "--model", MODEL, "--full", lake=lake, runner=args.runner))
+            return list(run)
 
         full = rounds("full", images, tmp / "emb-full.parquet")
         results += full
@@ -355,7 +417,7 @@ def main() -> None:
         server = start_server(str(lake), port, args.workers, str(log), threads=4)
         start_s = time.perf_counter() - t0
         try:
-            lat, extra = measure_view(port, token, ids, args.repeat)
+            lat, extra = measure_view(port, token, ids, args.repeat, server.pid)
             rss = worker_rss(server.pid)
         finally:
             server.terminate()
@@ -363,8 +425,8 @@ def main() -> None:
 
         print(f"\n## bench_million at n = {args.n:,} (+1 % = {n_new:,}), {args.workers} API workers, runner {args.runner}")
         print(f"lake bytes per image: {lake_bytes / args.n:,.0f} B (after the full round; originals not counted)")
-        print("\n| step | full s | peak RSS MB | rate | at 1M (linear) | target | met | +1 % s | +1 % / full |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("\n| step | full s | CPU-s | load | peak RSS MB | rate | at 1M (linear) | target | met | +1 % s | +1 % / full |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         by_inc = {r["step"]: r for r in inc}
         for r in full:
             name, s = r["step"], r["seconds"]
@@ -377,8 +439,14 @@ def main() -> None:
             else:
                 target, met = "-", None
             i = by_inc.get(name, {}).get("seconds", float("nan"))
-            print(f"| {name} | {s:.1f} | {r['rss_mb']:.0f} | {rate:,.0f}/s | {at_1m / 60:.1f} min | {target} | "
-                  f"{'-' if met is None else ('yes' if met else 'NO')} | {i:.1f} | {i / s:.0%} (target <= 10 %) |")
+            print(f"| {name} | {s:.1f} | {r['cpu_s']:.1f} | {r['load']:.1f} | {r['rss_mb']:.0f} | {rate:,.0f}/s | "
+                  f"{at_1m / 60:.1f} min | {target} | {'-' if met is None else ('yes' if met else 'NO')} | {i:.1f} | "
+                  f"{i / s:.0%} (target <= 10 %) |")
+        if "grid --full" in by_inc:
+            b, g = by_inc["grid --full"], by_inc["grid"]
+            print(f"| grid, +1 % round: baseline `grid --full` (every image laid out anew, as before) | "
+                  f"{b['seconds']:.1f} | {b['cpu_s']:.1f} | {b['load']:.1f} | {b['rss_mb']:.0f} | | | | | "
+                  f"incremental {g['seconds']:.1f} s / {g['cpu_s']:.1f} CPU-s | {g['seconds'] / b['seconds']:.0%} of it |")
         print(f"\nserver start (gunicorn, {args.workers} workers) to /health: {start_s:.1f} s")
         print("\n| view | ms | target ms | met |")
         print("|---|---|---|---|")
@@ -390,7 +458,9 @@ def main() -> None:
             print(f"{k}: {v if isinstance(v, str) else f'{v:.1f}'}")
         print(f"API worker RSS after the view: {', '.join(f'{x:.0f} MB' for x in rss)} (target <= {WORKER_RSS_MB:.0f} MB"
               f" each: {'yes' if rss and max(rss) <= WORKER_RSS_MB else 'NO'})")
-        print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+        print(f"load average at the end: {os.getloadavg()[0]:.2f}; the whole bench: "
+              f"{(time.perf_counter() - t_bench) / 60:.1f} min wall, {sum(os.times()[2:4]):.0f} CPU-s in its child "
+              f"processes (steps and server), {sum(os.times()[:2]):.0f} CPU-s in this one (images, embeddings, client)")
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
