@@ -37,6 +37,7 @@ import numpy as np
 
 from jobs.embed.artifact import OnnxArtifact, read_verified
 from jobs.embed.models import Embedder, ModelSpec
+from jobs.embed.quantize import quantize_int8  # noqa: F401  (re-exported; it lives in its own module)
 from lake.errors import BadInput
 
 __all__ = ["Runtime", "OnnxRuntime", "OpenVinoRuntime", "TorchRuntime", "get_runtime", "resolve_device",
@@ -305,34 +306,6 @@ def build_runtime(name: str, spec: ModelSpec, artifact: OnnxArtifact | None, thr
         rt = cls(artifact, threads, entry.precision)
     rt.catalog_name = name
     return rt
-
-
-def quantize_int8(fp32_path: str, out_path: str, calibration: np.ndarray, batch: int = 16) -> None:
-    """Static int8 quantization of the exported model, QDQ format, calibrated on ``calibration``
-    (uint8 NHWC images of the lake): per-channel signed int8 weights, unsigned int8 activations
-    (the x86 VNNI-friendly combination), MinMax calibration. The uint8 input, its cast and the
-    normalisation stay float (quantizing them gains nothing), as do the two outputs' producers'
-    outputs, which are dequantized."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"images": calibration[i:i + batch]} for i in range(0, len(calibration), batch)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    pre = out_path + ".pre.onnx"
-    try:
-        quant_pre_process(fp32_path, pre, skip_symbolic_shape=True)
-        quantize_static(pre, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=["Conv", "Gemm", "MatMul", "Add", "Clip", "Relu"],
-                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
-    finally:
-        if os.path.exists(pre):
-            os.remove(pre)
 
 
 def recall_at_k(reference: np.ndarray, candidate: np.ndarray, k: int = 10) -> float:
