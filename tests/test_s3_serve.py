@@ -130,8 +130,9 @@ def lakes(tmp_path_factory):
     try:
         root = f"s3://{s3.make_bucket()}/lake"
         store = LakeStore.for_lake(root)
-        # the ingested and embedded tables, before any grid or index exists
-        assert _upload_tree(store, template.root, ("tables",)) > 0
+        # the ingested and embedded tables, before any grid or index exists, and the verified ONNX
+        # export the embed made (what POST /images embeds an upload with)
+        assert _upload_tree(store, template.root, ("tables", "artifacts/models")) > 0
         run_grid(Lake.at(root), Settings(lake=root, runner="local"), seed=3)
 
         # `imagelake run` on the s3:// lake from a node configured by a settings file alone (the
@@ -299,10 +300,16 @@ def test_ivfpq_and_incremental_builds_into_the_store_are_picked_up(lakes):
 
     _, s3, _, root, ids, _, _ = lakes
     lake, settings = Lake.at(root), _settings(root, Path("unused"))
+    from lake.catalog import TABLES
+
+    schema = TABLES["features"].schema
     features = DeltaTable(lake.table_uri("features"))
-    held_back = features.to_pyarrow_table(filters=[("image_id", "in", ids[:100])])
+    held_back = features.to_pyarrow_table(filters=[("image_id", "in", ids[:100])]).cast(schema)
     assert held_back.num_rows == 100
-    features.delete("image_id IN (" + ", ".join(f"'{i}'" for i in ids[:100]) + ")")
+    # an overwrite, not DeltaTable.delete: deltalake's DML writes Parquet whose Arrow schema says
+    # string_view, which pyarrow dataset filters on image_id (POST /images below) cannot compare
+    kept = features.to_pyarrow_table(filters=[("image_id", "not in", ids[:100])]).cast(schema)
+    write_deltalake(lake.table_uri("features"), kept, mode="overwrite")
     store = LakeStore.for_lake(root)
     store.write_bytes("artifacts/index/crashed-build/seqs.npy", b"a build that never got its manifest")
     full = run_index(lake, settings, runner=LocalRunner(), rebuild=True, flat_below=0, shard_size=SHARDS)
@@ -364,6 +371,69 @@ def test_suggestions_after_new_features_use_the_stored_matrix_plus_the_overlay(l
     got = [h["image_id"] for h in s3.json("GET", f"/buckets/{bucket}/suggestions?n=12&explore=false")["suggestions"]]
     assert len(got) == 12 and new_id in got[:3], got  # the same vector as the one positive
     assert built() == [manifest]  # no request built a matrix for the new features version
+
+
+def _post_image(url: str, data: bytes, name: str = "upload.jpg") -> tuple[int, dict]:
+    import requests  # a real HTTP client for multipart
+
+    r = requests.post(f"{url}/images", files={"image": (name, data, "image/jpeg")}, timeout=120)
+    return r.status_code, r.json()
+
+
+def test_post_images_into_the_s3_lake(lakes):
+    """POST /images on an s3:// lake: the original goes into the bucket (one conditional PUT through
+    the store layer), ingest and embed as on a local lake, and the upload is searchable at once
+    through the overlay, whose vector is an object in the store; a fresh app (another worker,
+    nothing shared but the bucket) serves its thumbnail and finds it by id. A corrupt and a too
+    large upload are refused with nothing stored."""
+    import hashlib
+
+    import numpy as np
+    from PIL import Image
+    from skimage import data as skdata
+
+    _, s3, _, root, ids, _, base = lakes
+    store = LakeStore.for_lake(root)
+    out = io.BytesIO()
+    Image.fromarray(skdata.coffee()).resize((200, 133)).save(out, "JPEG", quality=90)
+    jpeg = out.getvalue()
+    sha = hashlib.sha256(jpeg).hexdigest()
+    t0 = time.monotonic()
+    code, body = _post_image(s3.url, jpeg)
+    took = time.monotonic() - t0
+    assert code == 201, body
+    print(f"POST /images on the s3 lake: {took:.2f} s {body['seconds']}")
+    assert body["image_id"] == sha and body["created"] and body["embedded"]
+    assert body["indexed"] and body["index_action"] == "overlay", body
+    assert body["uri"] == f"{root}/uploads/{sha[:2]}/{sha}.jpg"
+    assert store.read_bytes(f"uploads/{sha[:2]}/{sha}.jpg") == jpeg           # the original, in the bucket
+    [vec] = [o.key for o in store.list("artifacts/upload-overlay") if o.key.endswith(f"-{sha}.npy")]
+    assert np.load(io.BytesIO(store.read_bytes(vec))).shape[0] > 0
+    assert not list((base / "node").rglob("uploads")), "nothing of the upload on a local disk"
+    # the answering worker finds it at once
+    assert s3.json("GET", f"/images/{sha}")["image_id"] == sha
+    hits = s3.json("GET", f"/search/similar?image_id={sha}&k=5")["results"]
+    assert len(hits) == 5 and sha not in {h["image_id"] for h in hits}
+    # the same bytes again: 200, the same id, nothing added
+    code, again = _post_image(s3.url, jpeg)
+    assert code == 200 and again["image_id"] == sha and not again["created"] and not again["embedded"], again
+
+    # another worker (a fresh app and artifact cache: nothing shared but the bucket)
+    other = _Server(Settings(lake=root, runner="local", auth=False, refresh_s=0.0, upload_max_bytes=200_000,
+                             artifact_cache_dir=str(base / "cache-upload")))
+    try:
+        code, thumb, _ = other.request("GET", f"/images/{sha}/thumbnail?size=64")
+        assert code == 200 and thumb[:2] == b"\xff\xd8"
+        assert [h["image_id"] for h in other.json("GET", f"/search/similar?image_id={sha}&k=5")["results"]] == \
+            [h["image_id"] for h in hits]
+        before = {o.key for o in store.list("uploads")}
+        code, bad = _post_image(other.url, b"\xff\xd8\xff\xe0 not a jpeg at all" * 50)
+        assert code == 400 and bad["ok"] is False and bad["status"] == 400, bad
+        code, big = _post_image(other.url, jpeg + os.urandom(250_000))
+        assert code == 413 and big["status"] == 413, big
+        assert {o.key for o in store.list("uploads")} == before == {f"uploads/{sha[:2]}/{sha}.jpg"}
+    finally:
+        other.stop()
 
 
 def test_a_dead_store_is_a_quick_503(lakes):
