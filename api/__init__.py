@@ -16,7 +16,7 @@ from flask import Flask
 from api import (auth, bucket_export, buckets, clusters, doubts, errors, facets, grid, health, images, index_service,
                  map_select, openapi, query, request_limits, search, services, signals, suggest, tags, upload_routes,
                  uploads)
-from api import browse_filters, bulk_tags, undo_redo
+from api import browse_filters, bulk_tags, map_dates, undo_redo
 from api.openapi import API_PREFIX
 from lake.settings import Settings, load_settings
 
@@ -26,7 +26,7 @@ log = logging.getLogger("imagelake.api")
 
 # One module per API area: a blueprint ``bp`` plus ``openapi_paths(settings)`` describing its routes.
 AREAS = (health, auth, signals, images, query, search, buckets, bucket_export, doubts, suggest, facets, clusters, tags, grid,
-         map_select, upload_routes, undo_redo, browse_filters, bulk_tags, openapi)
+         map_select, map_dates, upload_routes, undo_redo, browse_filters, bulk_tags, openapi)
 
 
 def create_app(settings: Settings | None = None, test_config: dict[str, Any] | None = None) -> Flask:

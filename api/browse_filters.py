@@ -3,8 +3,10 @@ capture filter, and ``GET /browse/filters``, the choices a filter bar offers (fo
 buckets, clusters by name and size with preview images, cameras and the capture date range).
 
 Without filters ``GET /images`` pages the per-version seq index (:mod:`api.browse_index`); with
-any of ``folder``, ``tag``, ``bucket``, ``cluster`` or ``where`` it runs one DuckDB query over the
-served views, every value bound as a parameter:
+any of ``folder``, ``tag``, ``bucket``, ``cluster`` or ``where`` the first page runs one DuckDB
+query over the served views (every value bound as a parameter) for the matching seqs, kept per
+filter and table versions (:class:`api.browse_index.FilteredIndexes`), so later pages, the
+collection counts and a collection under the same filter are a slice and one range read:
 
 - ``folder``: the image was seen at a path in that folder or below it (``sources.uri``);
 - ``tag``: a current tag of any source (user, concept, learned by the last ``imagelake tag``);
@@ -25,6 +27,8 @@ for a near-duplicate group the file name of its most central member.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import threading
 import time
@@ -34,6 +38,7 @@ import duckdb
 from flask import Blueprint, jsonify, request
 
 from api.auth import requires
+from api.browse_index import FilteredIndexes, SeqIndex, seq_index
 from api.images import _int_arg
 from api.services import lake_reader
 from jobs.tag.state import CURRENT_TAGS_SQL
@@ -48,6 +53,24 @@ bp = Blueprint("browse_filters", __name__)
 FILTER_ARGS = ("folder", "tag", "bucket", "cluster", "where", "stack")
 _CLUSTER_ID = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
 _BUCKET_ID = re.compile(r"[0-9a-f]{16}|discard")
+
+
+_indexes: dict[str, FilteredIndexes] = {}  # per lake root: this process's recent filters' seq indexes
+_indexes_lock = threading.Lock()
+
+
+def _filtered_indexes(reader) -> FilteredIndexes:
+    with _indexes_lock:
+        return _indexes.setdefault(str(reader.lake.root), FilteredIndexes())
+
+
+def _digest(values: list[str]) -> str:
+    """A key for an id list bound into the filter (a bucket's or cluster's members, hidden stack members)."""
+    h = hashlib.sha256()
+    for v in values:
+        h.update(v.encode())
+        h.update(b"\n")
+    return h.hexdigest()
 
 
 def has_filters(args) -> bool:
@@ -175,31 +198,43 @@ def filtered_page(args, *, limit: int, offset: int) -> dict[str, Any]:
     for ids in ([_bucket_members(bucket)] if bucket else []) + ([_cluster_members(cluster)] if cluster else []):
         conds.append("i.image_id IN (SELECT unnest(CAST(? AS VARCHAR[])))")
         params.append(ids)
-    cur = lake_reader().cursor()
+    reader = lake_reader()
+    versions = tuple(sorted(reader.refresh().items()))
+    key = (str(reader.lake.root), folder, tag, bucket, cluster, json.dumps(where, sort_keys=True, default=str), stack,
+           versions, *(_digest(p) for p in params if isinstance(p, list)))
+    cur = reader.cursor()
     try:
-        if where:
-            sql, wparams = compile_filter(where, connection_columns(cur))
-            conds.append(f"i.seq IN (SELECT i.seq FROM {FILTER_FROM} WHERE {sql})")
-            params.extend(wparams)
-        base = " AND ".join(conds) or "TRUE"
-        try:
-            counts = cur.execute(f"SELECT coalesce(i.collection, '') AS c, count(*) FROM images i WHERE {base} "
-                                 "GROUP BY 1 ORDER BY 2 DESC, 1", params).fetchall()
-            scoped, sparams = (f"{base} AND i.collection = ?", [*params, collection]) if collection else (base, params)
-            cur.execute(f"SELECT i.image_id, i.seq, i.collection, i.format, i.width, i.height FROM images i "
-                        f"WHERE {scoped} ORDER BY i.seq LIMIT ? OFFSET ?", [*sparams, limit, offset])
+        def build() -> SeqIndex:
+            conds_all, params_all = list(conds), list(params)
+            if where:
+                sql, wparams = compile_filter(where, connection_columns(cur))
+                conds_all.append(f"i.seq IN (SELECT i.seq FROM {FILTER_FROM} WHERE {sql})")
+                params_all.extend(wparams)
+            base = " AND ".join(conds_all) or "TRUE"
+            try:
+                got = cur.sql(f"SELECT i.seq, coalesce(i.collection, '') AS collection FROM images i WHERE {base} "
+                                  "ORDER BY i.seq", params=params_all).to_arrow_table()
+            except duckdb.Error as e:
+                raise BadInput(f"the filter could not be applied: {str(e).splitlines()[0]}") from None
+            return seq_index(None, got)
+
+        index = _filtered_indexes(reader).get(key, build)
+        seqs = index.page(offset, limit, collection)
+        page = []
+        if len(seqs):
+            cur.execute("SELECT i.image_id, i.seq, i.collection, i.format, i.width, i.height FROM images i "
+                        "WHERE i.seq BETWEEN ? AND ? AND i.seq IN (SELECT unnest(CAST(? AS BIGINT[]))) ORDER BY i.seq",
+                        [int(seqs[0]), int(seqs[-1]), [int(x) for x in seqs]])
             cols = [d[0] for d in cur.description]
             page = [dict(zip(cols, row)) for row in cur.fetchall()]
-        except duckdb.Error as e:
-            raise BadInput(f"the filter could not be applied: {str(e).splitlines()[0]}") from None
     finally:
         cur.close()
     for row in page:
         if row["image_id"] in stacks:
             row["stack"] = {"cluster_id": stacks[row["image_id"]][0], "size": len(stacks[row["image_id"]][1]),
                             "members": stacks[row["image_id"]][1]}
-    by_collection = {(c or None): n for c, n in counts}
-    total = by_collection.get(collection, 0) if collection else sum(by_collection.values())
+    by_collection = {(c or None): n for c, n in index.counts.items()}
+    total = index.total(collection)
     filters = {k: v for k, v in (("folder", folder), ("tag", tag), ("bucket", bucket), ("cluster", cluster),
                                  ("where", where), ("stack", stack)) if v}
     return {"images": page, "total": total, "collections": by_collection, "filters": filters}

@@ -15,22 +15,31 @@ worker) rebuilt the whole matrix (PCA fit, projection and SQ8 encoding of every 
 3. only when the lake has no build of the model at all: the first build (as before).
 
 So no request rebuilds an existing matrix; new images from other embed runs appear once the
-pipeline's ``suggest`` step builds their version. Local lakes only (the overlay is); on an
-object store the server maps the current version's build (:func:`lake.compact.ensure_compact`).
+pipeline's ``suggest`` step builds their version. Object-store lakes work the same way: the builds
+are key prefixes in the store (found with one listing per check), the chosen build's files are
+mapped from the node's verified artifact cache (:func:`lake.compact.load_compact_from_store`), and
+the overlay's vectors are objects under the same key (each read once per process; they never
+change). Uploads into an object-store lake are refused (``POST /images`` answers 503), so there
+the overlay holds only what something else wrote into it, and usually nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import re
 
 import numpy as np
 
 from lake.catalog import Lake
-from lake.compact import CompactMatrix, ImageIdTable, compact_dir, ensure_compact, load_compact
+from lake.compact import (CompactMatrix, ImageIdTable, compact_dir, compact_key, ensure_compact, load_compact,
+                          load_compact_from_store)
 
-__all__ = ["served_matrix", "OverlaidIndex", "OverlaidIds", "search_excluding", "newest_build_dir"]
+__all__ = ["served_matrix", "OverlaidIndex", "OverlaidIds", "search_excluding", "newest_build_dir",
+           "newest_build_key"]
+
+_VECTORS = "overlay vectors"   # the key in ``mapped`` of the overlay vectors read from a store
 
 
 class OverlaidIds:
@@ -108,44 +117,83 @@ def search_excluding(m: CompactMatrix, x: np.ndarray, k: int, exclude: np.ndarra
     return m.index.search(x, k, params=params)
 
 
-def newest_build_dir(lake: Lake, model: str, k: int, at_most: int) -> str | None:
-    """The folder of the newest finished build of ``model`` and ``k`` for a features version <= ``at_most``."""
-    parent = os.path.dirname(compact_dir(lake, model, 0, k))
+def _newest(names, k: int, at_most: int) -> str | None:
+    """The name ``v<version>-pca<k>`` with the highest version <= ``at_most`` among ``names``."""
     pattern = re.compile(rf"v(\d+)-pca{int(k)}")
     best = None
-    try:
-        names = os.listdir(parent)
-    except FileNotFoundError:
-        return None
     for name in names:
         hit = pattern.fullmatch(name)
-        if hit and int(hit.group(1)) <= at_most and os.path.isfile(os.path.join(parent, name, "manifest.json")):
-            if best is None or int(hit.group(1)) > best[0]:
-                best = (int(hit.group(1)), os.path.join(parent, name))
+        if hit and int(hit.group(1)) <= at_most and (best is None or int(hit.group(1)) > best[0]):
+            best = (int(hit.group(1)), name)
     return None if best is None else best[1]
 
 
+def newest_build_dir(lake: Lake, model: str, k: int, at_most: int) -> str | None:
+    """The folder of the newest finished build of ``model`` and ``k`` for a features version <= ``at_most``."""
+    parent = os.path.dirname(compact_dir(lake, model, 0, k))
+    try:
+        names = [n for n in os.listdir(parent) if os.path.isfile(os.path.join(parent, n, "manifest.json"))]
+    except FileNotFoundError:
+        return None
+    name = _newest(names, k, at_most)
+    return None if name is None else os.path.join(parent, name)
+
+
+def newest_build_key(store, model: str, k: int, at_most: int) -> str | None:
+    """:func:`newest_build_dir` in an object store (one listing): the key prefix of the newest build
+    whose manifest is in (a build without one never finished)."""
+    parent = compact_key(model, 0, k).rsplit("/", 1)[0]
+    names = [o.key[len(parent) + 1:-len("/manifest.json")] for o in store.list(parent)
+             if o.key.endswith("/manifest.json") and o.key.count("/") == parent.count("/") + 2]
+    name = _newest(names, k, at_most)
+    return None if name is None else f"{parent}/{name}"
+
+
 def _overlay_entries(lake: Lake, model: str) -> list[tuple[str, int, str]]:
+    """(file, or key in the store, seq, image id) of the model's overlay files, by name."""
     from api.upload_overlay import overlay_dir
 
     folder = overlay_dir(lake, model)
-    try:
-        names = sorted(os.listdir(folder))
-    except FileNotFoundError:
-        return []
+    if lake.is_local:
+        try:
+            names = sorted(os.listdir(folder))
+        except FileNotFoundError:
+            return []
+    else:
+        from lake.store import LakeStore
+
+        folder = folder[len(lake.root.rstrip("/")) + 1:]   # the key prefix: the folder below the lake root
+        names = [o.key.rsplit("/", 1)[-1] for o in LakeStore.for_lake(lake).list(folder)]
     out = []
     for n in names:
         seq, dash, rest = n.partition("-")
         if dash and n.endswith(".npy") and seq.isdigit() and len(rest) == 68:
-            out.append((os.path.join(folder, n), int(seq), rest[:-4]))
+            out.append((os.path.join(folder, n) if lake.is_local else f"{folder}/{n}", int(seq), rest[:-4]))
     return out
 
 
-def overlaid(base: CompactMatrix, lake: Lake) -> CompactMatrix:
-    """``base`` plus the upload overlay's vectors of its model that it does not hold (``base`` when none)."""
+def _read_vector(lake: Lake, where: str, read: dict | None) -> np.ndarray:
+    """One overlay vector: a local file, or an object read once per process (``read`` keeps them).
+    Raises OSError/ValueError (locally) or NotFound (in a store) when it is gone."""
+    if lake.is_local:
+        return np.load(where)
+    if read is not None and where in read:
+        return read[where]
+    from lake.store import LakeStore
+
+    v = np.load(io.BytesIO(LakeStore.for_lake(lake).read_bytes(where)))
+    if read is not None:
+        read[where] = v
+    return v
+
+
+def overlaid(base: CompactMatrix, lake: Lake, read: dict | None = None) -> CompactMatrix:
+    """``base`` plus the upload overlay's vectors of its model that it does not hold (``base`` when none).
+    ``read``: vectors already read from an object store, by key (filled in here)."""
     import faiss
 
     from api.upload_overlay import MAX_OVERLAY
+    from lake.errors import NotFound
 
     entries = _overlay_entries(lake, base.model)
     held = set()
@@ -153,13 +201,13 @@ def overlaid(base: CompactMatrix, lake: Lake) -> CompactMatrix:
         ids = [e[2] for e in entries]
         held = {base.ids.image_id(r) for r in base.ids.rows_of(ids)}
     ids, vecs = [], []
-    for path, _, image_id in entries:
+    for where, _, image_id in entries:
         if image_id in held or image_id in ids:
             continue
         try:
-            v = np.load(path)
-        except (OSError, ValueError):
-            continue     # removed meanwhile (the index folded it in)
+            v = _read_vector(lake, where, read)
+        except (OSError, ValueError, NotFound):
+            continue     # removed meanwhile (the index folded it in), or not an array
         if v.shape != base.mean.shape:
             continue
         ids.append(image_id), vecs.append(v)
@@ -179,25 +227,45 @@ def overlaid(base: CompactMatrix, lake: Lake) -> CompactMatrix:
 def served_matrix(lake: Lake, k: int, cache=None, *, mapped: dict | None = None) -> CompactMatrix:
     """The matrix a server process serves now (see the module docstring).
 
-    ``mapped``: the caller's {folder: CompactMatrix} of builds already mapped (verified once).
-    Raises NotFound when the lake has no features.
+    ``cache``: the artifact cache an object-store lake's builds are mapped from (default: the
+    node's). ``mapped``: the caller's per-process state, kept between calls: {folder or key prefix:
+    CompactMatrix} of the build mapped (verified once), and the overlay vectors read from a store.
+    Raises NotFound when the lake has no features; StoreUnavailable when its store cannot be reached.
     """
-    from lake.commit import open_table
     from lake.vectors import default_model_key
 
-    if not lake.is_local:
-        return ensure_compact(lake, k, cache=cache)
-    model = default_model_key(lake)
-    version = open_table(lake, "features").version()
-    folder = newest_build_dir(lake, model, k, version)
-    if folder is None:
-        return ensure_compact(lake, k, model=model)     # the first build of this model
     mapped = {} if mapped is None else mapped
-    base = mapped.get(folder)
+    model = default_model_key(lake)
+    if lake.is_local:
+        from lake.commit import open_table
+
+        version = open_table(lake, "features").version()
+        where = newest_build_dir(lake, model, k, version)
+        load = load_compact
+    else:
+        from deltalake.exceptions import TableNotFoundError
+
+        from lake.artifact_cache import artifact_cache
+        from lake.errors import NotFound
+        from lake.store import LakeStore, open_delta
+
+        try:
+            version = open_delta(lake, "features").version()  # bounded timeouts: a request waits on it
+        except TableNotFoundError:
+            raise NotFound("no features in the lake yet; run `imagelake embed` first") from None
+        store = LakeStore.for_lake(lake)
+        where = newest_build_key(store, model, k, version)
+        cache = cache or artifact_cache()
+
+        def load(prefix: str) -> CompactMatrix:
+            return load_compact_from_store(store, cache, prefix)
+    if where is None:
+        return ensure_compact(lake, k, model=model, cache=cache)     # the first build of this model
+    base = mapped.get(where)
     if base is None:
-        base = load_compact(folder)
-        mapped.clear()          # older builds are no longer served
-        mapped[folder] = base
+        base = load(where)
+        mapped.clear()          # older builds (and the vectors read for them) are no longer served
+        mapped[where] = base
     if base.features_version == version:
         return base
-    return overlaid(base, lake)
+    return overlaid(base, lake, read=mapped.setdefault(_VECTORS, {}) if not lake.is_local else None)

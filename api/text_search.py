@@ -2,17 +2,19 @@
 
 Three sources, each with its own score in 0..1, and an image's score is its best one:
 
-* **concepts**: ImageNet class names (``jobs/embed/imagenet_classes.tsv``) that contain every query
-  word (as whole words, a trailing plural ``s`` ignored) or equal the query; an image scores the
-  probability of its most probable matching class among its stored top-50 (``features``, the
-  model with the most rows). "espresso" finds the images whose top classes include espresso (967)
-  or espresso maker (550).
+* **concepts**: ImageNet classes one of whose terms contains every query word (as whole words, a
+  trailing plural ``s`` ignored) or equals the query. A class's terms are its readable name
+  (``jobs/embed/imagenet_classes.tsv``), its WordNet synonyms and the words of the WordNet synsets
+  up to five is-a steps above it (``api/imagenet_words.tsv``, shipped): "espresso" names espresso
+  (967) and espresso maker (550), "house cat" the domestic cats, "dog" the 118 breeds. An image
+  scores the summed probability of the matching classes among its stored top 50 (``features``,
+  the model with the most rows), capped at 1.
 * **tags**: current user, learned and concept tags (``tags``, as ``GET /images/<id>/tags`` shows
   them) containing the query, case-insensitive; score 1 for a user tag, the model's score otherwise.
 * **metadata values**: text and list-of-text columns of ``metadata`` and ``capture`` (keywords,
   title, camera, lens, ...) containing the query, case-insensitive; score 1.
 
-``matched`` names what matched: ``concept:espresso``, ``tag:user:coffee``, ``capture.keywords``.
+``matched`` names what matched: ``concept:espresso``, ``concept:tabby (kind of house cat)``, ``tag:user:coffee``, ``capture.keywords``.
 """
 
 from __future__ import annotations
@@ -37,22 +39,63 @@ def _words(text: str) -> list[str]:
 
 
 @lru_cache(maxsize=1)
-def _concepts() -> tuple[tuple[int, str, frozenset[str]], ...]:
+def _concepts() -> tuple[tuple[int, str, tuple[tuple[str, frozenset[str], str], ...]], ...]:
+    """Per class: (index, readable name, ((term, its words, how), ...)), the name first.
+
+    ``how`` is ``""`` for the name, ``"synonym"`` for another lemma of the class's synset and
+    ``"kind of"`` for a lemma of a broader synset (``imagenet_words.tsv``, WordNet 3.0).
+    """
+    from importlib import resources
+
     from jobs.embed.classes import imagenet_classes
 
-    return tuple((c.index, c.name, frozenset(_words(c.name))) for c in imagenet_classes())
+    text = resources.files("api").joinpath("imagenet_words.tsv").read_text(encoding="utf-8")
+    rows = [line.split("\t") for line in text.splitlines() if line and not line.startswith("#")]
+    classes = imagenet_classes()
+    if rows[0] != ["index", "wnid", "synonyms", "broader"] or len(rows) != 1001 or \
+            [r[1] for r in rows[1:]] != [c.wnid for c in classes]:
+        raise RuntimeError("api/imagenet_words.tsv is damaged: expected a header and the 1000 classes' wnids in order")
+    out = []
+    for c, (_, _, synonyms, broader) in zip(classes, rows[1:]):
+        terms: dict[str, str] = {c.name.lower(): ""}
+        for term in synonyms.split(", "):
+            terms.setdefault(term.strip().lower(), "synonym")
+        for synset in filter(None, broader.split("|")):
+            for term in synset.split(", "):
+                terms.setdefault(term.strip().lower(), "kind of")
+        out.append((c.index, c.name, tuple((t, frozenset(_words(t)), how) for t, how in terms.items() if _words(t))))
+    return tuple(out)
 
 
 def matching_concepts(query: str) -> list[tuple[int, str]]:
-    """(class index, name) of the ImageNet classes the query names."""
-    words = set(_words(query))
-    phrase = " ".join(_words(query))
+    """(class index, caption) of the ImageNet classes the query names.
+
+    A class matches when one of its terms (its name, a synonym, a broader term) contains every query
+    word as a whole word (a plural ``s`` ignored) or equals the query; the caption names the term that matched (the
+    class's own terms before broader ones, one equal to the query before one containing it): ``espresso``, ``tabby (tabby cat)``, ``espresso (kind of coffee)``.
+    """
+    qwords = _words(query)
+    words, phrase = set(qwords), " ".join(qwords)
     if not words:
         return []
-    return [(i, name) for i, name, names in _concepts() if words <= names or " ".join(_words(name)) == phrase]
+    out = []
+    for i, name, terms in _concepts():
+        hit = None
+        for own in (True, False):  # the class's own name and synonyms before broader terms
+            tier = [t for t in terms if (t[2] != "kind of") == own]
+            hit = next((t for t in tier if " ".join(_words(t[0])) == phrase), None) or \
+                next((t for t in tier if words <= t[1]), None)
+            if hit is not None:
+                break
+        if hit is not None:
+            term, _, how = hit
+            out.append((i, name if not how else f"{name} ({term})" if how == "synonym" else f"{name} ({how} {term})"))
+    return out
 
 
 def _concept_hits(reader: LakeReader, concepts: list[tuple[int, str]], k: int) -> list[dict[str, Any]]:
+    """Images whose stored top 50 hold a matching class, scored by the summed probability of the
+    matching classes (the model's probability that the image shows any of them, capped at 1)."""
     if not concepts:
         return []
     names = {i: n for i, n in concepts}
@@ -61,7 +104,7 @@ def _concept_hits(reader: LakeReader, concepts: list[tuple[int, str]], k: int) -
         WITH m AS (SELECT model FROM features GROUP BY model ORDER BY count(*) DESC, model LIMIT 1),
              f AS (SELECT image_id, unnest(concept_ids) AS cid, unnest(concept_probs) AS p
                    FROM features WHERE model = (SELECT model FROM m))
-        SELECT image_id, max(p) AS score, arg_max(cid, p) AS cid FROM f WHERE cid IN ({marks})
+        SELECT image_id, least(sum(p), 1.0) AS score, arg_max(cid, p) AS cid FROM f WHERE cid IN ({marks})
         GROUP BY image_id ORDER BY score DESC, image_id LIMIT ?"""
     rows = reader.select(sql, [*[int(i) for i, _ in concepts], k])
     return [{"image_id": r["image_id"], "score": float(r["score"]), "matched": [f"concept:{names[int(r['cid'])]}"]}

@@ -20,7 +20,6 @@ row; without it the answer is a 400 that says so.
 
 from __future__ import annotations
 
-import os
 import re
 
 from flask import Blueprint, current_app, jsonify, request
@@ -114,12 +113,8 @@ def add_image_fast(lake, settings, upload, model_key: str, embedded, service, co
 
     from jobs import add_image as steps
     from lake.commit import ensure_tables
-    from lake.errors import Unavailable
     from lake.lock import LakeLock
 
-    if not lake.is_local:
-        raise Unavailable("adding images needs a local or shared-filesystem lake (the upload is stored "
-                          "under <lake>/uploads); this lake is on an object store")
     collection = collection or steps.DEFAULT_COLLECTION
     ensure_tables(lake, ["images", "sources", "thumbnails", "rejects", "features", "job_runs"])
     seconds: dict[str, float] = {}
@@ -127,21 +122,8 @@ def add_image_fast(lake, settings, upload, model_key: str, embedded, service, co
         t0 = time.perf_counter()
         existing = steps._image_row(lake, upload.sha256)
         created = existing is None
-        if created:
-            path = steps.upload_path(lake, upload.sha256, upload.format)
-            fresh = not os.path.exists(path)
-            steps._store(path, upload.data)
-            try:
-                steps._ingest(lake, settings, path, collection)
-            except BaseException:
-                if fresh and steps._image_row(lake, upload.sha256) is None:
-                    os.remove(path)  # nothing refers to it; a retry stores it again
-                raise
-            existing = steps._image_row(lake, upload.sha256)
-            if existing is None:
-                reason = steps._reject_reason(lake, path)
-                os.remove(path)
-                raise BadInput(f"the image could not be ingested ({reason})")
+        if created:   # stored in the lake (a local file, or an object in the store) and ingested
+            existing = steps.ingest_upload(lake, settings, upload.sha256, upload.format, upload.data, collection)
         seconds["ingest"] = round(time.perf_counter() - t0, 3)
         result = steps.AddResult(upload.sha256, created, existing["uri"], existing.get("collection"), False, False,
                                  None, None)

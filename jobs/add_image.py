@@ -6,8 +6,10 @@ already embedded it with :class:`api.uploads.UploadEmbedder`, the embed job's ow
 Steps, each skipped when already done, so a retry after a crash finishes the job and a second
 upload of the same bytes adds nothing:
 
-1. **store** — ``<lake>/uploads/<sha256[:2]>/<sha256>.<ext>``, written to a temporary name in the
-   same folder and renamed (readers never see half a file).
+1. **store** — ``<lake>/uploads/<sha256[:2]>/<sha256>.<ext>``: on a local lake written to a
+   temporary name in the same folder and renamed (readers never see half a file); on an object
+   store one conditional PUT (``If-None-Match: *``) of that key through :mod:`lake.store`, so every
+   node reads the original from the store.
 2. **ingest** — :func:`jobs.ingest.driver.run_ingest` over a list file naming exactly that file,
    with a :class:`~jobs.runner.LocalRunner` (``images``, ``sources``, ``thumbnails`` rows as for any
    ingested file; collection ``uploads`` unless the caller names one).
@@ -42,11 +44,12 @@ import pyarrow.compute as pc
 
 from lake.catalog import TABLES, Lake
 from lake.commit import commit_rows, ensure_tables, open_table
-from lake.errors import BadInput, LockHeld, Unavailable
+from lake.errors import BadInput, LockHeld
 from lake.lock import LakeLock
 from lake.settings import Settings
 
-__all__ = ["AddResult", "add_image", "upload_path", "UPLOAD_LOCK_S", "DEFAULT_COLLECTION"]
+__all__ = ["AddResult", "add_image", "upload_key", "upload_path", "store_upload", "remove_upload", "ingest_upload", "UPLOAD_LOCK_S",
+           "DEFAULT_COLLECTION"]
 
 UPLOAD_LOCK_S = 120.0
 DEFAULT_COLLECTION = "uploads"
@@ -73,9 +76,44 @@ class AddResult:
                 "seconds": self.seconds}
 
 
+def upload_key(sha256: str, fmt: str) -> str:
+    """The key of an upload with these bytes: ``uploads/<sha[:2]>/<sha>.<ext>`` (content-addressed)."""
+    return f"uploads/{sha256[:2]}/{sha256}.{_EXTENSIONS.get(fmt, 'img')}"
+
+
 def upload_path(lake: Lake, sha256: str, fmt: str) -> str:
-    """Where an upload with these bytes is stored: ``<lake>/uploads/<sha[:2]>/<sha>.<ext>``."""
-    return lake.path("uploads", sha256[:2], f"{sha256}.{_EXTENSIONS.get(fmt, 'img')}")
+    """Where an upload with these bytes is stored: ``<lake>/uploads/<sha[:2]>/<sha>.<ext>`` (a path
+    on a local lake, an ``s3://…`` URI on an object-store one)."""
+    return lake.path(*upload_key(sha256, fmt).split("/"))
+
+
+def store_upload(lake: Lake, sha256: str, fmt: str, data: bytes) -> tuple[str, bool]:
+    """Store the upload's bytes in the lake; (its URI, whether this call created it).
+
+    Local lakes: a temporary name in the same folder, fsynced, renamed. Object stores: one
+    conditional PUT (``If-None-Match: *``) through :class:`lake.store.LakeStore`: the name is the
+    bytes' sha256, so an object already there holds these bytes and is kept."""
+    path = upload_path(lake, sha256, fmt)
+    if lake.is_local:
+        fresh = not os.path.exists(path)
+        _store(path, data)
+        return path, fresh
+    from lake.store import LakeStore
+
+    return path, LakeStore.for_lake(lake).put_if_absent(upload_key(sha256, fmt), data) is not None
+
+
+def remove_upload(lake: Lake, uri: str) -> None:
+    """Remove a stored upload nothing refers to (ingest failed or rejected it)."""
+    if lake.is_local:
+        try:
+            os.remove(uri)
+        except FileNotFoundError:
+            pass
+        return
+    from lake.store import LakeStore
+
+    LakeStore.for_lake(lake).delete(uri[len(lake.root.rstrip("/")) + 1:])
 
 
 def _store(path: str, data: bytes) -> None:
@@ -122,13 +160,17 @@ def _reject_reason(lake: Lake, uri: str) -> str:
     return "unknown reason"
 
 
-def _ingest(lake: Lake, settings: Settings, path: str, collection: str) -> None:
+def _ingest(lake: Lake, settings: Settings, uri: str, collection: str) -> None:
+    import tempfile
+
     from jobs.ingest.driver import run_ingest
     from jobs.runner import LocalRunner
 
-    listing = os.path.join(os.path.dirname(path), f".list-{uuid.uuid4().hex}.txt")
+    # the one-line list file: beside the upload on a local lake, a local temporary file otherwise
+    folder = os.path.dirname(uri) if lake.is_local else tempfile.gettempdir()
+    listing = os.path.join(folder, f".list-{uuid.uuid4().hex}.txt")
     with open(listing, "w") as f:
-        f.write(path + "\n")
+        f.write(uri + "\n")
     try:
         run_ingest(lake, settings, listing, collection=collection, runner=LocalRunner())
     except LockHeld as e:
@@ -165,17 +207,26 @@ def _embed(lake: Lake, image_id: str, model_key: str, vector: np.ndarray, logits
 
 
 def _in_build(lake: Lake, row: dict, image_id: str) -> bool:
-    from jobs.index.build import read_manifest
+    import io
 
-    folder = os.path.join(lake.artifacts_dir(), row["path"])
-    folders = [folder]
-    manifest = read_manifest(folder)
-    if manifest.get("kind") == "incremental":
-        folders.insert(0, os.path.join(os.path.dirname(folder), manifest["base_build_id"]))
-    digest = bytes.fromhex(image_id)
+    from jobs.index.build import read_manifest, read_manifest_from_store
+    from lake.store import LakeStore
+
+    digest = np.frombuffer(bytes.fromhex(image_id), np.uint8)
+    if lake.is_local:
+        folder = os.path.join(lake.artifacts_dir(), row["path"])
+        manifest, read_ids = read_manifest(folder), lambda f: np.load(os.path.join(f, "ids.npy"), mmap_mode="r")
+        base = os.path.join(os.path.dirname(folder), manifest.get("base_build_id") or "")
+    else:   # the build's keys in the store: its manifest and ids.npy (N x 32 bytes), read once here
+        store = LakeStore.for_lake(lake)
+        folder = f"artifacts/{row['path']}"
+        manifest = read_manifest_from_store(store, folder)
+        read_ids = lambda f: np.load(io.BytesIO(store.read_bytes(f"{f}/ids.npy")))  # noqa: E731
+        base = f"{folder.rsplit('/', 1)[0]}/{manifest.get('base_build_id') or ''}"
+    folders = [base, folder] if manifest.get("kind") == "incremental" else [folder]
     for f in folders:
-        ids = np.load(os.path.join(f, "ids.npy"), mmap_mode="r")
-        if len(ids) and np.any(np.all(np.asarray(ids) == np.frombuffer(digest, np.uint8), axis=1)):
+        ids = read_ids(f)
+        if len(ids) and np.any(np.all(np.asarray(ids) == digest, axis=1)):
             return True
     return False
 
@@ -201,6 +252,29 @@ def _index(lake: Lake, settings: Settings, model_key: str, image_id: str, result
     result.index_action, result.build_id, result.indexed = summary["action"], summary["build_id"], True
 
 
+def ingest_upload(lake: Lake, settings: Settings, sha256: str, fmt: str, data: bytes, collection: str) -> dict:
+    """Steps 1 and 2: store the bytes (:func:`store_upload`) and ingest that one file; its ``images``
+    row. A stored file that ends up referenced by nothing (ingest failed or rejected it) is removed.
+
+    Raises:
+        BadInput: ingest rejected the file (the reason from ``rejects``).
+        LockHeld: an ingest job is running.
+    """
+    uri, fresh = store_upload(lake, sha256, fmt, data)
+    try:
+        _ingest(lake, settings, uri, collection)
+    except BaseException:
+        if fresh and _image_row(lake, sha256) is None:
+            remove_upload(lake, uri)  # nothing refers to it; a retry stores it again
+        raise
+    row = _image_row(lake, sha256)
+    if row is None:
+        reason = _reject_reason(lake, uri)
+        remove_upload(lake, uri)
+        raise BadInput(f"the image could not be ingested ({reason})")
+    return row
+
+
 def add_image(lake: Lake, settings: Settings, data: bytes, sha256: str, fmt: str, model_key: str,
               vector: np.ndarray, logits: np.ndarray, collection: str | None = None) -> AddResult:
     """Store, ingest, embed and index one image (see the module docstring); idempotent per bytes.
@@ -211,37 +285,19 @@ def add_image(lake: Lake, settings: Settings, data: bytes, sha256: str, fmt: str
         vector, logits: the upload's embedding and class logits under ``model_key``.
         collection: the ``collection`` column of a new image (default ``uploads``).
     Raises:
-        Unavailable: the lake is not on a local or shared file system.
+        StoreUnavailable: an object-store lake's store cannot be reached.
         LockHeld (409): another upload held the lake past ``UPLOAD_LOCK_S``, or an ingest is running.
         BadInput: ingest rejected the file.
     """
-    if not lake.is_local:
-        raise Unavailable("adding images needs a local or shared-filesystem lake (the upload is stored "
-                          "under <lake>/uploads); this lake is on an object store")
     collection = collection or DEFAULT_COLLECTION
     ensure_tables(lake, ["images", "sources", "thumbnails", "rejects", "features", "job_runs"])
     timings: dict[str, float] = {}
     with LakeLock(lake, "upload", timeout=UPLOAD_LOCK_S, holder="api upload"):
         t0 = time.perf_counter()
         existing = _image_row(lake, sha256)
-        path = upload_path(lake, sha256, fmt)
-        if existing is None:
-            fresh = not os.path.exists(path)
-            _store(path, data)
-            try:
-                _ingest(lake, settings, path, collection)
-            except BaseException:
-                if fresh and _image_row(lake, sha256) is None:
-                    os.remove(path)  # nothing refers to it; a retry stores it again
-                raise
-            existing = _image_row(lake, sha256)
-            if existing is None:
-                reason = _reject_reason(lake, path)
-                os.remove(path)
-                raise BadInput(f"the image could not be ingested ({reason})")
-            created = True
-        else:
-            created = False
+        created = existing is None
+        if created:
+            existing = ingest_upload(lake, settings, sha256, fmt, data, collection)
         timings["ingest"] = round(time.perf_counter() - t0, 3)
         result = AddResult(sha256, created, existing["uri"], existing.get("collection"), False, False, None, None)
         t0 = time.perf_counter()

@@ -32,7 +32,7 @@ class WriterStats:
         self.pid = os.getpid()
         self.started = time.time()
         self.counts = {"batches": 0, "actions": 0, "commits": 0, "rows": 0, "max_batch": 0, "replans": 0,
-                       "compactions": 0, "merges": 0, "checkpoints": 0}
+                       "compactions": 0, "merges": 0, "checkpoints": 0, "expired_logs": 0}
         self.seconds = dict.fromkeys((*self.PHASES, "queue", "batch"), 0.0)
         self.max_queue_s = 0.0
         self._published = 0.0

@@ -25,18 +25,16 @@ writer crash is recognised and answered with the committed event), and may carry
 and writes nothing.
 
 Validation and planning of one action live in :mod:`lake.bucket_plan`, the writer's counters in
-:mod:`lake.bucket_stats`.
+:mod:`lake.bucket_stats`, how a batch is committed (the append path) and the upkeep after it in
+:mod:`lake.bucket_append`.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
-import json
 import logging
 import os
 import queue
-import secrets
 import threading
 import time
 import weakref
@@ -47,26 +45,25 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
-from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
 
 from lake.buckets import BucketState, events_from_arrow
 from lake.catalog import Lake, table_spec
 from lake.commit import ensure_tables
 from lake.errors import ImagelakeError, Unavailable
-from lake.lock import LakeLock
 from lake.store import LakeStore, StoreTimeouts, arrow_filesystem, open_delta, store_errors
 
 from lake.bucket_plan import MAX_NAME, Action, _plan  # noqa: F401  (Action, MAX_NAME, _plan re-exported)
-from lake.bucket_stats import WriterStats, _row_stats  # noqa: F401  (WriterStats re-exported)
+from lake.bucket_append import AppendPath, retry_log_gap
+from lake.bucket_stats import WriterStats  # noqa: F401  (WriterStats re-exported)
 
-__all__ = ["Action", "BucketStore", "WriterStats"]
+__all__ = ["Action", "BucketStore", "WriterStats", "retry_log_gap"]
 
 log = logging.getLogger(__name__)
 
 
-
-class BucketStore:
+class BucketStore(AppendPath):
     """Per-process, thread-safe. Create lazily in the process that uses it (deltalake must not be
     used before a fork); ``pid`` is checked on every call.
 
@@ -81,6 +78,9 @@ class BucketStore:
         node_writer: hand actions to the node's elected writer process over a local socket
             (:mod:`lake.bucket_writer`; what the server does) instead of committing them here.
         max_replans: commits lost to another writer (another node) in a row before giving up (503).
+        writer_hung_s: with ``node_writer``, a follower whose node writer has sent nothing (no answer,
+            no push) for this long while an action waited commits that action, and its next ones,
+            itself (ordered by Delta versions like a second node) until the writer answers again.
         refresh_s: with ``node_writer``, how often a read re-checks the Delta log for commits made
             elsewhere (other nodes); commits of this node's writer are seen at once (its version
             board). Without ``node_writer`` every read checks the log.
@@ -93,23 +93,18 @@ class BucketStore:
             once there are this many (one commit, same rows; older files are left alone), so the
             table keeps few files at a cost of milliseconds; ``compact_files`` stays the bound on
             all files (a full ``optimize.compact``).
+        log_expiry_every_s: with ``direct_append``, after a checkpoint, at most this often, the
+            writer deletes log files past the table's ``delta.logRetentionDuration`` that precede
+            the latest checkpoint (:meth:`expire_logs`), as deltalake's post-commit cleanup would.
 
-    The append path: a batch is one small Parquet file (statistics for every flat column, as
-    :mod:`lake.commit` states them) and one commit file ``_delta_log/<V+1>.json`` holding a
-    ``commitInfo`` and one ``add`` action, created with put-if-absent (``link(2)`` locally,
-    ``If-None-Match`` on S3) — the same conditional create deltalake's own commit ends in, without
-    its per-commit rebuild of the table snapshot, whose cost grows with the files in the table
-    (measured 30 to 190 ms per commit at 100 to 300 files on 2 cores; the append path takes a
-    few ms whatever the table's size). It applies while the table is a plain Delta table: reader
-    version 1, writer version <= 2 without features or invariants, no partitions, no column
-    mapping, and the catalog's columns (a catalog that gained a column commits through
-    ``write_deltalake`` once, which merges the schema, then appends directly again).
+    The append path (how a batch is committed without ``write_deltalake``, and when it applies) is
+    described in :mod:`lake.bucket_append`.
     """
 
     def __init__(self, lake: Lake, lock_timeout: float = 30.0, ack_timeout: float = 60.0, max_batch: int = 512,
                  compact_files: int = 1000, node_writer: bool = False, max_replans: int = 100,
                  refresh_s: float = 0.0, direct_append: bool = True, checkpoint_every: int = 100,
-                 merge_files: int = 64):
+                 merge_files: int = 64, log_expiry_every_s: float = 600.0, writer_hung_s: float = 5.0):
         self.lake, self.lock_timeout, self.ack_timeout = lake, lock_timeout, ack_timeout
         self.max_replans = max_replans
         self.replans = 0  # commits lost to another writer and planned again
@@ -119,7 +114,7 @@ class BucketStore:
         if node_writer:
             from lake.bucket_writer import NodeLink
 
-            self._node = NodeLink(self)
+            self._node = NodeLink(self, hung_s=writer_hung_s)
         self.compact_files = compact_files
         self.direct_append, self.checkpoint_every = direct_append, checkpoint_every
         self._direct = False  # the table allows the append path (checked on every new metadata)
@@ -129,6 +124,7 @@ class BucketStore:
         self._checkpointed: int | None = None
         self._ckpt_table: DeltaTable | None = None
         self.merge_files = merge_files
+        self.log_expiry_every_s, self._expired_at = log_expiry_every_s, float("-inf")
         self._recent: list[tuple[str, int, list[dict[str, Any]]]] = []  # (name, size, rows) appended since the last merge
         self.max_batch = max_batch  # 1 turns group commit off (the benchmark's baseline)
         self._lock = threading.RLock()
@@ -217,37 +213,22 @@ class BucketStore:
         than replaying every commit since."""
         with store_errors(self.lake):
             if self.version is None or self._table.version() + 2 * self.checkpoint_every < self.version:
-                self._table = open_delta(self.lake, "bucket_events")
+                self._table = retry_log_gap(lambda: open_delta(self.lake, "bucket_events"))
             else:
-                self._table.update_incremental()
+                retry_log_gap(self._table.update_incremental)
 
     def _open(self) -> None:
         """Open the log with the store's bounded timeouts (an unreachable store is a quick 503)."""
         try:
-            self._table = open_delta(self.lake, "bucket_events")
+            self._table = retry_log_gap(lambda: open_delta(self.lake, "bucket_events"))
         except TableNotFoundError:
             ensure_tables(self.lake, ["bucket_events"])
-            self._table = open_delta(self.lake, "bucket_events")
+            self._table = retry_log_gap(lambda: open_delta(self.lake, "bucket_events"))
         self._store = LakeStore(self.lake.root, timeouts=StoreTimeouts(connect_s=2.0, request_s=10.0, read_s=5.0,
                                                                        retries=2, retry_total_s=2.0))
         uri = self.lake.table_uri("bucket_events")
         self._table_key = uri[len(self._store.root) + 1:] if uri.startswith(self._store.root + "/") else ""
         self._check_direct()
-
-    def _check_direct(self) -> None:
-        """Whether a batch may be committed by the append path (see the class docstring)."""
-        ok = self.direct_append and bool(self._table_key)
-        if ok:
-            p, meta = self._table.protocol(), self._table.metadata()
-            config = meta.configuration or {}
-            schema = self._table.schema().to_arrow()
-            names = {f.name for f in schema}
-            ok = (p.min_reader_version == 1 and p.min_writer_version <= 2 and not p.writer_features
-                  and not p.reader_features and not meta.partition_columns
-                  and config.get("delta.columnMapping.mode", "none") == "none"
-                  and names == set(table_spec("bucket_events").schema.names)
-                  and not any(b"delta.invariants" in (f.metadata or {}) for f in schema))
-        self._direct = ok
 
     def _log_key(self, version: int) -> str:
         return f"{self._table_key}/_delta_log/{version:020d}.json"
@@ -261,7 +242,7 @@ class BucketStore:
         return self._store.head(self._log_key(version)) is not None
 
     def _publish(self) -> None:
-        if self._node is not None and self._node.is_writer and self.version is not None:
+        if self._node is not None and self._node.commits_here and self.version is not None:
             self._node.board.publish(self.version)
 
     def _fresh(self) -> BucketState:
@@ -403,14 +384,6 @@ class BucketStore:
             thread.join(max(0.1, timeout if drained else 1.0))
         return drained
 
-    def _writing(self):
-        """Held from writing the data file to the commit: the fcntl lock the janitor's orphan sweep
-        waits on (local lakes; the janitor does not sweep object stores, and ordering needs no lock)."""
-        if self.lake.is_local:
-            return LakeLock(self.lake, "bucket_events", self.lock_timeout, holder="bucket log writer",
-                            poll=(0.0005, 0.004))
-        return contextlib.nullcontext()
-
     def _commit(self, batch: list[Action]) -> list[Any]:
         """Plan ``batch`` on the latest state and commit it as the next Delta version; when another
         writer took that version, drop the plan, re-read and plan again."""
@@ -470,116 +443,6 @@ class BucketStore:
                 results.append(e)
         return results, rows
 
-    def _encode(self, rows: list[dict[str, Any]], compression: str = "none") -> tuple[pa.Buffer, dict] | None:
-        """``rows`` as one Parquet file and its Delta statistics; None when some column's bounds
-        cannot be stated (then deltalake writes the rows and computes its own). A batch's file is
-        a few KB and left uncompressed (zstd's setup per column cost more than the rest of the
-        encoding); merged files are compressed."""
-        spec = table_spec("bucket_events")
-        stats = _row_stats(rows, spec.schema)
-        if stats is None:
-            return None
-        sink = pa.BufferOutputStream()
-        with pq.ParquetWriter(sink, spec.schema, compression=compression) as writer:
-            writer.write_table(pa.Table.from_pylist(rows, schema=spec.schema))
-        return sink.getvalue(), stats
-
-    def _put_commit(self, base: int, operation: str, name: str, data: pa.Buffer, stats: dict, *,
-                    data_change: bool = True, removes: list[dict[str, Any]] = ()) -> bool:
-        """Write the data file ``name`` and create the commit file of version ``base + 1`` (one
-        ``add``, plus ``removes``); False when another writer committed that version first (the
-        data file is removed again: no commit refers to it)."""
-        now = int(time.time() * 1000)
-        info = {"timestamp": now, "operation": operation, "readVersion": base, "isolationLevel": "Serializable",
-                "operationParameters": {"mode": "Append"} if operation == "WRITE" else {},
-                "operationMetrics": {"num_added_files": 1, "num_removed_files": len(removes),
-                                     "num_added_rows": stats["numRecords"]},
-                "engineInfo": "imagelake-bucket-log", "clientVersion": "imagelake"}
-        if operation == "WRITE":
-            info["isBlindAppend"] = True
-        actions = [{"commitInfo": info}, *removes,
-                   {"add": {"path": name, "partitionValues": {}, "size": data.size, "modificationTime": now,
-                            "dataChange": data_change, "stats": json.dumps(stats, separators=(",", ":"))}}]
-        key = f"{self._table_key}/{name}"
-        self._store.write_bytes(key, data.to_pybytes())
-        body = "".join(json.dumps(a, separators=(",", ":")) + "\n" for a in actions).encode()
-        if self._store.put_if_absent(self._log_key(base + 1), body) is None:
-            self._store.delete(key)
-            return False
-        self._checked_at = time.monotonic()  # version base + 1 was the tail just now
-        return True
-
-    def _file_uri(self, name: str) -> str:
-        return f"{self.lake.table_uri('bucket_events')}/{name}"
-
-    def _append_direct(self, rows: list[dict[str, Any]], base: int) -> list[str] | None:
-        """Commit ``rows`` as version ``base + 1`` by the append path; the added file's URI, or
-        None when another writer committed that version first."""
-        encoded = self._encode(rows)
-        if encoded is None:
-            return self._append_deltalake(rows, base)
-        name = f"part-00000-{secrets.token_hex(16)}-c000.parquet"
-        if not self._put_commit(base, "WRITE", name, *encoded):
-            return None
-        self._recent.append((name, encoded[0].size, rows))
-        return [self._file_uri(name)]
-
-    def _merge_recent(self) -> None:
-        """Rewrite the files this writer appended since its last merge into one (same rows, one
-        ``remove`` each and one ``add``, committed like a batch), so the table keeps few files
-        without rewriting the older ones. Skipped when anything else committed since (the next
-        batch re-reads the tail first)."""
-        with self._writing(), self._lock:
-            recent, self._recent = self._recent, []
-            base = self.version
-            if (base is None or self._must_sync or any(self._file_uri(n) not in self._seen for n, _, _ in recent)
-                    or self._log_has(base + 1)):
-                self._must_sync = True
-                return
-            rows = sorted((r for _, _, part in recent for r in part), key=lambda r: r["seq"])
-            encoded = self._encode(rows, compression="zstd")
-            if encoded is None:
-                return
-            now = int(time.time() * 1000)
-            removes = [{"remove": {"path": n, "deletionTimestamp": now, "dataChange": False,
-                                   "extendedFileMetadata": True, "partitionValues": {}, "size": size}}
-                       for n, size, _ in recent]
-            name = f"part-00000-{secrets.token_hex(16)}-c000.zstd.parquet"
-            if not self._put_commit(base, "OPTIMIZE", name, *encoded, data_change=False, removes=removes):
-                self._must_sync = True
-                return
-            gone = [self._file_uri(n) for n, _, _ in recent]
-            self._seen.difference_update(gone)
-            self._seen.add(self._file_uri(name))
-            self.version = base + 1
-            if self._node is not None:
-                self._node.broadcast({"base": base, "version": self.version, "files": [self._file_uri(name)],
-                                      "removed": gone, "rows": []})
-            self._publish()
-
-    def _append_deltalake(self, rows: list[dict[str, Any]], base: int) -> list[str] | None:
-        """Commit ``rows`` as version ``base + 1`` through ``write_deltalake`` (no commit retries);
-        the added files, or None when another writer committed that version first."""
-        spec = table_spec("bucket_events")
-        with store_errors(self.lake):
-            if self._table.version() != base:
-                self._catch_up_table()  # the append path's commits moved the log
-                if self._table.version() != base:
-                    return None
-            try:
-                write_deltalake(self._table, pa.Table.from_pylist(rows, schema=spec.schema), mode="append",
-                                schema_mode="merge", writer_properties=WriterProperties(compression="ZSTD"),
-                                commit_properties=CommitProperties(max_commit_retries=0))
-            except CommitFailedError as e:
-                self._table.update_incremental()
-                if self._table.version() == base:  # nobody else committed: a real failure
-                    raise Unavailable(f"the bucket log commit failed: {e}") from None
-                return None
-            if self._table.version() != base + 1:
-                self._table.update_incremental()
-            self._check_direct()  # the commit may have merged new columns into the schema
-            return [f for f in self._table.file_uris() if f not in self._seen]
-
     def _drop_planned(self, rows: list[dict[str, Any]]) -> None:
         """Forget events folded in for a commit that did not land (re-fold the rest, no I/O)."""
         planned = {r["event_id"] for r in rows}
@@ -588,63 +451,6 @@ class BucketStore:
             if event["event_id"] not in planned:
                 state.apply(event)
         self.state = state
-
-    def _maintain(self) -> None:
-        """After a batch was answered: merge this writer's recent small files, compact a log of
-        many files, or write a checkpoint every ``checkpoint_every`` commits of the append path
-        (deltalake writes its own)."""
-        if self._table is None or self.version is None:
-            return
-        try:
-            if len(self._recent) >= self.merge_files:
-                clock = self.stats.clock()
-                self._merge_recent()
-                self.stats.count("merges")
-                clock("compact")
-            elif len(self._seen) > self.compact_files:
-                clock = self.stats.clock()
-                with self._writing():
-                    self.compact()
-                self.stats.count("compactions")
-                clock("compact")
-            elif self._checkpointed is None:
-                self._checkpointed = self.version
-            elif self._direct and self.version - self._checkpointed >= self.checkpoint_every:
-                clock = self.stats.clock()
-                version = self.version
-                with store_errors(self.lake):
-                    if self._ckpt_table is None:
-                        self._ckpt_table = open_delta(self.lake, "bucket_events")
-                    self._ckpt_table.update_incremental()
-                    self._ckpt_table.create_checkpoint()
-                self._checkpointed = version
-                self.stats.count("checkpoints")
-                clock("checkpoint")
-        except Exception:  # upkeep only: the log stays correct without it
-            log.exception("bucket log upkeep (merge, compaction or checkpoint) failed; trying again later")
-            self._checkpointed = self.version
-
-    def compact(self) -> None:
-        """Rewrite the log's small files into a few (same rows). Call from the writer."""
-        with self._lock:
-            self.sync()
-            base = self.version
-            self._catch_up_table()  # sync reads nothing when nothing is new: the object may lag
-            if self._table.version() != base:
-                return  # another writer committed meanwhile: compact on a later round
-            with store_errors(self.lake):
-                self._table.optimize.compact()
-                self._table.update_incremental()
-            self._recent = []
-            if self._table.version() == (base if base is not None else -1) + 1:  # ours only: same rows
-                self._seen, self.version = set(self._table.file_uris()), self._table.version()
-                if self._node is not None and base is not None:  # followers swap their file list, no read
-                    self._node.broadcast({"base": base, "version": self.version, "files": sorted(self._seen),
-                                          "replace": True, "rows": []})
-            else:  # another writer committed around the compaction: read everything again
-                self._seen, self.state, self.version, self._recent = set(), BucketState(), None, []
-                self.sync()
-            self._publish()
 
     def _adopt_own_commit(self, base: int, rows: list[dict[str, Any]], added: list[str]) -> None:
         """After our write at exactly the next version: the only new files are ours, already folded

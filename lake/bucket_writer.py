@@ -14,6 +14,10 @@ connect to it, and every unanswered action is sent again with the same ``event_i
 dead writer had committed is recognised by that id and answered with its event, so a re-send never
 writes twice and an acknowledged action is never lost (it was committed before it was
 acknowledged). No timer is involved: takeover takes milliseconds plus the new writer's first read.
+A writer that hangs without dying (it keeps the name and the connection) is detected by silence: a
+follower whose action waited ``hung_s`` with nothing at all from the writer commits it, and its next
+actions, itself (its own group-commit thread, ordered by Delta versions like another node) until
+the writer sends anything again; event ids keep the hung writer's queued copy from landing twice.
 
 Read-your-writes: a follower folds the log's tail in before it answers. Other workers learn of
 the commit from the node's *version board*, 16 bytes in shared memory (``/dev/shm``) that the
@@ -45,6 +49,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from lake import errors
+from lake.bucket_board import VersionBoard
 
 if TYPE_CHECKING:
     from lake.bucket_store import Action, BucketStore
@@ -64,56 +69,12 @@ def socket_name(lake_root: str) -> str:
     return f"\0imagelake-bucket-writer-{digest}"
 
 
-class VersionBoard:
-    """The latest Delta version of the bucket log the node's writer has committed or read, in a
-    small shared file (tmpfs), so every worker can tell in a microsecond whether it is behind."""
-
-    _MAGIC = 0x5EED_B0A2_D0C0_FFEE
-    _REC = struct.Struct("<qQ")
-
-    def __init__(self, name: str):
-        folder = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        import tempfile
-
-        self.path = os.path.join(folder or tempfile.gettempdir(), name.lstrip("\0") + ".version")
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-
-    def publish(self, version: int) -> None:
-        os.pwrite(self._fd, self._REC.pack(version, (version ^ self._MAGIC) & (2**64 - 1)), 0)
-
-    @property
-    def stats_path(self) -> str:
-        return self.path[: -len(".version")] + ".stats.json"
-
-    def publish_stats(self, stats: dict[str, Any]) -> None:
-        """The writer's counters (:class:`lake.bucket_store.WriterStats`) for ``read_stats``."""
-        tmp = f"{self.stats_path}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "w") as f:
-                json.dump(stats, f)
-            os.replace(tmp, self.stats_path)
-        except OSError:  # counters only: never fail a commit over them
-            pass
-
-    def read_stats(self) -> dict[str, Any] | None:
-        """The node writer's latest counters, or None when none were published."""
-        try:
-            with open(self.stats_path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
-
-    def read(self) -> int | None:
-        """The published version; None when nothing (valid) is published yet."""
-        data = os.pread(self._fd, self._REC.size, 0)
-        if len(data) != self._REC.size:
-            return None
-        version, check = self._REC.unpack(data)
-        return version if check == (version ^ self._MAGIC) & (2**64 - 1) else None
-
-
 class _WriterLost(Exception):
     """The connection to the writer broke before it answered."""
+
+
+class _WriterHung(Exception):
+    """The writer holds the name and the connection but has sent nothing for ``hung_s``."""
 
 
 def _send(sock: socket.socket, obj: Any) -> None:
@@ -187,6 +148,8 @@ class _Connection:
     def __init__(self, sock: socket.socket, on_push):
         self.sock, self.on_push = sock, on_push
         self.alive = True
+        self.heard_at = time.monotonic()  # the last frame from the writer
+        self.hung = False  # the writer went silent with requests waiting: commit here meanwhile
         self._send_lock = threading.Lock()
         self._mu = threading.Lock()
         self._pending: dict[int, Future] = {}
@@ -215,6 +178,10 @@ class _Connection:
                 reply = _recv(self.sock)
                 if reply is None:
                     break
+                self.heard_at = time.monotonic()
+                if self.hung:
+                    self.hung = False
+                    log.warning("the bucket log writer of this node answers again; handing it the writes")
                 if "push" in reply:  # a commit, sent before the answers to its actions
                     try:
                         self.on_push(_commit_from_wire(reply["push"]))
@@ -245,8 +212,8 @@ class _Connection:
 class NodeLink:
     """A worker's link to the node's bucket-log writer (which may be this very process)."""
 
-    def __init__(self, store: "BucketStore", name: str | None = None):
-        self.store = store
+    def __init__(self, store: "BucketStore", name: str | None = None, hung_s: float = 5.0):
+        self.store, self.hung_s = store, hung_s
         self.name = name or socket_name(store.lake.root)
         self._mu = threading.Lock()
         self._listener: socket.socket | None = None
@@ -266,9 +233,15 @@ class NodeLink:
 
     @property
     def connected(self) -> bool:
-        """A follower with a live link to the writer (whose pushes keep its fold current)."""
+        """A follower with a live link to a writer that answers (whose pushes keep its fold current)."""
         conn = self._conn
-        return conn is not None and conn.alive
+        return conn is not None and conn.alive and not conn.hung
+
+    @property
+    def commits_here(self) -> bool:
+        """This process commits: it is the writer, or a follower writing past a hung writer."""
+        conn = self._conn
+        return self.is_writer or (conn is not None and conn.alive and conn.hung)
 
     def _after_fork(self) -> None:
         """A forked child must not keep the writer's name bound (it has no accept thread: the
@@ -291,12 +264,17 @@ class NodeLink:
         resent = False
         while True:
             conn = self._connect(deadline)
-            if conn is None:  # this process is the writer
+            if conn is None or conn.hung:  # this process is the writer, or the writer hangs
                 from lake.bucket_store import wait_for
 
                 return wait_for(self.store.enqueue(action), deadline - time.monotonic())
             try:
-                reply = conn.request(action).result(timeout=max(0.0, deadline - time.monotonic()))
+                reply = self._reply(conn, conn.request(action), deadline)
+            except _WriterHung:
+                log.warning("the bucket log writer of this node sent nothing for %.0f s with action %s "
+                            "waiting; this process commits it (and its next ones) itself, ordered by Delta "
+                            "version, until the writer answers again", self.hung_s, action.event_id)
+                continue
             except _WriterLost:
                 resent = True
                 log.warning("the bucket log writer went away with action %s in flight; sending it again",
@@ -309,6 +287,24 @@ class NodeLink:
                 raise _error_from_wire(reply)
             replayed = bool(reply.get("replayed")) and not (resent and reply["event_id"] == action.event_id)
             return self.store.committed(reply["event_id"], replayed=replayed)
+
+    def _reply(self, conn: _Connection, future: Future, deadline: float) -> dict[str, Any]:
+        """The writer's answer; raises _WriterHung (and marks the link hung) when the writer has
+        sent nothing at all, no answer and no push, for ``hung_s`` while this request waited."""
+        sent = time.monotonic()
+        while True:
+            now = time.monotonic()
+            try:
+                return future.result(timeout=max(0.0, min(deadline - now, 0.25)))
+            except FutureTimeout:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise
+                if conn.hung:  # another request on this link found the writer hung
+                    raise _WriterHung() from None
+                if self.hung_s > 0 and now - max(sent, conn.heard_at) >= self.hung_s and conn.alive:
+                    conn.hung = True
+                    raise _WriterHung() from None
 
     def _connect(self, deadline: float) -> _Connection | None:
         """The live connection to the writer, or None once this process is the writer."""

@@ -34,6 +34,7 @@ Python API for other parts of the lake:
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import logging
 import re
@@ -61,6 +62,9 @@ ACTIONS = ("create", "update", "delete", "add", "copy", "move", "remove", "disca
            "feedback", "undo")
 _BUCKET_ID = re.compile(r"[0-9a-f]{16}")
 _IN = {"add", "copy", "move", "discard", "feedback"}
+_BUCKET_LEVEL = {"create", "update", "delete"}
+#: An undo of an event naming more images than this folds the whole log again (cheaper then).
+UNDO_REFOLD_IMAGES = 256
 
 
 def check_bucket_id(bucket_id: str, *, allow_discard: bool = True) -> str:
@@ -102,8 +106,11 @@ class BucketState:
     """The fold of the log: buckets, members (image -> (seq, pending)), rejections, and what undo needs.
 
     ``apply`` is idempotent per ``event_id`` (a writer applies its own events before it re-reads
-    the file it wrote). An ``undo`` re-folds everything, because cancelling an old event can change
-    what later events meant.
+    the file it wrote). An ``undo`` re-folds what the cancelled event touched, because cancelling an
+    old event can change what later events meant: a bucket event re-folds that bucket's row, an
+    image event each of its images (every event naming the image, in order) and that bucket's
+    feedback rounds, leaving the result equal to folding the whole log again, which is what an undo
+    of more than ``UNDO_REFOLD_IMAGES`` images (or of an event not in the fold) does.
     """
 
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -116,6 +123,8 @@ class BucketState:
     rejected: dict[str, dict[str, int]] = field(default_factory=dict)
     feedback: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
     last_seq: int = -1
+    image_events: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # events naming an image
+    bucket_events: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # create/update/delete/feedback
 
     # -- folding -------------------------------------------------------------------------------
 
@@ -128,12 +137,98 @@ class BucketState:
         if event.get("client_event_id"):
             self.client_ids[(event.get("actor") or "", event["client_event_id"])] = event["event_id"]
         self.last_seq = max(self.last_seq, event["seq"])
+        self._index(event)
         if event["action"] == "undo":
-            self.undone.add(event["undo_of"])
-            self._refold()
+            target = event["undo_of"]
+            again = target in self.undone
+            self.undone.add(target)
+            if again or not self._undo_one(target):
+                self._refold()
         else:
             self._fold(event)
         return True
+
+    def _index(self, e: dict[str, Any]) -> None:
+        if e["action"] in _BUCKET_LEVEL or e["action"] == "feedback":
+            self.bucket_events.setdefault(e["bucket_id"], []).append(e)
+        for image_id in {*(e.get("image_ids") or ()), *(e.get("rejected_ids") or ())}:
+            self.image_events.setdefault(image_id, []).append(e)
+
+    def _undo_one(self, event_id: str) -> bool:
+        """Fold out the event ``event_id`` (just marked undone) by re-folding only what it touched;
+        False when a full re-fold is needed instead."""
+        target = self.by_id.get(event_id)
+        if target is None or target["action"] == "undo":
+            return False
+        if target["action"] in _BUCKET_LEVEL:
+            self._refold_bucket(target["bucket_id"])
+            return True
+        images = {*(target.get("image_ids") or ()), *(target.get("rejected_ids") or ())}
+        if len(images) > UNDO_REFOLD_IMAGES:
+            return False
+        inserted: set[str] = set()
+        for image_id in images:
+            for members in self.members.values():
+                members.pop(image_id, None)
+            for marks in self.pending.values():
+                marks.discard(image_id)
+            for marks in self.rejected.values():
+                marks.pop(image_id, None)
+            for e in self.image_events.get(image_id, ()):
+                if e["action"] != "undo" and e["event_id"] not in self.undone:
+                    self._fold_image(e, image_id, inserted)
+        for b in inserted:  # keep (seq, image_id) order, as a full fold leaves it
+            members = self.members[b]
+            # the re-folded images are the dict's tail, the rest is still in order: check the seam
+            tail = sum(1 for i in images if i in members)
+            last = list(itertools.islice(reversed(members.items()), tail + 1))[::-1]
+            keys = [(seq, i) for i, (seq, _) in last]
+            if any(keys[k] > keys[k + 1] for k in range(len(keys) - 1)):  # timsort: ~linear here
+                self.members[b] = dict(sorted(members.items(), key=lambda kv: (kv[1][0], kv[0])))
+        if target["action"] == "feedback":
+            b = target["bucket_id"]
+            rounds = [(e["seq"], len(e.get("image_ids") or []), len(e.get("rejected_ids") or []))
+                      for e in self.bucket_events.get(b, ()) if e["action"] == "feedback" and e["event_id"] not in self.undone]
+            if rounds:
+                self.feedback[b] = rounds
+            else:
+                self.feedback.pop(b, None)
+        return True
+
+    def _fold_image(self, e: dict[str, Any], image_id: str, inserted: set[str]) -> None:
+        """What :meth:`_fold` of ``e`` does to one image (``inserted``: buckets it entered)."""
+        action, b = e["action"], e["bucket_id"]
+        ids = e.get("image_ids") or ()
+        if action in _IN or action == "pending":
+            if image_id in ids:
+                if action in ("move", "discard") and e.get("from_bucket"):
+                    self._leave(e["from_bucket"], [image_id])
+                members = self.members.setdefault(b, {})
+                members.pop(image_id, None)
+                members[image_id] = (e["seq"], action == "pending")
+                inserted.add(b)
+                self.rejected.get(b, {}).pop(image_id, None)
+                if action == "pending":
+                    self.pending.setdefault(b, set()).add(image_id)
+                else:
+                    self.pending.setdefault(b, set()).discard(image_id)
+            if action == "feedback" and image_id in (e.get("rejected_ids") or ()):
+                self._leave(b, [image_id])
+                self.rejected.setdefault(b, {})[image_id] = e["seq"]
+        elif action == "remove" and image_id in ids:
+            self._leave(b, [image_id])
+
+    def _refold_bucket(self, bucket_id: str) -> None:
+        """Re-fold one bucket's row (its create, updates and delete that are not undone)."""
+        system = _system_buckets()
+        if bucket_id in system:
+            self.buckets[bucket_id] = system[bucket_id]
+        else:
+            self.buckets.pop(bucket_id, None)
+        for e in self.bucket_events.get(bucket_id, ()):
+            if e["action"] in _BUCKET_LEVEL and e["event_id"] not in self.undone:
+                self._fold(e)
+        self.buckets = dict(sorted(self.buckets.items(), key=lambda kv: (not kv[1]["system"], kv[1]["seq"])))
 
     def _refold(self) -> None:
         self.buckets, self.members, self.rejected, self.feedback = _system_buckets(), {}, {}, {}

@@ -38,14 +38,21 @@ class LakeLock:
 
     Re-entrant per object: nested ``with`` on the same ``LakeLock`` holds it once.
 
+    ``shared=True`` (local lakes) takes the lock shared: any number of shared holders at once, while
+    an exclusive holder (the default) excludes them all and waits for them. The bucket log's writers
+    hold it shared from writing a data file to committing it (they are ordered by Delta versions,
+    not by this lock), so the janitor's exclusive sweep waits for every writer, but a writer stuck
+    mid-commit does not block another. On object stores ``shared`` is ignored (a lease is exclusive).
+
     Raises:
         LockHeld: another process holds the lock past the timeout.
         StoreUnavailable: (object stores) the store cannot be reached to take the lease.
     """
 
     def __init__(self, lake: Lake, name: str, timeout: float = 60.0, holder: str = "",
-                 poll: tuple[float, float] = (0.05, 0.05), ttl_s: float = LEASE_TTL_S):
+                 poll: tuple[float, float] = (0.05, 0.05), ttl_s: float = LEASE_TTL_S, shared: bool = False):
         self.lake, self.name, self.timeout, self.holder = lake, name, timeout, holder
+        self.shared = shared
         self.poll, self.ttl_s = poll, ttl_s
         self._fd: int | None = None
         self._lease = None
@@ -109,7 +116,7 @@ class LakeLock:
         deadline, pause = time.monotonic() + self.timeout, self.poll[0]
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:

@@ -174,7 +174,7 @@ def open_delta(lake: Any, name: str):
     StoreUnavailable when the store cannot be reached."""
     from deltalake import DeltaTable
 
-    from lake.store import store_errors
+    from lake.store_errors import store_errors
 
     with store_errors(lake):
         return DeltaTable(lake.table_uri(name), storage_options=delta_storage_options(lake))

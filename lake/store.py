@@ -13,7 +13,8 @@ stores behave the same:
 * Every remote call has a connect timeout, a per-request timeout and bounded retries, so a dead
   endpoint fails within seconds instead of hanging; its failure is one :class:`StoreUnavailable`
   line (wrong credentials, missing bucket, unreachable endpoint) that the CLI and the API report
-  like any other lake error.
+  like any other lake error (the classification lives in :mod:`lake.store_errors`; its names are
+  importable from here too).
 
 Object stores are reached with ``obstore`` (Rust ``object_store``), configured by the same
 ``AWS_*`` / ``GOOGLE_*`` / ``AZURE_*`` environment variables deltalake reads, plus the
@@ -30,7 +31,6 @@ version of the object. Remote etags are the store's own.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import functools
 import os
@@ -40,15 +40,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator, Mapping
 
-from lake.errors import BadInput, NotFound, Unavailable
+from lake.errors import BadInput, NotFound
 from lake.remote import arrow_filesystem, delta_storage_options, open_delta, resolved_options
+from lake.store_errors import StoreUnavailable, as_store_unavailable, first_line, store_errors, translate
 
 __all__ = ["LakeStore", "ObjectInfo", "StoreUnavailable", "StoreTimeouts", "delta_storage_options", "open_delta",
            "as_store_unavailable", "store_errors", "arrow_filesystem"]
-
-
-class StoreUnavailable(Unavailable):
-    """The lake's object store cannot be used: unreachable, wrong credentials, missing bucket."""
 
 
 @dataclass(frozen=True)
@@ -353,7 +350,7 @@ class LakeStore:
         except passthrough:
             raise
         except Exception as e:  # obstore raises its own classes plus FileNotFoundError / ValueError
-            raise _translate(e, op, key, self.root, self._endpoint()) from None
+            raise translate(e, op, key, self.root, self._endpoint()) from None
 
     def _endpoint(self) -> str:
         try:
@@ -461,83 +458,6 @@ def _open_remote(root: str, storage_options: Mapping[str, str], t: StoreTimeouts
     try:
         return from_url(root, config=config or None, client_options=client, retry_config=retry)
     except BaseError as e:
-        raise BadInput(f"lake root {root!r}: bad object-store configuration: {_first_line(e)}") from None
+        raise BadInput(f"lake root {root!r}: bad object-store configuration: {first_line(e)}") from None
     except ValueError as e:
-        raise BadInput(f"lake root {root!r}: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-    line = re.sub(r"<\?xml.*", "", line).strip()
-    return line[:300]
-
-
-def _translate(e: BaseException, op: str, key: str, root: str, endpoint: str = "") -> Exception:
-    from obstore.exceptions import PermissionDeniedError, UnauthenticatedError
-
-    text = str(e)
-    where = f"the object store of the lake {root}" + (f" (endpoint {endpoint})" if endpoint else "")
-    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
-        return StoreUnavailable(f"{where}: the bucket does not exist; create it or fix the lake root")
-    if isinstance(e, (PermissionDeniedError, UnauthenticatedError)) or re.search(
-            r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|ExpiredToken|InvalidToken|403 Forbidden"
-            r"|401 Unauthorized", text):
-        return StoreUnavailable(f"{where} refused the credentials ({op} {key}); check AWS_ACCESS_KEY_ID / "
-                                "AWS_SECRET_ACCESS_KEY (or the node's role)")
-    if isinstance(e, FileNotFoundError):
-        return NotFound(f"no object {key!r} in the lake at {root}")
-    if re.search(r"error sending request|kind: (Connect|Timeout)|dns error|connection", text, re.I):
-        why = ("connection refused" if "ConnectionRefused" in text else
-               "timed out" if re.search(r"kind: Timeout|TimedOut", text) else
-               "name not resolved" if "dns error" in text.lower() else "connection failed")
-        return StoreUnavailable(f"{where} is unreachable ({op} {key}: {why}); check the endpoint (storage_options or AWS_ENDPOINT_URL) and the network")
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EACCES):
-        return StoreUnavailable(f"{where}: {op} {key} failed: {e.strerror}")
-    return StoreUnavailable(f"{where}: {op} {key} failed: {_first_line(e)}")
-
-
-_STORE_TEXT = re.compile(r"error sending request|connection refused|Connection refused|dns error|timed out|"
-                         r"NoSuchBucket|InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|"
-                         r"Generic S3 error|Generic GCS error|Generic MicrosoftAzure error|"
-                         r"Failed to connect|tcp connect error|operation timed out|retries, max_retries|NETWORK_CONNECTION|"
-                         r"Could not connect to server|Couldn't connect", re.I)
-
-
-def as_store_unavailable(e: BaseException, root: str) -> StoreUnavailable | None:
-    """``e`` (a deltalake / pyarrow / obstore failure reaching an object-store lake) as one clear
-    :class:`StoreUnavailable` line, or ``None`` when it does not look like one."""
-    if isinstance(e, StoreUnavailable):
-        return e
-    from lake.errors import ImagelakeError
-
-    if "://" not in str(root) or isinstance(e, ImagelakeError):  # already a clear, classified error
-        return None
-    text = str(e)
-    if not _STORE_TEXT.search(text):
-        return None
-    why = ("connection refused" if re.search(r"connection refused|ConnectionRefused", text, re.I) else
-           "timed out" if re.search(r"timed out|Timeout", text, re.I) else
-           "the bucket does not exist" if "NoSuchBucket" in text else
-           "the credentials were refused" if re.search(r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied", text)
-           else "request failed")
-    return StoreUnavailable(f"the object store of the lake is unavailable ({why}); check the endpoint "
-                            "(storage_options or AWS_ENDPOINT_URL), the credentials and the network, then retry")
-
-
-class store_errors:
-    """``with store_errors(lake):`` turns a failure to reach an object-store lake (deltalake,
-    pyarrow, obstore) into :class:`StoreUnavailable` (HTTP 503, CLI exit 2); anything else passes."""
-
-    def __init__(self, lake: Any):
-        self.root = str(getattr(lake, "root", lake))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, e, tb):
-        if e is None or not isinstance(e, Exception):
-            return False
-        translated = as_store_unavailable(e, self.root)
-        if translated is None or translated is e:
-            return False
-        raise translated from None
+        raise BadInput(f"lake root {root!r}: {first_line(e)}") from None

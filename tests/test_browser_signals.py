@@ -1,9 +1,11 @@
 """The dashboard's views of the derived signals, in a real headless Chromium with the page's
 Content-Security-Policy enforced, at 1366x768: keyword search in the Search view, the Most unusual
-view, a bucket page's doubtful members, and capture metadata and quality flags in the image drawer.
+view, a bucket page's doubtful members, capture metadata and quality flags in the image drawer, and
+the map's overlay by capture date.
 
-One module-scoped lake (42 photos of 3 scenes, planted outliers, JPEGs with EXIF) run once through
-ingest, quality, embed, index, outliers and tag, and one server, serve every test. Assertions are
+One module-scoped lake (42 photos of 3 scenes, planted outliers, JPEGs with EXIF, four of them
+dated 2015-2021) run once through ingest, quality, embed, index, outliers, tag and grid, and one
+server, serve every test. Assertions are
 about what a person sees (tests/test_browser.py's helpers: visible and inside the viewport)."""
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ def _keywords_exif(words: str) -> Image.Exif:
     ex = Image.Exif()
     ex[0x9C9E] = words.encode("utf-16-le") + b"\x00\x00"  # XPKeywords
     return ex
+
+
+def _dated_exif(when: str) -> Image.Exif:
+    ex = Image.Exif()
+    ex.get_ifd(0x8769)[0x9003] = when  # DateTimeOriginal
+    return ex
+
+
+DATED_YEARS = (2015, 2018, 2019, 2021)  # the three below and paris.jpg
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +63,12 @@ def site(tmp_path_factory):
     (exif / "paris.jpg").write_bytes(_save(_photo(21), "JPEG", _full_exif()))  # Canon, GPS, "paris;morning"
     dark = ImageEnhance.Brightness(_photo(24)).enhance(0.08)
     (exif / "night.jpg").write_bytes(_save(dark, "JPEG", _keywords_exif("nightshot")))
+    for seed, year in zip((31, 32, 33), DATED_YEARS[:3]):
+        (exif / f"dated_{year}.jpg").write_bytes(_save(_photo(seed), "JPEG", _dated_exif(f"{year}:05:01 10:00:00")))
     lake = Lake.at(root / "lake")
     settings = Settings(lake=lake.root, runner="local", partition_files=64, outlier_k=5)
     run_pipeline(lake, settings, PipelineRequest(images=str(images), collection="signals",
-                                                 steps=("ingest", "quality", "embed", "index", "outliers", "tag")),
+                                                 steps=("ingest", "quality", "embed", "index", "outliers", "tag", "grid")),
                  runner=LocalRunner())
     _, token = create_token(lake, "curate", "browser signals test")
     from lake.commit import open_table
@@ -175,3 +188,53 @@ def test_the_drawer_shows_capture_metadata_and_quality_flags(page, site):
     flags.scroll_into_view_if_needed()
     assert "dark" in assert_seen_text(flags, "the raised quality flags").split("\n")
     assert "nightshot" in page.locator("#details table.capture").inner_text()  # its only capture field
+
+
+def test_map_overlay_by_capture_date_colours_the_dated_cells_and_the_slider_narrows_them(page, site, artifacts_dir):
+    headers = {"Authorization": f"Bearer {site['token']}"}
+    api = site["base"] + "/api/v1"
+    dated = {i for u, i in site["ids"].items() if u.endswith(("paris.jpg",) + tuple(f"dated_{y}.jpg" for y in DATED_YEARS))}
+    n = len(site["ids"])
+    page.goto(site["base"] + "/#map")
+    page.wait_for_selector("#map-viewer[data-ready='1']")
+    assert page.locator("#map-dates").is_hidden()
+    page.select_option("#map-overlay", "date")
+    page.wait_for_function("() => document.querySelector('#map-viewer').dataset.dateCells === '4'")
+    status = assert_seen_text(page.locator("#map-status"), "the overlay's count")
+    assert f"4 cells taken 2015–2021 · {n - 4} without a date" in status, status
+    assert_seen(page.locator("#map-date-from"), "the from-year slider")
+    assert assert_seen_text(page.locator("#map-date-legend"), "the colour legend").split() == ["2015", "2021"]
+    rects = page.locator("#map-viewer rect.map-date")
+    assert rects.count() == 4
+    under = set()
+    for i in range(4):
+        assert_seen(rects.nth(i), f"highlighted cell {i}")  # on screen, inside the viewport
+        gx, gy = (int(float(rects.nth(i).get_attribute(a))) for a in ("x", "y"))
+        under.add(requests.get(f"{api}/grid/latest/cell?x={gx}&y={gy}", headers=headers, timeout=30).json()["image_id"])
+    assert under == dated  # the highlighted cells are the dated images' cells
+    assert len({rects.nth(i).get_attribute("fill") for i in range(4)}) == 4  # one colour per year
+    # the from-year slider, moved with the keyboard as a person would: 2015 -> 2018
+    page.focus("#map-date-from")
+    for _ in range(3):
+        page.keyboard.press("ArrowRight")
+    page.wait_for_function("() => document.querySelector('#map-viewer').dataset.dateCells === '3'")
+    assert "3 cells taken 2018–2021" in assert_seen_text(page.locator("#map-status"), "the narrowed count")
+    assert assert_seen_text(page.locator("#map-date-from-year"), "the from year") == "2018"
+    assert page.locator("#map-viewer rect.map-date").count() == 3
+    # images without a date, shown as such
+    page.check("#map-date-undated")
+    page.wait_for_function("(k) => document.querySelectorAll('#map-viewer rect.map-undated').length === k", arg=n - 4)
+    assert f"{n - 4} without a date (grey)" in page.locator("#map-status").inner_text()
+    assert_seen(page.locator("#map-viewer rect.map-undated").first, "an undated cell")
+    page.screenshot(path=str(artifacts_dir / "dashboard-map-date-overlay.png"))
+    # the route itself: the layout's years, a range, and bad input
+    body = requests.get(f"{api}/grid/latest/dates?from=2019-01-01&to=2020", headers=headers, timeout=30).json()
+    assert body["years"] == [{"year": y, "images": 1} for y in DATED_YEARS] and body["undated"] == n - 4
+    assert body["count"] == 1 and body["cells"][0]["day"] == 18017  # 2019-05-01, UTC days since 1970
+    for bad in ("from=yesterday", "from=2020&to=2019", "limit=0", "undated=maybe"):
+        r = requests.get(f"{api}/grid/latest/dates?{bad}", headers=headers, timeout=30)
+        assert r.status_code == 400 and r.json()["ok"] is False, bad
+    # no overlay clears the cells, the date bar and the status
+    page.select_option("#map-overlay", "")
+    page.wait_for_function("() => !document.querySelector('#map-viewer rect.map-date, #map-viewer rect.map-undated')")
+    assert page.locator("#map-dates").is_hidden() and page.locator("#map-status").inner_text() == ""

@@ -1,4 +1,5 @@
-"""The map's rectangle/lasso selection: which cells a polygon holds, and the route's bad input.
+"""The map's rectangle/lasso selection: which cells a polygon holds, and the route's bad input; the
+date overlay's bad input.
 (The route on a real layout, driven by a person's drag, is in tests/test_browser.py.)"""
 
 from __future__ import annotations
@@ -43,3 +44,18 @@ def test_no_layout_is_a_404_and_the_route_is_documented(client):
     r = client.post(f"{API_PREFIX}/grid/latest/select", json={"polygon": [[0, 0], [1, 0], [1, 1]]})
     assert r.status_code == 404 and r.get_json()["ok"] is False
     assert "/grid/{layout}/select" in client.get(f"{API_PREFIX}/openapi.json").get_json()["paths"]
+
+
+@pytest.mark.parametrize("query, words", [
+    ("from=yesterday", "not a date"), ("to=2021-13-01", "not a date"), ("from=2020&to=2019", "before to"),
+    ("from=2020-01-01&to=2020-01-01", "before to"), ("limit=0", "limit"), ("limit=x", "limit"), ("undated=maybe", "undated"),
+])
+def test_bad_date_overlay_parameters_are_400_with_the_error_shape(client, query, words):
+    r = client.get(f"{API_PREFIX}/grid/latest/dates?{query}")
+    assert r.status_code == 400 and r.get_json()["ok"] is False and words in r.get_json()["error"], r.get_json()
+
+
+def test_the_date_overlay_without_a_layout_is_a_404_and_is_documented(client):
+    r = client.get(f"{API_PREFIX}/grid/latest/dates?from=2020")
+    assert r.status_code == 404 and r.get_json()["ok"] is False
+    assert "/grid/{layout}/dates" in client.get(f"{API_PREFIX}/openapi.json").get_json()["paths"]

@@ -293,6 +293,14 @@ def test_text_search_finds_the_coffee_photos_for_espresso(signals_lake):
         assert any(m.startswith("concept:espresso") for m in top[0]["matched"])
         scores = [r["score"] for r in body["results"]]
         assert scores == sorted(scores, reverse=True)
+        # WordNet words shipped with the classes: a synonym ("java" is a lemma of coffee, espresso's
+        # broader synset) and a broader term ("house cat" names the domestic cat classes)
+        java = client.get("/api/v1/search/text?q=java&k=5").get_json()["results"]
+        assert java and all(label[r["image_id"]] == "coffee" for r in java), java
+        assert java[0]["matched"] == ["concept:espresso (kind of java)"]
+        cats = client.get("/api/v1/search/text?q=house%20cat&k=5").get_json()["results"]
+        assert cats and all(label[r["image_id"]] == "chelsea" for r in cats), [(label[r["image_id"]], r) for r in cats]
+        assert all(m.endswith("(kind of house cat)") for r in cats for m in r["matched"])
         meta = client.get("/api/v1/search/text?q=morning").get_json()["results"]
         with_exif = {i for u, i in ids.items() if u.endswith(("paris.jpg", "broken.jpg"))}  # keywords paris;morning
         assert {r["image_id"] for r in meta} == with_exif

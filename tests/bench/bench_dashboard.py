@@ -1,7 +1,7 @@
 """Curation view load time in a real browser on the 70k-image Fashion-MNIST lake (issue 8: <= 1 s).
 
     python tests/bench/bench_dashboard.py [--n 70000] [--baseline-n 1000] [--repeat 9] [--workers 2]
-    python tests/bench/bench_dashboard.py --workflow [--n 70000] [--baseline-n 1000] [--repeat 5]
+    python tests/bench/bench_dashboard.py --workflow [--n 70000] [--baseline-n 1000] [--repeat 5] [--import-embeddings]
 
 ``--workflow`` (issue 18) measures what a curator waits for, in the page's own clock, on both
 lakes side by side (the pipeline's ``suggest`` and ``grid`` steps run first): a number key ->
@@ -9,7 +9,10 @@ the badge on the cell (and -> the bucket's count updated, the add's round trip),
 next page shown (feedback committed, page 2 fetched and painted), map open -> first tile drawn,
 a rectangle of ~500 cells -> the selection shown (count and marks), and a bucket of 5,000
 members (all images when the lake has fewer) -> its page's first 56 thumbnails decoded. Targets:
-<= 200 ms median, map open and the rectangle <= 1 s.
+<= 200 ms median, map open and the rectangle <= 1 s. ``--import-embeddings`` builds both lakes with
+imported synthetic embeddings instead of the embed job (``bench_browse.build_imported``: the same
+Fashion-MNIST PNGs through the real ingest; minutes instead of ~10 min at 70k): what is measured is
+latency, which does not depend on what the vectors mean.
 
 For each lake (the baseline's small one first, then the large one, both built once by
 tests/fashion.py with the real ingest and embed jobs and cached under test-artifacts/; the large
@@ -234,7 +237,9 @@ def workflow(lake_dir: Path, repeat: int, workers: int, browser, label: str) -> 
     classes = _by_class(lake_dir)
     everyone = sorted(i for ids in classes.values() for i in ids)
     lake = Lake.at(lake_dir)
-    run_pipeline(lake, Settings(lake=lake.root, runner="local"), PipelineRequest(steps=("suggest", "grid")))
+    t0 = time.perf_counter()
+    run_pipeline(lake, Settings(lake=lake.root, runner="local"), PipelineRequest(steps=("suggest", "grid"), model=_model(lake)))
+    print(f"  {label}: suggest and grid steps in {time.perf_counter() - t0:.1f} s", flush=True)
     _, token = create_token(lake, "curate", "dashboard workflow bench")
     figures: dict[str, list[float]] = {k: [] for k in WORKFLOW_TARGETS}
     selected_cells: list[int] = []
@@ -319,6 +324,17 @@ def workflow(lake_dir: Path, repeat: int, workers: int, browser, label: str) -> 
             "bucket_members": len(members)}
 
 
+def _model(lake) -> str:
+    """The model with the most features (the embed job's, or the imported one)."""
+    import duckdb
+
+    from lake.commit import open_table
+
+    con = duckdb.connect()
+    con.register("features", open_table(lake, "features").to_pyarrow_dataset())
+    return con.execute("SELECT model FROM features GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1").fetchone()[0]
+
+
 def workflow_main(args) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -328,7 +344,14 @@ def workflow_main(args) -> None:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         try:
             for label, n, seed in (("baseline", args.baseline_n, 1), ("measured", args.n, 0)):
-                source = fashion.build(n, seed=seed)
+                t0 = time.perf_counter()
+                if args.import_embeddings:
+                    from bench_browse import build_imported
+
+                    source = build_imported(n, seed=seed)
+                else:
+                    source = fashion.build(n, seed=seed)
+                print(f"{label}: lake of {n} images ready in {time.perf_counter() - t0:.1f} s ({source})", flush=True)
                 with tempfile.TemporaryDirectory(prefix="imagelake-dash-") as tmp:
                     lake_dir = Path(tmp) / "lake"
                     shutil.copytree(source, lake_dir, ignore=shutil.ignore_patterns("artifacts"))
@@ -340,7 +363,8 @@ def workflow_main(args) -> None:
     print()
     print(machine())
     print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} (cores: {os.cpu_count()}); "
-          f"server: {args.workers} gunicorn workers; Chromium 1366x768; {args.repeat} rounds after a warm-up round")
+          f"server: {args.workers} gunicorn workers; Chromium 1366x768; {args.repeat} rounds after a warm-up round; "
+          f"embeddings: {'imported (synthetic)' if args.import_embeddings else 'the embed job'}")
     print("\ncuration workflow, median ms (p90) per lake")
     header = f"{'step':<28}{'target':>8}" + "".join(f"{m['label'] + ' ' + str(m['images']):>22}" for m in results)
     print(header)
@@ -362,6 +386,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=9, help="timed loads per lake (after one first load)")
     ap.add_argument("--workers", type=int, default=2, help="server worker processes")
     ap.add_argument("--workflow", action="store_true", help="the curation workflow figures (issue 18) instead")
+    ap.add_argument("--import-embeddings", action="store_true",
+                    help="--workflow on lakes with imported synthetic embeddings (no embed job)")
     args = ap.parse_args()
     if not fashion.available():
         sys.exit("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")

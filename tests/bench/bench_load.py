@@ -3,6 +3,7 @@ process, the full mix and a write-heavy mix, in one run.
 
     python tests/bench/bench_load.py [--n 2000] [--clients 1,16,64] [--seconds 30] [--workers 4]
                                      [--mixes full,write] [--steps ingest,embed,...] [--lake DIR]
+                                     [--baseline-tree DIR --rounds 3] [--op-costs]
 
 Builds a demo-sized lake with ``imagelake run`` (every step this build has, unless ``--steps``;
 ``--steps ingest`` with ``--mixes write`` is enough for the write-heavy mix), starts the server in
@@ -16,8 +17,15 @@ a child process, warms every worker, then measures side by side:
   discard, undo — and 50 % bucket and image reads).
 
 Prints per op p50/p99 and the error rate per run, the acknowledged curation actions per second,
-the machine and its load, and checks that every acknowledged write (every 200 answer of a write
+the server's CPU time per request and per acknowledged action (every process of the server, read
+from ``/proc``: less noisy than wall time on a shared machine), the machine and its load, every
+5xx the server logged (with its traceback), and checks that every acknowledged write (every 200 answer of a write
 op) is in ``bucket_events`` and that ``seq`` is dense.
+
+``--baseline-tree DIR`` (another checkout, e.g. ``git worktree add /tmp/main main``) also serves a
+copy of the lake, taken before any measured run, from that tree's code, and runs the same matrix on
+both servers in alternating order for ``--rounds`` rounds: the baseline side by side, medians over
+rounds and the ratios printed last.
 Targets (issue 19, 2 cores): full mix at 16 clients p99 <= 100 ms overall and for "add to bucket";
 write-heavy at 16 clients >= 300 acknowledged actions/s; 64 clients no errors and p99 <= 300 ms.
 """
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -130,19 +139,77 @@ def stats_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> 
     return out
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and every live descendant."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent, cpu = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(entry)] = int(fields[1])
+        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += cpu.get(p, 0.0)
+        todo.extend(c for c, pp in parent.items() if pp == p)
+    return total
+
+
 def run_matrix(base: str, token: str, mixes: dict[str, list[Op]], ctx: LoadContext, clients: list[int],
-               seconds: float, lake_root: str | None = None) -> list[tuple[str, int, LoadReport]]:
+               seconds: float, lake_root: str | None = None,
+               server_pid: int | None = None) -> list[tuple[str, int, LoadReport]]:
     """Every mix with every client count (in the order given), ``seconds`` each; each report gets
-    the writer's counters over its run as ``report.writer`` (when ``lake_root`` is given)."""
+    the writer's counters over its run as ``report.writer`` (when ``lake_root`` is given), the
+    server's CPU seconds as ``report.server_cpu_s`` (when ``server_pid`` is given), this process's
+    (the clients') as ``report.client_cpu_s`` and the 1-minute load average after it as ``report.load``."""
     out = []
     for name, ops in mixes.items():
         for k, n in enumerate(clients):
             before = writer_stats(lake_root) if lake_root else None
+            cpu0, own0 = (tree_cpu_s(server_pid) if server_pid else 0.0), time.process_time()
             report = run_load(base, token, ops, ctx, clients=n, seconds=seconds, seed=10 * k + 2)
+            report.server_cpu_s = tree_cpu_s(server_pid) - cpu0 if server_pid else float("nan")
+            report.client_cpu_s, report.load = time.process_time() - own0, os.getloadavg()[0]
             if lake_root:
                 time.sleep(0.5)  # the writer publishes its counters every 0.2 s
                 report.writer = stats_delta(before, writer_stats(lake_root))
             out.append((name, n, report))
+    return out
+
+
+def op_costs(base: str, token: str, ops: list[Op], ctx: LoadContext, server_pid: int, clients: int = 4,
+             seconds: float = 4.0) -> list[tuple[str, int, float, float]]:
+    """Each op of a mix alone: (name, requests, server CPU ms per request, p50 ms) — where the
+    server's CPU goes, per route, without the others competing."""
+    out = []
+    for k, op in enumerate(ops):
+        cpu0 = tree_cpu_s(server_pid)
+        r = run_load(base, token, [op], ctx, clients=clients, seconds=seconds, seed=500 + k)
+        out.append((op.name, r.requests, (tree_cpu_s(server_pid) - cpu0) * 1e3 / max(1, r.requests),
+                    r.percentile(50)))
+    return out
+
+
+def server_errors(log_path: Path, limit: int = 5) -> list[str]:
+    """The server log's 5xx reports (``request ... failed with``), each with its traceback."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    out = []
+    for i, line in enumerate(lines):
+        if " failed with 5" in line and len(out) < limit:
+            block = [line]
+            for nxt in lines[i + 1:i + 60]:
+                if nxt.startswith("[") and block[1:]:  # the next log record
+                    break
+                block.append(nxt)
+            out.append("\n".join(block))
     return out
 
 
@@ -169,6 +236,35 @@ def writer_table(runs: list[tuple[str, int, LoadReport]]) -> str:
 
 def write_rate(report: LoadReport) -> float:
     return len(acknowledged(report)) / report.seconds
+
+
+def cpu_per_action(report: LoadReport) -> float:
+    """Server CPU milliseconds per acknowledged curation action (the reads of the mix included)."""
+    n = len(acknowledged(report))
+    return getattr(report, "server_cpu_s", float("nan")) * 1e3 / n if n else float("nan")
+
+
+def ab_table(rounds: dict[str, list[list[tuple[str, int, LoadReport]]]]) -> str:
+    """Medians over rounds per tree and run, and this tree's ratio to the baseline's."""
+    import statistics
+
+    def med(tree, mix, n, f):
+        vals = [f(r) for rs in rounds[tree] for m, c, r in rs if m == mix and c == n]
+        vals = [v for v in vals if v == v]
+        return statistics.median(vals) if vals else float("nan")
+
+    metrics = [("acked/s", write_rate), ("p50 ms", lambda r: r.percentile(50)), ("p99 ms", lambda r: r.percentile(99)),
+               ("CPU ms/action", cpu_per_action), ("errors", lambda r: sum(r.errors.values()))]
+    trees = list(rounds)
+    keys = list(dict.fromkeys((m, c) for rs in rounds[trees[0]] for m, c, _ in rs))
+    lines = [f"{'run':<14}{'metric':<15}" + "".join(f"{t:>14}" for t in trees) + f"{'ratio':>9}"]
+    for mix, n in keys:
+        for name, f in metrics:
+            vals = [med(t, mix, n, f) for t in trees]
+            ratio = vals[0] / vals[1] if len(vals) > 1 and vals[1] else float("nan")
+            lines.append(f"{mix + ' ' + str(n):<14}{name:<15}" + "".join(f"{_fmt(v):>14}" for v in vals) +
+                         f"{ratio:>9.2f}")
+    return "\n".join(lines)
 
 
 def _free_port() -> int:
@@ -218,6 +314,11 @@ def comparison(runs: list[tuple[str, int, LoadReport]]) -> str:
         lines.append(f"{'req/s':<22}" + "".join(f"{r.requests / r.seconds:>22.0f}" for _, r in mine))
         lines.append(f"{'errors':<22}" + "".join(f"{sum(r.errors.values()):>22}" for _, r in mine))
         lines.append(f"{'acked actions/s':<22}" + "".join(f"{write_rate(r):>22.0f}" for _, r in mine))
+        lines.append(f"{'server CPU ms/request':<22}" + "".join(
+            f"{_fmt(getattr(r, 'server_cpu_s', float('nan')) * 1e3 / max(1, r.requests)):>22}" for _, r in mine))
+        lines.append(f"{'server CPU ms/action':<22}" + "".join(
+            f"{_fmt(cpu_per_action(r)):>22}" for _, r in mine))
+        lines.append(f"{'load avg after':<22}" + "".join(f"{getattr(r, 'load', float('nan')):>22.1f}" for _, r in mine))
         lines.append("")
     return "\n".join(lines)
 
@@ -253,9 +354,17 @@ def main() -> None:
     ap.add_argument("--mixes", default="full,write", help="full and/or write")
     ap.add_argument("--steps", help="pipeline steps to build the lake with (default: all in this build)")
     ap.add_argument("--lake", help="reuse this lake folder (its images/ sibling too) instead of a temporary one")
+    ap.add_argument("--baseline-tree", help="another checkout whose server runs the same matrix on a copy of the "
+                                            "lake, alternating with this tree's (the side-by-side baseline)")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds of the matrix per tree (medians printed)")
+    ap.add_argument("--op-costs", action="store_true",
+                    help="first run each op of each mix alone (4 clients, 4 s) and print its server CPU per request")
     args = ap.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     mixes = {m: MIXES[m] for m in args.mixes.split(",")}
+    trees = {"this": REPO}
+    if args.baseline_tree:
+        trees["baseline"] = Path(args.baseline_tree).resolve()
 
     with tempfile.TemporaryDirectory(prefix="imagelake-load-") as tmp:
         lake_dir = Path(args.lake) if args.lake else Path(tmp) / "lake"
@@ -264,46 +373,79 @@ def main() -> None:
         from deltalake import DeltaTable
         from lake.catalog import Lake
 
-        lake = Lake.at(lake_dir)
-        rows = DeltaTable(lake.table_uri("images")).to_pyarrow_table(columns=["image_id", "collection"])
-        ctx = LoadContext(image_ids=rows.column("image_id").to_pylist(),
-                          collections=sorted(set(rows.column("collection").to_pylist())))
-        port = _free_port()
-        log = Path(tmp) / "server.log"
-        server = start_server(str(lake_dir), port, args.workers, str(log), threads=args.threads)
-        base = f"http://127.0.0.1:{port}"
+        lakes = {"this": lake_dir}
+        if "baseline" in trees:  # the same lake (token included), before any write
+            lakes["baseline"] = Path(tmp) / "baseline-lake"
+            shutil.copytree(lake_dir, lakes["baseline"], symlinks=True)
+        rows = DeltaTable(Lake.at(lake_dir).table_uri("images")).to_pyarrow_table(columns=["image_id", "collection"])
+        image_ids = rows.column("image_id").to_pylist()
+        collections = sorted(set(rows.column("collection").to_pylist()))
+        servers, ctxs, logs, bases = {}, {}, {}, {}
         try:
-            for ops in mixes.values():
-                prepare(base, token, ops, ctx)
-                run_load(base, token, ops, ctx, clients=max(clients), seconds=3, seed=99)  # warm every worker
+            for name, tree in trees.items():
+                port = _free_port()
+                logs[name] = Path(tmp) / f"server-{name}.log"
+                servers[name] = start_server(str(lakes[name]), port, args.workers, str(logs[name]),
+                                             threads=args.threads, repo=tree)
+                bases[name] = f"http://127.0.0.1:{port}"
+                ctxs[name] = LoadContext(image_ids=image_ids, collections=collections)
+                for ops in mixes.values():
+                    prepare(bases[name], token, ops, ctxs[name])
+                    run_load(bases[name], token, ops, ctxs[name], clients=max(clients), seconds=3, seed=99)  # warm
+            costs = {name: {mix: op_costs(bases[name], token, ops, ctxs[name], servers[name].pid)
+                            for mix, ops in mixes.items()} for name in trees} if args.op_costs else {}
             load_before = os.getloadavg()
-            baseline = run_load(base, token, HEALTH_ONLY, ctx, clients=16, seconds=args.baseline_seconds, seed=1)
-            runs = run_matrix(base, token, mixes, ctx, clients, args.seconds, lake_root=str(lake_dir))
+            baseline = run_load(bases["this"], token, HEALTH_ONLY, ctxs["this"], clients=16,
+                                seconds=args.baseline_seconds, seed=1)
+            rounds: dict[str, list] = {name: [] for name in trees}
+            for k in range(args.rounds):
+                for name in (list(trees) if k % 2 == 0 else list(trees)[::-1]):
+                    rounds[name].append(run_matrix(bases[name], token, mixes, ctxs[name], clients, args.seconds,
+                                                   lake_root=str(lakes[name]), server_pid=servers[name].pid))
             load_after = os.getloadavg()
         finally:
-            server.terminate()
-            server.wait(timeout=30)
-        acked = [e for _, _, r in runs for e in acknowledged(r)]
-        total = check_log(lake, acked)
-        print(f"verified: all {len(acked)} acknowledged curation actions of the measured runs are in bucket_events "
-              f"({total} events, seq dense)")
+            for server in servers.values():
+                server.terminate()
+            for server in servers.values():
+                server.wait(timeout=30)
+        for name in trees:
+            acked = [e for rs in rounds[name] for _, _, r in rs for e in acknowledged(r)]
+            total = check_log(Lake.at(lakes[name]), acked)
+            print(f"verified ({name} tree): all {len(acked)} acknowledged curation actions of the measured runs are "
+                  f"in bucket_events ({total} events, seq dense)")
+        failures = {name: server_errors(logs[name]) for name in trees}
 
     print(machine())
-    print(f"lake: {len(ctx.image_ids)} images ({args.n} files, 320x240), built in {build_s:.1f} s; server: "
+    print(f"lake: {len(image_ids)} images ({args.n} files, 320x240), built in {build_s:.1f} s; server: "
           f"{args.workers} gunicorn gthread workers x {args.threads} threads; closed-loop clients in one separate "
-          f"process over loopback; {args.seconds:.0f} s per run")
+          f"process over loopback; {args.seconds:.0f} s per run; trees: "
+          + ", ".join(f"{k} = {v}" for k, v in trees.items()))
     print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} "
           f"(cores: {os.cpu_count()}; other work on the machine included)")
     print("\n-- baseline: GET /health only, 16 clients")
     print(baseline.table())
-    print("\n-- per op p50 / p99, the one-client run first (the single-client baseline)\n")
-    print(comparison(runs))
-    print("-- the node's bucket-log writer per run (lake.bucket_store.WriterStats)\n")
-    print(writer_table(runs) + "\n")
-    for mix, n, r in runs:
-        if r.error_samples:
-            print(f"error samples ({mix}, {n} clients):\n  " + "\n  ".join(r.error_samples[:5]))
-    print("targets:\n  " + "\n  ".join(targets(runs)))
+    for name, per_mix in costs.items():
+        for mix, rows in per_mix.items():
+            print(f"\n-- {name} tree, {mix} mix, each op alone (4 clients, 4 s): server CPU per request")
+            print(f"{'op':<22}{'requests':>9}{'CPU ms/req':>12}{'p50 ms':>9}")
+            for op, n, cpu, p50 in rows:
+                print(f"{op:<22}{n:>9}{cpu:>12.2f}{_fmt(p50):>9}")
+    for name in trees:
+        for k, runs in enumerate(rounds[name]):
+            print(f"\n== {name} tree, round {k + 1}: per op p50 / p99, the one-client run first "
+                  "(the single-client baseline)\n")
+            print(comparison(runs))
+            print("-- the node's bucket-log writer per run (lake.bucket_store.WriterStats)\n")
+            print(writer_table(runs) + "\n")
+            for mix, n, r in runs:
+                if r.error_samples:
+                    print(f"error samples ({mix}, {n} clients):\n  " + "\n  ".join(r.error_samples[:5]))
+        for block in failures[name]:
+            print(f"server log ({name} tree), a 5xx:\n  " + block.replace("\n", "\n  "))
+    if len(trees) > 1:
+        print(f"\n== medians over {args.rounds} round(s), this tree / baseline\n")
+        print(ab_table(rounds))
+    print("\ntargets (this tree, last round):\n  " + "\n  ".join(targets(rounds["this"][-1])))
 
 
 if __name__ == "__main__":

@@ -250,16 +250,18 @@ def run_load(base: str, token: str, ops: list[Op], ctx: LoadContext, clients: in
 
 
 def start_server(lake_root: str, port: int, workers: int, log_path: str, threads: int = 8,
-                 env: dict | None = None) -> subprocess.Popen:
+                 env: dict | None = None, repo: Path | None = None) -> subprocess.Popen:
     """``imagelake serve`` in a child process, its stderr in ``log_path``; returns once ``/health``
-    answers (raises if it dies first)."""
+    answers (raises if it dies first). ``repo``: the source tree the server runs from (default this
+    one; another checkout serves as a side-by-side baseline)."""
     import os
     import urllib.request
 
+    repo = Path(repo or REPO)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "imagelake", "--lake", lake_root, "serve", "--port", str(port),
-                                 "--workers", str(workers)], cwd=REPO,
-                                env=dict(os.environ, PYTHONPATH=str(REPO), IMAGELAKE_THREADS=str(threads), **(env or {})),
+                                 "--workers", str(workers)], cwd=repo,
+                                env=dict(os.environ, PYTHONPATH=str(repo), IMAGELAKE_THREADS=str(threads), **(env or {})),
                                 stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

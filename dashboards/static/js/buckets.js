@@ -74,8 +74,17 @@ export function mountBuckets(root, {thumbLarge, openDetails}) {
       el("p", {}, el("a", {href: "#curate", id: "bucket-review", onclick: () => sessionStorage.setItem("imagelake.active", id)},
                      "review them in Curate"), el("span", {class: "muted"}, " (fast-forward: x marks the wrong ones, then commit)")),
       el("div", {class: "grid"}, body.pending.slice(0, PAGE).map((p) => cell(p)))] : []));
-    doubts(id);
     history(id);
+    // the doubts are computed on the server (model fits over the bucket): asked for once this
+    // page's thumbnails on screen are in, so they do not compete with them (at most 3 s later)
+    imagesIn(grid, 3000).then(() => { if (current && current.bucket_id === id && offset === at) doubts(id); });
+  }
+
+  function imagesIn(box, capMs) {
+    // the ones on screen (the others are lazy and may never load)
+    const pending = [...box.querySelectorAll("img")].filter((i) => !i.complete && i.getBoundingClientRect().top < window.innerHeight)
+      .map((i) => new Promise((resolve) => { i.addEventListener("load", resolve, {once: true}); i.addEventListener("error", resolve, {once: true}); }));
+    return Promise.race([Promise.all(pending), new Promise((resolve) => setTimeout(resolve, capMs))]);
   }
 
   // Doubtful members (GET /buckets/<id>/doubts): each with remove and move (to the bucket its

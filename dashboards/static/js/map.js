@@ -1,7 +1,9 @@
 // The map: the deep-zoom grid of the whole collection (OpenSeadragon over the DZI tiles), a click
-// opens the image under the pointer, and an overlay outlines a bucket's or a tag's cells.
+// opens the image under the pointer, and an overlay outlines a bucket's or a tag's cells or colours
+// the cells by capture date (map_dates.js).
 import {api, el, toast} from "./api.js";
 import {clearSelection, selectIds} from "./selection.js";
+import {mountDateOverlay} from "./map_dates.js";
 
 const OSD_SRC = "/static/vendor/openseadragon/openseadragon.min.js";
 const MAX_OVERLAY = 5000;
@@ -72,10 +74,20 @@ export async function mountMap(root, {openDetails}) {
   });
   viewer.addHandler("animation-finish", () => { box.dataset.zoom = String(viewer.viewport.getZoom()); });
 
+  let overlayLayers = [];
+  function setLayers(layers) {
+    for (const layer of overlayLayers) viewer.removeOverlay(layer);
+    overlayLayers = layers.map(([layer, where]) => { viewer.addOverlay(layer, where); return layer; });
+  }
+  const dates = mountDateOverlay(root.querySelector("#map-dates"), {cellLayer, setLayers, status, box});
+
   async function overlay(choice) {
     viewer.clearOverlays();
     selectionMarks = [];
+    overlayLayers = [];
+    dates.hide();
     if (!choice || !info) { status.textContent = ""; return; }
+    if (choice === "date") { await dates.show(box.dataset.layoutId); return; }
     const [kind, value] = choice.split(":");
     let cells, color = "#ffd400";
     if (kind === "bucket") {
@@ -91,7 +103,7 @@ export async function mountMap(root, {openDetails}) {
 
   // Marked cells as one SVG overlay in cell units (one element for OpenSeadragon to place, not one
   // per cell: 500 separate overlays took seconds to lay out)
-  function cellLayer(cells, {stroke, fill = "none", cls}) {
+  function cellLayer(cells, {stroke, fill = "none", cls, fillOf = null}) {
     const w = Number(box.dataset.gridWidth), h = Number(box.dataset.gridHeight);
     const svg = document.createElementNS(SVG, "svg");
     svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
@@ -99,8 +111,9 @@ export async function mountMap(root, {openDetails}) {
     svg.setAttribute("class", "map-layer");
     for (const c of cells) {
       const r = document.createElementNS(SVG, "rect");
+      const f = fillOf ? fillOf(c) : fill;
       for (const [k, v] of Object.entries({x: c.gx + 0.06, y: c.gy + 0.06, width: 0.88, height: 0.88, class: cls,
-                                           fill, stroke, "stroke-width": 0.12})) r.setAttribute(k, v);
+                                           fill: f, stroke: stroke || f, "stroke-width": 0.12})) r.setAttribute(k, v);
       svg.append(r);
     }
     const size = info.cell_px / info.width;   // OpenSeadragon viewport units: the image width is 1
@@ -117,6 +130,7 @@ export async function mountMap(root, {openDetails}) {
       const {tags} = await api("/tags?limit=30");
       for (const t of tags) options.push(el("option", {value: `tag:${t.tag}`}, `tag: ${t.tag}`));
     } catch { /* no tags yet */ }
+    options.push(el("option", {value: "date"}, "capture date"));
     overlaySelect.replaceChildren(...options);
   }
 
@@ -187,7 +201,11 @@ export async function mountMap(root, {openDetails}) {
     window.addEventListener("pointerup", up, true);
   }, true);
 
-  select.addEventListener("change", () => open(select.value));
+  select.addEventListener("change", () => {  // another layout: its cells differ, so the overlay starts over
+    overlaySelect.value = "";
+    dates.hide();
+    open(select.value);
+  });
   overlaySelect.addEventListener("change", () => overlay(overlaySelect.value).catch((e) => toast(e.message, "error")));
   await open(layouts[0].layout_id);
   fillOverlays();
