@@ -410,7 +410,8 @@ def engine_variants(ds: LabeledSet, names: list[str]) -> dict:
 VARIANTS: dict[str, dict] = {"c1": {"c": 1.0}, "tetris-own": {"tetris_others": False},
                            "margin1": {"tetris_margin": 1.0}, "prior0": {"tetris_prior": 0.0},
                            "prior1": {"tetris_prior": 1.0}, "first10": {"explore_first": 0.1},
-                           "noexplore": {"explore_first": 0.0, "explore_below": 0.0}}
+                           "noexplore": {"explore_first": 0.0, "explore_below": 0.0},
+                           "rw03": {"random_weight": 0.3}, "rw01": {"random_weight": 0.1}}
 
 
 def main(argv=None):
