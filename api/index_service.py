@@ -178,10 +178,15 @@ class SearchService:
             r["model"] == key and r["build_id"] not in self._failed for r in self._published)
 
     def _check(self) -> None:
-        self._checked_at = time.monotonic()
-        self._published_rows()
-        for key in list(self._builds):
-            self._load(key)
+        # _checked_at moves only once the published rows are read: a request arriving during the
+        # first check must wait for it (refresh blocks while it is "first"), not find no build yet
+        started = time.monotonic()
+        try:
+            self._published_rows()
+            for key in list(self._builds):
+                self._load(key)
+        finally:  # a failed check (the store unavailable) is not retried before refresh_s either
+            self._checked_at = started
         for build in self._builds.values():  # in use: keep the cached copies at the head of the LRU
             for m in build.manifests:
                 for path in (m.files_at or {}).values():

@@ -15,8 +15,11 @@ was: C = 10 instead of 1 gains 1.5-4 points of the ceiling on every set.)
 Exploration, as in II-20, adapts to how well the model is doing, but only once acceptance drops:
 with ``a`` the accepted share of the bucket's last feedback rounds, nothing explores while
 ``a >= 0.5`` (an exploring pick on a page the model fills well is a lost hit: measured, 1-3 points
-of the ceiling), and below it a fraction ``0.5 * (1 - a)**2`` (a tenth before any feedback) explores: half are neighbours of the bucket's best-scoring members that the
-model ranks lower (their neighbour lists are cached per process), half diverse
+of the ceiling), and below it a fraction ``0.5 * (1 - a)**2`` explores; the first page, before
+any feedback, does not (it explored a tenth until session 10: not exploring it gained 0.4-0.7
+points of the ceiling at 28 per round on shapes, fashion-2k and the first 10k of Fashion-MNIST,
+and was level on both emoji sets; at 8 per round a tenth rounded to no pick anyway). Half of the
+exploring picks are neighbours of the bucket's best-scoring members that the model ranks lower (their neighbour lists are cached per process), half diverse
 random picks (farthest-first among random unlabeled images). A curator who accepts nearly
 everything gets pure exploitation; one who rejects a lot gets more of the collection shown.
 """
@@ -42,24 +45,29 @@ from lake.errors import Unavailable
 __all__ = ["BucketLabels", "Suggester", "explore_fraction", "fit_logistic", "labels_of"]
 
 
-def explore_fraction(acceptance: float | None) -> float:
-    """Share of suggestions that explore, from the recent acceptance rate (None: no feedback yet)."""
+def explore_fraction(acceptance: float | None, below: float = 0.5, first: float = 0.0) -> float:
+    """Share of suggestions that explore, from the recent acceptance rate (None: no feedback yet,
+    ``first``); nothing explores while ``acceptance >= below``."""
     if acceptance is None:
-        return 0.1
-    if acceptance >= 0.5:  # the model is doing well: exploring only spends the curator's page
+        return first
+    if acceptance >= below:  # the model is doing well: exploring only spends the curator's page
         return 0.0
     return 0.5 * (1.0 - acceptance) ** 2
 
 
-def fit_logistic(pos: np.ndarray, neg: np.ndarray, c: float = 1.0, iterations: int = 12) -> tuple[np.ndarray, float]:
+def fit_logistic(pos: np.ndarray, neg: np.ndarray, c: float = 1.0, iterations: int = 12,
+                 neg_weights: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """L2-regularised logistic regression with balanced class weights, by Newton's method:
     ``(w, b)`` with score = x @ w + b. Same objective as sklearn's ``LogisticRegression(C=c,
     class_weight="balanced")``; a (d+1)-square solve per step, a few ms for d = 128.
+    ``neg_weights``: relative weights of the negatives (the class keeps its balanced total).
     """
     x = np.hstack([np.vstack([pos, neg]).astype(np.float64), np.ones((len(pos) + len(neg), 1))])
     y = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
     n = len(y)
-    sw = c * np.concatenate([np.full(len(pos), n / (2 * max(1, len(pos)))), np.full(len(neg), n / (2 * max(1, len(neg))))])
+    nw = np.ones(len(neg)) if neg_weights is None else np.asarray(neg_weights, np.float64)
+    nw = nw * (len(neg) / max(nw.sum(), 1e-12))
+    sw = c * np.concatenate([np.full(len(pos), n / (2 * max(1, len(pos)))), nw * n / (2 * max(1, len(neg)))])
     reg = np.ones(x.shape[1])
     reg[-1] = 0.0  # the intercept is not penalised
     beta = np.zeros(x.shape[1])
@@ -109,10 +117,11 @@ class Suggester:
 
     def __init__(self, lake: Lake, *, dims: int = 128, refresh_s: float = 30.0, max_negatives: int = 500,
                  c: float = 10.0, tetris_others: bool = True, tetris_margin: float = 0.0, tetris_prior: float = 0.5,
-                 cache=None):
+                 explore_below: float = 0.5, explore_first: float = 0.0, random_weight: float = 1.0, cache=None):
         self.lake, self.dims, self.refresh_s, self.max_negatives = lake, dims, refresh_s, max_negatives
         self.c, self.tetris_others, self.tetris_margin = c, tetris_others, tetris_margin
-        self.tetris_prior = tetris_prior
+        self.tetris_prior, self.explore_below, self.explore_first = tetris_prior, explore_below, explore_first
+        self.random_weight = random_weight   # of a random unlabeled negative against a rejected one
         self.cache = cache   # the artifact cache (object-store lakes); None: the default one
         self._lock = threading.Lock()
         self._matrix: CompactMatrix | None = None
@@ -167,7 +176,8 @@ class Suggester:
         rng = np.random.default_rng(_seed(labels.bucket_id, labels.seq))
         randoms = _random_unlabeled(rng, len(m), labeled_rows, want)
         negatives = np.concatenate([known, randoms]).astype(np.int64)
-        w, b = fit_logistic(m.vectors(positives), m.vectors(negatives), c=self.c)
+        weights = None if self.random_weight == 1.0 else np.r_[np.ones(len(known)), np.full(len(randoms), self.random_weight)]
+        w, b = fit_logistic(m.vectors(positives), m.vectors(negatives), c=self.c, neg_weights=weights)
         return _Model(w, b, positives, len(negatives))
 
     # -- suggestions ---------------------------------------------------------------------------
@@ -184,7 +194,7 @@ class Suggester:
         labeled = self._rows(m, labels.labeled)
         model = self.model(labels, labeled)
         acceptance = labels.acceptance
-        fraction = explore_fraction(acceptance) if explore and model is not None else (1.0 if model is None else 0.0)
+        fraction = explore_fraction(acceptance, self.explore_below, self.explore_first) if explore and model is not None else (1.0 if model is None else 0.0)
         n_explore = int(fraction * n) if model is not None else n
         n_neigh = (n_explore + 1) // 2 if model is not None else 0
         n_model = n - n_explore

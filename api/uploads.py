@@ -190,7 +190,7 @@ class UploadEmbedder:
             raise Unavailable(f"the index's features key is {model_key}: {precision} vectors of that engine are "
                               "computed on a GPU (`imagelake embed --device cuda`), and this server embeds on CPU; "
                               "add images with `imagelake ingest` + `imagelake embed` there")
-        ok, why = runtime_available(name)
+        ok, why = runtime_available(name, native=False)  # the key decides, not speed
         if not ok:
             raise Unavailable(f"the index's features key is {model_key}, computed by runtime {name}, which cannot "
                               f"run in this server ({why}); uploads would get vectors of another runtime, so none "
@@ -212,7 +212,7 @@ class UploadEmbedder:
                                   f"`imagelake embed --runtime {name}` to make it") from None
         elif CATALOG[name].engine == "torch":
             artifact = None
-        return build_runtime(name, spec, artifact, self.threads)
+        return build_runtime(name, spec, artifact, self.threads, native=False)
 
     def embed(self, data: bytes, model_key: str) -> Embedded:
         """The embedding of image ``data`` under ``model_key`` (``name@version``).

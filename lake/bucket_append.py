@@ -24,18 +24,19 @@ import logging
 import re
 import secrets
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, WriterProperties, write_deltalake
-from deltalake.exceptions import CommitFailedError, DeltaError
+from deltalake.exceptions import CommitFailedError
 
 from lake.bucket_stats import _row_stats
 from lake.buckets import BucketState
 from lake.catalog import table_spec
 from lake.errors import Unavailable
 from lake.lock import LakeLock
+from lake.remote import retry_log_gap
 from lake.store import open_delta, store_errors
 
 __all__ = ["AppendPath", "retention_seconds", "retry_log_gap"]
@@ -47,27 +48,6 @@ _INTERVAL = re.compile(r"^\s*interval\s+(\d+)\s+(\w+?)s?\s*$", re.IGNORECASE)
 _UNIT_S = {"nanosecond": 1e-9, "microsecond": 1e-6, "millisecond": 1e-3, "second": 1, "minute": 60, "hour": 3600,
            "day": 86400, "week": 604800}
 
-
-T = TypeVar("T")
-
-
-def retry_log_gap(read: Callable[[], T], attempts: int = 6) -> T:
-    """``read()`` (open or update a Delta table), again when it saw a gap in the commit files.
-
-    Listing a local ``_delta_log`` folder while a writer adds commit files to it may return a later
-    commit but not the one before it (a directory read is not a snapshot of concurrent creates), and
-    deltalake then fails with "Expected contiguous commit files, but found gap". The missing file is
-    there: reading again a moment later sees both. Seen in the load benchmark as a rare 500 on
-    ``GET /images/<id>`` and ``GET /buckets/<id>``; other errors are raised at once."""
-    for attempt in range(attempts):
-        try:
-            return read()
-        except DeltaError as e:
-            if "contiguous commit files" not in str(e) or attempt == attempts - 1:
-                raise
-            log.info("a Delta log listing raced a commit (%s); reading it again", str(e)[:80])
-            time.sleep(0.001 * 2 ** attempt)
-    raise AssertionError("unreachable")
 
 
 def retention_seconds(value: str) -> float | None:

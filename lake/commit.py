@@ -29,7 +29,7 @@ from deltalake.transaction import AddAction
 
 from lake.catalog import TABLES, Lake, TableSpec, table_spec
 from lake.lock import LakeLock
-from lake.remote import delta_options
+from lake.remote import delta_options, retry_log_gap
 from lake.staging import filesystem_for
 
 __all__ = ["CommitResult", "ensure_tables", "open_table", "commit_staged", "commit_rows", "now_utc"]
@@ -57,11 +57,16 @@ def ensure_tables(lake: Lake, names: Iterable[str] | None = None) -> None:
 
 
 def open_table(lake: Lake, name: str) -> DeltaTable:
-    try:
+    """The lake's table ``name`` (created empty when missing), read again if its log listing raced
+    a commit (:func:`lake.remote.retry_log_gap`)."""
+    def read() -> DeltaTable:
         return DeltaTable(lake.table_uri(name), storage_options=delta_options(lake))
+
+    try:
+        return retry_log_gap(read)
     except TableNotFoundError:
         ensure_tables(lake, [name])
-        return DeltaTable(lake.table_uri(name), storage_options=delta_options(lake))
+        return retry_log_gap(read)
 
 
 def _sources_dataset(paths: list[str]) -> pads.Dataset:

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 from lake.errors import BadInput
 
 __all__ = ["STORAGE_OPTIONS", "ENV_VAR", "check_storage_options", "configure", "active_options",
            "resolved_options", "delta_options", "delta_storage_options", "open_delta", "arrow_filesystem",
-           "job_filesystem"]
+           "job_filesystem", "retry_log_gap"]
 
 ENV_VAR = "IMAGELAKE_STORAGE_OPTIONS"
 
@@ -168,6 +170,29 @@ def delta_storage_options(lake: Any, *, timeout_s: float = 5.0, connect_timeout_
             "max_retries": str(retries), "retry_timeout": f"{retry_total_s:g}s"}
 
 
+T = TypeVar("T")
+_log = logging.getLogger("lake.remote")
+
+
+def retry_log_gap(read: Callable[[], T], attempts: int = 6) -> T:
+    """``read()`` (open or update a Delta table), again when it saw a gap in the commit files.
+
+    Listing a local ``_delta_log`` folder while a writer adds commit files to it may return a later
+    commit but not the one before it (a directory read is not a snapshot of concurrent creates), and
+    deltalake then fails with "Expected contiguous commit files, but found gap". The missing file is
+    there: reading again a moment later sees both. Seen in the load benchmark as a rare 500 on
+    ``GET /images/<id>`` and ``GET /buckets/<id>``; other errors are raised at once."""
+    for attempt in range(attempts):
+        try:
+            return read()
+        except Exception as e:  # deltalake's DeltaError; anything else is raised at once below
+            if "contiguous commit files" not in str(e) or attempt == attempts - 1:
+                raise
+            _log.info("a Delta log listing raced a commit (%s); reading it again", str(e)[:80])
+            time.sleep(0.001 * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
 def open_delta(lake: Any, name: str):
     """``DeltaTable`` of the lake's table ``name`` with :func:`delta_storage_options` (bounded
     timeouts and retries on an object store). Raises deltalake's TableNotFoundError as it is, and
@@ -177,7 +202,7 @@ def open_delta(lake: Any, name: str):
     from lake.store_errors import store_errors
 
     with store_errors(lake):
-        return DeltaTable(lake.table_uri(name), storage_options=delta_storage_options(lake))
+        return retry_log_gap(lambda: DeltaTable(lake.table_uri(name), storage_options=delta_storage_options(lake)))
 
 
 def _arrow_kwargs(resolved: Mapping[str, str]) -> dict[str, Any]:

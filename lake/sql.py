@@ -47,6 +47,7 @@ from deltalake import DeltaTable
 from lake.catalog import TABLES, Lake
 from lake.commit import ensure_tables
 from lake.errors import BadInput, ImagelakeError, QueryTimeout, TooLarge
+from lake.remote import retry_log_gap
 from lake.settings import Settings
 from lake.store import open_delta
 from lake.sql_guard import FILE_ACCESS, check_statement
@@ -147,7 +148,7 @@ class SqlSandbox:
             if force or now - self._checked_at >= self._settings.refresh_s:
                 for name, table in self._tables.items():
                     try:
-                        table.update_incremental()
+                        retry_log_gap(table.update_incremental)
                         if table.version() != self._versions.get(name):
                             self._bind(name, table)
                             self._versions[name] = table.version()

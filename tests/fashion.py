@@ -40,7 +40,14 @@ def load_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def label_of(uri: str) -> int:
-    return int(_LABEL.search(uri).group(1))
+    """The class of ``fm_<index>_c<label>.png`` (this module's lakes) or of a file in a class folder
+    (``imagelake.demo.write_fashion_mnist``'s layout, the quality benchmark's lakes)."""
+    hit = _LABEL.search(uri)
+    if hit:
+        return int(hit.group(1))
+    from imagelake.demo import FASHION_CLASSES
+
+    return FASHION_CLASSES.index(Path(uri).parent.name)
 
 
 def build(n: int, folder: Path | None = None, seed: int = 0) -> Path:

@@ -216,3 +216,77 @@ def test_index_gpu_helpers_are_the_cpu_calls_without_a_gpu():
     assert index.ntotal == 1000
     _, found = index.search(x[:5], 1)
     assert found.shape == (5, 1) and (found >= 0).all()
+
+
+def test_shard_encoder_uses_the_gpu_path_when_faiss_sees_one_and_falls_back_to_the_cpu(tmp_path, monkeypatch):
+    """No GPU here: the CPU shard equals add_with_ids; then the GPU branch of the shard encoder is
+    driven with a CPU stand-in for the GPU clone (``FakeGpuClone``: faiss-cpu has no GPU index), and
+    a GPU that fails mid-shard leaves the CPU encoding of a fresh copy of the trained index."""
+    import faiss
+    import pyarrow as pa
+
+    from jobs.index import gpu
+    from jobs.index.build import file_sha256
+    from jobs.index.partition import SHARD_ROWS_SCHEMA, EncodeJob, encode_partition
+    from jobs.runner import PartitionContext
+
+    faiss.omp_set_num_threads(1)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1000, 16)).astype(np.float16)
+    np.save(tmp_path / "vectors.npy", x)
+    np.save(tmp_path / "seqs.npy", np.arange(1000, dtype=np.int64) * 3)
+    index = faiss.index_factory(16, "IVF8,PQ4x4", faiss.METRIC_INNER_PRODUCT)
+    index.train(x.astype(np.float32))
+    faiss.write_index(index, str(tmp_path / "trained.faiss"))
+    job = EncodeJob(folder=str(tmp_path), trained_path=str(tmp_path / "trained.faiss"),
+                    trained_sha256=file_sha256(str(tmp_path / "trained.faiss")), threads=1)
+    rows = pa.table({"shard": pa.array([0], pa.int32()), "start": pa.array([100], pa.int64()),
+                     "end": pa.array([900], pa.int64())}, schema=SHARD_ROWS_SCHEMA)
+
+    def encode():
+        stats = list(encode_partition(iter(rows.to_batches()), PartitionContext(0), job=job))[0].to_pylist()[0]
+        shard = faiss.read_index(str(tmp_path / stats["file"]))  # kept alive while its IVF view is read
+        ivf = faiss.extract_index_ivf(shard)
+        lists = [(ivf.get_list_size(i), faiss.rev_swig_ptr(ivf.invlists.get_ids(i), ivf.get_list_size(i)).copy())
+                 for i in range(ivf.nlist)]  # (size, ids) per inverted list, copied out of the index
+        return stats, lists
+
+    cpu_stats, cpu_shard = encode()
+    assert cpu_stats["device"] == "cpu" and cpu_stats["ntotal"] == 800
+    assert (cpu_stats["seq_min"], cpu_stats["seq_max"]) == (300, 2697)
+
+    class FakeGpuClone:  # stands in for faiss.index_cpu_to_gpu's GPU index (a CPU index underneath)
+        clones, fail_after = 0, None
+
+        def __init__(self, index):
+            FakeGpuClone.clones += 1
+            self.index, self.added = faiss.clone_index(index), 0
+
+        def add_with_ids(self, v, ids):
+            if FakeGpuClone.fail_after is not None and self.added >= FakeGpuClone.fail_after:
+                raise RuntimeError("CUDA out of memory (stand-in)")
+            self.index.add_with_ids(v, ids)
+            self.added += len(v)
+
+    monkeypatch.setattr(gpu, "gpu_count", lambda: 1)
+    monkeypatch.setattr(gpu, "_to_gpu", lambda index, device=0: FakeGpuClone(index))
+    monkeypatch.setattr(gpu, "_to_cpu", lambda clone: clone.index)
+    for fail_after, device in [(None, "cuda:0"), (0, "cpu")]:
+        FakeGpuClone.fail_after = fail_after
+        stats, shard = encode()
+        assert stats["device"] == device and stats["ntotal"] == 800
+        assert all(a[0] == b[0] and np.array_equal(a[1], b[1]) for a, b in zip(shard, cpu_shard))  # same lists
+    assert FakeGpuClone.clones == 2
+
+
+def test_embed_tasks_are_a_multiple_of_the_task_slots(lake, tmp_path):
+    """24 pending images at 5 a task would be 5 tasks, the fifth alone on one of 2 slots: 6 of 4."""
+    import pyarrow.parquet as pq
+
+    from jobs.embed.driver import stage_pending
+
+    staged = stage_pending(lake, "never-embedded@1", str(tmp_path / "staging"), partition_rows=5, min_partitions=2)
+    assert staged.num_partitions == 6 and staged.num_rows == N
+    assert [pq.read_metadata(f).num_rows for f in staged.files] == [4] * 6
+    one_slot = stage_pending(lake, "never-embedded@1", str(tmp_path / "staging1"), partition_rows=5)
+    assert one_slot.num_partitions == 5

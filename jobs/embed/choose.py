@@ -12,7 +12,8 @@ this module). For ``auto`` it
    each with the quality gate (recall@10 of its embeddings against fp32 >= 0.98 and top-1 concept
    agreement >= 0.98), keeps the fastest that passes, and writes the cache file with every figure.
 
-The int8 runtimes read a static QDQ model calibrated on that same sample, stored next to the
+The int8 runtimes read a static QDQ model (:mod:`jobs.embed.quantize`) calibrated on up to 256
+other images of the lake (held out from the gate's sample where the lake has enough), stored next to the
 fp32 export (``int8-qdq.onnx`` + ``int8-manifest.json``, checksummed), made once per lake and
 model and never recalibrated unless deleted, so every run of the key ``+int8.ort`` uses the same
 int8 model.
@@ -24,6 +25,7 @@ fp32 reference.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -36,8 +38,8 @@ import numpy as np
 from jobs.embed.artifact import OnnxArtifact, artifact_dir, ensure_onnx, read_verified
 from jobs.embed.decode import ImageRejected, load_image
 from jobs.embed.models import ModelSpec
-from jobs.embed.runtime import (CATALOG, Measurement, build_runtime, machine_id, measure,
-                                quantize_int8, runtime_available)
+from jobs.embed.quantize import INT8_CALIBRATION_N, quantize_int8
+from jobs.embed.runtime import CATALOG, Measurement, build_runtime, machine_id, measure, runtime_available
 from lake.artifacts import write_text_atomic
 from lake.catalog import Lake
 from lake.commit import open_table
@@ -45,7 +47,8 @@ from lake.errors import BadInput, CorruptArtifact
 from lake.lock import LakeLock
 from lake.staging import filesystem_for
 
-__all__ = ["Choice", "choose_runtime", "calibration_images", "ensure_int8", "measure_all", "CALIBRATION_N",
+__all__ = ["Choice", "choose_runtime", "calibration_images", "int8_calibration_images", "ensure_int8", "measure_all",
+           "CALIBRATION_N",
            "ENV_PIN", "check_runtime_name"]
 
 log = logging.getLogger("imagelake.jobs.embed")
@@ -88,30 +91,66 @@ def _versions() -> dict:
     return out
 
 
-def calibration_images(lake: Lake, spec: ModelSpec, n: int | None = None, max_pixels: int = 100_000_000) -> np.ndarray:
-    """Up to ``n`` decoded images of the lake, evenly spread over ``images`` in ``seq`` order
-    (the same sample on every call while the table is unchanged); unreadable files are skipped.
-
-    Raises:
-        BadInput: the lake has no image that decodes.
-    """
-    n = n or CALIBRATION_N
+def _image_uris(lake: Lake) -> list[str]:
     table = open_table(lake, "images")
-    rows = table.to_pyarrow_table(columns=["seq", "uri"]).sort_by("seq").column("uri").to_pylist() \
+    return table.to_pyarrow_table(columns=["seq", "uri"]).sort_by("seq").column("uri").to_pylist() \
         if table.file_uris() else []
-    picks = [rows[int(i)] for i in np.linspace(0, len(rows) - 1, min(len(rows), 4 * n)).round()] if rows else []
+
+
+def _spread(rows: list[str], n: int) -> list[str]:
+    return list(dict.fromkeys(rows[int(i)] for i in np.linspace(0, len(rows) - 1, min(len(rows), n)).round())) \
+        if rows else []
+
+
+def _decode_some(uris: list[str], spec: ModelSpec, n: int, max_pixels: int) -> list[np.ndarray]:
     out = []
-    for uri in dict.fromkeys(picks):
+    for uri in uris:
         try:
             out.append(load_image(uri, spec.input_size, spec.crop_fraction, max_pixels=max_pixels))
         except ImageRejected:
             continue
         if len(out) == n:
             break
+    return out
+
+
+def calibration_images(lake: Lake, spec: ModelSpec, n: int | None = None, max_pixels: int = 100_000_000) -> np.ndarray:
+    """The quality gate's sample: up to ``n`` decoded images of the lake, evenly spread over
+    ``images`` in ``seq`` order (the same sample on every call while the table is unchanged);
+    unreadable files are skipped.
+
+    Raises:
+        BadInput: the lake has no image that decodes.
+    """
+    n = n or CALIBRATION_N
+    out = _decode_some(_spread(_image_uris(lake), 4 * n), spec, n, max_pixels)
     if not out:
         raise BadInput("choosing a runtime needs images to calibrate on: the lake has none that decode; "
                        "ingest some first, or pass --runtime ort-fp32")
     return np.stack(out)
+
+
+def int8_calibration_images(lake: Lake, spec: ModelSpec, n: int | None = None,
+                            max_pixels: int = 100_000_000) -> tuple[np.ndarray, bool]:
+    """Up to ``n`` (default :data:`jobs.embed.quantize.INT8_CALIBRATION_N`) decoded images to
+    calibrate the int8 model on, evenly spread over the images the gate's sample
+    (:func:`calibration_images`) cannot pick, so the gate scores int8 on images it was not
+    calibrated on. A lake too small for that (fewer than 16 other images) calibrates on all of its
+    images. Returns the images and whether they are held out from the gate's sample.
+
+    Raises:
+        BadInput: the lake has no image that decodes.
+    """
+    n = n or INT8_CALIBRATION_N
+    rows = _image_uris(lake)
+    gate = set(_spread(rows, 4 * CALIBRATION_N))
+    others = [u for u in rows if u not in gate]
+    held_out = len(others) >= 16
+    out = _decode_some(_spread(others if held_out else rows, 2 * n), spec, n, max_pixels)
+    if not out:
+        raise BadInput("the int8 model needs images to calibrate on: the lake has none that decode; "
+                       "ingest some first, or pass --runtime ort-fp32")
+    return np.stack(out), held_out
 
 
 def _read(uri: str) -> bytes:
@@ -121,8 +160,10 @@ def _read(uri: str) -> bytes:
 
 
 def ensure_int8(lake: Lake, spec: ModelSpec, fp32: OnnxArtifact, calibration: np.ndarray | None = None) -> OnnxArtifact:
-    """The lake's static int8 QDQ model of ``spec`` (made from ``fp32`` on first use, calibrated on
-    ``calibration`` or on :func:`calibration_images`), verified against its manifest."""
+    """The lake's static int8 QDQ model of ``spec`` (made from ``fp32`` on first use with this CPU's
+    :func:`jobs.embed.quantize.default_recipe`, calibrated on ``calibration`` or on
+    :func:`int8_calibration_images`), verified against its manifest. An existing model is kept
+    whatever recipe made it (its manifest says which), so a key's vectors come from one model."""
     folder = artifact_dir(lake.artifacts_dir(), spec)
     uri, manifest_uri = f"{folder}/int8-qdq.onnx", f"{folder}/int8-manifest.json"
     try:
@@ -134,20 +175,22 @@ def ensure_int8(lake: Lake, spec: ModelSpec, fp32: OnnxArtifact, calibration: np
         pass
     except CorruptArtifact as e:
         log.warning("int8 model of %s is corrupt (%s); quantizing again", spec.key, e)
+    held_out = False
     if calibration is None:
-        calibration = calibration_images(lake, spec)
+        calibration, held_out = int8_calibration_images(lake, spec)
     with tempfile.TemporaryDirectory(prefix="imagelake-int8-") as tmp:
         src, out = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
         with open(src, "wb") as f:
             f.write(read_verified(fp32))
-        quantize_int8(src, out, calibration)
+        recipe = quantize_int8(src, out, calibration)
         with open(out, "rb") as f:
             data = f.read()
     sha = hashlib.sha256(data).hexdigest()
     write_text_atomic(uri, data)
     write_text_atomic(manifest_uri, json.dumps({
         "model": spec.key, "from_sha256": fp32.sha256, "sha256": sha, "bytes": len(data),
-        "calibration_images": int(len(calibration)), "format": "QDQ, per-channel s8 weights, u8 activations, MinMax",
+        "calibration_images": int(len(calibration)), "calibration_held_out_from_gate": held_out,
+        "format": recipe.describe(), "recipe": dataclasses.asdict(recipe),
     }, indent=2, sort_keys=True).encode())
     return OnnxArtifact(uri, sha, spec.key)
 
@@ -182,7 +225,7 @@ def measure_all(lake: Lake, spec: ModelSpec, fp32: OnnxArtifact, images: np.ndar
             out.append(Measurement(name, CATALOG[name].precision, error=why))
             continue
         try:
-            rt = build_runtime(name, spec, _artifact_for(lake, spec, name, fp32, images), threads)
+            rt = build_runtime(name, spec, _artifact_for(lake, spec, name, fp32), threads)
             m, _ = measure(rt, images, ref, batch, min_seconds)
         except Exception as e:  # a runtime that cannot load or run this model is not a candidate
             m = Measurement(name, CATALOG[name].precision, error=f"{type(e).__name__}: {e}"[:300])
@@ -240,6 +283,6 @@ def choose_runtime(lake: Lake, spec: ModelSpec, requested: str = "auto", threads
                       measurements=[m.as_dict() for m in ms])
         write_text_atomic(cache_uri, json.dumps(record, indent=2, sort_keys=True).encode())
         log.info("embed runtime for %s on %s: %s (%.1f img/s)", spec.key, desc, best.name, best.img_s)
-        return _choice(spec, best.name, _artifact_for(lake, spec, best.name, fp32, images), "measured", desc,
+        return _choice(spec, best.name, _artifact_for(lake, spec, best.name, fp32), "measured", desc,
                        record["measurements"])
 

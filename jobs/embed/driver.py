@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from functools import partial
 from typing import Any, Callable, Literal
 
@@ -76,9 +77,10 @@ def select_pending(lake: Lake, model_key: str) -> pa.Table:
 def stage_pending(lake: Lake, model_key: str, staging_dir: str, partition_rows: int,
                   min_partitions: int | Callable[[], int] = 1) -> StagedInput:
     """:func:`select_pending`'s rows, streamed in bounded batches into the run's staging folder as
-    the embed tasks' input: ``ceil(n / partition_rows)`` partitions (at least ``min_partitions``),
-    one Parquet file each (``min_partitions`` may be a function, called only when something is
-    pending). The driver never holds the pending rows."""
+    the embed tasks' input: ``ceil(n / partition_rows)`` partitions rounded up to a multiple of
+    ``min_partitions`` (the task slots, so the last round of tasks keeps every slot busy), one
+    Parquet file each (``min_partitions`` may be a function, called only when something is pending).
+    The driver never holds the pending rows."""
     con = duckdb.connect()
     try:
         con.execute("SET threads=2")
@@ -89,8 +91,9 @@ def stage_pending(lake: Lake, model_key: str, staging_dir: str, partition_rows: 
         n = con.sql(f"SELECT count(*) FROM ({sql})", params=params).fetchall()[0][0]
         if not n:
             return StagedInput((None,), _PENDING_SCHEMA, 0)
-        least = min_partitions() if callable(min_partitions) else min_partitions
-        parts = max(math.ceil(n / partition_rows), least)
+        least = max(1, min_partitions() if callable(min_partitions) else min_partitions)
+        # a multiple of the task slots: 5 tasks on 2 slots leave one slot idle for the last fifth
+        parts = min(n, least * math.ceil(math.ceil(n / partition_rows) / least))
         reader = con.sql(sql, params=params).to_arrow_reader(INPUT_BATCH_ROWS)
         return stage_input(staging_dir, "embed", reader, n, parts, _PENDING_SCHEMA)
     finally:
@@ -158,7 +161,11 @@ def run_embed(lake: Lake, settings: Settings, model: str = "efficientnet-lite0",
         ``run_id``, ``model`` (the stored features key), ``precision``, ``pending`` (images selected), ``embedded``
         (feature rows committed), ``rejected`` (images that failed now), ``rejects_committed``
         (new rejects rows), ``features_version``, ``runtimes``, ``seconds``, ``images_per_s``, and
-        ``decode_ms_per_image`` / ``model_ms_per_image`` (task time per image).
+        ``decode_ms_per_image`` / ``model_ms_per_image`` / ``write_ms_per_image`` (task time per
+        image: waiting for decoded images, in the model, building and writing the staged rows),
+        ``model_load_s`` (summed over tasks; 0 for a task whose worker had the model loaded),
+        ``tasks_s`` (summed task time), ``map_s`` (wall time of all tasks) and ``slots`` (tasks
+        that run at once): ``tasks_s / (slots * map_s)`` is how busy the task slots were.
     Raises:
         NotFound: unknown model. BadInput: bad device, or ``cuda`` without a GPU on the driver.
     """
@@ -235,13 +242,16 @@ def _embed(lake, settings, spec, device, engine, precision, runner, pending: Sta
         with LakeLock(lake, f"export-{spec.name}", timeout=600, holder=f"embed {run_id}"):
             artifact = ensure_onnx(lake.artifacts_dir(), spec)
     threads = _task_threads(runner)
+    slots = default_parallelism(settings) // threads if isinstance(runner, SparkRunner) else 1
     job = EmbedJob(spec=spec, run_id=run_id, staging_dir=lake.staging_dir(run_id), device=device,
                    engine=engine, artifact=artifact, batch_size=batch_size or (256 if on_gpu else 64),
                    threads=threads, decode_threads=min(8, threads) if on_gpu else (1 if threads > 1 else 0),
                    max_pixels=settings.max_image_pixels, precision=precision,
                    runtime=choice.name if choice else None, key_engine=choice.key_engine if choice else None)
+    t0 = time.perf_counter()
     stats = runner.map_partitions(partial(embed_partition, job=job), pending, pending.num_partitions,
                                   STATS_SCHEMA, desc=f"embed {job.model_key}")
+    map_s = time.perf_counter() - t0
     s = stats.to_pydict()
     feats = commit_staged(lake, "features", [f for f in s["features_file"] if f], run_id=run_id, dedupe=True)
     rejs = commit_staged(lake, "rejects", [f for f in s["rejects_file"] if f], run_id=run_id, dedupe=True)
@@ -252,4 +262,7 @@ def _embed(lake, settings, spec, device, engine, precision, runner, pending: Sta
     return dict(embedded=feats.rows, rejected=sum(s["n_rejected"]), rejects_committed=rejs.rows,
                 features_version=feats.version, runtimes=sorted(set(s["runtime"])), partitions=len(s["n_in"]),
                 decode_ms_per_image=round(per_image * sum(s["decode_s"]), 3),
-                model_ms_per_image=round(per_image * sum(s["model_s"]), 3))
+                model_ms_per_image=round(per_image * sum(s["model_s"]), 3),
+                write_ms_per_image=round(per_image * sum(s["write_s"]), 3),
+                model_load_s=round(sum(s["load_s"]), 3), tasks_s=round(sum(s["task_s"]), 3),
+                map_s=round(map_s, 3), slots=slots)

@@ -43,6 +43,10 @@ STATS_SCHEMA = pa.schema([
     pa.field("runtime", pa.string()),
     pa.field("decode_s", pa.float64()),
     pa.field("model_s", pa.float64()),
+    pa.field("load_s", pa.float64()),
+    pa.field("write_s", pa.float64()),
+    pa.field("task_s", pa.float64()),
+    pa.field("started", pa.float64()),
 ])
 
 
@@ -110,7 +114,10 @@ def _list_column(values: np.ndarray, type_: pa.DataType) -> pa.ListArray:
 
 
 def _decoded(rows: Iterator[dict], job: EmbedJob, pool: ThreadPoolExecutor | None):
-    """(row, image or ImageRejected) in input order; at most ~2 batches decoding ahead."""
+    """(row, image or ImageRejected) in input order; at most ~2 batches decoding ahead.
+
+    With a pool the first window is submitted here, before the first ``next()``: a task that still
+    has to load its model decodes its first two batches meanwhile."""
     size, frac = job.spec.input_size, job.spec.crop_fraction
 
     def load(row):
@@ -120,16 +127,22 @@ def _decoded(rows: Iterator[dict], job: EmbedJob, pool: ThreadPoolExecutor | Non
             return row, e
 
     if pool is None:
-        for row in rows:
-            yield load(row)
-        return
+        return (load(row) for row in rows)
     pending: collections.deque = collections.deque()
+    window = 2 * job.batch_size
     for row in rows:
         pending.append(pool.submit(load, row))
-        if len(pending) >= 2 * job.batch_size:
+        if len(pending) >= window:
+            break
+
+    def drain():
+        for row in rows:
             yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+            pending.append(pool.submit(load, row))
+        while pending:
+            yield pending.popleft().result()
+
+    return drain()
 
 
 def _chunks(decoded, batch_size: int):
@@ -194,27 +207,37 @@ def embed_partition(batches: Iterator[pa.RecordBatch], ctx: PartitionContext, *,
     Input columns: ``image_id``, ``uri`` and optionally ``collection``, ``bytes``, ``mtime`` (copied
     into ``rejects`` rows so they carry the same key as ingest's).
     """
-    device = "cpu" if job.engine == "onnx" or job.runtime else resolve_device(job.device)
-    runtime = get_runtime(job.spec, device, artifact=job.artifact, threads=job.threads, engine=job.engine,
-                          precision=job.precision, runtime=job.runtime)
-    if runtime.precision != job.precision:
-        raise RuntimeError(f"embed task {ctx.partition_id}: the {runtime.name} runtime computes in "
-                           f"{runtime.precision}, the run writes {job.model_key} ({job.precision})")
+    started, t_task = time.time(), time.perf_counter()
     features = StagedWriter(job.staging_dir, "features", ctx.partition_id, TABLES["features"].schema)
     rejects = StagedWriter(job.staging_dir, "rejects", ctx.partition_id, TABLES["rejects"].schema)
     # A catalog (CPU) runtime always gets one decode thread: the next batch decodes while the model
-    # runs (PIL and the runtimes release the GIL), also when the task owns a single core.
+    # runs (PIL and the runtimes release the GIL), also when the task owns a single core. The first
+    # window is submitted before the model loads (a worker's first task loads it), so the two overlap.
     decode_threads = job.decode_threads or (1 if job.runtime else 0)
     pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") if decode_threads else None
     n_in = 0
-    decode_s = model_s = 0.0
+    decode_s = model_s = write_s = 0.0
     try:
         rows = (row for b in batches for row in b.to_pylist())
-        chunks, stack = _chunks(_decoded(rows, job, pool), job.batch_size), np.stack
-        if job.gpu_decode and getattr(getattr(runtime, "device", None), "type", None) == "cuda":
+        on_gpu_decode = job.gpu_decode and job.runtime is None and job.engine != "onnx" and \
+            resolve_device(job.device) == "cuda"
+        stack = np.stack
+        if not on_gpu_decode:
+            chunks = _chunks(_decoded(rows, job, pool), job.batch_size)
+        device = "cpu" if job.engine == "onnx" or job.runtime else resolve_device(job.device)
+        runtime = get_runtime(job.spec, device, artifact=job.artifact, threads=job.threads, engine=job.engine,
+                              precision=job.precision, runtime=job.runtime)
+        load_s = time.perf_counter() - t_task
+        if runtime.precision != job.precision:
+            raise RuntimeError(f"embed task {ctx.partition_id}: the {runtime.name} runtime computes in "
+                               f"{runtime.precision}, the run writes {job.model_key} ({job.precision})")
+        if on_gpu_decode:  # decided once the runtime (and the GPU it runs on) is known
             from jobs.embed import gpu_decode
-            if gpu_decode.gpu_decode_available(str(runtime.device)):
-                chunks, stack = _gpu_chunks(rows, job, pool, str(runtime.device)), gpu_decode.stack
+            gpu = str(getattr(runtime, "device", "cpu"))
+            if gpu.startswith("cuda") and gpu_decode.gpu_decode_available(gpu):
+                chunks, stack = _gpu_chunks(rows, job, pool, gpu), gpu_decode.stack
+            else:
+                chunks = _chunks(_decoded(rows, job, pool), job.batch_size)
         while True:
             t0 = time.perf_counter()
             chunk = next(chunks, None)
@@ -233,6 +256,7 @@ def embed_partition(batches: Iterator[pa.RecordBatch], ctx: PartitionContext, *,
             t0 = time.perf_counter()
             emb, logits = runtime.embed(stack([img for _, img in ok]))
             model_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
             ids, probs = top_concepts(logits, job.top_k)
             n = len(ok)
             features.write(pa.table({
@@ -244,7 +268,10 @@ def embed_partition(batches: Iterator[pa.RecordBatch], ctx: PartitionContext, *,
                 "run_id": pa.array([job.run_id] * n, pa.string()),
                 "created_at": pa.array([now] * n, TABLES["features"].schema.field("created_at").type),
             }))
+            write_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
         features_file, rejects_file = features.close(), rejects.close()
+        write_s += time.perf_counter() - t0
     except BaseException:
         features.abort()
         rejects.abort()
@@ -255,4 +282,5 @@ def embed_partition(batches: Iterator[pa.RecordBatch], ctx: PartitionContext, *,
     yield pa.RecordBatch.from_pylist([dict(
         partition=ctx.partition_id, n_in=n_in, n_ok=features.rows, n_rejected=rejects.rows,
         features_file=features_file, rejects_file=rejects_file, runtime=runtime.name,
-        decode_s=decode_s, model_s=model_s)], schema=STATS_SCHEMA)
+        decode_s=decode_s, model_s=model_s, load_s=load_s, write_s=write_s,
+        task_s=time.perf_counter() - t_task, started=started)], schema=STATS_SCHEMA)

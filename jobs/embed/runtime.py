@@ -37,6 +37,7 @@ import numpy as np
 
 from jobs.embed.artifact import OnnxArtifact, read_verified
 from jobs.embed.models import Embedder, ModelSpec
+from jobs.embed.quantize import quantize_int8  # noqa: F401  (re-exported; it lives in its own module)
 from lake.errors import BadInput
 
 __all__ = ["Runtime", "OnnxRuntime", "OpenVinoRuntime", "TorchRuntime", "get_runtime", "resolve_device",
@@ -265,12 +266,17 @@ def machine_id() -> tuple[str, str]:
     return desc, hashlib.sha256(desc.encode()).hexdigest()[:12]
 
 
-def runtime_available(name: str) -> tuple[bool, str]:
-    """Whether catalog runtime ``name`` can run on this machine, and why not."""
+def runtime_available(name: str, *, native: bool = True) -> tuple[bool, str]:
+    """Whether catalog runtime ``name`` can run on this machine, and why not.
+
+    ``native`` (auto-selection, ``--runtime``) also asks for the CPU's own bf16 units. With
+    ``native=False`` (an upload that must match a key the lake already holds) torch's bf16 counts
+    on any CPU: torch computes bfloat16 without those units too, slowly, as the embed job's torch
+    engine does. OpenVINO's bf16 does not count (without the units it computes fp32)."""
     entry = CATALOG.get(name)
     if entry is None:
         raise BadInput(f"unknown runtime {name!r}; one of {', '.join(CATALOG)}")
-    if entry.needs_flags:
+    if entry.needs_flags and (native or entry.engine != "torch"):
         flags = set(cpu_info()["flags"])
         if not flags & set(entry.needs_flags):
             return False, f"the CPU has none of {', '.join(entry.needs_flags)}"
@@ -281,13 +287,14 @@ def runtime_available(name: str) -> tuple[bool, str]:
     return True, ""
 
 
-def build_runtime(name: str, spec: ModelSpec, artifact: OnnxArtifact | None, threads: int) -> Runtime:
+def build_runtime(name: str, spec: ModelSpec, artifact: OnnxArtifact | None, threads: int,
+                  native: bool = True) -> Runtime:
     """A fresh runtime for catalog entry ``name``; ``artifact`` is the fp32 export for fp32/bf16
     ONNX-based entries and the int8 QDQ model for the int8 ones (torch needs none)."""
     entry = CATALOG.get(name)
     if entry is None:
         raise BadInput(f"unknown runtime {name!r}; one of {', '.join(CATALOG)}")
-    ok, why = runtime_available(name)
+    ok, why = runtime_available(name, native=native)
     if not ok:
         raise BadInput(f"runtime {name} cannot run on this machine: {why}")
     if entry.engine == "torch":
@@ -299,34 +306,6 @@ def build_runtime(name: str, spec: ModelSpec, artifact: OnnxArtifact | None, thr
         rt = cls(artifact, threads, entry.precision)
     rt.catalog_name = name
     return rt
-
-
-def quantize_int8(fp32_path: str, out_path: str, calibration: np.ndarray, batch: int = 16) -> None:
-    """Static int8 quantization of the exported model, QDQ format, calibrated on ``calibration``
-    (uint8 NHWC images of the lake): per-channel signed int8 weights, unsigned int8 activations
-    (the x86 VNNI-friendly combination), MinMax calibration. The uint8 input, its cast and the
-    normalisation stay float (quantizing them gains nothing), as do the two outputs' producers'
-    outputs, which are dequantized."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"images": calibration[i:i + batch]} for i in range(0, len(calibration), batch)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    pre = out_path + ".pre.onnx"
-    try:
-        quant_pre_process(fp32_path, pre, skip_symbolic_shape=True)
-        quantize_static(pre, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=["Conv", "Gemm", "MatMul", "Add", "Clip", "Relu"],
-                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
-    finally:
-        if os.path.exists(pre):
-            os.remove(pre)
 
 
 def recall_at_k(reference: np.ndarray, candidate: np.ndarray, k: int = 10) -> float:

@@ -13,9 +13,13 @@ searchers and incremental shards never need a GPU.
   runs on a GPU flat index (``clustering_index``); the rest trains on the CPU.
 * :func:`add_with_ids` encodes ``vectors`` on the GPU the same way (clone, add, copy back).
 
+* :func:`encode` is the shard encoder's form of it: chunks of one shard streamed into one GPU
+  clone, on the GPU Spark gave the task (``spark.task.resource.gpu.amount``), else GPU 0.
+
 Hooks in the build: ``jobs/index/driver.py`` ``_train`` calls :func:`train` instead of
-``index.train``; :func:`add_with_ids` is for the shard encoder and the GPU benchmark
-(``tests/bench/bench_gpu.py``).
+``index.train``; ``jobs/index/partition.py`` encodes each shard with :func:`encode` when
+:func:`gpu_count` is non-zero (and on the CPU, from a fresh copy of the trained index, when the GPU
+fails); :func:`add_with_ids` is for the GPU benchmark (``tests/bench/bench_gpu.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import os
 
 import numpy as np
 
-__all__ = ["gpu_count", "train", "add_with_ids", "resources"]
+__all__ = ["gpu_count", "train", "add_with_ids", "encode", "task_gpu", "resources"]
 
 log = logging.getLogger("imagelake.jobs.index")
 
@@ -65,10 +69,30 @@ def _options():
     return co
 
 
-def _to_gpu(index):
+def _to_gpu(index, device: int = 0):
     import faiss
 
-    return faiss.index_cpu_to_gpu(resources(), 0, index, _options())
+    return faiss.index_cpu_to_gpu(resources(), device, index, _options())
+
+
+def _to_cpu(index):
+    import faiss
+
+    return faiss.index_gpu_to_cpu(index)
+
+
+def task_gpu() -> int:
+    """The GPU ordinal Spark's resource scheduling gave this task (its first address), else 0."""
+    try:
+        from pyspark import TaskContext
+    except ImportError:
+        return 0
+    tc = TaskContext.get()
+    gpus = tc.resources().get("gpu") if tc is not None else None
+    try:
+        return int(gpus.addresses[0]) if gpus is not None and gpus.addresses else 0
+    except ValueError:
+        return 0
 
 
 def train(index, sample: np.ndarray):
@@ -92,7 +116,7 @@ def train(index, sample: np.ndarray):
             ivf.clustering_index = None
         return index
     gpu_index.train(x)
-    return faiss.index_gpu_to_cpu(gpu_index)
+    return _to_cpu(gpu_index)
 
 
 def add_with_ids(index, vectors: np.ndarray, ids: np.ndarray, chunk: int = 262_144):
@@ -111,4 +135,21 @@ def add_with_ids(index, vectors: np.ndarray, ids: np.ndarray, chunk: int = 262_1
         hi = min(len(vectors), lo + chunk)
         target.add_with_ids(np.ascontiguousarray(vectors[lo:hi], dtype=np.float32),
                             np.ascontiguousarray(ids[lo:hi], dtype=np.int64))
-    return faiss.index_gpu_to_cpu(target) if on_gpu else target
+    return _to_cpu(target) if on_gpu else target
+
+
+def encode(index, chunks, device: int | None = None):
+    """Encode every ``(vectors, ids)`` of ``chunks`` into one GPU clone of the trained ``index``;
+    returns the filled CPU index (``index`` itself is left empty).
+
+    Raises:
+        RuntimeError / AttributeError: the index cannot be cloned to or encoded on the GPU (a factory
+            the GPU lacks, out of GPU memory); the caller encodes on the CPU instead.
+    """
+    target = _to_gpu(index, task_gpu() if device is None else device)
+    for vectors, ids in chunks:
+        for lo in range(0, len(vectors), 262_144):
+            hi = min(len(vectors), lo + 262_144)
+            target.add_with_ids(np.ascontiguousarray(vectors[lo:hi], dtype=np.float32),
+                                np.ascontiguousarray(ids[lo:hi], dtype=np.int64))
+    return _to_cpu(target)

@@ -16,7 +16,13 @@ colour jitter) into a temporary lake, then measures:
       the chosen runtime, the Spark session already started and the ONNX export (and the
       runtime's measurement) already done (printed apart: one-time costs);
   (c) the chosen runtime alone on pre-decoded uint8 tensors (batch 64, all cores in one process):
-      the ceiling for (b).
+      the ceiling for (b); measured just before and just after (b) and averaged, so a change of
+      the machine's load during (b) moves both sides.
+
+Every phase prints the load average and CPU-seconds per image (this process and its children:
+the Spark JVM and its Python workers, read from /proc), which a shared machine perturbs less than
+wall time. ``--n 10000 --runtimes ort-fp32 --baseline-n 20`` measures (b)/(c) at 10,000 images
+without the full catalog.
 
 Targets on 2 CPU cores: b >= 10x a, b >= 0.8x c.
 """
@@ -125,20 +131,49 @@ def seeds_way(paths: list[str]) -> tuple[float, float, float]:
     return len(paths) / total, 1000 * decode_s / len(paths), 1000 * model_s / len(paths)
 
 
-def model_only(name: str, artifact, paths: list[str], n: int, batch: int = 64) -> float:
-    """img/s of runtime ``name`` alone on pre-decoded uint8 batches (same runtime as the job),
-    the median of the timed batches."""
+def tree_cpu_seconds(root: int | None = None) -> float:
+    """User+system CPU seconds of process ``root`` (default: this one) and every live descendant
+    (the Spark JVM, its Python workers), plus the children they reaped, from /proc (Linux)."""
+    root = root or os.getpid()
+    tick = os.sysconf("SC_CLK_TCK")
+    parent, cpu = {}, {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            parent[int(d)], cpu[int(d)] = int(fields[1]), sum(int(x) for x in fields[11:15]) / tick
+    total = 0.0
+    for pid, seconds in cpu.items():
+        p = pid
+        while p and p != root:
+            p = parent.get(p, 0)
+        total += seconds if p == root else 0.0
+    return total
+
+
+def model_only(name: str, artifact, paths: list[str], n: int, batch: int = 64) -> tuple[float, float]:
+    """(img/s, CPU ms per image) of runtime ``name`` alone on pre-decoded uint8 batches (same
+    runtime as the job); the rate is the median of the timed batches."""
     spec = get_model("efficientnet-lite0")
     pool = np.stack([load_image(p, spec.input_size) for p in paths[:batch]])
     runtime = build_runtime(name, spec, artifact, threads=os.cpu_count() or 1)
     runtime.embed(pool)  # warm-up
     times, done = [], 0
+    c0 = tree_cpu_seconds()
     while done < n:
         t0 = time.perf_counter()
         runtime.embed(pool)
         times.append(time.perf_counter() - t0)
         done += len(pool)
-    return len(pool) / float(np.median(times))
+    return len(pool) / float(np.median(times)), 1000 * (tree_cpu_seconds() - c0) / done
+
+
+def _noop(batches):
+    yield from batches
 
 
 def machine() -> str:
@@ -173,6 +208,9 @@ def main(argv=None) -> int:
     ap.add_argument("--runtimes", default="", help="comma-separated runtimes for (r) (default: the whole catalog)")
     ap.add_argument("--baseline-n", type=int, default=200, help="images the seeds' way runs on (default 200)")
     ap.add_argument("--master", default="local[*]", help="Spark master for (b) (default local[*])")
+    ap.add_argument("--warm-workers", action="store_true",
+                    help="start Spark's Python workers with a trivial job before (b), as an earlier step of "
+                         "`imagelake run` leaves them (default: (b) pays their start)")
     args = ap.parse_args(argv)
     print(machine(), flush=True)
 
@@ -220,28 +258,47 @@ def main(argv=None) -> int:
         runner = SparkRunner(settings)
         t0 = time.perf_counter()
         runner.spark.range(1).count()
+        if args.warm_workers:
+            runner.spark.range(0, 2, 1, 2).mapInArrow(_noop, "id long").count()
         spark_s = time.perf_counter() - t0
+        n_c = min(len(paths), 1024)
+        c1, c1_cpu = model_only(chosen, run_artifact, paths, n=n_c)
+        load_c1 = os.getloadavg()[0]
         try:
+            load_b0, cpu0 = os.getloadavg()[0], tree_cpu_seconds()
             t0 = time.perf_counter()
             summary = run_embed(lake, settings, runner=runner)
             b_s = time.perf_counter() - t0
+            b_cpu, load_b1 = 1000 * (tree_cpu_seconds() - cpu0) / len(paths), os.getloadavg()[0]
         finally:
             runner.close()
         assert summary["embedded"] == len(paths), summary
+        c2, c2_cpu = model_only(chosen, run_artifact, paths, n=n_c)
+        load_c2 = os.getloadavg()[0]
+        c, c_cpu = (c1 + c2) / 2, (c1_cpu + c2_cpu) / 2
         b = len(paths) / b_s
+        summary = {"tasks_s": 0.0, "slots": 1, "map_s": 0.0, "model_load_s": 0.0, "write_ms_per_image": 0.0,
+                   **summary}  # (older drivers, for a side-by-side run of the previous code, lack these)
+        busy = summary["tasks_s"] / (summary["slots"] * summary["map_s"]) if summary["map_s"] else 0.0
         print(f"(b) embed on Spark {args.master}: {b:.1f} img/s ({len(paths)} images in {b_s:.1f} s, "
-              f"{summary['partitions']} tasks, runtime {summary['runtimes']})", flush=True)
-
-        c = model_only(chosen, run_artifact, paths, n=min(len(paths), 1024))
-        print(f"(c) model only, pre-decoded, {chosen} {os.cpu_count()} threads batch 64: {c:.1f} img/s", flush=True)
+              f"{summary['partitions']} tasks on {summary['slots']} slots, runtime {summary['runtimes']}), "
+              f"{b_cpu:.2f} CPU-ms/img (driver + JVM + workers), load {load_b0:.1f} -> {load_b1:.1f}", flush=True)
+        print(f"    tasks: {summary['tasks_s']:.1f} task-s in {summary['map_s']:.1f} s of tasks' wall "
+              f"(slots busy {busy:.0%}); model loads {summary['model_load_s']:.1f} s summed; "
+              f"outside the tasks (select, stage, commit): {b_s - summary['map_s']:.1f} s", flush=True)
+        print(f"(c) model only, pre-decoded, {chosen} {os.cpu_count()} threads batch 64: {c:.1f} img/s "
+              f"({c1:.1f} before (b) at load {load_c1:.1f}, {c2:.1f} after at load {load_c2:.1f}), "
+              f"{c_cpu:.2f} CPU-ms/img", flush=True)
 
     print()
     print(f"b/a = {b / a:.1f}x  (target >= 10x)")
-    print(f"b/c = {b / c:.2f}   (target >= 0.8; runtime {chosen})")
+    print(f"b/c = {b / c:.2f}   (target >= 0.8; runtime {chosen}, {len(paths)} images)")
+    print(f"CPU per image: (b) {b_cpu:.2f} ms, (c) {c_cpu:.2f} ms; c_cpu/b_cpu = {c_cpu / b_cpu:.2f}")
     print(f"ms per image, (a): decode {a_dec:.2f} + model {a_mod:.2f} (wall, one image at a time)")
-    print(f"ms per image, (b): decode {summary['decode_ms_per_image']:.2f} + model {summary['model_ms_per_image']:.2f} "
-          f"(task time; tasks run in parallel, wall {1000 / b:.2f})")
-    print(f"one-time costs, not in (b): Spark session start {spark_s:.1f} s, ONNX export {export_s:.1f} s "
+    print(f"ms per image, (b): decode wait {summary['decode_ms_per_image']:.2f} + model {summary['model_ms_per_image']:.2f} "
+          f"+ rows/write {summary['write_ms_per_image']:.2f} (task time; tasks run in parallel, wall {1000 / b:.2f})")
+    print(f"one-time costs, not in (b): Spark session start {spark_s:.1f} s"
+          f"{' (with the Python workers)' if args.warm_workers else ''}, ONNX export {export_s:.1f} s "
           "(cached in the lake after the first run)")
     return 0
 

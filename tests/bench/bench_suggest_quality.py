@@ -1,257 +1,18 @@
-"""Labeled image sets for the suggestion-quality benchmark, written as ``<folder>/<class>/<file>.png``
-and turned into real lakes (ingest + lite0 embed with the project's own jobs, LocalRunner on CPU).
+"""The suggestion-quality benchmark: a simulated curator against the served engine and the
+baselines on the labeled sets of :mod:`quality_sets` (see the README's "Suggestion quality").
 
-Every set is built from data installed offline:
-
-* ``fashion-2k``: the first 2,000 Fashion-MNIST images (:func:`imagelake.demo.write_fashion_mnist`);
-  ``fashion-<N>k`` (``--sets fashion-10k``, ``fashion-70k``: all of it) the first N thousand.
-* ``emoji``: the Google emoji PNGs of the npm package ``emoji-datasource-google`` (fetch it once with
-  ``npm pack emoji-datasource-google`` into the cache folder); a class is an emoji subcategory with
-  15-150 images ("animal-mammal", "clothing", "food-fruit", ...). Alpha is flattened onto white,
-  as a viewer shows them (the decoder's RGB conversion would turn transparent pixels black).
-* ``emoji-hard``: the same package's small subcategories, 8-14 images each, many of them fine-grained
-  siblings ("face-unwell" / "face-negative", "hand-fingers-open" / "hand-fingers-partial").
-* ``photos``: crops (30-70 % of each side), colour jitter and flips of scikit-image's sample photos;
-  the class is the source photo. Small crops of one photo show different content, so it is not
-  trivial (in practice every method reaches the ceiling: a sanity check, not a contest).
-* ``shapes``: generated, hard: eight shapes drawn over random photo crops (the class is the shape,
-  the background a nuisance); tests/test_suggest_quality.py uses it as the regression guard.
-
-Lakes are cached under ``$IMAGELAKE_QUALITY_CACHE`` (default /tmp/imagelake-quality), never in git.
+    PYTHONPATH=. python tests/bench/bench_suggest_quality.py --sets fashion-2k,emoji --per-round 8,28
 """
 
 from __future__ import annotations
 
-import io
-import json
-import os
-import subprocess
-import tarfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-CACHE = Path(os.environ.get("IMAGELAKE_QUALITY_CACHE", "/tmp/imagelake-quality"))
-SETS = ("fashion-2k", "emoji", "emoji-hard", "shapes", "photos")
-
-
-@dataclass
-class LabeledSet:
-    """Row ``i`` of ``full`` (L2-normalised lite0 embedding) is image ``image_ids[i]`` of class ``y[i]``."""
-
-    name: str
-    lake_root: str
-    image_ids: list[str]
-    y: np.ndarray            # int class per row
-    classes: list[str]
-    full: np.ndarray         # (n, 1280) float32, unit rows
-    concepts: "object"       # scipy CSR (n, 1000): the stored top-50 concept probabilities
-
-    @property
-    def labels(self) -> dict[str, int]:
-        return dict(zip(self.image_ids, self.y.tolist()))
-
-
-# -- writers ------------------------------------------------------------------------------------
-
-def write_fashion(out: Path, n: int = 2000) -> int:
-    from imagelake.demo import write_fashion_mnist
-
-    return write_fashion_mnist(out, n)
-
-
-def emoji_package(cache: Path = CACHE) -> Path | None:
-    """The unpacked ``emoji-datasource-google`` package (``npm pack`` into the cache on first use)."""
-    root = cache / "npm"
-    pkg = root / "package"
-    if (pkg / "emoji.json").is_file():
-        return pkg
-    root.mkdir(parents=True, exist_ok=True)
-    tgz = sorted(root.glob("emoji-datasource-google-*.tgz"))
-    if not tgz:
-        try:
-            subprocess.run(["npm", "pack", "emoji-datasource-google"], cwd=root, check=True, timeout=300,
-                           capture_output=True)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        tgz = sorted(root.glob("emoji-datasource-google-*.tgz"))
-        if not tgz:
-            return None
-    with tarfile.open(tgz[-1]) as t:
-        t.extractall(root, filter="data")
-    return pkg if (pkg / "emoji.json").is_file() else None
-
-
-def write_emoji(out: Path, lo: int, hi: int, pkg: Path) -> int:
-    """Subcategories with ``lo``..``hi`` Google images, one folder each, flattened onto white."""
-    entries = [e for e in json.loads((pkg / "emoji.json").read_text()) if e.get("has_img_google")]
-    by_sub: dict[str, list[dict]] = {}
-    for e in entries:
-        if (pkg / "img" / "google" / "64" / e["image"]).is_file():
-            by_sub.setdefault(e["subcategory"], []).append(e)
-    n = 0
-    for sub, items in sorted(by_sub.items()):
-        if not lo <= len(items) <= hi:
-            continue
-        folder = out / sub.replace(" ", "_").replace("&", "and")
-        folder.mkdir(parents=True, exist_ok=True)
-        for e in items:
-            target = folder / e["image"]
-            if not target.exists():
-                im = Image.open(pkg / "img" / "google" / "64" / e["image"]).convert("RGBA")
-                white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                Image.alpha_composite(white, im).convert("RGB").save(target)
-            n += 1
-    return n
-
-
-def write_photos(out: Path, per_class: int = 30, seed: int = 0, size=(160, 120)) -> int:
-    """``per_class`` crops of every scikit-image sample photo (class = source photo)."""
-    from common import _sources, jittered_crop
-
-    rng = np.random.default_rng(seed)
-    n = 0
-    for k, src in enumerate(_sources()):
-        folder = out / f"photo{k:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            im = jittered_crop(src, rng, size, scale=(0.3, 0.7))
-            buf = io.BytesIO()
-            im.save(buf, "PNG")
-            (folder / f"crop_{i:03d}.png").write_bytes(buf.getvalue())
-            n += 1
-    return n
-
-
-def write_shapes(out: Path, per_class: int = 24, seed: int = 0, size: int = 96) -> int:
-    """Generated and hard: eight shapes (disc, square, triangle, ring, cross, bar, stripes, dots) in
-    random colours, sizes and places over random crops of scikit-image's photos; the class is the
-    shape, so the background (most of each image's pixels) is a nuisance a model must learn to
-    ignore. No network, a few seconds to write: the regression guard's data."""
-    from PIL import ImageDraw
-
-    from common import _sources
-
-    rng = np.random.default_rng(seed)
-    sources = _sources()
-    kinds = ("disc", "square", "triangle", "ring", "cross", "bar", "stripes", "dots")
-    n = 0
-    for kind in kinds:
-        folder = out / kind
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            src = sources[int(rng.integers(len(sources)))]
-            h, w = src.shape[:2]
-            side = int(min(h, w) * rng.uniform(0.3, 0.8))
-            y0, x0 = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-            im = Image.fromarray(src[y0:y0 + side, x0:x0 + side]).resize((size, size), Image.Resampling.BILINEAR)
-            d = ImageDraw.Draw(im)
-            colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-            r = size * rng.uniform(0.2, 0.35)
-            cx, cy = rng.uniform(r, size - r, 2)
-            box = (cx - r, cy - r, cx + r, cy + r)
-            if kind == "disc":
-                d.ellipse(box, fill=colour)
-            elif kind == "square":
-                d.rectangle(box, fill=colour)
-            elif kind == "triangle":
-                d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
-            elif kind == "ring":
-                d.ellipse(box, outline=colour, width=max(3, int(r / 3)))
-            elif kind == "cross":
-                d.rectangle((cx - r, cy - r / 4, cx + r, cy + r / 4), fill=colour)
-                d.rectangle((cx - r / 4, cy - r, cx + r / 4, cy + r), fill=colour)
-            elif kind == "bar":
-                d.rectangle((cx - r, cy - r / 5, cx + r, cy + r / 5), fill=colour)
-            elif kind == "stripes":
-                for k in range(4):
-                    yy = cy - r + k * r / 2
-                    d.rectangle((cx - r, yy, cx + r, yy + r / 5), fill=colour)
-            else:
-                for a in range(3):
-                    for b in range(3):
-                        px, py = cx - r + a * r, cy - r + b * r
-                        d.ellipse((px - r / 6, py - r / 6, px + r / 6, py + r / 6), fill=colour)
-            im.save(folder / f"{kind}_{i:03d}.png")
-            n += 1
-    return n
-
-
-# -- lakes --------------------------------------------------------------------------------------
-
-def build_lake(name: str, cache: Path = CACHE, **kw) -> Path | None:
-    """Write the set's images, ingest and embed them (cached: reused while ``ready`` exists).
-    None when the set's source data is not installed."""
-    from jobs.embed import run_embed
-    from jobs.ingest.driver import run_ingest
-    from jobs.runner import LocalRunner
-    from lake.catalog import Lake
-    from lake.settings import Settings
-
-    folder = cache / (name if not kw else name + "-" + "-".join(f"{k}{v}" for k, v in sorted(kw.items())))
-    if (folder / "ready").is_file():
-        return folder / "lake"
-    images = folder / "images"
-    if _fashion_n(name):
-        written = write_fashion(images, kw.get("n", _fashion_n(name)))
-    elif name in ("emoji", "emoji-hard"):
-        pkg = emoji_package(cache)
-        if pkg is None:
-            return None
-        written = write_emoji(images, *((15, 150) if name == "emoji" else (8, 14)), pkg)
-    elif name == "photos":
-        written = write_photos(images, **kw)
-    elif name == "shapes":
-        written = write_shapes(images, **kw)
-    else:
-        raise ValueError(f"unknown set {name!r}; one of {SETS}")
-    if not written and not any(images.rglob("*.png")):
-        return None
-    lake = Lake.at(folder / "lake")
-    settings = Settings(lake=lake.root, runner="local", partition_files=4096)
-    run_ingest(lake, settings, str(images), collection=name, runner=LocalRunner())
-    run_embed(lake, settings, device="cpu", runner=LocalRunner(), partition_rows=4096)
-    (folder / "ready").write_text("ok\n")
-    return folder / "lake"
-
-
-def _fashion_n(name: str) -> int:
-    """``fashion-<N>k`` -> N * 1000 (0 for any other set)."""
-    import re
-
-    hit = re.fullmatch(r"fashion-(\d+)k", name)
-    return int(hit.group(1)) * 1000 if hit and int(hit.group(1)) > 0 else 0
-
-
-def load_set(name: str, lake_root: Path) -> LabeledSet:
-    """Embeddings, concepts and labels (the class is the image file's folder) of a built lake."""
-    from scipy import sparse
-
-    from lake.catalog import Lake
-    from lake.commit import open_table
-    from lake.vectors import load_embeddings
-
-    lake = Lake.at(lake_root)
-    emb = load_embeddings(lake)
-    uris = {r["image_id"]: r["uri"] for r in
-            open_table(lake, "images").to_pyarrow_table(columns=["image_id", "uri"]).to_pylist()}
-    names = [Path(uris[i]).parent.name for i in emb.image_ids]
-    classes = sorted(set(names))
-    y = np.array([classes.index(c) for c in names])
-    row = {i: r for r, i in enumerate(emb.image_ids)}
-    rows, cols, vals = [], [], []
-    for f in open_table(lake, "features").to_pyarrow_table(columns=["image_id", "concept_ids", "concept_probs"]).to_pylist():
-        if f["image_id"] in row:
-            rows += [row[f["image_id"]]] * len(f["concept_ids"])
-            cols += f["concept_ids"]
-            vals += f["concept_probs"]
-    concepts = sparse.csr_matrix((vals, (rows, cols)), shape=(len(emb), 1000), dtype=np.float32)
-    return LabeledSet(name, str(lake_root), list(emb.image_ids), y, classes, emb.normalized().astype(np.float32),
-                      concepts)
-
+from quality_sets import (CACHE, SETS, LabeledSet, build_lake, build_lake_batch, emoji_package,  # noqa: F401
+                          load_set, write_emoji, write_fashion, write_photos, write_shapes)
 
 # -- the simulated curator -----------------------------------------------------------------------
 
@@ -606,7 +367,8 @@ def share(hits: np.ndarray, oracle: np.ndarray) -> float:
     return float(hits.sum() / max(1.0, oracle.sum()))
 
 
-def evaluate(ds: LabeledSet, per_round: int, seeds, served=None, variants: dict | None = None) -> dict:
+def evaluate(ds: LabeledSet, per_round: int, seeds, served=None, variants: dict | None = None,
+             baselines=None) -> dict:
     """{method: (hits per seed stacked: (seeds*classes, rounds), ms list)} for one set and page size."""
     out: dict[str, tuple[np.ndarray, list]] = {}
     if served is not None:
@@ -617,7 +379,8 @@ def evaluate(ds: LabeledSet, per_round: int, seeds, served=None, variants: dict 
         runs = [simulate_engine(ds, eng, per_round, s) for s in seeds]
         out[name] = (np.vstack([h for h, _ in runs]), sum((m for _, m in runs), []))
     for name, pick in BASELINES.items():
-        out[name] = (np.vstack([simulate_policy(ds, pick, per_round, s) for s in seeds]), [])
+        if baselines is None or name == "oracle" or name.split(" ")[0].lower() in baselines:
+            out[name] = (np.vstack([simulate_policy(ds, pick, per_round, s) for s in seeds]), [])
     return out
 
 
@@ -646,7 +409,9 @@ def engine_variants(ds: LabeledSet, names: list[str]) -> dict:
 
 VARIANTS: dict[str, dict] = {"c1": {"c": 1.0}, "tetris-own": {"tetris_others": False},
                            "margin1": {"tetris_margin": 1.0}, "prior0": {"tetris_prior": 0.0},
-                           "prior1": {"tetris_prior": 1.0}}
+                           "prior1": {"tetris_prior": 1.0}, "first10": {"explore_first": 0.1},
+                           "noexplore": {"explore_first": 0.0, "explore_below": 0.0},
+                           "rw03": {"random_weight": 0.3}, "rw01": {"random_weight": 0.1}}
 
 
 def main(argv=None):
@@ -665,6 +430,13 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--no-api", action="store_true", help="skip the HTTP run of the served engine")
     parser.add_argument("--variants", default="", help="engine configurations to run directly: " + ",".join(VARIANTS))
+    parser.add_argument("--baselines", default="ii-20,logreg,knn",
+                        help="baselines to run beside the oracle (ii-20, logreg, knn; '' for none)")
+    parser.add_argument("--embed", choices=("job", "batch"), default="job",
+                        help="how fashion-<N>k lakes get their features: the embed job, or the batch path "
+                             "(quality_sets.build_lake_batch: the same runtime in one process, then embed --import)")
+    parser.add_argument("--embed-limit", type=int, default=None,
+                        help="with --embed batch: embed only the first N images of each fashion set (a time box)")
     parser.add_argument("--modes", default="2,4,7", help="bucket counts for the Tetris/fast-forward section ('' skips it)")
     args = parser.parse_args(argv)
     print("bench_suggest_quality")
@@ -673,7 +445,7 @@ def main(argv=None):
     work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
     for name in args.sets.split(","):
         t0 = time.perf_counter()
-        root = build_lake(name)
+        root = build_lake_batch(name, limit=args.embed_limit) if args.embed == "batch" and name.startswith("fashion-") else build_lake(name)
         if root is None:
             print(f"\n  {name}: source data not installed, skipped")
             continue
@@ -682,7 +454,8 @@ def main(argv=None):
         variants = engine_variants(ds, [v for v in args.variants.split(",") if v])
         try:
             for per_round in (int(p) for p in args.per_round.split(",") if p):
-                print("\n" + "\n".join(report(ds, per_round, evaluate(ds, per_round, seeds, served, variants))), flush=True)
+                print("\n" + "\n".join(report(ds, per_round, evaluate(ds, per_round, seeds, served, variants,
+                                                                         [b for b in args.baselines.split(",") if b]))), flush=True)
             if args.modes:
                 engines = {"engine": engine_variants(ds, ["engine"])["engine[engine]"](), **{k: v() for k, v in variants.items()}}
                 print("\n" + "\n".join(report_modes(ds, engines, seeds, [int(k) for k in args.modes.split(",")])), flush=True)

@@ -121,7 +121,7 @@ export async function mountMap(root, {openDetails}) {
   }
 
   async function fillOverlays() {
-    const options = [el("option", {value: ""}, "no overlay"), el("option", {value: "date"}, "capture date")];
+    const options = [el("option", {value: ""}, "no overlay")];
     try {
       const {buckets} = await api("/buckets");
       for (const b of buckets.filter((b) => !b.system)) options.push(el("option", {value: `bucket:${b.bucket_id}`}, `bucket: ${b.name}`));
@@ -130,6 +130,7 @@ export async function mountMap(root, {openDetails}) {
       const {tags} = await api("/tags?limit=30");
       for (const t of tags) options.push(el("option", {value: `tag:${t.tag}`}, `tag: ${t.tag}`));
     } catch { /* no tags yet */ }
+    options.push(el("option", {value: "date"}, "capture date"));
     overlaySelect.replaceChildren(...options);
   }
 

@@ -1,5 +1,5 @@
 // The map's overlay by capture date (GET /grid/<layout>/dates): the cells of the images taken
-// between two years, each filled with its year's colour (oldest dark blue, newest yellow), a
+// between two years, each filled with its year's colour (oldest dark purple, newest yellow), a
 // from/to year slider, and on request the images without a date, outlined in grey.
 import {api, el} from "./api.js";
 
