@@ -19,8 +19,8 @@ pipeline's ``suggest`` step builds their version. Object-store lakes work the sa
 are key prefixes in the store (found with one listing per check), the chosen build's files are
 mapped from the node's verified artifact cache (:func:`lake.compact.load_compact_from_store`), and
 the overlay's vectors are objects under the same key (each read once per process; they never
-change). Uploads into an object-store lake are refused (``POST /images`` answers 503), so there
-the overlay holds only what something else wrote into it, and usually nothing.
+change). Uploads into an object-store lake write their vectors there as they do locally
+(``POST /images``; :mod:`api.upload_overlay`).
 """
 
 from __future__ import annotations
