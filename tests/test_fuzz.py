@@ -21,8 +21,8 @@ from conftest import write_images  # noqa: E402
 from jobs.pipeline import PipelineRequest, run_pipeline  # noqa: E402
 from lake.settings import Settings  # noqa: E402
 
-EXAMPLES = {GenerationMode.POSITIVE: 15, GenerationMode.NEGATIVE: 15}
-EXAMPLES_WITH_REAL_ID = 6
+EXAMPLES = {GenerationMode.POSITIVE: 10, GenerationMode.NEGATIVE: 10}
+EXAMPLES_WITH_REAL_ID = 4
 
 
 @pytest.fixture(scope="module")
