@@ -50,20 +50,17 @@ def label_of(uri: str) -> int:
     return FASHION_CLASSES.index(Path(uri).parent.name)
 
 
-def build(n: int, folder: Path | None = None, seed: int = 0) -> Path:
-    """A lake of ``n`` Fashion-MNIST images (a seeded random sample, all classes) with features."""
+def ingest_sample(n: int, folder: Path, seed: int = 0):
+    """Ingest a seeded random sample of ``n`` Fashion-MNIST images (all classes), written as
+    ``fm_<index>_c<label>.png`` under ``folder/png``, into a new lake at ``folder/lake``; returns
+    ``(lake, settings)`` for the steps that follow."""
     from PIL import Image
 
-    from jobs.embed import run_embed
     from jobs.ingest.driver import run_ingest
     from jobs.runner import LocalRunner
     from lake.catalog import Lake
     from lake.settings import Settings
 
-    folder = folder or ROOT / "test-artifacts" / f"fashion-{n}-s{seed}"
-    lake_dir = folder / "lake"
-    if (folder / "ready").is_file():
-        return lake_dir
     images, labels = load_arrays()
     pick = np.sort(np.random.default_rng(seed).permutation(len(images))[:n])
     png = folder / "png"
@@ -72,11 +69,23 @@ def build(n: int, folder: Path | None = None, seed: int = 0) -> Path:
         p = png / f"fm_{i:05d}_c{labels[i]}.png"
         if not p.exists():
             Image.fromarray(images[i]).save(p)
-    lake = Lake.at(lake_dir)
-    settings = Settings(lake=str(lake_dir), runner="local", partition_files=4096)
-    runner = LocalRunner()
-    run_ingest(lake, settings, str(png), collection="fashion", runner=runner)
-    run_embed(lake, settings, device="cpu", runner=runner, partition_rows=4096)
+    lake = Lake.at(folder / "lake")
+    settings = Settings(lake=str(folder / "lake"), runner="local", partition_files=4096)
+    run_ingest(lake, settings, str(png), collection="fashion", runner=LocalRunner())
+    return lake, settings
+
+
+def build(n: int, folder: Path | None = None, seed: int = 0) -> Path:
+    """A lake of ``n`` Fashion-MNIST images (a seeded random sample, all classes) with features."""
+    from jobs.embed import run_embed
+    from jobs.runner import LocalRunner
+
+    folder = folder or ROOT / "test-artifacts" / f"fashion-{n}-s{seed}"
+    lake_dir = folder / "lake"
+    if (folder / "ready").is_file():
+        return lake_dir
+    lake, settings = ingest_sample(n, folder, seed)
+    run_embed(lake, settings, device="cpu", runner=LocalRunner(), partition_rows=4096)
     (folder / "ready").write_text("ok\n")
     return lake_dir
 

@@ -45,33 +45,16 @@ MODEL = "bench-synthetic@1"
 
 def build_imported(n: int, seed: int = 0) -> Path:
     """A lake of ``n`` Fashion-MNIST images with imported synthetic embeddings and concept tags."""
-    import numpy as np
-    from PIL import Image
-
     import fashion
     from bench_million import write_embeddings
-    from jobs.ingest.driver import run_ingest
-    from jobs.runner import LocalRunner
-    from lake.catalog import Lake
     from lake.commit import open_table
-    from lake.settings import Settings
 
     folder = REPO / "test-artifacts" / f"fashion-{n}-s{seed}-import"
     lake_dir = folder / "lake"
     if (folder / "ready").is_file():
         return lake_dir
     t0 = time.perf_counter()
-    images, labels = fashion.load_arrays()
-    pick = np.sort(np.random.default_rng(seed).permutation(len(images))[:n])
-    png = folder / "png"
-    png.mkdir(parents=True, exist_ok=True)
-    for i in pick:
-        p = png / f"fm_{i:05d}_c{labels[i]}.png"
-        if not p.exists():
-            Image.fromarray(images[i]).save(p)
-    lake = Lake.at(lake_dir)
-    settings = Settings(lake=str(lake_dir), runner="local", partition_files=4096)
-    run_ingest(lake, settings, str(png), collection="fashion", runner=LocalRunner())
+    lake, _ = fashion.ingest_sample(n, folder, seed)
     print(f"  ingested {n} PNGs in {time.perf_counter() - t0:.1f} s", flush=True)
     uris = sorted(open_table(lake, "sources").to_pyarrow_table(columns=["uri"]).column("uri").to_pylist())
     emb = folder / "embeddings.parquet"
