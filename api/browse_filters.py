@@ -39,7 +39,7 @@ from flask import Blueprint, jsonify, request
 
 from api.auth import requires
 from api.browse_index import FilteredIndexes, SeqIndex, seq_index
-from api.images import _int_arg
+from api.request_limits import int_arg
 from api.services import lake_reader
 from jobs.tag.state import CURRENT_TAGS_SQL
 from lake.errors import BadInput, NotFound
@@ -309,7 +309,7 @@ def filters():
     """What Browse can filter on: folders, tags, buckets, clusters (named, sized, with previews), capture."""
     from api.buckets import bucket_store
 
-    limit = _int_arg("limit", 100, 1, 500)
+    limit = int_arg("limit", 100, 1, 500)
     cur = lake_reader().cursor()
     try:
         folders, tags, capture = _folders(cur, limit), _tags(cur, limit), _capture(cur)

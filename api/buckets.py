@@ -17,7 +17,7 @@ from typing import Any
 from flask import Blueprint, Flask, current_app, jsonify, request
 
 from api.auth import current_principal
-from api.images import _int_arg
+from api.request_limits import int_arg
 from api.per_process import PerProcess
 from api.services import check_image_id, lake_reader
 from lake.bucket_store import Action, BucketStore
@@ -167,7 +167,7 @@ def create_bucket():
 def get_bucket(bucket_id: str):
     """The bucket, a page of its members (``?limit=``, ``?offset=``) and its pending images."""
     _path_bucket(bucket_id)
-    limit, offset = _int_arg("limit", 500, 1, 10_000), _int_arg("offset", 0, 0, 2**62)
+    limit, offset = int_arg("limit", 500, 1, 10_000), int_arg("offset", 0, 0, 2**62)
     store = bucket_store()
     with store.reading() as state:
         bucket = state.buckets.get(bucket_id)
@@ -259,7 +259,7 @@ def history(bucket_id: str):
             raise BadInput(f"as_of must be an ISO 8601 time like 2026-01-31T12:00:00+00:00, got {as_of!r}") from None
         if when.tzinfo is None:
             when = when.replace(tzinfo=dt.timezone.utc)
-    number = _int_arg("version", 0, 0, 2**62) if version is not None else None
+    number = int_arg("version", 0, 0, 2**62) if version is not None else None
     store = bucket_store()
     store.sync()
     out = bucket_history(store.lake, bucket_id, version=number, as_of=when)

@@ -11,7 +11,7 @@ import re
 
 from flask import Blueprint, jsonify, request
 
-from api.images import _int_arg
+from api.request_limits import int_arg
 from api.services import check_image_id, lake_reader
 from lake.errors import BadInput, NotFound
 
@@ -45,7 +45,7 @@ def list_clusters():
     kind = request.args.get("kind", "dup")
     if kind not in ("dup", "topic"):
         raise BadInput(f"kind must be dup or topic, got {kind!r}")
-    limit, offset = _int_arg("limit", 50, 1, 500), _int_arg("offset", 0, 0, 2**62)
+    limit, offset = int_arg("limit", 50, 1, 500), int_arg("offset", 0, 0, 2**62)
     run_id, topic_model = current_runs()
     out = {"ok": True, "kind": kind, "run_id": run_id, "level": None, "levels": [], "total": 0, "clusters": []}
     if run_id is None:
@@ -60,7 +60,7 @@ def list_clusters():
         out["levels"] = levels
         if not levels:
             return jsonify(out)
-        level = _int_arg("level", levels[0], 0, 2**31 - 1)
+        level = int_arg("level", levels[0], 0, 2**31 - 1)
         if level not in levels:
             raise BadInput(f"level {level} is not a cut of the current topic model; levels are {levels}")
         out["level"] = level
@@ -77,7 +77,7 @@ def cluster(cluster_id: str):
     """Members of one cluster (any run's ids stay readable), most similar first, paged."""
     if not _CLUSTER_ID.fullmatch(cluster_id):
         raise BadInput(f"malformed cluster id {cluster_id[:80]!r}; take ids from GET /clusters")
-    limit, offset = _int_arg("limit", 100, 1, 500), _int_arg("offset", 0, 0, 2**62)
+    limit, offset = int_arg("limit", 100, 1, 500), int_arg("offset", 0, 0, 2**62)
     head = _rows(f"SELECT any_value(kind), any_value(level), count(DISTINCT image_id) FROM clusters "
                  f"WHERE cluster_id = {_lit(cluster_id)}")
     if not head or not head[0][2]:

@@ -20,9 +20,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, jsonify
 
 from api.buckets import bucket_store
+from api.request_limits import int_arg
 from api.suggest import suggester
 from api.suggester import fit_logistic
 from lake.buckets import DISCARD, check_bucket_id
@@ -105,14 +106,7 @@ def doubts(bucket_id: str):
     if bucket_id == DISCARD:
         raise BadInput("the discard pile has no doubts; it is not a label")
     check_bucket_id(bucket_id)
-    raw = request.args.get("n", "20")
-    limit = current_app.config["IMAGELAKE_SETTINGS"].suggest_max_n
-    try:
-        n = int(raw)
-    except ValueError:
-        raise BadInput(f"n must be an integer from 1 to {limit}, got {raw[:40]!r}") from None
-    if not 1 <= n <= limit:
-        raise BadInput(f"n must be an integer from 1 to {limit}, got {n}")
+    n = int_arg("n", 20, 1, current_app.config["IMAGELAKE_SETTINGS"].suggest_max_n)
     with bucket_store().reading() as state:
         state.live_bucket(bucket_id)
         live = [b["bucket_id"] for b in state.listing() if b["bucket_id"] != DISCARD]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify, request
 
+from api.request_limits import int_arg
 from api.services import check_image_id, lake_reader
 from lake.errors import BadInput
 from lake.sql import jsonable
@@ -19,27 +20,14 @@ _IMMUTABLE = "private, max-age=31536000, immutable"
 def browse():
     """A page of images in seq order: ``?limit=`` (1..500, default 60), ``?offset=``, ``?collection=``;
     ``?folder= &tag= &bucket= &cluster= &where=`` filter it (:mod:`api.browse_filters`)."""
-    limit = _int_arg("limit", 60, 1, 500)
-    offset = _int_arg("offset", 0, 0, 2**62)
+    limit = int_arg("limit", 60, 1, 500)
+    offset = int_arg("offset", 0, 0, 2**62)
     from api.browse_filters import filtered_page, has_filters  # folder, tag, bucket, cluster, where
 
     if has_filters(request.args):
         return jsonify({"ok": True, **jsonable(filtered_page(request.args, limit=limit, offset=offset))})
     page = lake_reader().browse(limit=limit, offset=offset, collection=request.args.get("collection") or None)
     return jsonify({"ok": True, **jsonable(page)})
-
-
-def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadInput(f"{name} must be an integer from {lo} to {hi}, got {raw[:40]!r}") from None
-    if not lo <= value <= hi:
-        raise BadInput(f"{name} must be an integer from {lo} to {hi}, got {value}")
-    return value
 
 
 @bp.get("/images/<image_id>")

@@ -17,6 +17,7 @@ from flask import Blueprint, jsonify, request
 
 from api.auth import requires
 from api.grid import layout_store
+from api.request_limits import int_arg
 from api.services import lake_reader
 from jobs.grid.store import LayoutView
 from lake.errors import BadInput
@@ -82,17 +83,6 @@ def _day(name: str) -> int | None:
     return (day - _EPOCH).days
 
 
-def _limit() -> int:
-    raw = request.args.get("limit", str(DEFAULT_LIMIT))
-    try:
-        limit = int(raw)
-    except ValueError:
-        raise BadInput(f"limit must be an integer from 1 to {MAX_LIMIT}, got {raw[:40]!r}") from None
-    if not 1 <= limit <= MAX_LIMIT:
-        raise BadInput(f"limit must be from 1 to {MAX_LIMIT}, got {limit}")
-    return limit
-
-
 def _iso(day: int) -> str:
     return (_EPOCH + dt.timedelta(days=int(day))).isoformat()
 
@@ -101,7 +91,7 @@ def _iso(day: int) -> str:
 @requires("read")
 def dates(layout: str):
     """Cells of the images taken in ``[from, to)`` (row order; ``day``: UTC days since 1970-01-01)."""
-    first, last, limit = _day("from"), _day("to"), _limit()
+    first, last, limit = _day("from"), _day("to"), int_arg("limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     undated_wanted = request.args.get("undated", "false")
     if undated_wanted not in ("true", "false", "1", "0"):
         raise BadInput(f"undated must be true or false, got {undated_wanted[:40]!r}")

@@ -4,21 +4,38 @@ werkzeug answers every form limit with the same bare 413, so a small body of 2,0
 read as "body too large". Here the multipart parts are counted as the body streams past (the
 count is the limit: werkzeug's own is switched off), a text field over ``MAX_FORM_MEMORY_SIZE``
 says so, and only a body over ``upload_max_bytes`` is "too large". JSON bodies are parsed with a
-nesting bound: a deeply nested document must be a 400, not a ``RecursionError`` 500.
+nesting bound: a deeply nested document must be a 400, not a ``RecursionError`` 500. A bounded
+integer query parameter is :func:`int_arg`.
 """
 
 from __future__ import annotations
 
 from typing import IO, Any
 
-from flask import Flask, Request
+from flask import Flask, Request, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 
+from lake.errors import BadInput
 from lake.json_input import loads_bounded
 
-__all__ = ["FormLimit", "LimitedRequest", "BoundedJSONProvider", "init_app"]
+__all__ = ["FormLimit", "LimitedRequest", "BoundedJSONProvider", "init_app", "int_arg"]
+
+
+def int_arg(name: str, default: int, lo: int, hi: int) -> int:
+    """Query parameter ``name`` as an integer in ``[lo, hi]`` (``default`` when absent or empty);
+    BadInput (400) naming the bounds otherwise."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadInput(f"{name} must be an integer from {lo} to {hi}, got {raw[:40]!r}") from None
+    if not lo <= value <= hi:
+        raise BadInput(f"{name} must be an integer from {lo} to {hi}, got {value}")
+    return value
 
 
 class FormLimit(RequestEntityTooLarge):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request
 
-from api.images import _int_arg
+from api.request_limits import int_arg
 from api.services import lake_reader
 from api.text_search import MAX_QUERY, search_text
 from lake.errors import Unavailable
@@ -21,7 +21,7 @@ MAX_UNUSUAL = 1000
 @bp.get("/images/unusual")
 def unusual():
     """The ``n`` most unusual images of the newest scored index build, most unusual first."""
-    n = _int_arg("n", 20, 1, MAX_UNUSUAL)
+    n = int_arg("n", 20, 1, MAX_UNUSUAL)
     reader = lake_reader()
     latest = reader.select("SELECT build_id FROM outliers ORDER BY created_at DESC, build_id DESC LIMIT 1")
     if not latest:
@@ -38,7 +38,7 @@ def unusual():
 def text():
     """Images matching words: ImageNet concepts, tags, metadata values (see :mod:`api.text_search`)."""
     max_k = current_app.config["IMAGELAKE_SETTINGS"].search_max_k
-    k = _int_arg("k", 20, 1, max_k)
+    k = int_arg("k", 20, 1, max_k)
     results = search_text(lake_reader(), request.args.get("q", ""), k)
     return jsonify({"ok": True, "results": results})
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from flask import Blueprint, Flask, current_app, jsonify, request
 
-from api.buckets import (BUCKET_ID_PARAM, _body, _IDS, _int_arg, action_response, bucket_store,
+from api.buckets import (BUCKET_ID_PARAM, _body, _IDS, action_response, bucket_store,
                          image_ids_arg, json_body, submit)
 from api.per_process import PerProcess
+from api.request_limits import int_arg
 from api.suggester import Suggester, labels_of
 from lake.buckets import check_bucket_id
 from lake.catalog import Lake
@@ -45,7 +46,7 @@ def _bucket(bucket_id: str) -> str:
 
 
 def _n(default: int = 28) -> int:
-    return _int_arg("n", default, 1, current_app.config["IMAGELAKE_SETTINGS"].suggest_max_n)
+    return int_arg("n", default, 1, current_app.config["IMAGELAKE_SETTINGS"].suggest_max_n)
 
 
 @bp.get("/buckets/<bucket_id>/suggestions")
@@ -113,7 +114,7 @@ def fast_forward_commit(bucket_id: str):
 def bucket_previews():
     """``?n=`` (default 4, at most 12) most typical members of every live bucket, for the bucket bar:
     those nearest the bucket's mean direction; the latest members when there are no features yet."""
-    n = _int_arg("n", 4, 1, 12)
+    n = int_arg("n", 4, 1, 12)
     with bucket_store().reading() as state:
         members = {b["bucket_id"]: state.member_ids(b["bucket_id"], pending=False)
                    for b in state.listing() if not b["system"]}

@@ -7,7 +7,7 @@ from __future__ import annotations
 from flask import Blueprint, current_app, jsonify, request
 
 from api.auth import current_principal
-from api.images import _int_arg
+from api.request_limits import int_arg
 from api.services import check_image_id, lake_reader
 from jobs.tag.state import CURRENT_TAGS_SQL
 from lake.errors import BadInput
@@ -78,7 +78,7 @@ def vocabulary():
     source = request.args.get("source")
     if source not in (None, "", "user", "concept", "learned"):
         raise BadInput(f"source must be user, concept or learned, got {source!r}")
-    limit, offset = _int_arg("limit", 100, 1, 1000), _int_arg("offset", 0, 0, 2**62)
+    limit, offset = int_arg("limit", 100, 1, 1000), int_arg("offset", 0, 0, 2**62)
     where = f"WHERE source = '{source}'" if source else ""
     rows = lake_reader().query(
         f"SELECT tag, source, count(DISTINCT image_id) AS images, count(*) OVER () AS total FROM ({CURRENT_TAGS_SQL}) "
