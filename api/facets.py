@@ -18,6 +18,7 @@ from collections import OrderedDict
 
 from flask import Blueprint, jsonify, request
 
+from api.request_limits import int_arg
 from api.services import lake_reader
 from lake.errors import BadInput
 from lake.metadata_filter import parse_filter
@@ -53,13 +54,7 @@ def facets():
     column = request.args.get("column", "")
     if not column:
         raise BadInput("missing ?column=: name a metadata or images column, e.g. /facets?column=subjects")
-    raw = request.args.get("limit", "50")
-    try:
-        limit = int(raw)
-    except ValueError:
-        raise BadInput(f"limit must be an integer from 1 to {_MAX_LIMIT}, got {raw!r}") from None
-    if not 1 <= limit <= _MAX_LIMIT:
-        raise BadInput(f"limit must be an integer from 1 to {_MAX_LIMIT}, got {limit}")
+    limit = int_arg("limit", 50, 1, _MAX_LIMIT)
     raw_where = request.args.get("where")
     parse_filter(raw_where)  # a bad filter is a 400 before anything is counted
     return jsonify({"ok": True, **_counted(column, limit, raw_where)})
