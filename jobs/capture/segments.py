@@ -11,7 +11,7 @@ decoded only when asked for, and an IFD pointer is followed only when asked for.
 Both keep Pillow's semantics (``PIL.Image.Exif`` and ``ImageFileDirectory_v2``, Pillow 11-13): a tag
 of an unknown type or of no data is skipped; a tag whose data runs past the block, or a truncated
 entry table, ends the IFD there (the entries before it are kept); the first of two entries with one tag wins; single values
-are unwrapped. Anything they do not handle the same way (a BigTIFF or malformed header, a segment
+are unwrapped. Rationals are read as floats (what the capture fields make of Pillow's ``IFDRational``). Anything they do not handle the same way (a BigTIFF or malformed header, a segment
 running past the end, no frame header before the scan) makes them answer ``None``, and the caller
 reads the image through Pillow instead.
 """
@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from PIL import TiffTags
-from PIL.TiffImagePlugin import IFDRational
 
 __all__ = ["JpegMetadata", "jpeg_metadata", "ExifBlock"]
 
@@ -88,6 +87,7 @@ def jpeg_metadata(data: bytes) -> JpegMetadata | None:
 _TYPES = {1: (1, ""), 2: (1, ""), 3: (2, "H"), 4: (4, "L"), 5: (8, "L"), 6: (1, "b"), 7: (1, ""),
           8: (2, "h"), 9: (4, "l"), 10: (8, "l"), 11: (4, "f"), 12: (8, "d"), 13: (4, "L"), 16: (8, "Q")}
 _EXIF_IFD, _GPS_IFD, _ORIENTATION = 0x8769, 0x8825, 0x0112
+_NAN = float("nan")
 _XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')
 
 
@@ -136,15 +136,16 @@ class _Ifd:
         return self[tag] if tag in self._entries else default
 
     def _decode(self, tag: int, typ: int, num: int, start: int, size: int) -> Any:
-        raw = self._block[start:start + size]
         if typ in (1, 7):
-            return raw
+            return self._block[start:start + size]
         if typ == 2:
+            raw = self._block[start:start + size]
             return (raw[:-1] if raw.endswith(b"\x00") else raw).decode("latin-1", "replace")
-        code = _TYPES[typ][1]
-        values: tuple = struct.unpack(f"{self._endian}{num * (2 if typ in (5, 10) else 1)}{code}", raw)
-        if typ in (5, 10):
-            values = tuple(IFDRational(a, b) for a, b in zip(values[::2], values[1::2]))
+        rational = typ in (5, 10)
+        values: Any = struct.unpack_from(f"{self._endian}{num * 2 if rational else num}{_TYPES[typ][1]}",
+                                         self._block, start)
+        if rational:  # as float(IFDRational): the correctly rounded quotient, NaN over zero
+            values = tuple([a / b if b else _NAN for a, b in zip(values[::2], values[1::2])])
         if len(values) == 1 or TiffTags.lookup(tag, self._group).length == 1:
             return values[0]
         return values
