@@ -14,6 +14,7 @@ since the machine may be shared. A recipe is worth shipping only if it passes an
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import tempfile
@@ -73,7 +74,6 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             quantize_int8(src, out, calib, recipe=recipe)
             q_s = time.perf_counter() - t0
-            import hashlib
             art = OnnxArtifact(out, hashlib.sha256(open(out, "rb").read()).hexdigest(), spec.key)
             f32, _ = measure(ref_rt, gate_images, None, 32, args.measure_s)  # fp32 timed beside it
             m, _ = measure(build_runtime("ort-int8", spec, art, threads), gate_images, ref, 32, args.measure_s)
