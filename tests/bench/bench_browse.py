@@ -39,7 +39,7 @@ sys.path[:0] = [str(HERE), str(REPO / "tests"), str(REPO)]
 
 from common import machine  # noqa: E402
 
-BEFORE = "88da612"  # the last commit with one DuckDB query per filtered page
+BEFORE = "39d0b30"  # session 11 start: id lists bound as one list parameter (88da612: one DuckDB query per page)
 MODEL = "bench-synthetic@1"
 
 

@@ -2,6 +2,7 @@
 
     python tests/bench/bench_dashboard.py [--n 70000] [--baseline-n 1000] [--repeat 9] [--workers 2]
     python tests/bench/bench_dashboard.py --workflow [--n 70000] [--baseline-n 1000] [--repeat 5] [--import-embeddings]
+        [--old-rev REV] [--viewports 1366x768,1920x1080]
 
 ``--workflow`` (issue 18) measures what a curator waits for, in the page's own clock, on both
 lakes side by side (the pipeline's ``suggest`` and ``grid`` steps run first): a number key ->
@@ -12,7 +13,11 @@ members (all images when the lake has fewer) -> its page's first 56 thumbnails d
 <= 200 ms median, map open and the rectangle <= 1 s. ``--import-embeddings`` builds both lakes with
 imported synthetic embeddings instead of the embed job (``bench_browse.build_imported``: the same
 Fashion-MNIST PNGs through the real ingest; minutes instead of ~10 min at 70k): what is measured is
-latency, which does not depend on what the vectors mean.
+latency, which does not depend on what the vectors mean. ``--old-rev REV`` serves the large lake
+from ``git archive REV`` first (its API and dashboard; same lake, same harness), then from this
+tree: the before and after of a change in one run (``--baseline-n 0`` skips the small lake). Each
+step's requests are printed from the browser's resource timeline: route, requests per round, and
+the server wait (request sent -> first byte) against the whole round trip, medians.
 
 For each lake (the baseline's small one first, then the large one, both built once by
 tests/fashion.py with the real ingest and embed jobs and cached under test-artifacts/; the large
