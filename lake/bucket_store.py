@@ -39,7 +39,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -122,6 +122,7 @@ class BucketStore(AppendPath):
         self._table_key = ""
         self._must_sync = True
         self._checkpointed: int | None = None
+        self._upkeep_running = False  # a checkpoint thread runs (lake.bucket_append); guarded by _idle
         self._ckpt_table: DeltaTable | None = None
         self.merge_files = merge_files
         self.log_expiry_every_s, self._expired_at = log_expiry_every_s, float("-inf")
@@ -337,22 +338,23 @@ class BucketStore(AppendPath):
                     break
                 batch.append(item)
             self.stats.picked(started, [t for _, _, t in batch])
-            try:
-                results = self._commit([a for a, _, _ in batch])
-            except BaseException as e:  # the commit failed: nobody is acknowledged
-                if isinstance(e, ImagelakeError):  # a clear one-line reason (e.g. the store is unreachable)
-                    log.warning("bucket log commit failed: %s", e)
-                else:
-                    log.exception("bucket log commit failed")
-                if not isinstance(e, ImagelakeError):
-                    e = Unavailable(f"the bucket log commit failed ({type(e).__name__}); retry with the same "
-                                    "client_event_id")
-                results = [e] * len(batch)
-            for (_, future, _), result in zip(batch, results):
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+            with self._node.batch() if self._node is not None else nullcontext():
+                try:
+                    results = self._commit([a for a, _, _ in batch])
+                except BaseException as e:  # the commit failed: nobody is acknowledged
+                    if isinstance(e, ImagelakeError):  # a clear one-line reason (e.g. the store is unreachable)
+                        log.warning("bucket log commit failed: %s", e)
+                    else:
+                        log.exception("bucket log commit failed")
+                    if not isinstance(e, ImagelakeError):
+                        e = Unavailable(f"the bucket log commit failed ({type(e).__name__}); retry with the same "
+                                        "client_event_id")
+                    results = [e] * len(batch)
+                for (_, future, _), result in zip(batch, results):
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
             self.stats.done(started)
             if self._queue.empty() or self.stats.counts["batches"] % 8 == 0:
                 self._maintain()
