@@ -118,6 +118,7 @@ class AppendPath:
                    {"add": {"path": name, "partitionValues": {}, "size": data.size, "modificationTime": now,
                             "dataChange": data_change, "stats": json.dumps(stats, separators=(",", ":"))}}]
         key = f"{self._table_key}/{name}"
+        self._announce(base + 1)
         self._store.write_bytes(key, data.to_pybytes())
         body = "".join(json.dumps(a, separators=(",", ":")) + "\n" for a in actions).encode()
         if self._store.put_if_absent(self._log_key(base + 1), body) is None:
@@ -183,6 +184,7 @@ class AppendPath:
                 self._catch_up_table()  # the append path's commits moved the log
                 if self._table.version() != base:
                     return None
+            self._announce(base + 1)
             try:
                 write_deltalake(self._table, pa.Table.from_pylist(rows, schema=spec.schema), mode="append",
                                 schema_mode="merge", writer_properties=WriterProperties(compression="ZSTD"),
@@ -314,6 +316,7 @@ class AppendPath:
             self._catch_up_table()  # sync reads nothing when nothing is new: the object may lag
             if self._table.version() != base:
                 return  # another writer committed meanwhile: compact on a later round
+            self._announce((base if base is not None else -1) + 1)
             with store_errors(self.lake):
                 self._table.optimize.compact()
                 self._table.update_incremental()

@@ -202,9 +202,13 @@ class BucketStore(AppendPath):
         return False
 
     def _await_push(self, version: int, timeout: float = 0.5) -> bool:
-        """A follower: wait (a few ms; at most 0.5 s on a starved machine) for the node writer's push of ``version`` to be
+        """A follower: wait (a few ms; at most 0.5 s on a starved machine) for the node writer's push
+        of ``version``, when the writer announced it (:meth:`VersionBoard.announce`), to be
         folded in by the link's reader thread, instead of reading the log for it."""
         if self._node is None or self._node.is_writer or not self._node.connected:
+            return False
+        announced = self._node.board.announced()
+        if announced is None or announced < version:  # not the node writer's commit: no push comes
             return False
         return self._pushed.wait_for(lambda: self.version is not None and self.version >= version, timeout)
 
@@ -241,6 +245,11 @@ class BucketStore(AppendPath):
         if self._store.is_local:
             return os.path.exists(self._store.uri(self._log_key(version)))
         return self._store.head(self._log_key(version)) is not None
+
+    def _announce(self, version: int) -> None:
+        """Tell the node's followers (the version board) that this writer creates ``version`` next."""
+        if self._node is not None and self._node.is_writer:
+            self._node.board.announce(version)
 
     def _publish(self) -> None:
         if self._node is not None and self._node.commits_here and self.version is not None:

@@ -20,8 +20,9 @@ actions, itself (its own group-commit thread, ordered by Delta versions like ano
 the writer sends anything again; event ids keep the hung writer's queued copy from landing twice.
 
 Read-your-writes: a follower folds the log's tail in before it answers. Other workers learn of
-the commit from the node's *version board*, 16 bytes in shared memory (``/dev/shm``) that the
-writer updates after each commit and before it acknowledges any action of it: a read checks the
+the commit from the node's *version board*, a few bytes in shared memory (``/dev/shm``) that the
+writer updates after each commit and before it acknowledges any action of it (and, before each
+commit, with the version it is about to create, so a follower waits for a push only for those): a read checks the
 board (one ``pread``) and re-reads the Delta log's tail only when the board is ahead of what it
 has folded, so the curator's next read, whichever worker takes it, sees the write, without every
 read polling the log. Commits of other nodes are seen within ``refresh_s`` (each worker re-checks
