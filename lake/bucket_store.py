@@ -43,6 +43,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
@@ -151,7 +152,9 @@ class BucketStore(AppendPath):
             raise ImagelakeError("a BucketStore was created before a fork; create one per process")
 
     def sync(self) -> BucketState:
-        """Fold in every file committed since the last call (all of them after a compaction).
+        """Fold in every file committed since the last call. Files that a merge or compaction
+        rewrote (the same rows in new files) are read for the rows not folded yet only; the fold
+        starts over only when the live files hold fewer or more rows than it has (rows went away).
 
         When nothing was committed since (no commit file for the next version: one ``stat`` locally,
         one HEAD on an object store) the log is not read at all."""
@@ -170,8 +173,9 @@ class BucketStore(AppendPath):
                 return self.state
             self._check_direct()
             files = self._table.file_uris()
-            if not self._seen.issubset(files):  # compacted or vacuumed: start over
-                self._seen, self.state, self._recent = set(), BucketState(), []
+            rewritten = not self._seen.issubset(files)  # merged or compacted since: the same rows in other files
+            if rewritten:
+                self._seen.intersection_update(files)
             new = [f for f in files if f not in self._seen]
             if new:
                 fs, _ = arrow_filesystem(new[0])
@@ -182,12 +186,21 @@ class BucketStore(AppendPath):
                     else:  # a cold start: one multi-threaded dataset scan
                         table = pads.dataset([arrow_filesystem(f)[1] for f in new], filesystem=fs, format="parquet",
                                              schema=table_spec("bucket_events").schema).to_table()
-                for event in events_from_arrow(table):
+                for event in events_from_arrow(table):  # already folded ones (rewritten files) are skipped
                     self.state.apply(event)
                 self._seen.update(new)
+            if rewritten and len(self.state.events) != self._row_count():
+                self._seen, self.state, self._recent = set(), BucketState(), []  # rows went away: read all again
+                self.version = None
+                return self.sync()
             self.version = self._table.version()
             self._publish()
             return self.state
+
+    def _row_count(self) -> int:
+        """Rows in the table's live files (their ``add`` statistics)."""
+        adds = self._table.get_add_actions(flatten=True)
+        return int(pc.sum(pa.table(adds).column("num_records")).as_py() or 0)
 
     def _nothing_new(self) -> bool:
         """True when the fold is at the log's tail: no commit file after ``self.version``, or (a

@@ -415,8 +415,13 @@ def test_kill_9_during_writes_loses_no_acknowledged_action(lake, ids):
 
 
 def test_the_writer_compacts_a_log_of_many_small_files(lake, ids):
+    """Compaction keeps the rows; a reader that folded files before it reads only the rows it has
+    not folded (its fold is kept, not read again from the start)."""
     store = BucketStore(lake, compact_files=20)
     bucket = store.submit(Action("create", payload={"name": "b"}, actor="t"))["bucket_id"]
+    behind = BucketStore(lake)
+    with behind.reading() as before:
+        assert len(before.events) == 1
     for j in range(30):
         store.submit(Action("add", bucket, (ids[j],), actor="t"))
     from deltalake import DeltaTable
@@ -424,6 +429,8 @@ def test_the_writer_compacts_a_log_of_many_small_files(lake, ids):
     fresh = BucketStore(lake)  # another process starting later reads the compacted files
     with fresh.reading() as state:
         assert state.member_ids(bucket) == ids[:30] and len(state.events) == 31
+    with behind.reading() as state:  # its first file was rewritten: the same rows elsewhere
+        assert state is before and state.member_ids(bucket) == ids[:30] and len(state.events) == 31
     assert store.submit(Action("remove", bucket, (ids[0],), actor="t"))["seq"] == 31
     assert bucket_members(lake, bucket) == ids[1:30]
 
