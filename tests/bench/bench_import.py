@@ -43,7 +43,7 @@ def make_lake(root: Path, n: int) -> list[str]:
     lake = Lake.at(root).ensure()
     ensure_tables(lake)
     ids = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)]
-    uris = [f"/bench/images/{i:07d}.jpg" for i in range(n)]
+    uris = [f"/bench/images/img_{i:08d}.jpg" for i in range(n)]   # named as bench_million names them
     ts = TABLES["images"].schema.field("ingested_at").type
     common = {"collection": ["bench"] * n, "bytes": pa.array([4000] * n, pa.int64()), "mtime": pa.nulls(n, ts),
               "run_id": ["bench"] * n, "ingested_at": pa.array([0] * n, ts)}
