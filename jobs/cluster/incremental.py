@@ -79,9 +79,15 @@ def save_state(lake: Lake, run_id: str, seqs: np.ndarray, desc: np.ndarray, proj
 
 
 def remove_state(lake: Lake, run_id: str | None) -> None:
-    """Remove an older run's dup state (local lakes; on an object store it stays until the janitor)."""
-    if run_id and lake.is_local:
+    """Remove an older run's dup state (a local folder, or every object under its prefix)."""
+    if not run_id:
+        return
+    if lake.is_local:
         shutil.rmtree(state_dir(lake, run_id), ignore_errors=True)
+    else:
+        from lake.staging import remove_staging
+
+        remove_staging(state_dir(lake, run_id))
 
 
 def plan(lake: Lake, state_run: str | None, meta: dict) -> Plan | None:
