@@ -92,12 +92,8 @@ def test_exploration_grows_when_suggestions_are_rejected(client, labels):
     # the first page, before any feedback, is all the model's (exploring it cost hits: see api.suggester)
     assert first["acceptance"] is None and first["explore_fraction"] == explore_fraction(None) == 0.0
     assert {s["source"] for s in first["suggestions"]} == {"model"}
-    # "suggest": n answers the next page with the feedback (Curate's n: one round trip), the same
-    # page a GET right after it answers
-    fb = ok(client.post(f"{B}/{bucket}/feedback", json={"rejected": [s["image_id"] for s in first["suggestions"]],
-                                                        "suggest": 20}))
+    ok(client.post(f"{B}/{bucket}/feedback", json={"rejected": [s["image_id"] for s in first["suggestions"]]}))
     after = ok(client.get(f"{B}/{bucket}/suggestions?n=20"))
-    assert fb["bucket"]["bucket_id"] == bucket and fb["suggestions"]["suggestions"] == after["suggestions"]
     assert after["acceptance"] == 0.0 and after["explore_fraction"] == 0.5
     assert sum(s["source"] != "model" for s in after["suggestions"]) == 10
     exploit = ok(client.get(f"{B}/{bucket}/suggestions?n=20&explore=false"))
@@ -171,9 +167,6 @@ def test_bad_suggestion_requests(client, labels):
     one = of_class(labels, CAT, 1)
     assert ok(client.post(f"{B}/{bucket}/feedback", json={"accepted": one, "rejected": one}), 400)["status"] == 400
     assert ok(client.post(f"{B}/{bucket}/feedback", json={}), 400)["status"] == 400
-    for bad in (0, "5", True, 100000):  # checked before anything is committed
-        assert "suggest must be" in ok(client.post(f"{B}/{bucket}/feedback", json={"rejected": one, "suggest": bad}), 400)["error"]
-    assert ok(client.get(f"{B}/{bucket}"))["bucket"]["count"] == 0
     assert ok(client.post(f"{B}/{bucket}/fast-forward", json={"n": 5}), 409)["status"] == 409  # no members yet
     ok(client.delete(f"{B}/{bucket}"))
     assert ok(client.get(f"{B}/{bucket}/suggestions"), 409)["status"] == 409

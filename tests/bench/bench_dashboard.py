@@ -419,8 +419,17 @@ def workflow_main(args) -> None:
                              PipelineRequest(steps=("suggest", "grid"), model=_model(lake)))
                 print(f"  {label}: suggest and grid steps in {time.perf_counter() - t0:.1f} s", flush=True)
                 trees = ([(f"{label} {args.old_rev}", old)] if old and label == "measured" else []) + [(label, REPO)]
-                for name, tree in trees:
-                    results.append(workflow(lake_dir, args.repeat, args.workers, browser, name, tree, viewports))
+                merged: dict[str, dict] = {}
+                for vp in viewports:  # old and new tree take turns, one viewport at a time (the load drifts)
+                    for name, tree in trees:
+                        got = workflow(lake_dir, args.repeat, args.workers, browser, name, tree, [vp])
+                        if name not in merged:
+                            merged[name] = got
+                        else:
+                            for k in ("figures", "requests"):
+                                merged[name][k].update(got[k])
+                            merged[name]["selected"] += got["selected"]
+                results.extend(merged.values())
                 shutil.rmtree(lake_dir.parent)
         finally:
             browser.close()

@@ -246,9 +246,9 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
 
   // -- grid mode ---------------------------------------------------------------------------
 
-  async function fetchPage(n, answered = null) {
+  async function fetchPage(n) {
     if (!active) return [];
-    const body = answered || await api(`/buckets/${active}/suggestions?n=${n}`);
+    const body = await api(`/buckets/${active}/suggestions?n=${n}`);
     meta = body;
     return (await stackSuggestions(body.suggestions)).map((s) => ({...s, placed: null}));
   }
@@ -376,17 +376,16 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
       const accepted = page.filter((p) => p.placed === active).map((p) => p.image_id);
       const rejected = page.filter((p) => !p.placed && !failed.has(p.image_id)).map((p) => p.image_id);
       // the accepted ones are members already (each drop was an add); they are named again so the
-      // bucket's acceptance (which sets how much the suggester explores) counts them. The next
-      // page comes in the same answer, computed after the feedback is folded (one round trip).
-      let answered = null;
+      // bucket's acceptance (which sets how much the suggester explores) counts them. (The next
+      // page in the feedback's own answer was tried and measured slower at 70k: the committing
+      // process is busy right after its commit; see bench_dashboard in the README.)
       if (canWrite && (rejected.length || accepted.length)) {
-        const body = await api(`/buckets/${active}/feedback`, {method: "POST", json: {accepted, rejected, suggest: PAGE * 2}});
+        const body = await api(`/buckets/${active}/feedback`, {method: "POST", json: {accepted, rejected}});
         setRow(body.bucket, body.event.seq);
-        answered = body.suggestions;
       }
       if (active !== startedOn) return;
       const shown = new Set(page.map((p) => p.image_id));
-      const fresh = (await fetchPage(PAGE * 2, answered)).filter((p) => !shown.has(p.image_id));
+      const fresh = (await fetchPage(PAGE * 2)).filter((p) => !shown.has(p.image_id));
       page = fresh.slice(0, PAGE);
       prefetched = fresh.slice(PAGE);
       failed.clear();
@@ -394,7 +393,6 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
       renderGrid();
       if (page.length) performance.mark("curate-next-shown");  // read by tests/bench/bench_dashboard.py
       preload(prefetched);
-      if (!answered) await loadBuckets(false);
       say(`feedback sent: ${accepted.length} accepted, ${rejected.length} rejected · ${page.length} new suggestions · ${progress()}`);
     } catch (e) { toast(e.message, "error"); say("the feedback was not sent; press n to try again"); }
     finally { turning = false; }
