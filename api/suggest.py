@@ -69,8 +69,18 @@ def feedback(bucket_id: str):
     body = json_body()
     accepted = image_ids_arg(body, "accepted", required=False)
     rejected = image_ids_arg(body, "rejected", required=False)
-    return action_response(submit("feedback", bucket_id, body, image_ids=tuple(accepted),
-                                  rejected_ids=tuple(rejected)))
+    want = body.get("suggest")  # the next page in the same round trip, after the feedback is folded
+    limit = current_app.config["IMAGELAKE_SETTINGS"].suggest_max_n
+    if want is not None and (isinstance(want, bool) or not isinstance(want, int) or not 1 <= want <= limit):
+        raise BadInput(f"suggest must be an integer from 1 to {limit}")
+    response = action_response(submit("feedback", bucket_id, body, image_ids=tuple(accepted),
+                                      rejected_ids=tuple(rejected)))
+    if want is None:
+        return response
+    with bucket_store().reading(fresh=False) as state:  # this process's fold holds the commit just made
+        labels = labels_of(state, bucket_id)
+    out = suggester().suggest(labels, want)
+    return jsonify({**response.get_json(), "suggestions": {"bucket_id": bucket_id, **jsonable(out)}})
 
 
 @bp.post("/buckets/<bucket_id>/fast-forward")
@@ -169,7 +179,10 @@ def openapi_paths(settings) -> dict:
         "/buckets/{bucket_id}/feedback": {"post": {
             "summary": "Accept (join the bucket) and reject (negatives for it) suggested images",
             "operationId": "bucketFeedback", "parameters": [BUCKET_ID_PARAM],
-            "requestBody": _body({"accepted": _IDS, "rejected": _IDS}),
+            "requestBody": _body({"accepted": _IDS, "rejected": _IDS,
+                                  "suggest": {"type": "integer", "minimum": 1, "maximum": settings.suggest_max_n,
+                                              "description": "also answer the next n suggestions (as GET .../suggestions "
+                                                             "would after this feedback) under \"suggestions\""}}),
             "responses": {"200": action, **errors(400, 404, 409, 413)}}},
         "/buckets/{bucket_id}/fast-forward": {"post": {
             "summary": "Put the model's top n unlabeled images into the bucket, pending review",

@@ -39,10 +39,11 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
@@ -122,6 +123,7 @@ class BucketStore(AppendPath):
         self._table_key = ""
         self._must_sync = True
         self._checkpointed: int | None = None
+        self._upkeep_running = False  # a checkpoint thread runs (lake.bucket_append); guarded by _idle
         self._ckpt_table: DeltaTable | None = None
         self.merge_files = merge_files
         self.log_expiry_every_s, self._expired_at = log_expiry_every_s, float("-inf")
@@ -150,7 +152,9 @@ class BucketStore(AppendPath):
             raise ImagelakeError("a BucketStore was created before a fork; create one per process")
 
     def sync(self) -> BucketState:
-        """Fold in every file committed since the last call (all of them after a compaction).
+        """Fold in every file committed since the last call. Files that a merge or compaction
+        rewrote (the same rows in new files) are read for the rows not folded yet only; the fold
+        starts over only when the live files hold fewer or more rows than it has (rows went away).
 
         When nothing was committed since (no commit file for the next version: one ``stat`` locally,
         one HEAD on an object store) the log is not read at all."""
@@ -169,8 +173,9 @@ class BucketStore(AppendPath):
                 return self.state
             self._check_direct()
             files = self._table.file_uris()
-            if not self._seen.issubset(files):  # compacted or vacuumed: start over
-                self._seen, self.state, self._recent = set(), BucketState(), []
+            rewritten = not self._seen.issubset(files)  # merged or compacted since: the same rows in other files
+            if rewritten:
+                self._seen.intersection_update(files)
             new = [f for f in files if f not in self._seen]
             if new:
                 fs, _ = arrow_filesystem(new[0])
@@ -181,12 +186,21 @@ class BucketStore(AppendPath):
                     else:  # a cold start: one multi-threaded dataset scan
                         table = pads.dataset([arrow_filesystem(f)[1] for f in new], filesystem=fs, format="parquet",
                                              schema=table_spec("bucket_events").schema).to_table()
-                for event in events_from_arrow(table):
+                for event in events_from_arrow(table):  # already folded ones (rewritten files) are skipped
                     self.state.apply(event)
                 self._seen.update(new)
+            if rewritten and len(self.state.events) != self._row_count():
+                self._seen, self.state, self._recent = set(), BucketState(), []  # rows went away: read all again
+                self.version = None
+                return self.sync()
             self.version = self._table.version()
             self._publish()
             return self.state
+
+    def _row_count(self) -> int:
+        """Rows in the table's live files (their ``add`` statistics)."""
+        adds = self._table.get_add_actions(flatten=True)
+        return int(pc.sum(pa.table(adds).column("num_records")).as_py() or 0)
 
     def _nothing_new(self) -> bool:
         """True when the fold is at the log's tail: no commit file after ``self.version``, or (a
@@ -201,9 +215,13 @@ class BucketStore(AppendPath):
         return False
 
     def _await_push(self, version: int, timeout: float = 0.5) -> bool:
-        """A follower: wait (a few ms; at most 0.5 s on a starved machine) for the node writer's push of ``version`` to be
+        """A follower: wait (a few ms; at most 0.5 s on a starved machine) for the node writer's push
+        of ``version``, when the writer announced it (:meth:`VersionBoard.announce`), to be
         folded in by the link's reader thread, instead of reading the log for it."""
         if self._node is None or self._node.is_writer or not self._node.connected:
+            return False
+        announced = self._node.board.announced()
+        if announced is None or announced < version:  # not the node writer's commit: no push comes
             return False
         return self._pushed.wait_for(lambda: self.version is not None and self.version >= version, timeout)
 
@@ -240,6 +258,11 @@ class BucketStore(AppendPath):
         if self._store.is_local:
             return os.path.exists(self._store.uri(self._log_key(version)))
         return self._store.head(self._log_key(version)) is not None
+
+    def _announce(self, version: int) -> None:
+        """Tell the node's followers (the version board) that this writer creates ``version`` next."""
+        if self._node is not None and self._node.is_writer:
+            self._node.board.announce(version)
 
     def _publish(self) -> None:
         if self._node is not None and self._node.commits_here and self.version is not None:
@@ -337,22 +360,23 @@ class BucketStore(AppendPath):
                     break
                 batch.append(item)
             self.stats.picked(started, [t for _, _, t in batch])
-            try:
-                results = self._commit([a for a, _, _ in batch])
-            except BaseException as e:  # the commit failed: nobody is acknowledged
-                if isinstance(e, ImagelakeError):  # a clear one-line reason (e.g. the store is unreachable)
-                    log.warning("bucket log commit failed: %s", e)
-                else:
-                    log.exception("bucket log commit failed")
-                if not isinstance(e, ImagelakeError):
-                    e = Unavailable(f"the bucket log commit failed ({type(e).__name__}); retry with the same "
-                                    "client_event_id")
-                results = [e] * len(batch)
-            for (_, future, _), result in zip(batch, results):
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+            with self._node.batch() if self._node is not None else nullcontext():
+                try:
+                    results = self._commit([a for a, _, _ in batch])
+                except BaseException as e:  # the commit failed: nobody is acknowledged
+                    if isinstance(e, ImagelakeError):  # a clear one-line reason (e.g. the store is unreachable)
+                        log.warning("bucket log commit failed: %s", e)
+                    else:
+                        log.exception("bucket log commit failed")
+                    if not isinstance(e, ImagelakeError):
+                        e = Unavailable(f"the bucket log commit failed ({type(e).__name__}); retry with the same "
+                                        "client_event_id")
+                    results = [e] * len(batch)
+                for (_, future, _), result in zip(batch, results):
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
             self.stats.done(started)
             if self._queue.empty() or self.stats.counts["batches"] % 8 == 0:
                 self._maintain()

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import random
+import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 from PIL.TiffImagePlugin import IFDRational
 
+from jobs.capture import exif as capture_exif
 from jobs.capture.exif import read_capture
 
 UTC = dt.timezone.utc
@@ -99,6 +102,32 @@ def test_hostile_exif_leaves_fields_null_with_a_reason_and_never_raises():
     assert read_capture(b"not an image", "f" * 64, max_block_bytes=MiB)["issues"] == ["image:unreadable"]
     plain = read_capture(_save(_photo(6), "JPEG"), "0" * 64, max_block_bytes=MiB)
     assert plain["issues"] == [] and plain["camera"] is None and plain["keywords"] == []
+
+
+def test_the_jpeg_segment_reader_answers_as_pillow_does_on_mutated_exif_blocks():
+    """read_capture reads a JPEG's EXIF from its segments, not through Pillow; on 100 randomly
+    mutated EXIF blocks (offsets, counts, types, lengths) both readers give the same row."""
+    def both(data: bytes) -> tuple[dict | None, dict]:
+        rows = [capture_exif.empty_capture("0" * 64) for _ in range(2)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fast = capture_exif._read_jpeg_segments(data, rows[0], rows[0]["issues"], MiB)
+            capture_exif._read_with_pillow(data, rows[1], rows[1]["issues"], MiB)
+        return (rows[0] if fast else None), rows[1]
+
+    good = _save(_photo(7), "JPEG", _full_exif())
+    start = good.find(b"Exif\x00\x00") + 6
+    end = start + int.from_bytes(good[start - 8:start - 6], "big") - 8
+    rng, read_fast = random.Random(7), 0
+    for _ in range(100):
+        data = bytearray(good)
+        for _ in range(rng.randint(1, 6)):
+            data[rng.randrange(start, end)] = rng.choice((0, 0xFF, rng.randrange(256)))
+        fast, pillow = both(bytes(data))
+        if fast is not None:
+            read_fast += 1
+            assert fast == pillow
+    assert read_fast > 80 and both(good)[0] == both(good)[1]
 
 
 # -- one lake through the pipeline -------------------------------------------------------------

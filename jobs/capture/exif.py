@@ -24,6 +24,7 @@ from typing import Any
 
 from PIL import Image
 
+from jobs.capture.segments import ExifBlock, jpeg_metadata
 from lake.catalog import TABLES
 
 __all__ = ["CAPTURE_FIELDS", "read_capture", "empty_capture"]
@@ -61,23 +62,47 @@ def read_capture(data: bytes, image_id: str, *, max_block_bytes: int) -> dict[st
     issues: list[str] = row["issues"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            im = Image.open(io.BytesIO(data))
-        except Exception:
-            issues.append("image:unreadable")
-            return row
-        try:
-            _exif_fields(im, row, issues, max_block_bytes)
-            _iptc_fields(im, row, issues)
-            _xmp_fields(im, row, issues, max_block_bytes)
-        except Exception:  # a bug in a field reader must not fail the image either
-            issues.append("capture:unexpected")
-        finally:
-            im.close()
+        if not _read_jpeg_segments(data, row, issues, max_block_bytes):
+            _read_with_pillow(data, row, issues, max_block_bytes)
     row["has_gps"] = row["gps_lat"] is not None and row["gps_lon"] is not None
     row["camera"] = _camera(row["make"], row["model"])
     row["keywords"] = list(dict.fromkeys(k for k in row["keywords"] if k))[:_MAX_KEYWORDS]
     return row
+
+
+def _read_jpeg_segments(data: bytes, row: dict, issues: list[str], max_block: int) -> bool:
+    """Fill ``row`` from a JPEG's segments without opening the image (see :mod:`jobs.capture.segments`);
+    False when the JPEG needs Pillow (not a JPEG, an odd header, IPTC data) and ``row`` is untouched."""
+    meta = jpeg_metadata(data)
+    if meta is None or meta.photoshop:
+        return False
+    block = meta.exif
+    try:
+        exif = ExifBlock(block if block is None or len(block) <= max_block else None, meta.xmp)
+    except ValueError:
+        return False
+    try:
+        _exif_fields(block, lambda: exif, row, issues, max_block)
+        _xmp_fields(meta.xmp, row, issues, max_block)
+    except Exception:  # a bug in a field reader must not fail the image either
+        issues.append("capture:unexpected")
+    return True
+
+
+def _read_with_pillow(data: bytes, row: dict, issues: list[str], max_block: int) -> None:
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Exception:
+        issues.append("image:unreadable")
+        return
+    try:
+        _exif_fields(im.info.get("exif"), im.getexif, row, issues, max_block)
+        _iptc_fields(im, row, issues)
+        _xmp_fields(im.info.get("xmp") or im.info.get("XML:com.adobe.xmp"), row, issues, max_block)
+    except Exception:  # a bug in a field reader must not fail the image either
+        issues.append("capture:unexpected")
+    finally:
+        im.close()
 
 
 def _field(row: dict, issues: list[str], name: str, fn, *args) -> None:
@@ -93,13 +118,14 @@ def _field(row: dict, issues: list[str], name: str, fn, *args) -> None:
         row[name] = value
 
 
-def _exif_fields(im: Image.Image, row: dict, issues: list[str], max_block: int) -> None:
-    block = im.info.get("exif")
+def _exif_fields(block: Any, load_exif, row: dict, issues: list[str], max_block: int) -> None:
+    """``block``: the raw EXIF block (or None); ``load_exif()``: its IFD0 (``Image.Exif`` or
+    :class:`~jobs.capture.segments.ExifBlock`)."""
     if isinstance(block, (bytes, bytearray)) and len(block) > max_block:
         issues.append("exif:too_large")
         return
     try:
-        exif = im.getexif()
+        exif = load_exif()
     except Exception:
         issues.append("exif:unreadable")
         return
@@ -165,7 +191,10 @@ def _text(value: Any, limit: int = _MAX_TEXT) -> str | None:
         text = value
     else:
         raise _Issue("bad_type")
-    text = "".join(ch for ch in text.replace("\x00", "") if ch.isprintable()).strip()
+    text = text.replace("\x00", "")
+    if not text.isprintable():
+        text = "".join(ch for ch in text if ch.isprintable())
+    text = text.strip()
     return text[:limit] or None
 
 
@@ -329,10 +358,9 @@ _XMP_TITLE = re.compile(rb"<dc:title>(.*?)</dc:title>", re.S)
 _XMP_LI = re.compile(rb"<rdf:li[^>]*>([^<]{0,1024})</rdf:li>")
 
 
-def _xmp_fields(im: Image.Image, row: dict, issues: list[str], max_block: int) -> None:
+def _xmp_fields(xmp: Any, row: dict, issues: list[str], max_block: int) -> None:
     """dc:subject (keywords) and dc:title from an XMP packet, by pattern (no XML parser, so no entity
     expansion), and only from a packet of at most ``max_block`` bytes."""
-    xmp = im.info.get("xmp") or im.info.get("XML:com.adobe.xmp")
     if xmp is None:
         return
     if isinstance(xmp, str):

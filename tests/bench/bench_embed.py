@@ -43,7 +43,9 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
 
+from common import tree_cpu_seconds  # noqa: E402
 from jobs.embed import get_model, run_embed  # noqa: E402
 from jobs.embed.artifact import ensure_onnx  # noqa: E402
 from jobs.embed.decode import load_image  # noqa: E402
@@ -129,30 +131,6 @@ def seeds_way(paths: list[str]) -> tuple[float, float, float]:
         decode_s, model_s = decode_s + t1 - t0, model_s + t2 - t1
     total = time.perf_counter() - t_all
     return len(paths) / total, 1000 * decode_s / len(paths), 1000 * model_s / len(paths)
-
-
-def tree_cpu_seconds(root: int | None = None) -> float:
-    """User+system CPU seconds of process ``root`` (default: this one) and every live descendant
-    (the Spark JVM, its Python workers), plus the children they reaped, from /proc (Linux)."""
-    root = root or os.getpid()
-    tick = os.sysconf("SC_CLK_TCK")
-    parent, cpu = {}, {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            parent[int(d)], cpu[int(d)] = int(fields[1]), sum(int(x) for x in fields[11:15]) / tick
-    total = 0.0
-    for pid, seconds in cpu.items():
-        p = pid
-        while p and p != root:
-            p = parent.get(p, 0)
-        total += seconds if p == root else 0.0
-    return total
 
 
 def model_only(name: str, artifact, paths: list[str], n: int, batch: int = 64) -> tuple[float, float]:

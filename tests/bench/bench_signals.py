@@ -4,7 +4,9 @@
 
 Each repeat ingests the same n photo-like 640x480 JPEGs (each with a full EXIF block: camera,
 lens, exposure, date with offset, GPS, keywords) into two fresh lakes, one with
-``capture_metadata`` off and one with it on, in alternating order; medians are quoted. Then the
+``capture_metadata`` off and one with it on, in alternating order; medians are quoted, of wall
+seconds and of CPU seconds (this process and its children: the Spark JVM and Python workers with
+``--spark``), with the load average, since a shared machine moves wall time most. Then the
 ``quality`` step runs over the last lake (rows measured per second), beside a plain loop of the
 same measure function over the thumbnails (no lake, no staging) as its baseline.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import shutil
 import statistics
 import sys
@@ -26,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from PIL import Image  # noqa: E402
 from PIL.TiffImagePlugin import IFDRational  # noqa: E402
 
-from common import machine, write_photos  # noqa: E402
+from common import machine, tree_cpu_seconds, write_photos  # noqa: E402
 from jobs.capture.exif import read_capture  # noqa: E402
 from jobs.ingest.driver import run_ingest  # noqa: E402
 from jobs.quality.driver import run_quality  # noqa: E402
@@ -75,29 +78,39 @@ def main() -> None:
         if args.spark:
             runner.spark  # start the session outside the timings
         times: dict[bool, list[float]] = {False: [], True: []}
+        cpu: dict[bool, list[float]] = {False: [], True: []}
+        loads = [os.getloadavg()[0]]
         lake = None
         for r in range(args.repeat):
             for capture in ((False, True) if r % 2 == 0 else (True, False)):
                 lake = Lake.at(workdir / f"lake-{r}-{int(capture)}")
                 settings = base.replace(lake=lake.root, capture_metadata=capture)
-                t0 = time.perf_counter()
+                c0, t0 = tree_cpu_seconds(), time.perf_counter()
                 summary = run_ingest(lake, settings, str(src), runner=runner)
                 times[capture].append(time.perf_counter() - t0)
+                cpu[capture].append(tree_cpu_seconds() - c0)
                 assert summary.ok == len(paths), summary.line()
                 if capture:
                     capture_lake = lake
                 else:
                     shutil.rmtree(lake.root)
+            loads.append(os.getloadavg()[0])
         off, on = statistics.median(times[False]), statistics.median(times[True])
-        print(f"  ingest without capture metadata: median {off:.2f} s ({len(paths) / off:.0f} img/s) of {times[False]}")
-        print(f"  ingest with capture metadata:    median {on:.2f} s ({len(paths) / on:.0f} img/s) of {times[True]}")
-        print(f"  ratio with / without: {on / off:.3f}x  (target <= 1.15x)")
+        coff, con = statistics.median(cpu[False]), statistics.median(cpu[True])
+        pairs = statistics.median(b / a for a, b in zip(times[False], times[True]))
+        print(f"  load average (1 min) over the repeats: {' '.join(f'{x:.1f}' for x in loads)}")
+        print(f"  ingest without capture metadata: median {off:.2f} s wall ({len(paths) / off:.0f} img/s), "
+              f"{coff:.2f} s CPU, of {[round(t, 2) for t in times[False]]}")
+        print(f"  ingest with capture metadata:    median {on:.2f} s wall ({len(paths) / on:.0f} img/s), "
+              f"{con:.2f} s CPU, of {[round(t, 2) for t in times[True]]}")
+        print(f"  ratio with / without: {on / off:.3f}x wall (median of per-repeat ratios {pairs:.3f}x), "
+              f"{con / coff:.3f}x CPU  (target <= 1.15x)")
         data = [p.read_bytes() for p in paths[:200]]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i, d in enumerate(data):
             read_capture(d, f"{i:064x}", max_block_bytes=1 << 20)
-        per = (time.perf_counter() - t0) / len(data) * 1e3
-        print(f"  read_capture alone: {per:.2f} ms per image (200 images)")
+        per, per_cpu = ((time.perf_counter() - t0) / len(data) * 1e3, (time.process_time() - c0) / len(data) * 1e3)
+        print(f"  read_capture alone: {per:.2f} ms wall, {per_cpu:.2f} ms CPU per image (200 images)")
 
         settings = base.replace(lake=capture_lake.root)
         t0 = time.perf_counter()

@@ -34,6 +34,30 @@ def machine() -> str:
             f"{platform.release()}, Python {platform.python_version()}\n         " + ", ".join(versions))
 
 
+def tree_cpu_seconds(root: int | None = None) -> float:
+    """User+system CPU seconds of process ``root`` (default: this one) and every live descendant
+    (the Spark JVM, its Python workers), plus the children they reaped, from /proc (Linux)."""
+    root = root or os.getpid()
+    tick = os.sysconf("SC_CLK_TCK")
+    parent, cpu = {}, {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            parent[int(d)], cpu[int(d)] = int(fields[1]), sum(int(x) for x in fields[11:15]) / tick
+    total = 0.0
+    for pid, seconds in cpu.items():
+        p = pid
+        while p and p != root:
+            p = parent.get(p, 0)
+        total += seconds if p == root else 0.0
+    return total
+
+
 def median_time(fn, repeat: int = 5) -> tuple[float, list[float]]:
     times = []
     for _ in range(repeat):
