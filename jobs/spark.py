@@ -32,6 +32,9 @@ def spark_conf(settings: Settings) -> dict[str, str]:
 
         conf["spark.executorEnv.IMAGELAKE_STORAGE_OPTIONS"] = json.dumps(settings.storage_options, sort_keys=True)
     if settings.master.startswith("local"):
+        # the Python daemon imports the tasks' modules once, before forking workers (jobs.spark_daemon);
+        # on a cluster executors keep pyspark's own daemon (their Python path is the cluster's)
+        conf["spark.python.daemon.module"] = "jobs.spark_daemon"
         conf["spark.driver.host"] = os.environ.get("SPARK_LOCAL_IP", "127.0.0.1")
         conf["spark.driver.bindAddress"] = conf["spark.driver.host"]
     return conf

@@ -105,7 +105,7 @@ def test_hostile_exif_leaves_fields_null_with_a_reason_and_never_raises():
 
 
 def test_the_jpeg_segment_reader_answers_as_pillow_does_on_mutated_exif_blocks():
-    """read_capture reads a JPEG's EXIF from its segments, not through Pillow; on 100 randomly
+    """read_capture reads a JPEG's EXIF from its segments, not through Pillow; on 60 randomly
     mutated EXIF blocks (offsets, counts, types, lengths) both readers give the same row."""
     def both(data: bytes) -> tuple[dict | None, dict]:
         rows = [capture_exif.empty_capture("0" * 64) for _ in range(2)]
@@ -119,7 +119,7 @@ def test_the_jpeg_segment_reader_answers_as_pillow_does_on_mutated_exif_blocks()
     start = good.find(b"Exif\x00\x00") + 6
     end = start + int.from_bytes(good[start - 8:start - 6], "big") - 8
     rng, read_fast = random.Random(7), 0
-    for _ in range(100):
+    for _ in range(60):
         data = bytearray(good)
         for _ in range(rng.randint(1, 6)):
             data[rng.randrange(start, end)] = rng.choice((0, 0xFF, rng.randrange(256)))
@@ -127,7 +127,7 @@ def test_the_jpeg_segment_reader_answers_as_pillow_does_on_mutated_exif_blocks()
         if fast is not None:
             read_fast += 1
             assert fast == pillow
-    assert read_fast > 80 and both(good)[0] == both(good)[1]
+    assert read_fast > 45 and both(good)[0] == both(good)[1]
 
 
 # -- one lake through the pipeline -------------------------------------------------------------

@@ -1,19 +1,20 @@
 """Metadata of a JPEG without decoding it: its EXIF, XMP and IPTC segments, and a small EXIF reader.
 
 Reading capture metadata through Pillow opens the image a second time at ingest and builds every
-tag of every IFD (a maker note included) as Python objects; that was half of the ingest time that
+tag of every IFD (a maker note included) as Python objects; that was most of the ingest time that
 capture metadata added. :func:`jpeg_metadata` walks the JPEG's marker segments up to the start of
 scan, keeping the blocks Pillow would keep (``info["exif"]``: the ``Exif`` APP1 segments
 concatenated; ``info["xmp"]``: the last XMP packet), and :class:`ExifBlock` reads the TIFF
 structure inside the EXIF block lazily: each IFD's entry table is read once, a tag's value is
 decoded only when asked for, and an IFD pointer is followed only when asked for.
 
-Both keep Pillow's semantics (``PIL.Image.Exif`` and ``ImageFileDirectory_v2``, Pillow 11-13): a tag
-of an unknown type or of no data is skipped; a tag whose data runs past the block, or a truncated
-entry table, ends the IFD there (the entries before it are kept); the first of two entries with one tag wins; single values
-are unwrapped. Rationals are read as floats (what the capture fields make of Pillow's ``IFDRational``). Anything they do not handle the same way (a BigTIFF or malformed header, a segment
-running past the end, no frame header before the scan) makes them answer ``None``, and the caller
-reads the image through Pillow instead.
+Both keep Pillow's semantics (``PIL.Image.Exif`` and ``ImageFileDirectory_v2`` as of Pillow 13): a
+tag of an unknown type or of no data is skipped; a tag whose data runs past the block, or a
+truncated entry table, ends the IFD there (the entries before it are kept); the first of two
+entries with one tag wins; single values are unwrapped. Rationals are read as floats (what the
+capture fields make of Pillow's ``IFDRational``). Anything they do not handle the same way (a
+BigTIFF or malformed header, a segment running past the end, no frame header before the scan)
+makes them answer ``None`` or raise ``ValueError``, and the caller reads the image through Pillow.
 """
 
 from __future__ import annotations

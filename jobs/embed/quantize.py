@@ -42,10 +42,14 @@ class Int8Recipe:
 
     keep_float_ends: bool = True
     reduce_range: bool = False
+    float_depthwise: bool = False   # depthwise convolutions (group == channels) stay float too
+    quantize_eltwise: bool = True   # also quantize Add/Clip/Relu (else only Conv/Gemm/MatMul)
 
     def describe(self) -> str:
         return ("QDQ, per-channel s8 weights" + (" (7-bit range)" if self.reduce_range else "")
-                + ", u8 activations, MinMax" + (", stem and head in float" if self.keep_float_ends else ""))
+                + ", u8 activations, MinMax" + (", stem and head in float" if self.keep_float_ends else "")
+                + (", depthwise convs in float" if self.float_depthwise else "")
+                + ("" if self.quantize_eltwise else ", Add/Clip/Relu in float"))
 
 
 def default_recipe(flags: list[str] | set[str] | None = None) -> Int8Recipe:
@@ -56,16 +60,19 @@ def default_recipe(flags: list[str] | set[str] | None = None) -> Int8Recipe:
     return Int8Recipe(reduce_range=not (set(flags) & set(_VNNI_FLAGS)))
 
 
-def float_nodes(model_path: str) -> list[str]:
+def float_nodes(model_path: str, depthwise: bool = False) -> list[str]:
     """Names of the nodes the recipe keeps in float: the first Conv (the stem), the last Conv, and
-    every Gemm/MatMul whose output is a graph output (the classifier)."""
+    every Gemm/MatMul whose output is a graph output (the classifier); with ``depthwise`` also
+    every depthwise Conv (``group`` > 1)."""
     import onnx
 
     model = onnx.load(model_path, load_external_data=False)
     outputs = {o.name for o in model.graph.output}
     convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
     heads = [n.name for n in model.graph.node if n.op_type in ("Gemm", "MatMul") and set(n.output) & outputs]
-    return list(dict.fromkeys(convs[:1] + convs[-1:] + heads))
+    grouped = [n.name for n in model.graph.node if n.op_type == "Conv" and depthwise
+               and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    return list(dict.fromkeys(convs[:1] + convs[-1:] + heads + grouped))
 
 
 def quantize_int8(fp32_path: str, out_path: str, calibration: np.ndarray, batch: int = 16,
@@ -90,8 +97,9 @@ def quantize_int8(fp32_path: str, out_path: str, calibration: np.ndarray, batch:
         quant_pre_process(fp32_path, pre, skip_symbolic_shape=True)
         quantize_static(pre, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=["Conv", "Gemm", "MatMul", "Add", "Clip", "Relu"],
-                        nodes_to_exclude=float_nodes(pre) if recipe.keep_float_ends else [],
+                        op_types_to_quantize=["Conv", "Gemm", "MatMul"]
+                        + (["Add", "Clip", "Relu"] if recipe.quantize_eltwise else []),
+                        nodes_to_exclude=float_nodes(pre, recipe.float_depthwise) if recipe.keep_float_ends else [],
                         reduce_range=recipe.reduce_range,
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
     finally:
