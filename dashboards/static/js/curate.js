@@ -377,8 +377,8 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
       const rejected = page.filter((p) => !p.placed && !failed.has(p.image_id)).map((p) => p.image_id);
       // the accepted ones are members already (each drop was an add); they are named again so the
       // bucket's acceptance (which sets how much the suggester explores) counts them. (The next
-      // page in the feedback's own answer was tried and measured slower at 70k: the committing
-      // process is busy right after its commit; see bench_dashboard in the README.)
+      // page in the feedback's own answer, one round trip, was tried and measured slower in the
+      // browser at 70k under load; see bench_dashboard in the README.)
       if (canWrite && (rejected.length || accepted.length)) {
         const body = await api(`/buckets/${active}/feedback`, {method: "POST", json: {accepted, rejected}});
         setRow(body.bucket, body.event.seq);
