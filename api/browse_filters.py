@@ -31,10 +31,11 @@ import hashlib
 import json
 import re
 import threading
-import time
+import uuid
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 from flask import Blueprint, jsonify, request
 
 from api.auth import requires
@@ -115,8 +116,9 @@ _groups_lock = threading.Lock()
 
 def dup_groups() -> dict[str, list[str]]:
     """The current run's near-duplicate groups: cluster id -> member ids, lowest seq first. Kept per
-    process for the run (and images version) it was read at, re-checked at most every refresh_s:
-    a group lookup is then a dict read."""
+    process for the versions of the tables they come from (clusters, job_runs, images), as this
+    process's reader sees them: a new cluster run shows as soon as the reader sees its commit, and
+    until then a group lookup is a dict read."""
     return _current_groups()["groups"]
 
 
@@ -124,17 +126,16 @@ def _current_groups() -> dict[str, Any]:
     from api.clusters import _lit, _rows, current_runs
 
     reader = lake_reader()
-    cached = _groups_cache.setdefault(str(reader.lake.root), {"key": None, "groups": {}, "by_image": {}, "checked": 0.0})
-    if cached["key"] is not None and time.monotonic() - cached["checked"] < reader.settings.refresh_s:
-        return cached  # the lake's usual staleness: a new cluster run is seen within refresh_s
-    run_id, _ = current_runs()
-    key = (run_id, reader.refresh().get("images"))
+    cached = _groups_cache.setdefault(str(reader.lake.root), {"key": None, "groups": {}, "by_image": {}})
+    versions = reader.refresh()
+    key = tuple(versions.get(t) for t in ("clusters", "job_runs", "images"))
     if cached["key"] == key:
-        cached["checked"] = time.monotonic()
         return cached
     with _groups_lock:
         if cached["key"] == key:
             return cached
+        reader.refresh_sql()  # the SQL below reads these versions, not an older snapshot
+        run_id, _ = current_runs()
         groups: dict[str, list[str]] = {}
         if run_id is not None:
             for cluster_id, image_id in _rows(
@@ -143,7 +144,7 @@ def _current_groups() -> dict[str, Any]:
                     max_rows=10_000_000):
                 groups.setdefault(cluster_id, []).append(image_id)
         by_image = {i: c for c, members in groups.items() if len(members) > 1 for i in members}
-        cached.update(key=key, groups=groups, by_image=by_image, checked=time.monotonic())
+        cached.update(key=key, groups=groups, by_image=by_image)
         return cached
 
 
@@ -177,6 +178,10 @@ def filtered_page(args, *, limit: int, offset: int) -> dict[str, Any]:
     if stack not in (None, "dup"):
         raise BadInput(f"stack takes dup (near-duplicate groups as one stack), got {stack!r}")
     conds, params = [], []
+    # id lists (a bucket's or cluster's members, hidden stack members) join as Arrow tables
+    # registered on the cursor: ~10x faster than binding them as one list parameter (5,000 ids at
+    # 70k images: 28 against 278 ms, tests/bench/bench_browse.py)
+    id_lists: list[list[str]] = []
     stacks: dict[str, tuple[str, list[str]]] = {}  # a stack's first image -> (group, members)
     if stack:
         hidden = []
@@ -185,8 +190,8 @@ def filtered_page(args, *, limit: int, offset: int) -> dict[str, Any]:
                 stacks[members[0]] = (cluster_id, members)
                 hidden.extend(members[1:])
         if hidden:
-            conds.append("i.image_id NOT IN (SELECT unnest(CAST(? AS VARCHAR[])))")
-            params.append(hidden)
+            conds.append(f"i.image_id NOT IN (SELECT image_id FROM @ids{len(id_lists)}@)")
+            id_lists.append(hidden)
     if folder:
         prefix = folder.rstrip("/")
         like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "/%"
@@ -196,16 +201,21 @@ def filtered_page(args, *, limit: int, offset: int) -> dict[str, Any]:
         conds.append(f"i.image_id IN (SELECT image_id FROM ({CURRENT_TAGS_SQL}) WHERE tag = ?)")
         params.append(tag.lower())
     for ids in ([_bucket_members(bucket)] if bucket else []) + ([_cluster_members(cluster)] if cluster else []):
-        conds.append("i.image_id IN (SELECT unnest(CAST(? AS VARCHAR[])))")
-        params.append(ids)
+        conds.append(f"i.image_id IN (SELECT image_id FROM @ids{len(id_lists)}@)")
+        id_lists.append(ids)
     reader = lake_reader()
     versions = tuple(sorted(reader.refresh().items()))
     key = (str(reader.lake.root), folder, tag, bucket, cluster, json.dumps(where, sort_keys=True, default=str), stack,
-           versions, *(_digest(p) for p in params if isinstance(p, list)))
+           versions, *(_digest(ids) for ids in id_lists))
     cur = reader.cursor()
     try:
         def build() -> SeqIndex:
+            names = [f"_browse_ids_{uuid.uuid4().hex}" for _ in id_lists]
+            for name, ids in zip(names, id_lists):
+                cur.register(name, pa.table({"image_id": pa.array(ids, pa.string())}))
             conds_all, params_all = list(conds), list(params)
+            for k, name in enumerate(names):
+                conds_all = [c.replace(f"@ids{k}@", name) for c in conds_all]
             if where:
                 sql, wparams = compile_filter(where, connection_columns(cur))
                 conds_all.append(f"i.seq IN (SELECT i.seq FROM {FILTER_FROM} WHERE {sql})")
@@ -216,6 +226,9 @@ def filtered_page(args, *, limit: int, offset: int) -> dict[str, Any]:
                                   "ORDER BY i.seq", params=params_all).to_arrow_table()
             except duckdb.Error as e:
                 raise BadInput(f"the filter could not be applied: {str(e).splitlines()[0]}") from None
+            finally:
+                for name in names:
+                    cur.unregister(name)
             return seq_index(None, got)
 
         index = _filtered_indexes(reader).get(key, build)

@@ -37,7 +37,8 @@ def init_app(app: Flask) -> None:
     settings = app.config["IMAGELAKE_SETTINGS"]
     lake = Lake.at(settings.lake)
     app.extensions["imagelake.buckets"] = PerProcess(
-        lambda: BucketStore(lake, node_writer=True, refresh_s=settings.refresh_s))
+        lambda: BucketStore(lake, node_writer=True, refresh_s=settings.refresh_s,
+                            writer_hung_s=settings.bucket_writer_hung_s))
     app.extensions["imagelake.known_images"] = PerProcess(lambda: KnownIds())
 
 

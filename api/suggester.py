@@ -109,6 +109,7 @@ class _Model:
     b: float
     positives: np.ndarray      # rows
     negatives: int
+    seed: int                  # of the draws (see Suggester._seed_of)
 
 
 class Suggester:
@@ -117,11 +118,13 @@ class Suggester:
 
     def __init__(self, lake: Lake, *, dims: int = 128, refresh_s: float = 30.0, max_negatives: int = 500,
                  c: float = 10.0, tetris_others: bool = True, tetris_margin: float = 0.0, tetris_prior: float = 0.5,
-                 explore_below: float = 0.5, explore_first: float = 0.0, random_weight: float = 1.0, cache=None):
+                 explore_below: float = 0.5, explore_first: float = 0.0, random_weight: float = 1.0, seed: int = 0,
+                 cache=None):
         self.lake, self.dims, self.refresh_s, self.max_negatives = lake, dims, refresh_s, max_negatives
         self.c, self.tetris_others, self.tetris_margin = c, tetris_others, tetris_margin
         self.tetris_prior, self.explore_below, self.explore_first = tetris_prior, explore_below, explore_first
         self.random_weight = random_weight   # of a random unlabeled negative against a rejected one
+        self.seed = seed   # of the random draws, beside the bucket's labels (see _seed_of)
         self.cache = cache   # the artifact cache (object-store lakes); None: the default one
         self._lock = threading.Lock()
         self._matrix: CompactMatrix | None = None
@@ -155,6 +158,18 @@ class Suggester:
     def _rows(self, m: CompactMatrix, image_ids) -> np.ndarray:
         return m.ids.rows_of(image_ids)
 
+    def _seed_of(self, positives: np.ndarray, labeled_rows: np.ndarray) -> int:
+        """The seed of a bucket's random draws (unlabeled negatives, exploration), from what the
+        curator did, not from the bucket's id or the log's position: the same members and labeled
+        images over the same build give the same page in any lake, run or server process (with the
+        bucket id as the seed, two runs of the same actions differed by up to 1.5 points of the
+        ceiling in the quality benchmark). Both arrays are sorted rows (``rows_of``)."""
+        h = hashlib.sha256(self.seed.to_bytes(8, "little", signed=True))
+        h.update(len(positives).to_bytes(8, "little"))
+        h.update(np.ascontiguousarray(positives, np.int64).tobytes())
+        h.update(np.ascontiguousarray(labeled_rows, np.int64).tobytes())
+        return int.from_bytes(h.digest()[:8], "little")
+
     def model(self, labels: BucketLabels, labeled_rows: np.ndarray,
               others: np.ndarray | None = None) -> _Model | None:
         """The bucket's model (None without a positive that has features). ``others``: rows of other
@@ -163,6 +178,7 @@ class Suggester:
         positives = self._rows(m, labels.positives)
         if len(positives) == 0:
             return None
+        seed = self._seed_of(positives, labeled_rows)
         rejected = self._rows(m, labels.rejected)
         discard = self._rows(m, labels.discard[-self.max_negatives:])
         parts = [rejected, discard] if others is None else [rejected, discard, np.setdiff1d(others, positives)]
@@ -170,15 +186,15 @@ class Suggester:
         if others is None:
             known = known[: self.max_negatives]
         elif len(known) > self.max_negatives:
-            known = np.random.default_rng(_seed(labels.bucket_id, labels.seq) + 2).choice(
+            known = np.random.default_rng(seed + 2).choice(
                 known, self.max_negatives, replace=False)
         want = int(np.clip(2 * len(positives), 50, self.max_negatives)) if len(known) < self.max_negatives else 0
-        rng = np.random.default_rng(_seed(labels.bucket_id, labels.seq))
+        rng = np.random.default_rng(seed)
         randoms = _random_unlabeled(rng, len(m), labeled_rows, want)
         negatives = np.concatenate([known, randoms]).astype(np.int64)
         weights = None if self.random_weight == 1.0 else np.r_[np.ones(len(known)), np.full(len(randoms), self.random_weight)]
         w, b = fit_logistic(m.vectors(positives), m.vectors(negatives), c=self.c, neg_weights=weights)
-        return _Model(w, b, positives, len(negatives))
+        return _Model(w, b, positives, len(negatives), seed)
 
     # -- suggestions ---------------------------------------------------------------------------
 
@@ -190,7 +206,6 @@ class Suggester:
         """
         t0 = time.perf_counter()
         m = self.matrix()
-        bucket_id = labels.bucket_id
         labeled = self._rows(m, labels.labeled)
         model = self.model(labels, labeled)
         acceptance = labels.acceptance
@@ -224,7 +239,8 @@ class Suggester:
                             taken.add(r)
         n_random = n - len(picks)
         if n_random > 0:
-            rng = np.random.default_rng(_seed(bucket_id, labels.seq) + 1)
+            seed = model.seed if model is not None else self._seed_of(np.zeros(0, np.int64), labeled)
+            rng = np.random.default_rng(seed + 1)
             exclude = np.union1d(labeled, np.array(sorted(taken), np.int64))
             for r in _diverse(m, _random_unlabeled(rng, len(m), exclude, 10 * n_random), n_random):
                 picks.append({"row": int(r), "score": None, "source": "explore"})
@@ -332,10 +348,6 @@ def _limit_threads(rows: int) -> None:
 
     threadpool_limits(1, user_api="blas")
     faiss.omp_set_num_threads(1)
-
-
-def _seed(bucket_id: str, seq: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{bucket_id}:{seq}".encode()).digest()[:8], "little")
 
 
 def _random_unlabeled(rng: np.random.Generator, n: int, labeled: np.ndarray, want: int) -> np.ndarray:

@@ -85,11 +85,12 @@ def _cmd_cluster(args, settings: Settings, lake: Lake) -> int:
         except ValueError:
             raise BadInput(f"--levels must be numbers of clusters like 10,40, got {args.levels!r}") from None
     s = run_cluster(lake, settings, sim=sim, levels=levels, k=args.k, recluster=args.recluster, model=args.model,
-                    progress=not args.no_progress and sys.stderr.isatty())
+                    full=args.full, progress=not args.no_progress and sys.stderr.isatty())
     topic = (f"fitted k={s['k']} levels {s['levels']}" if s["topic_fitted"]
              else f"{s['topic_assigned']} new images assigned to {s['topic_model']}")
+    dups = "all images" if s["dup_mode"] == "full" else f"incremental: {s['dup_new']} new images"
     print(f"cluster {s['run_id']}: {s['images']} images, {s['dup_groups']} near-duplicate groups "
-          f"({s['dup_images']} images) at sim {s['sim']}; topics {topic}; {s['seconds']:.1f} s")
+          f"({s['dup_images']} images) at sim {s['sim']} ({dups}); topics {topic}; {s['seconds']:.1f} s")
     return 0
 
 

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--levels", help="topic cut levels as numbers of clusters, e.g. 10,40 (default k, k/4, k/16, ...)")
     s.add_argument("--k", type=int, help="k-means k (default: setting topic_k, else round(sqrt(n/2)))")
     s.add_argument("--recluster", action="store_true", help="fit new topic clusters over all images")
+    s.add_argument("--full", action="store_true",
+                   help="recompute every image's duplicate descriptor and pairs (default: only the new images')")
     s.add_argument("--model", help="features model key (default: the one with most rows)")
     s.add_argument("--no-progress", action="store_true")
 

@@ -22,7 +22,7 @@ from lake.migrate import upgrade_table
 from lake.run_liveness import abandon_reason, latest_runs, this_process
 from lake.settings import Settings
 
-__all__ = ["JobRun", "job_run", "new_run_id", "abandoned_runs", "mark_abandoned"]
+__all__ = ["JobRun", "job_run", "record_finished_runs", "new_run_id", "abandoned_runs", "mark_abandoned"]
 
 log = logging.getLogger("imagelake.jobs")
 
@@ -102,3 +102,20 @@ def job_run(lake: Lake, job: str, args: dict[str, Any] | None = None,
                                         rows_out=run.rows_out, metrics=json.dumps(run.metrics, default=str))],
                 run_id=f"{run.run_id}:end")
     log.info("%s %s: %d in, %d out, %s", job, run.run_id, run.rows_in, run.rows_out, run.metrics)
+
+
+def record_finished_runs(lake: Lake, runs: list[tuple[JobRun, Any, dict[str, Any]]], commit_id: str) -> None:
+    """Record runs that ran in-process in a fraction of a second (an upload's ingest and embed
+    steps) with one ``succeeded`` row each, all in one commit, and no ``running`` row before them:
+    four commits of :func:`job_run` would be most of an upload's time. ``runs``: (run, started_at,
+    args). A process killed before this commit leaves rows whose ``run_id`` has no ``job_runs``
+    row; nothing reads them as a running run.
+    """
+    if not runs:
+        return
+    upgrade_table(lake, "job_runs")
+    ended = now_utc()
+    rows = [dict(run_id=run.run_id, job=run.job, started_at=started, args=json.dumps(args, default=str),
+                 **this_process(), state="succeeded", ended_at=ended, rows_in=run.rows_in, rows_out=run.rows_out,
+                 metrics=json.dumps(run.metrics, default=str)) for run, started, args in runs]
+    commit_rows(lake, "job_runs", rows, run_id=commit_id)

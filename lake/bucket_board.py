@@ -1,5 +1,6 @@
-"""The node's version board: the latest Delta version of the bucket log its writer committed, in 16
-bytes of shared memory (``/dev/shm``), and the writer's counters beside it
+"""The node's version board: the latest Delta version of the bucket log its writer committed, and
+the version it is committing, in 32 bytes of shared memory (``/dev/shm``), and the writer's
+counters beside it
 (:mod:`lake.bucket_writer` explains how reads use it)."""
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ class VersionBoard:
     def publish(self, version: int) -> None:
         os.pwrite(self._fd, self._REC.pack(version, (version ^ self._MAGIC) & (2**64 - 1)), 0)
 
+    def announce(self, version: int) -> None:
+        """The node writer is about to create the commit file of ``version`` (written before it):
+        a follower that finds a commit file past its fold waits for the writer's push only when the
+        writer announced that version; any other commit (another node's, or a follower's writing
+        past a hung writer) comes with no push, and is read from the log at once."""
+        os.pwrite(self._fd, self._REC.pack(version, (version ^ self._MAGIC) & (2**64 - 1)), self._REC.size)
+
+    def announced(self) -> int | None:
+        """The last version the node writer announced; None when none (valid) was."""
+        return self._read(self._REC.size)
+
     @property
     def stats_path(self) -> str:
         return self.path[: -len(".version")] + ".stats.json"
@@ -53,7 +65,10 @@ class VersionBoard:
 
     def read(self) -> int | None:
         """The published version; None when nothing (valid) is published yet."""
-        data = os.pread(self._fd, self._REC.size, 0)
+        return self._read(0)
+
+    def _read(self, offset: int) -> int | None:
+        data = os.pread(self._fd, self._REC.size, offset)
         if len(data) != self._REC.size:
             return None
         version, check = self._REC.unpack(data)

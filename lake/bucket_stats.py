@@ -22,9 +22,10 @@ class WriterStats:
     (local lakes), ``sync`` reading the log's tail before planning, ``plan`` validating the batch,
     ``commit`` writing its data file and commit, ``adopt`` folding in and pushing the commit to the
     node's followers, ``compact`` rewriting small files (merges and compactions), ``checkpoint``
-    writing a Delta checkpoint; ``queue`` sums each action's wait from
+    writing a Delta checkpoint (beside the commits, not in a batch's time); ``queue`` sums each action's wait from
     being queued to its batch being taken, ``batch`` each batch's time from taken to answered.
-    Written by the writer thread only."""
+    Written by the writer thread only (``checkpoint`` and its count by the upkeep thread that
+    writes checkpoints beside it)."""
 
     PHASES = ("lock", "sync", "plan", "commit", "adopt", "compact", "checkpoint")
 

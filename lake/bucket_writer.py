@@ -20,8 +20,9 @@ actions, itself (its own group-commit thread, ordered by Delta versions like ano
 the writer sends anything again; event ids keep the hung writer's queued copy from landing twice.
 
 Read-your-writes: a follower folds the log's tail in before it answers. Other workers learn of
-the commit from the node's *version board*, 16 bytes in shared memory (``/dev/shm``) that the
-writer updates after each commit and before it acknowledges any action of it: a read checks the
+the commit from the node's *version board*, a few bytes in shared memory (``/dev/shm``) that the
+writer updates after each commit and before it acknowledges any action of it (and, before each
+commit, with the version it is about to create, so a follower waits for a push only for those): a read checks the
 board (one ``pread``) and re-reads the Delta log's tail only when the board is ahead of what it
 has folded, so the curator's next read, whichever worker takes it, sees the write, without every
 read polling the log. Commits of other nodes are seen within ``refresh_s`` (each worker re-checks
@@ -35,9 +36,8 @@ writer and the writers order their commits by Delta version (see :mod:`lake.buck
 from __future__ import annotations
 
 import atexit
-import dataclasses
+import contextlib
 import hashlib
-import json
 import logging
 import os
 import socket
@@ -45,11 +45,12 @@ import struct
 import threading
 import time
 from concurrent.futures import Future, TimeoutError as FutureTimeout
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from lake import errors
 from lake.bucket_board import VersionBoard
+from lake.bucket_wire import (action_from_wire, action_to_wire, commit_from_wire, commit_to_wire, error_from_wire,
+                              encode_frame, error_to_wire, recv_frame, send_frame)
 
 if TYPE_CHECKING:
     from lake.bucket_store import Action, BucketStore
@@ -57,9 +58,6 @@ if TYPE_CHECKING:
 __all__ = ["NodeLink", "VersionBoard", "socket_name"]
 
 log = logging.getLogger(__name__)
-
-_HEADER = struct.Struct(">I")
-_MAX_FRAME = 64 << 20
 
 
 def socket_name(lake_root: str) -> str:
@@ -75,71 +73,6 @@ class _WriterLost(Exception):
 
 class _WriterHung(Exception):
     """The writer holds the name and the connection but has sent nothing for ``hung_s``."""
-
-
-def _send(sock: socket.socket, obj: Any) -> None:
-    data = json.dumps(obj, separators=(",", ":")).encode()
-    sock.sendall(_HEADER.pack(len(data)) + data)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return bytes(buf)
-
-
-def _recv(sock: socket.socket) -> Any | None:
-    head = _recv_exact(sock, _HEADER.size)
-    if head is None:
-        return None
-    (size,) = _HEADER.unpack(head)
-    if size > _MAX_FRAME:
-        raise OSError(f"frame of {size} bytes")
-    body = _recv_exact(sock, size)
-    return None if body is None else json.loads(body)
-
-
-def _action_to_wire(action: "Action") -> dict[str, Any]:
-    return dataclasses.asdict(action)
-
-
-def _action_from_wire(d: dict[str, Any]) -> "Action":
-    from lake.bucket_store import Action
-
-    fields = {f.name for f in dataclasses.fields(Action)}
-    d = {k: v for k, v in d.items() if k in fields}
-    for k in ("image_ids", "rejected_ids"):
-        d[k] = tuple(d.get(k) or ())
-    return Action(**d)
-
-
-def _commit_to_wire(commit: dict[str, Any]) -> dict[str, Any]:
-    rows = [{k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()} for row in commit["rows"]]
-    return {**commit, "rows": rows}
-
-
-def _commit_from_wire(commit: dict[str, Any]) -> dict[str, Any]:
-    for row in commit["rows"]:
-        if isinstance(row.get("at"), str):
-            row["at"] = datetime.fromisoformat(row["at"])
-    return commit
-
-
-def _error_to_wire(e: BaseException) -> dict[str, Any]:
-    name = type(e).__name__ if isinstance(e, errors.ImagelakeError) else "Unavailable"
-    return {"error": name, "message": str(e) if isinstance(e, errors.ImagelakeError)
-            else f"the bucket log writer failed ({type(e).__name__}); retry with the same client_event_id"}
-
-
-def _error_from_wire(reply: dict[str, Any]) -> errors.ImagelakeError:
-    cls = getattr(errors, reply.get("error", ""), None)
-    if not (isinstance(cls, type) and issubclass(cls, errors.ImagelakeError)):
-        cls = errors.Unavailable
-    return cls(reply.get("message") or "the bucket log writer refused the action")
 
 
 class _Connection:
@@ -167,7 +100,7 @@ class _Connection:
             self._pending[rid] = future
         try:
             with self._send_lock:
-                _send(self.sock, {"id": rid, "action": _action_to_wire(action)})
+                send_frame(self.sock, {"id": rid, "action": action_to_wire(action)})
         except OSError:
             self._fail()
         return future
@@ -175,7 +108,7 @@ class _Connection:
     def _read_loop(self) -> None:
         try:
             while True:
-                reply = _recv(self.sock)
+                reply = recv_frame(self.sock)
                 if reply is None:
                     break
                 self.heard_at = time.monotonic()
@@ -184,7 +117,7 @@ class _Connection:
                     log.warning("the bucket log writer of this node answers again; handing it the writes")
                 if "push" in reply:  # a commit, sent before the answers to its actions
                     try:
-                        self.on_push(_commit_from_wire(reply["push"]))
+                        self.on_push(commit_from_wire(reply["push"]))
                     except Exception:  # a push only saves a read; never lose the link over one
                         log.exception("could not fold in a pushed bucket log commit")
                     continue
@@ -225,6 +158,8 @@ class NodeLink:
         self._peers_mu = threading.Lock()
         self._serving: set[threading.Thread] = set()  # one per follower connection, under _peers_mu
         self._retired = False
+        self._outbox: dict[socket.socket, tuple[threading.Lock, list[bytes]]] | None = None  # a batch's frames
+        self._outbox_mu = threading.Lock()
         self.takeovers = 0  # times this process became the writer after another writer went away
 
     @property
@@ -284,7 +219,7 @@ class NodeLink:
                 raise errors.Unavailable(f"the bucket log writer did not answer within {timeout:.0f} s; "
                                          "retry with the same client_event_id") from None
             if "error" in reply:
-                raise _error_from_wire(reply)
+                raise error_from_wire(reply)
             replayed = bool(reply.get("replayed")) and not (resent and reply["event_id"] == action.event_id)
             return self.store.committed(reply["event_id"], replayed=replayed)
 
@@ -409,20 +344,49 @@ class NodeLink:
                 self._serving.add(thread)
             thread.start()
 
+    @contextlib.contextmanager
+    def batch(self):
+        """``with link.batch():`` around committing and answering one batch (the writer thread):
+        each follower then gets the batch's push and its answers as one write at the end, instead
+        of one ``sendall`` per frame — on a busy 2-core machine each socket call can cost the writer
+        thread a wait of up to the interpreter's switch interval (5 ms) to get the GIL back. Frames
+        posted meanwhile by other threads (an answer whose callback ran in the peer's thread) join
+        the same outbox, so a push still reaches every follower before the answers it precedes."""
+        with self._outbox_mu:
+            self._outbox = {}
+        try:
+            yield
+        finally:
+            with self._outbox_mu:
+                outbox, self._outbox = self._outbox, None
+            for sock, (send_lock, frames) in outbox.items():
+                self._write(sock, send_lock, b"".join(frames))
+
+    def _post(self, sock: socket.socket, send_lock: threading.Lock, frame: bytes) -> None:
+        """Send ``frame`` now, or add it to the batch's outbox (sent in order at its end)."""
+        with self._outbox_mu:
+            if self._outbox is not None:
+                self._outbox.setdefault(sock, (send_lock, []))[1].append(frame)
+                return
+        self._write(sock, send_lock, frame)
+
+    def _write(self, sock: socket.socket, send_lock: threading.Lock, data: bytes) -> None:
+        try:
+            with send_lock:
+                sock.sendall(data)
+        except OSError:  # the follower died; its actions' fate is in the log
+            with self._peers_mu:
+                self._peers.pop(sock, None)
+
     def broadcast(self, commit: dict[str, Any]) -> None:
         """Push a commit to every follower (called by the writer before it answers anyone)."""
         with self._peers_mu:
             peers = list(self._peers.items())
         if not peers:
             return
-        frame = {"push": _commit_to_wire(commit)}
+        frame = encode_frame({"push": commit_to_wire(commit)})
         for sock, send_lock in peers:
-            try:
-                with send_lock:
-                    _send(sock, frame)
-            except OSError:
-                with self._peers_mu:
-                    self._peers.pop(sock, None)
+            self._post(sock, send_lock, frame)
 
     def _serve(self, sock: socket.socket) -> None:
         send_lock = threading.Lock()
@@ -440,21 +404,17 @@ class NodeLink:
                 event = future.result()
                 reply = {"id": rid, "event_id": event["event_id"], "replayed": bool(event.get("replayed"))}
             except BaseException as e:
-                reply = {"id": rid, **_error_to_wire(e)}
-            try:
-                with send_lock:
-                    _send(sock, reply)
-            except OSError:
-                pass  # the follower died; its action's fate is in the log
+                reply = {"id": rid, **error_to_wire(e)}
+            self._post(sock, send_lock, encode_frame(reply))
 
         try:
             while True:
-                frame = _recv(sock)
+                frame = recv_frame(sock)
                 if frame is None:
                     break
                 rid = frame.get("id")
                 try:
-                    future = self.store.enqueue(_action_from_wire(frame["action"]))
+                    future = self.store.enqueue(action_from_wire(frame["action"]))
                 except (TypeError, KeyError, ValueError, errors.ImagelakeError) as e:
                     future = Future()
                     future.set_exception(e if isinstance(e, errors.ImagelakeError)

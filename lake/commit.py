@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
@@ -32,7 +33,8 @@ from lake.lock import LakeLock
 from lake.remote import delta_options, retry_log_gap
 from lake.staging import filesystem_for
 
-__all__ = ["CommitResult", "ensure_tables", "open_table", "commit_staged", "commit_rows", "now_utc"]
+__all__ = ["CommitResult", "ensure_tables", "open_table", "commit_staged", "commit_rows", "rows_by_key", "now_utc",
+           "KEY_LOOKUP_ROWS"]
 
 
 @dataclass(frozen=True)
@@ -239,30 +241,113 @@ def _commit_properties(spec: TableSpec, run_id: str) -> CommitProperties:
 
 
 def commit_rows(lake: Lake, table: str, rows: pa.Table | list[dict], *, run_id: str,
-                dedupe: bool = False) -> CommitResult:
-    """Commit rows built on the driver (job runs, curation events, builds): one commit, once per run id.
+                dedupe: bool = False, assign_seq: bool = False) -> CommitResult:
+    """Commit rows built on the driver (job runs, curation events, builds, uploads): one commit,
+    once per run id.
 
-    With ``dedupe`` the rows whose key is already present are dropped first.
+    With ``dedupe`` the rows whose key is already present are dropped first. A few rows
+    (``<= KEY_LOOKUP_ROWS``, distinct non-null keys: an upload's) are checked by reading only the
+    key columns with an ``isin`` filter, which the files' statistics prune; larger sets by an
+    anti-join over the table. With ``assign_seq`` (the ``images`` table) ``seq`` is filled densely
+    after the table's largest, in ``image_id`` order as :func:`commit_staged` does.
     """
     spec = table_spec(table)
     if isinstance(rows, list):
-        rows = pa.Table.from_pylist(rows, schema=spec.schema)
-    rows = rows.select(spec.schema.names).cast(spec.schema)
+        rows = pa.Table.from_pylist(rows, schema=_fillable(spec) if assign_seq else spec.schema)
+    if assign_seq and "seq" not in rows.column_names:
+        rows = rows.append_column("seq", pa.nulls(rows.num_rows, pa.int64()))
+    rows = rows.select(spec.schema.names).cast(_fillable(spec) if assign_seq else spec.schema)
     with LakeLock(lake, "commit", timeout=600, holder=f"commit {table} {run_id}"):
         dt_ = open_table(lake, table)
         if dt_.transaction_version(run_id) is not None:
             return CommitResult(table, 0, dt_.version(), skipped=True)
         if dedupe and dt_.file_uris() and rows.num_rows:
-            con = duckdb.connect()
-            try:
-                con.register("staged", rows)
-                con.register("existing", dt_.to_pyarrow_dataset())
-                rows = con.sql(_commit_query(spec, True, False, True)).to_arrow_table()
-            finally:
-                con.close()
+            rows = _drop_present(dt_, spec, rows)
         if rows.num_rows == 0:
             return CommitResult(table, 0, dt_.version())
+        if assign_seq:
+            rows = rows.sort_by("image_id")
+            start = _max_seq(dt_) + 1
+            rows = rows.set_column(rows.schema.get_field_index("seq"), "seq",
+                                   pa.array(range(start, start + rows.num_rows), pa.int64()))
+            rows = rows.cast(spec.schema)
         return _write(dt_, spec, rows.to_reader(), run_id)
+
+
+#: At most this many rows are deduplicated by a key lookup instead of an anti-join (commit_rows).
+KEY_LOOKUP_ROWS = 1024
+
+
+def _fillable(spec: TableSpec) -> pa.Schema:
+    """The table's schema with ``seq`` nullable: rows before :func:`commit_rows` numbers them."""
+    i = spec.schema.get_field_index("seq")
+    return spec.schema.set(i, spec.schema.field(i).with_nullable(True))
+
+
+def _drop_present(dt_: DeltaTable, spec: TableSpec, rows: pa.Table) -> pa.Table:
+    """``rows`` without those whose key is in the table or repeats among them."""
+    keys = [rows.column(k).to_pylist() for k in spec.key]
+    tuples = list(zip(*keys))
+    if rows.num_rows <= KEY_LOOKUP_ROWS and len(set(tuples)) == len(tuples) and \
+            not any(v is None for col in keys for v in col):
+        found = rows_by_key(dt_, spec.key[0], keys[0], list(spec.key))
+        present = set(zip(*(found.column(k).to_pylist() for k in spec.key)))
+        if not present:
+            return rows
+        return rows.filter(pa.array([t not in present for t in tuples], pa.bool_()))
+    con = duckdb.connect()
+    try:
+        con.register("staged", rows)
+        con.register("existing", dt_.to_pyarrow_dataset())
+        return con.sql(_commit_query(spec, True, False, True)).to_arrow_table()
+    finally:
+        con.close()
+
+
+def rows_by_key(dt_: DeltaTable, column: str, values: list, columns: list[str]) -> pa.Table:
+    """The table's rows whose ``column`` is one of ``values`` (a few: a point lookup), ``columns`` only.
+
+    Only the files whose Delta statistics admit one of the values are opened, and in them only the
+    row groups whose Parquet statistics do: :meth:`DeltaTable.to_pyarrow_dataset` instead builds a
+    filter expression for every file of the table (33 ms at 50 files, growing with each commit).
+    """
+    from urllib.parse import unquote, urlparse
+
+    schema = pa.schema(dt_.schema())
+    out_schema = pa.schema([schema.field(c) for c in columns])
+    actions = pa.table(dt_.get_add_actions(flatten=True))
+    if actions.num_rows == 0 or not values:
+        return out_schema.empty_table()
+    wanted = sorted(set(values))
+    keep = pa.array([True] * actions.num_rows)
+    if f"min.{column}" in actions.column_names and f"max.{column}" in actions.column_names:
+        lo, hi = actions.column(f"min.{column}"), actions.column(f"max.{column}")
+        admits = None
+        for v in wanted:
+            term = pc.and_kleene(pc.less_equal(lo, v), pc.greater_equal(hi, v))
+            admits = term if admits is None else pc.or_kleene(admits, term)
+        keep = pc.fill_null(admits, True)   # a file without statistics is read
+    paths = actions.filter(keep).column("path").to_pylist()
+    if not paths:
+        return out_schema.empty_table()
+    root = dt_.table_uri if "://" in dt_.table_uri and not dt_.table_uri.startswith("file://") \
+        else urlparse(dt_.table_uri).path
+    uris = [f"{root.rstrip('/')}/{unquote(p)}" for p in paths]
+    fs, _ = filesystem_for(uris[0])
+    dataset = pads.dataset([filesystem_for(u)[1] for u in uris], schema=schema, format="parquet", filesystem=fs)
+    return dataset.to_table(columns=columns, filter=pc.field(column).isin(pa.array(wanted, schema.field(column).type)))
+
+
+def _max_seq(dt_: DeltaTable) -> int:
+    """The table's largest ``seq`` (-1 when empty): from the files' Delta statistics, or read from
+    the column when some file has none."""
+    if not dt_.file_uris():
+        return -1
+    actions = pa.table(dt_.get_add_actions(flatten=True))
+    if "max.seq" in actions.column_names and actions.column("max.seq").null_count == 0:
+        return int(pc.max(actions.column("max.seq")).as_py())
+    got = pc.max(dt_.to_pyarrow_dataset().to_table(columns=["seq"]).column("seq")).as_py()
+    return -1 if got is None else int(got)
 
 
 def _write(dt_: DeltaTable, spec: TableSpec, reader: pa.RecordBatchReader, run_id: str) -> CommitResult:

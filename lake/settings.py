@@ -65,6 +65,7 @@ class Settings:
     search_threads: int = _opt(2, "Threads that search index shards in parallel, per server process.")
 
     bucket_max_images: int = _opt(1000, "Most image ids one curation request may carry (HTTP 413 above).")
+    bucket_writer_hung_s: float = _opt(5.0, "A server worker whose curation action has waited this long with nothing from the node's bucket-log writer (no answer, no push) commits it, and its next ones, itself until the writer answers again; 0: never (wait for the writer, 503 after 60 s).")
     suggest_dims: int = _opt(128, "PCA dimensions of the 8-bit matrix suggestions score (bytes per image).")
     suggest_max_n: int = _opt(200, "Most suggestions (and fast-forward images) one request may ask for.")
     suggest_refresh_s: float = _opt(30.0, "How often a server process checks for new features (a new suggestion matrix).")
@@ -171,6 +172,9 @@ def _validate(s: Settings) -> Settings:
     if s.tag_max_concepts <= 0:
         raise BadInput("tag_max_concepts must be positive")
 
+    if s.bucket_writer_hung_s < 0:
+        raise BadInput(f"bucket_writer_hung_s must be 0 (never write past the node's writer) or positive, got "
+                       f"{s.bucket_writer_hung_s!r}")
     if s.search_nprobe < 0:
         raise BadInput(f"search_nprobe must be 0 (the build's choice) or positive, got {s.search_nprobe!r}")
     if not 0 < s.index_rebuild_fraction <= 10:

@@ -24,13 +24,14 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(lake_root: str, *, workers: int = 2, extra: tuple[str, ...] = (),
-                   env_extra: dict[str, str] | None = None) -> Iterator[str]:
-    """``imagelake serve`` on a free loopback port; yields its base URL and stops it afterwards."""
+                   env_extra: dict[str, str] | None = None, tree: Path = REPO) -> Iterator[str]:
+    """``imagelake serve`` on a free loopback port; yields its base URL and stops it afterwards.
+    ``tree``: the source tree the server runs from (a bench's older checkout as its baseline)."""
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
+    env = dict(os.environ, PYTHONPATH=str(tree), **(env_extra or {}))
     server = subprocess.Popen([sys.executable, "-m", "imagelake", "--lake", lake_root, *extra, "serve",
                                "--port", str(port), "--workers", str(workers)],
-                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

@@ -4,11 +4,14 @@ through real Spark; the API routes and `imagelake export`."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import duckdb
 import pytest
+from PIL import Image
 
 from imagelake.cli import main
 from jobs.cluster import check_sim, current_state, run_cluster
@@ -42,6 +45,13 @@ def _groups(lake: Lake, run_id: str) -> list[set[str]]:
     return [{names[i] for i in ids} for _, ids in rows]
 
 
+def _id_groups(lake: Lake, run_id: str) -> set[frozenset[str]]:
+    con = duckdb.connect()
+    con.register("clusters", open_table(lake, "clusters").to_pyarrow_dataset())
+    rows = con.sql(f"SELECT list(image_id) FROM clusters WHERE kind = 'dup' AND run_id = '{run_id}' GROUP BY cluster_id")
+    return {frozenset(ids) for (ids,) in rows.fetchall()}
+
+
 def _scene(name: str) -> str:
     return name.split(".")[0].rsplit("_", 1)[0] if name.count("_") > 1 else name.split(".")[0]
 
@@ -68,26 +78,42 @@ def test_sim_one_means_identical_only(lake, local_settings):
     assert low["dup_groups"] == 1 and low["dup_images"] == low["images"]
 
 
-def test_topics_levels_and_incremental_assignment(lake, tmp_path, local_settings):
-    first = run_cluster(lake, local_settings, levels=[4], runner=LocalRunner())
+def test_topics_levels_and_incremental_assignment(lake, tmp_path, local_settings, planted):
+    first = run_cluster(lake, local_settings, sim=0.8, levels=[4], runner=LocalRunner())
     assert first["topic_fitted"] and first["k"] == 9 and first["levels"] == [9, 4]  # round(sqrt(180/2)) = 9
-    assert current_state(lake).topic_model == first["run_id"]
-    # new images arrive: the next run assigns only them, to the same model
-    write_planted(tmp_path / "more", 6, 0, seed=99)
+    assert current_state(lake).topic_model == first["run_id"] and first["dup_mode"] == "full"
+    # new images arrive: 6 scenes, 2 variants of them, and a recompressed copy of an old image
+    write_planted(tmp_path / "more", 6, 2, seed=99)
+    old = sorted(Path(planted[1]).rglob("scene_*.jpg"))[0]
+    Image.open(old).save(tmp_path / "more" / "old_copy.jpg", "JPEG", quality=60)
     run_ingest(lake, local_settings, str(tmp_path / "more"), runner=LocalRunner())
     run_embed(lake, local_settings, runner=LocalRunner())
-    second = run_cluster(lake, local_settings, runner=LocalRunner())
-    assert not second["topic_fitted"] and second["topic_assigned"] == 6
+    shutil.copytree(lake.root, tmp_path / "full")       # the same lake for a full run beside it
+    second = run_cluster(lake, local_settings, sim=0.8, runner=LocalRunner())
+    assert not second["topic_fitted"] and second["topic_assigned"] == 9
     assert second["topic_model"] == first["run_id"]
+    # incremental: descriptors and pairs of the 9 new images only, the same groups as a full run
+    assert second["dup_mode"] == "incremental" and second["dup_new"] == 9 and second["images"] == 189
+    full_lake = Lake.at(tmp_path / "full")
+    full = run_cluster(full_lake, local_settings, sim=0.8, full=True, runner=LocalRunner())
+    assert full["dup_mode"] == "full" and full["images"] == 189
+    groups = _id_groups(lake, second["run_id"])
+    assert groups == _id_groups(full_lake, full["run_id"]) and second["dup_groups"] > first["dup_groups"]
+    copy_id = hashlib.sha256((tmp_path / "more" / "old_copy.jpg").read_bytes()).hexdigest()
+    old_id = hashlib.sha256(old.read_bytes()).hexdigest()
+    assert any({copy_id, old_id} <= g for g in groups)           # the copy joined its old original's group
+    assert not os.path.exists(lake.artifacts_dir("clusters", f"dups-{first['run_id']}"))  # the old state went
     con = duckdb.connect()
     con.register("clusters", open_table(lake, "clusters").to_pyarrow_dataset())
     per_image = con.sql(f"SELECT count(DISTINCT image_id), count(*) FROM clusters WHERE kind = 'topic' "
                         f"AND model_run = '{first['run_id']}'").fetchall()[0]
-    assert per_image == (186, 186 * 2)  # every image once per level, none moved
-    third = run_cluster(lake, local_settings, runner=LocalRunner())
+    assert per_image == (189, 189 * 2)  # every image once per level, none moved
+    third = run_cluster(lake, local_settings, sim=0.8, runner=LocalRunner())
     assert third["topic_assigned"] == 0 and not third["topic_fitted"]
+    assert third["dup_mode"] == "incremental" and third["dup_new"] == 0 and third["dup_groups"] == second["dup_groups"]
     again = run_cluster(lake, local_settings, recluster=True, k=5, runner=LocalRunner())
-    assert again["topic_fitted"] and again["topic_assigned"] == 186 and again["k"] == 5
+    assert again["topic_fitted"] and again["topic_assigned"] == 189 and again["k"] == 5
+    assert again["dup_mode"] == "full"
 
 
 def test_corrupt_topic_model_is_refitted(lake, local_settings):

@@ -56,10 +56,11 @@ def test_suggestions_learn_from_feedback_and_never_repeat_labeled_images(client,
     bucket = ok(client.post(B, json={"name": "cats"}), 201)["bucket"]["bucket_id"]
     ok(client.post(f"{B}/{bucket}/images", json={"image_ids": of_class(labels, CAT, 5)}))
     labeled = set(of_class(labels, CAT, 5))
-    precisions = []
+    precisions, pages = [], []
     for _ in range(4):
         out = ok(client.get(f"{B}/{bucket}/suggestions?n=20"))
         got = [s["image_id"] for s in out["suggestions"]]
+        pages.append(got)
         assert len(got) == 20 == len(set(got)) and not labeled & set(got)
         accepted = [i for i in got if labels[i] == CAT]
         rejected = [i for i in got if labels[i] != CAT]
@@ -70,6 +71,18 @@ def test_suggestions_learn_from_feedback_and_never_repeat_labeled_images(client,
     assert min(precisions) >= 0.5 and np.mean(precisions[1:]) >= 0.8, precisions
     members = ok(client.get(f"{B}/{bucket}"))["members"]
     assert len(members) == 5 + sum(round(p * 20) for p in precisions)
+    # repeatable: undo it all (4 feedbacks, the add, the create), then the same actions on a new
+    # bucket (a new id, later in the log) answer the same pages, random negatives included
+    for _ in range(6):
+        ok(client.post(f"{API_PREFIX}/undo"))
+    again = ok(client.post(B, json={"name": "cats"}), 201)["bucket"]["bucket_id"]
+    assert again != bucket
+    ok(client.post(f"{B}/{again}/images", json={"image_ids": of_class(labels, CAT, 5)}))
+    for page in pages[:2]:
+        got = [s["image_id"] for s in ok(client.get(f"{B}/{again}/suggestions?n=20"))["suggestions"]]
+        assert got == page
+        ok(client.post(f"{B}/{again}/feedback", json={"accepted": [i for i in got if labels[i] == CAT],
+                                                         "rejected": [i for i in got if labels[i] != CAT]}))
 
 
 def test_exploration_grows_when_suggestions_are_rejected(client, labels):

@@ -238,6 +238,37 @@ def test_upload_while_jobs_run(client, lake, indexed):
     assert client.get(SIMILAR, query_string={"image_id": new_id, "k": 3}).status_code == 200
 
 
+def test_an_upload_that_dies_between_its_commits_is_completed_by_a_retry(client, lake, indexed, monkeypatch):
+    """The in-process ingest commits thumbnails, then images: a failure between them (a crash) leaves
+    thumbnails only; the retry adds the rest and duplicates nothing."""
+    import jobs.ingest.single as single
+
+    data, _ = variant(indexed[1], 70, 11)
+    new_id = hashlib.sha256(data).hexdigest()
+    real = single.commit_rows
+
+    def dies_at_images(lake_, table, rows, **kw):
+        if table == "images":
+            raise OSError("the process died here")
+        return real(lake_, table, rows, **kw)
+
+    monkeypatch.setattr(single, "commit_rows", dies_at_images)
+    assert_error(client.post(ADD, data={"image": (io.BytesIO(data), "d.png")}), 500)
+    monkeypatch.setattr(single, "commit_rows", real)
+
+    def rows(table):
+        return [r for r in open_table(lake, table).to_pyarrow_table(columns=["image_id"]).column(0).to_pylist()
+                if r == new_id]
+    assert len(rows("thumbnails")) == 2 and rows("images") == [] and rows("sources") == []
+    r = client.post(ADD, data={"image": (io.BytesIO(data), "d.png")})
+    assert r.status_code == 201 and r.get_json()["indexed"], r.get_data(as_text=True)
+    assert len(rows("thumbnails")) == 2 and len(rows("images")) == len(rows("sources")) == len(rows("features")) == 1
+    runs = open_table(lake, "job_runs").to_pyarrow_table(columns=["run_id", "job", "state"]).to_pylist()
+    feats = open_table(lake, "features").to_pyarrow_table(columns=["image_id", "run_id"]).to_pylist()
+    run_id = next(f["run_id"] for f in feats if f["image_id"] == new_id)
+    assert [(x["job"], x["state"]) for x in runs if x["run_id"] == run_id] == [("embed", "succeeded")]
+
+
 def test_upload_is_searchable_in_other_workers_and_folded_in_by_the_index_step(app, settings, admin_token,
                                                                                  lake, indexed):
     from api.upload_overlay import overlay_dir

@@ -44,7 +44,8 @@ DESCRIPTOR_SCHEMA = pa.schema([pa.field("image_id", pa.string()), pa.field("pixe
 
 @dataclass(frozen=True)
 class DescriptorJob:
-    size: int  # the thumbnail size (px) the descriptor is computed from
+    size: int                     # the thumbnail size (px) the descriptor is computed from
+    only: tuple[str, ...] = ()    # these images only (an incremental run's new ones); () = all
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -69,8 +70,8 @@ def descriptor_partition(batches: Iterator[pa.RecordBatch], ctx: PartitionContex
     for batch in batches:
         for uri in batch.column("file").to_pylist():
             fs, path = filesystem_for(uri)
-            table = pq.read_table(path, filesystem=fs, columns=["image_id", "size", "jpeg"],
-                                  filters=[("size", "=", job.size)])
+            where = [("size", "=", job.size)] + ([("image_id", "in", list(job.only))] if job.only else [])
+            table = pq.read_table(path, filesystem=fs, columns=["image_id", "size", "jpeg"], filters=where)
             for image_id, jpeg in zip(table.column("image_id").to_pylist(), table.column("jpeg").to_pylist()):
                 if jpeg is None:
                     continue

@@ -34,7 +34,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-__all__ = ["DupGroups", "dup_edges", "dup_groups", "knn_edges", "auto_nprobe", "EXACT_MAX", "KNN_MIN"]
+__all__ = ["DupGroups", "dup_edges", "dup_groups", "groups_from_edges", "edges_of_new", "knn_edges", "auto_nprobe", "EXACT_MAX", "KNN_MIN"]
 
 EXACT_MAX = 50_000
 KNN_MIN = 50_000   # above this many images the kNN graph is the default
@@ -51,6 +51,7 @@ class DupGroups:
     n_groups: int
     n_edges: int
     index: str           # "flat", "ivf<nlist>,nprobe=<p>" or "knn<nlist>,nprobe=<p>,k=<k>"
+    edges: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None   # (i, j, similarity), i < j
 
 
 def _index(vectors: np.ndarray, exact_max: int, nprobe: int, seed: int) -> tuple[faiss.Index, str]:
@@ -232,8 +233,14 @@ def dup_groups(vectors: np.ndarray, sim: float, *, method: str = "auto", knn_min
     else:
         kw = {key: v for key, v in kwargs.items() if key in ("queries", "exact_max", "nprobe", "batch", "seed")}
         i, j, s, kind = dup_edges(vectors, sim, **kw)
+    return groups_from_edges(n, i, j, s, kind)
+
+
+def groups_from_edges(n: int, i: np.ndarray, j: np.ndarray, s: np.ndarray, kind: str) -> DupGroups:
+    """Connected components of ``n`` rows joined by the pairs (i, j) of similarity s; singletons get -1;
+    groups numbered 0.. by their smallest row."""
     if n == 0:
-        return DupGroups(np.zeros(0, np.int64), np.zeros(0, np.float32), 0, 0, kind)
+        return DupGroups(np.zeros(0, np.int64), np.zeros(0, np.float32), 0, 0, kind, (i, j, s))
     graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n)).tocsr()
     _, comp = connected_components(graph, directed=False)
     sizes = np.bincount(comp)
@@ -248,4 +255,30 @@ def dup_groups(vectors: np.ndarray, sim: float, *, method: str = "auto", knn_min
     if len(s):
         np.maximum.at(score, i, s)
         np.maximum.at(score, j, s)
-    return DupGroups(labels, score, len(comps), int(len(i)), kind)
+    return DupGroups(labels, score, len(comps), int(len(i)), kind, (i, j, s))
+
+
+def edges_of_new(vectors: np.ndarray, first_new: int, queries: list[np.ndarray], sim: float,
+                 batch: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i, j, similarity), i < j, similarity >= ``sim``, with j a new row: every row from
+    ``first_new`` on (and its ``queries`` twins, aligned with those rows) compared exactly with
+    every row (FAISS flat range search). Cost: new rows × all rows × d per query set."""
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    n = len(vectors)
+    empty = np.zeros(0, np.int64)
+    if first_new >= n or n < 2:
+        return empty, empty, np.zeros(0, np.float32)
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    radius = float(sim) - _EPS
+    rows, cols, sims = [], [], []
+    for q in queries:
+        for start in range(0, len(q), batch):
+            block = np.ascontiguousarray(q[start:start + batch], np.float32)
+            lims, dist, ids = index.range_search(block, radius)
+            src = np.repeat(np.arange(first_new + start, first_new + start + len(block), dtype=np.int64),
+                            np.diff(lims).astype(np.int64))
+            keep = ids != src
+            rows.append(src[keep]), cols.append(ids[keep].astype(np.int64)), sims.append(dist[keep])
+    i, j, s = np.concatenate(rows), np.concatenate(cols), np.concatenate(sims).astype(np.float32)
+    return _dedupe_pairs(i, j, s, n)

@@ -24,6 +24,7 @@ class ClusterState:
     run_id: str | None        # the last succeeded cluster run (its dup groups are current)
     topic_model: str | None   # the run whose topic model is current
     model: str | None         # the features model key it clustered
+    dup_state: str | None = None   # the run whose dup state (jobs.cluster.incremental) is current
 
 
 def topic_artifact_dir(lake: Lake, model_run: str) -> str:
@@ -44,4 +45,4 @@ def current_state(lake: Lake) -> ClusterState:
     if not rows:
         return ClusterState(None, None, None)
     metrics = json.loads(rows[0][1] or "{}")
-    return ClusterState(rows[0][0], metrics.get("topic_model"), metrics.get("model"))
+    return ClusterState(rows[0][0], metrics.get("topic_model"), metrics.get("model"), metrics.get("dup_state"))

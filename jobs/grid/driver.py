@@ -37,7 +37,7 @@ from lake.catalog import Lake
 from lake.commit import commit_rows, now_utc, open_table
 from lake.errors import BadInput, Conflict
 from lake.settings import Settings
-from lake.vectors import Embeddings, default_model_key, list_to_matrix, load_embeddings
+from lake.vectors import default_model_key, load_embeddings, load_few_embeddings
 
 __all__ = ["run_grid", "grid_line", "METHOD"]
 
@@ -222,7 +222,7 @@ def _place_into(lake: Lake, settings: Settings, run, base: dict[str, Any], layou
         run.rows_in = run.rows_out = 0
         return {**summary, "layout_id": base["layout_id"], "mode": "unchanged", "free_cells": state.free}
     layout_id = layout_id or run.run_id
-    emb = _new_embeddings(lake, key, new)
+    emb = load_few_embeddings(lake, key, new)
     if len(emb) and emb.vectors.shape[1] != len(state.mean):
         return None
     run.rows_in = summary["placed"] = len(emb)
@@ -280,36 +280,6 @@ def _selected_seqs(lake: Lake, key: str, seqs) -> np.ndarray:
     finally:
         con.close()
     return got.column(0).to_numpy().astype(np.int64)
-
-
-def _new_embeddings(lake: Lake, key: str, seqs: np.ndarray) -> Embeddings:
-    """The vectors of ``seqs`` (few) under ``key``, sorted by seq, reading the embedding column only
-    of the ``features`` files that hold them: a join over the whole table (:func:`load_embeddings`)
-    decodes every vector (6.6 of the 9.7 CPU-s of a placed run at 100k, measured)."""
-    import pyarrow.compute as pc
-
-    images = open_table(lake, "images").to_pyarrow_dataset().to_table(
-        columns=["seq", "image_id"], filter=pc.field("seq").isin(pa.array(np.asarray(seqs, np.int64))))
-    wanted = images.column("image_id").combine_chunks() if images.num_rows else pa.array([], pa.string())
-    features = open_table(lake, "features")
-    parts = []
-    if len(wanted):
-        mine = (pc.field("model") == key) & pc.field("image_id").isin(wanted)
-        for fragment in features.to_pyarrow_dataset().get_fragments():
-            if fragment.to_table(columns=["image_id"], filter=mine).num_rows:
-                parts.append(fragment.to_table(columns=["image_id", "embedding"], filter=mine))
-    got = pa.concat_tables(parts) if parts else pa.table({"image_id": pa.array([], pa.string()),
-                                                          "embedding": pa.array([], pa.list_(pa.float32()))})
-    seq_of = dict(zip(images.column("image_id").to_pylist(), images.column("seq").to_pylist()))
-    ids = got.column("image_id").to_pylist()
-    first = {}
-    for row, image_id in enumerate(ids):   # one row per image (a features commit drops repeated keys)
-        first.setdefault(image_id, row)
-    order = sorted(first.values(), key=lambda r: seq_of[ids[r]])
-    vectors = list_to_matrix(got.column("embedding").take(pa.array(order, pa.int64()))) if order else \
-        np.zeros((0, 0), np.float32)
-    return Embeddings(model=key, seqs=np.array([seq_of[ids[r]] for r in order], np.int64),
-                      image_ids=[ids[r] for r in order], vectors=vectors, features_version=features.version())
 
 
 def _base_rows(lake: Lake, layout_id: str, width: int, gone: np.ndarray) -> pa.Table:

@@ -8,7 +8,6 @@ already present, so nothing is duplicated either way.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import math
 from dataclasses import dataclass, field
@@ -159,11 +158,7 @@ def run_ingest(lake: Lake, settings: Settings, images: str, collection: str | No
 
 def _process(lake: Lake, settings: Settings, runner: Runner, todo: StagedInput, collection: str,
              run_id: str, summary: IngestSummary) -> None:
-    job = IngestJob(run_id=run_id, staging_dir=lake.staging_dir(run_id), collection=collection,
-                    max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
-                    thumbnail_sizes=tuple(settings.thumbnail_sizes), thumbnail_quality=settings.thumbnail_quality,
-                    ingested_at=dt.datetime.now(dt.timezone.utc), capture=settings.capture_metadata,
-                    capture_max_block_bytes=settings.capture_max_block_bytes)
+    job = IngestJob.from_settings(settings, run_id=run_id, staging_dir=lake.staging_dir(run_id), collection=collection)
     stats = runner.map_partitions(partial(ingest_partition, job=job), todo, todo.num_partitions, STATS_SCHEMA,
                                   desc="ingest").to_pylist()
     summary.ok = sum(s["n_ok"] for s in stats)

@@ -19,7 +19,7 @@ from jobs.runner import PartitionContext
 from lake.catalog import TABLES
 from lake.staging import StagedWriter, filesystem_for
 
-__all__ = ["IngestJob", "ingest_partition", "STATS_SCHEMA", "STAGED_TABLES"]
+__all__ = ["IngestJob", "ingest_partition", "inspect", "accepted_rows", "STATS_SCHEMA", "STAGED_TABLES"]
 
 STAGED_TABLES = ("images", "sources", "thumbnails", "rejects")
 
@@ -45,6 +45,36 @@ class IngestJob:
     ingested_at: dt.datetime
     capture: bool = False              # read EXIF/IPTC/XMP into the capture table
     capture_max_block_bytes: int = 1 << 20
+
+    @classmethod
+    def from_settings(cls, settings, *, run_id: str, staging_dir: str, collection: str) -> "IngestJob":
+        """The job of an ingest run under ``settings`` (limits, thumbnails, capture), stamped now."""
+        return cls(run_id=run_id, staging_dir=staging_dir, collection=collection,
+                   max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
+                   thumbnail_sizes=tuple(settings.thumbnail_sizes), thumbnail_quality=settings.thumbnail_quality,
+                   ingested_at=dt.datetime.now(dt.timezone.utc), capture=settings.capture_metadata,
+                   capture_max_block_bytes=settings.capture_max_block_bytes)
+
+
+def inspect(job: IngestJob, data: bytes):
+    """One file's bytes checked and thumbnailed under the job's limits (:func:`inspect_image`).
+
+    Raises:
+        Rejected: the file cannot be ingested (the ``rejects.reason``).
+    """
+    return inspect_image(data, max_pixels=job.max_pixels, thumbnail_sizes=job.thumbnail_sizes,
+                         quality=job.thumbnail_quality)
+
+
+def accepted_rows(job: IngestJob, info, uri: str, nbytes: int, mtime) -> dict[str, list[dict]]:
+    """The ``images`` (seq 0: the commit numbers it), ``sources`` and ``thumbnails`` rows of one
+    accepted file (``info``: :func:`inspect`'s answer)."""
+    common = dict(image_id=info.image_id, collection=job.collection, bytes=nbytes, mtime=mtime,
+                  run_id=job.run_id, ingested_at=job.ingested_at)
+    return {"images": [dict(common, seq=0, uri=uri, format=info.format, width=info.width, height=info.height)],
+            "sources": [dict(common, uri=uri)],
+            "thumbnails": [dict(image_id=info.image_id, size=t.size, width=t.width, height=t.height, jpeg=t.jpeg)
+                           for t in info.thumbnails]}
 
 
 def _read(uri: str, size: int | None, max_bytes: int) -> bytes:
@@ -79,8 +109,7 @@ def ingest_partition(batches: Iterator[pa.RecordBatch], ctx: PartitionContext, *
                 try:
                     data = _read(uri, size, job.max_bytes)
                     bytes_read += len(data)
-                    info = inspect_image(data, max_pixels=job.max_pixels,
-                                         thumbnail_sizes=job.thumbnail_sizes, quality=job.thumbnail_quality)
+                    info = inspect(job, data)
                 except Rejected as r:
                     n_rej += 1
                     rows["rejects"].append(dict(uri=uri, collection=job.collection, bytes=size, mtime=mtime,
@@ -88,13 +117,8 @@ def ingest_partition(batches: Iterator[pa.RecordBatch], ctx: PartitionContext, *
                                                 run_id=job.run_id, rejected_at=job.ingested_at))
                     continue
                 n_ok += 1
-                common = dict(image_id=info.image_id, collection=job.collection, bytes=len(data), mtime=mtime,
-                              run_id=job.run_id, ingested_at=job.ingested_at)
-                rows["images"].append(dict(common, seq=0, uri=uri, format=info.format, width=info.width,
-                                           height=info.height))
-                rows["sources"].append(dict(common, uri=uri))
-                rows["thumbnails"].extend(dict(image_id=info.image_id, size=t.size, width=t.width,
-                                               height=t.height, jpeg=t.jpeg) for t in info.thumbnails)
+                for t, r in accepted_rows(job, info, uri, len(data), mtime).items():
+                    rows[t].extend(r)
                 if capture is not None:
                     capture.add(data, info.image_id)
             for t, r in rows.items():

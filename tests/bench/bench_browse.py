@@ -12,11 +12,12 @@ For each filter — a tag (the most common concept tag), a bucket of 5,000 membe
 filter matching every image (``{"format": "PNG"}``) and a folder — it pages ``--pages`` pages of 60
 (offset 0, 60, ...) through ``api.browse_filters.filtered_page``:
 
-- **before**: the module as it was before the index (git ``BEFORE``, loaded under another name):
-  every page runs the filter twice (the counts per collection, then ORDER BY seq LIMIT/OFFSET);
-- **after**: the current module: the first page runs the filter once and keeps its seqs, later
-  pages are a slice and one seq range read (its kept indexes are cleared before each repetition,
-  so every repetition's page 1 is cold).
+- **before**: the module at git ``BEFORE`` (loaded under another name): the per-filter seq index,
+  with a bucket's or cluster's members bound as one list parameter (session 10; before that,
+  88da612, every page ran the filter twice);
+- **after**: the current module: id lists join as Arrow tables registered on the cursor; the first
+  page runs the filter once and keeps its seqs, later pages are a slice and one seq range read
+  (kept indexes are cleared before each repetition, so every repetition's page 1 is cold).
 
 Printed: milliseconds for page 1 and the median of pages 2..N, before and after, and the ratio,
 with the machine and the load average.
@@ -39,7 +40,7 @@ sys.path[:0] = [str(HERE), str(REPO / "tests"), str(REPO)]
 
 from common import machine  # noqa: E402
 
-BEFORE = "88da612"  # the last commit with one DuckDB query per filtered page
+BEFORE = "39d0b30"  # session 11 start: id lists bound as one list parameter (88da612: one DuckDB query per page)
 MODEL = "bench-synthetic@1"
 
 
@@ -124,7 +125,8 @@ def main() -> None:
                     continue
                 firsts, rest, seen = [], [], None
                 for _ in range(args.repeat):
-                    browse_filters._indexes.clear()
+                    for m in (module, browse_filters):  # both modules keep indexes now: page 1 cold in each
+                        getattr(m, "_indexes", {}).clear()
                     pages = []
                     for p in range(args.pages):
                         t = time.perf_counter()

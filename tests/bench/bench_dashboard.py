@@ -2,6 +2,7 @@
 
     python tests/bench/bench_dashboard.py [--n 70000] [--baseline-n 1000] [--repeat 9] [--workers 2]
     python tests/bench/bench_dashboard.py --workflow [--n 70000] [--baseline-n 1000] [--repeat 5] [--import-embeddings]
+        [--old-rev REV] [--viewports 1366x768,1920x1080]
 
 ``--workflow`` (issue 18) measures what a curator waits for, in the page's own clock, on both
 lakes side by side (the pipeline's ``suggest`` and ``grid`` steps run first): a number key ->
@@ -12,7 +13,11 @@ members (all images when the lake has fewer) -> its page's first 56 thumbnails d
 <= 200 ms median, map open and the rectangle <= 1 s. ``--import-embeddings`` builds both lakes with
 imported synthetic embeddings instead of the embed job (``bench_browse.build_imported``: the same
 Fashion-MNIST PNGs through the real ingest; minutes instead of ~10 min at 70k): what is measured is
-latency, which does not depend on what the vectors mean.
+latency, which does not depend on what the vectors mean. ``--old-rev REV`` serves the large lake
+from ``git archive REV`` first (its API and dashboard; same lake, same harness), then from this
+tree: the before and after of a change in one run (``--baseline-n 0`` skips the small lake). Each
+step's requests are printed from the browser's resource timeline: route, requests per round, and
+the server wait (request sent -> first byte) against the whole round trip, medians.
 
 For each lake (the baseline's small one first, then the large one, both built once by
 tests/fashion.py with the real ingest and embed jobs and cached under test-artifacts/; the large
@@ -228,100 +233,127 @@ def _timed(page, act: str, done: str, timeout_s: float = 60) -> float:
     return took
 
 
-def workflow(lake_dir: Path, repeat: int, workers: int, browser, label: str) -> dict:
-    from jobs.pipeline import PipelineRequest, run_pipeline
+# the requests one step made, from the browser's resource timeline: route, server wait (request
+# sent -> first byte: the server's time plus loopback) and the whole round trip
+_REQUESTS = """() => performance.getEntriesByType('resource').filter((e) => e.name.includes('/api/v1/')
+    && !e.name.includes('/thumbnail')).map((e) => [e.name.replace(/^.*\\/api\\/v1/, '').replace(/[0-9a-f]{16,}/g, ':id')
+    .replace(/\\?.*$/, ''), e.responseStart - e.requestStart, e.duration])"""
+
+
+def _requests_of(page) -> list[tuple[str, float, float]]:
+    return [tuple(x) for x in page.evaluate(_REQUESTS)]
+
+
+def workflow(lake_dir: Path, repeat: int, workers: int, browser, label: str, tree: Path,
+             viewports: list[tuple[int, int]]) -> dict:
+    """The curate rounds on ``lake_dir`` with the server (and so the dashboard) run from ``tree``,
+    at each viewport; figures per viewport and step."""
     from lake.catalog import Lake
-    from lake.settings import Settings
     from lake.tokens import create_token
 
     classes = _by_class(lake_dir)
     everyone = sorted(i for ids in classes.values() for i in ids)
     lake = Lake.at(lake_dir)
-    t0 = time.perf_counter()
-    run_pipeline(lake, Settings(lake=lake.root, runner="local"), PipelineRequest(steps=("suggest", "grid"), model=_model(lake)))
-    print(f"  {label}: suggest and grid steps in {time.perf_counter() - t0:.1f} s", flush=True)
     _, token = create_token(lake, "curate", "dashboard workflow bench")
-    figures: dict[str, list[float]] = {k: [] for k in WORKFLOW_TARGETS}
-    selected_cells: list[int] = []
-    with running_server(lake.root, workers=workers) as base:
+    out: dict = {"label": label, "images": len(everyone), "figures": {}, "selected": [], "requests": {}}
+    with running_server(lake.root, workers=workers, tree=tree) as base:
         api = Api(base, token)
-        context = browser.new_context(viewport={"width": 1366, "height": 768}, bypass_csp=True)
-        page = context.new_page()
-        page.goto(base + "/login")
-        page.fill("#token", token)
-        page.click("button[type=submit]")
-        page.wait_for_url(base + "/")
-        for r in range(repeat + 1):  # the first round warms the server's caches and is not counted
-            cls = r % 10
-            bucket = api.call("POST", "/buckets", json={"name": f"wf {label} {r}"})["bucket"]["bucket_id"]
-            api.call("POST", f"/buckets/{bucket}/images", json={"image_ids": classes[cls][8 * (r // 10):8 * (r // 10) + 8]})
-            keys = [b["bucket_id"] for b in api.call("GET", "/buckets")["buckets"] if not b["system"]]
-            key = str(keys.index(bucket) + 1) if keys.index(bucket) < 9 else None
-            if key is None:
-                raise RuntimeError("more than 9 buckets: the bench deletes its buckets as it goes")
-            page.goto(base + "/#curate")
-            page.reload()
-            page.click(f".bucket[data-bucket-id='{bucket}'] .name")
-            page.wait_for_selector(f".bucket.active[data-bucket-id='{bucket}']")
-            page.wait_for_function(f"() => document.querySelector('#curate-status').textContent.includes('suggestions for wf {label} {r} ')")
-            badges = page.locator("#curate-grid .badge").count()
-            got = {"key -> badge": _timed(page, f"document.body.dispatchEvent(new KeyboardEvent('keydown', {{key: '{key}', bubbles: true}}))",
-                                          f"() => document.querySelectorAll('#curate-grid .badge').length > {badges}")}
-            got["key -> count"] = got["key -> badge"] + _timed(page, "", f"""() => (document.querySelector(".bucket[data-bucket-id='{bucket}'] .count") || {{}}).textContent === '9 images'""")
-            marks = page.evaluate("() => performance.getEntriesByName('curate-next-shown').length")
-            got["n -> next page"] = _timed(page, "document.body.dispatchEvent(new KeyboardEvent('keydown', {key: 'n', bubbles: true}))",
-                                           f"() => performance.getEntriesByName('curate-next-shown').length > {marks}")
-            # the map, opened fresh (its module and OpenSeadragon come from the browser cache after round 0)
-            page.goto(base + "/#sql")
-            page.reload()
-            page.wait_for_selector("#sql-presets button")
-            got["map open -> first tile"] = _timed(page, "location.hash = '#map'",
-                                                   "() => performance.getEntriesByName('map-first-tile').length > 0")
-            page.wait_for_selector("#map-viewer[data-ready='1']")
-            page.wait_for_timeout(300)
-            layout = api.call("GET", "/grid")["layouts"][0]
-            box = page.locator("#map-viewer").bounding_box()
-            cell = min(box["width"] / layout["width"], box["height"] / layout["height"])
-            side = min(500 ** 0.5, layout["width"], layout["height"]) * cell
-            cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-            page.click("#map-rect")
-            page.evaluate("() => { window.__up = null; window.addEventListener('pointerup', () => { window.__up = performance.now(); }, true); }")
-            shown = page.evaluate("() => performance.getEntriesByName('map-selection-shown').length")
-            page.mouse.move(cx - side / 2, cy - side / 2)
-            page.mouse.down()
-            page.mouse.move(cx + side / 2, cy + side / 2, steps=3)
-            page.mouse.up()
-            page.wait_for_function(f"() => performance.getEntriesByName('map-selection-shown').length > {shown}")
-            got["rectangle -> selection"] = page.evaluate(
-                "() => performance.getEntriesByName('map-selection-shown').at(-1).startTime - window.__up")
-            selected_cells.append(int(page.locator("#map-viewer").get_attribute("data-selected")))
-            page.keyboard.press("Escape")
-            page.goto(base + "/#sql")
-            api.call("DELETE", f"/buckets/{bucket}")
-            line = ", ".join(f"{k} {v:.0f}" for k, v in got.items())
-            print(f"  {label} round {r}: {line} ms; rectangle held {selected_cells[-1]} images", flush=True)
-            if r > 0:
-                for k, v in got.items():
-                    figures[k].append(v)
-        # last: a bucket of 5,000 (it labels its members, so the curate rounds above come first)
+        for b in api.call("GET", "/buckets")["buckets"]:  # a previous tree's leftovers
+            if not b["system"]:
+                api.call("DELETE", f"/buckets/{b['bucket_id']}")
         big = api.call("POST", "/buckets", json={"name": f"big {label}"})["bucket"]["bucket_id"]
         members = everyone[:5000]
-        for i in range(0, len(members), 1000):
-            api.call("POST", f"/buckets/{big}/images", json={"image_ids": members[i:i + 1000]})
-        for r in range(repeat + 1):
-            page.goto(base + "/#sql")
-            page.reload()
-            page.wait_for_selector("#sql-presets button")
-            took = _timed(page, f"location.hash = '#buckets/{big}'", """() => {
-                const imgs = [...document.querySelectorAll('#bucket-members .cell img')];
-                return performance.getEntriesByName('bucket-page-shown').length > 0 && imgs.length >= Math.min(56, %d)
-                       && imgs.every((i) => i.complete && i.naturalWidth > 0); }""" % len(members))
-            print(f"  {label} bucket page round {r}: {took:.0f} ms", flush=True)
-            if r > 0:
-                figures["bucket page -> first page"].append(took)
-        context.close()
-    return {"label": label, "images": len(everyone), "figures": figures, "selected": selected_cells[1:],
-            "bucket_members": len(members)}
+        for width, height in viewports:
+            vp = f"{width}x{height}"
+            figures: dict[str, list[float]] = {k: [] for k in WORKFLOW_TARGETS}
+            calls: dict[str, list[tuple[str, float, float]]] = {"key -> count": [], "n -> next page": []}
+            context = browser.new_context(viewport={"width": width, "height": height}, bypass_csp=True)
+            page = context.new_page()
+            page.goto(base + "/login")
+            page.fill("#token", token)
+            page.click("button[type=submit]")
+            page.wait_for_url(base + "/")
+            for r in range(repeat + 1):  # the first round warms the server's caches and is not counted
+                cls = r % 10
+                bucket = api.call("POST", "/buckets", json={"name": f"wf {label} {vp} {r}"})["bucket"]["bucket_id"]
+                api.call("POST", f"/buckets/{bucket}/images", json={"image_ids": classes[cls][8 * (r // 10):8 * (r // 10) + 8]})
+                keys = [b["bucket_id"] for b in api.call("GET", "/buckets")["buckets"] if not b["system"]]
+                key = str(keys.index(bucket) + 1) if keys.index(bucket) < 9 else None
+                if key is None:
+                    raise RuntimeError("more than 9 buckets: the bench deletes its buckets as it goes")
+                page.goto(base + "/#curate")
+                page.reload()
+                page.click(f".bucket[data-bucket-id='{bucket}'] .name")
+                page.wait_for_selector(f".bucket.active[data-bucket-id='{bucket}']")
+                page.wait_for_function(f"() => document.querySelector('#curate-status').textContent.includes('suggestions for wf {label} {vp} {r} ')")
+                page.wait_for_timeout(300)  # the bar's previews and the undo button's question settle first
+                badges = page.locator("#curate-grid .badge").count()
+                page.evaluate("() => performance.clearResourceTimings()")
+                got = {"key -> badge": _timed(page, f"document.body.dispatchEvent(new KeyboardEvent('keydown', {{key: '{key}', bubbles: true}}))",
+                                              f"() => document.querySelectorAll('#curate-grid .badge').length > {badges}")}
+                got["key -> count"] = got["key -> badge"] + _timed(page, "", f"""() => (document.querySelector(".bucket[data-bucket-id='{bucket}'] .count") || {{}}).textContent === '9 images'""")
+                round_calls = {"key -> count": _requests_of(page)}
+                page.wait_for_timeout(300)
+                page.evaluate("() => performance.clearResourceTimings()")
+                marks = page.evaluate("() => performance.getEntriesByName('curate-next-shown').length")
+                got["n -> next page"] = _timed(page, "document.body.dispatchEvent(new KeyboardEvent('keydown', {key: 'n', bubbles: true}))",
+                                               f"() => performance.getEntriesByName('curate-next-shown').length > {marks}")
+                round_calls["n -> next page"] = _requests_of(page)
+                # the map, opened fresh (its module and OpenSeadragon come from the browser cache after round 0)
+                page.goto(base + "/#sql")
+                page.reload()
+                page.wait_for_selector("#sql-presets button")
+                got["map open -> first tile"] = _timed(page, "location.hash = '#map'",
+                                                       "() => performance.getEntriesByName('map-first-tile').length > 0")
+                page.wait_for_selector("#map-viewer[data-ready='1']")
+                page.wait_for_timeout(300)
+                layout = api.call("GET", "/grid")["layouts"][0]
+                box = page.locator("#map-viewer").bounding_box()
+                cell = min(box["width"] / layout["width"], box["height"] / layout["height"])
+                side = min(500 ** 0.5, layout["width"], layout["height"]) * cell
+                cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+                page.click("#map-rect")
+                page.evaluate("() => { window.__up = null; window.addEventListener('pointerup', () => { window.__up = performance.now(); }, true); }")
+                shown = page.evaluate("() => performance.getEntriesByName('map-selection-shown').length")
+                page.mouse.move(cx - side / 2, cy - side / 2)
+                page.mouse.down()
+                page.mouse.move(cx + side / 2, cy + side / 2, steps=3)
+                page.mouse.up()
+                page.wait_for_function(f"() => performance.getEntriesByName('map-selection-shown').length > {shown}")
+                got["rectangle -> selection"] = page.evaluate(
+                    "() => performance.getEntriesByName('map-selection-shown').at(-1).startTime - window.__up")
+                selected = int(page.locator("#map-viewer").get_attribute("data-selected"))
+                page.keyboard.press("Escape")
+                page.goto(base + "/#sql")
+                api.call("DELETE", f"/buckets/{bucket}")
+                line = ", ".join(f"{k} {v:.0f}" for k, v in got.items())
+                print(f"  {label} {vp} round {r}: {line} ms; rectangle held {selected} images", flush=True)
+                if r > 0:
+                    for k, v in got.items():
+                        figures[k].append(v)
+                    for k, v in round_calls.items():
+                        calls[k].extend(v)
+                    out["selected"].append(selected)
+            if not out["figures"]:  # the bucket of 5,000 (it labels its members, so the curate rounds come first)
+                for i in range(0, len(members), 1000):
+                    api.call("POST", f"/buckets/{big}/images", json={"image_ids": members[i:i + 1000]})
+            for r in range(repeat + 1):
+                page.goto(base + "/#sql")
+                page.reload()
+                page.wait_for_selector("#sql-presets button")
+                took = _timed(page, f"location.hash = '#buckets/{big}'", """() => {
+                    const imgs = [...document.querySelectorAll('#bucket-members .cell img')];
+                    return performance.getEntriesByName('bucket-page-shown').length > 0 && imgs.length >= Math.min(56, %d)
+                           && imgs.every((i) => i.complete && i.naturalWidth > 0); }""" % len(members))
+                print(f"  {label} {vp} bucket page round {r}: {took:.0f} ms", flush=True)
+                if r > 0:
+                    figures["bucket page -> first page"].append(took)
+            context.close()
+            out["figures"][vp] = figures
+            out["requests"][vp] = calls
+        api.call("DELETE", f"/buckets/{big}")
+    out["bucket_members"] = len(members)
+    return out
 
 
 def _model(lake) -> str:
@@ -335,15 +367,42 @@ def _model(lake) -> str:
     return con.execute("SELECT model FROM features GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1").fetchone()[0]
 
 
+def _old_tree(rev: str, into: Path) -> Path:
+    """The repository at ``rev`` (git archive), to serve the baseline dashboard and API from."""
+    import subprocess
+
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", rev], cwd=REPO, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def _breakdown(calls: list[tuple[str, float, float]], rounds: int) -> str:
+    """Per route: requests per round, median server wait and round trip."""
+    med = statistics.median
+    by: dict[str, list[tuple[float, float]]] = {}
+    for route, wait, total in calls:
+        by.setdefault(route, []).append((wait, total))
+    return "; ".join(f"{route} x{len(v) / max(1, rounds):.1f} {med(w for w, _ in v):.0f}/{med(t for _, t in v):.0f}"
+                     for route, v in sorted(by.items()))
+
+
 def workflow_main(args) -> None:
     from playwright.sync_api import sync_playwright
 
+    from jobs.pipeline import PipelineRequest, run_pipeline
+    from lake.catalog import Lake
+    from lake.settings import Settings
+
+    viewports = [tuple(int(x) for x in v.split("x")) for v in args.viewports.split(",")]
     results = []
     load_before = os.getloadavg()
-    with sync_playwright() as p:
+    with sync_playwright() as p, tempfile.TemporaryDirectory(prefix="imagelake-dash-") as tmp:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        old = _old_tree(args.old_rev, Path(tmp) / "old") if args.old_rev else None
+        lakes = ([("baseline", args.baseline_n, 1)] if args.baseline_n else []) + [("measured", args.n, 0)]
         try:
-            for label, n, seed in (("baseline", args.baseline_n, 1), ("measured", args.n, 0)):
+            for label, n, seed in lakes:
                 t0 = time.perf_counter()
                 if args.import_embeddings:
                     from bench_browse import build_imported
@@ -352,10 +411,26 @@ def workflow_main(args) -> None:
                 else:
                     source = fashion.build(n, seed=seed)
                 print(f"{label}: lake of {n} images ready in {time.perf_counter() - t0:.1f} s ({source})", flush=True)
-                with tempfile.TemporaryDirectory(prefix="imagelake-dash-") as tmp:
-                    lake_dir = Path(tmp) / "lake"
-                    shutil.copytree(source, lake_dir, ignore=shutil.ignore_patterns("artifacts"))
-                    results.append(workflow(lake_dir, args.repeat, args.workers, browser, label))
+                lake_dir = Path(tmp) / label / "lake"
+                shutil.copytree(source, lake_dir, ignore=shutil.ignore_patterns("artifacts"))
+                lake = Lake.at(lake_dir)
+                t0 = time.perf_counter()
+                run_pipeline(lake, Settings(lake=lake.root, runner="local"),
+                             PipelineRequest(steps=("suggest", "grid"), model=_model(lake)))
+                print(f"  {label}: suggest and grid steps in {time.perf_counter() - t0:.1f} s", flush=True)
+                trees = ([(f"{label} {args.old_rev}", old)] if old and label == "measured" else []) + [(label, REPO)]
+                merged: dict[str, dict] = {}
+                for vp in viewports:  # old and new tree take turns, one viewport at a time (the load drifts)
+                    for name, tree in trees:
+                        got = workflow(lake_dir, args.repeat, args.workers, browser, name, tree, [vp])
+                        if name not in merged:
+                            merged[name] = got
+                        else:
+                            for k in ("figures", "requests"):
+                                merged[name][k].update(got[k])
+                            merged[name]["selected"] += got["selected"]
+                results.extend(merged.values())
+                shutil.rmtree(lake_dir.parent)
         finally:
             browser.close()
     load_after = os.getloadavg()
@@ -363,20 +438,28 @@ def workflow_main(args) -> None:
     print()
     print(machine())
     print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} (cores: {os.cpu_count()}); "
-          f"server: {args.workers} gunicorn workers; Chromium 1366x768; {args.repeat} rounds after a warm-up round; "
+          f"server: {args.workers} gunicorn workers; Chromium; {args.repeat} rounds after a warm-up round; "
           f"embeddings: {'imported (synthetic)' if args.import_embeddings else 'the embed job'}")
-    print("\ncuration workflow, median ms (p90) per lake")
-    header = f"{'step':<28}{'target':>8}" + "".join(f"{m['label'] + ' ' + str(m['images']):>22}" for m in results)
-    print(header)
-    for k, target in WORKFLOW_TARGETS.items():
-        cells = "".join(f"{med(m['figures'][k]):>12.0f} ({_pct(m['figures'][k], 0.9):>6.0f})" for m in results)
-        print(f"{k:<28}{target:>8}{cells}")
+    for width, height in viewports:
+        vp = f"{width}x{height}"
+        print(f"\ncuration workflow at {vp}, median ms (p90) per lake and tree")
+        header = f"{'step':<28}{'target':>8}" + "".join(f"{m['label'] + ' ' + str(m['images']):>26}" for m in results)
+        print(header)
+        for k, target in WORKFLOW_TARGETS.items():
+            cells = "".join(f"{med(m['figures'][vp][k]):>16.0f} ({_pct(m['figures'][vp][k], 0.9):>6.0f})" for m in results)
+            print(f"{k:<28}{target:>8}{cells}")
+        print("requests per step (route xper-round server-wait/round-trip ms, medians):")
+        for m in results:
+            for k, calls in m["requests"][vp].items():
+                print(f"  {m['label']:<22} {k:<16} {_breakdown(calls, args.repeat)}")
     for m in results:
         print(f"{m['label']}: the rectangle held {med(m['selected']):.0f} images (median); bucket page of "
               f"{m['bucket_members']} members")
     big = results[-1]
-    missed = [k for k, t in WORKFLOW_TARGETS.items() if med(big["figures"][k]) > t]
-    print(f"targets at {big['images']} images: " + ("all met" if not missed else "NOT met: " + ", ".join(missed)))
+    for width, height in viewports:
+        vp = f"{width}x{height}"
+        missed = [k for k, t in WORKFLOW_TARGETS.items() if med(big["figures"][vp][k]) > t]
+        print(f"targets at {big['images']} images, {vp}: " + ("all met" if not missed else "NOT met: " + ", ".join(missed)))
 
 
 def main() -> None:
@@ -388,6 +471,9 @@ def main() -> None:
     ap.add_argument("--workflow", action="store_true", help="the curation workflow figures (issue 18) instead")
     ap.add_argument("--import-embeddings", action="store_true",
                     help="--workflow on lakes with imported synthetic embeddings (no embed job)")
+    ap.add_argument("--old-rev", default="",
+                    help="--workflow: also serve the large lake from this git revision first (the before of a change)")
+    ap.add_argument("--viewports", default="1366x768,1920x1080", help="--workflow: browser window sizes, comma-separated")
     args = ap.parse_args()
     if not fashion.available():
         sys.exit("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")

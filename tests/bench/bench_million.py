@@ -6,7 +6,9 @@
 2. ``imagelake ingest`` over it;
 3. ``imagelake embed --import`` of synthetic 1280-d embeddings with the real features' spectrum
    (``bench_index.Mixture``: the eigenvalues and cluster structure of unit-length EfficientNet-Lite0
-   features), 2 % of them near-copies of others, keyed by URI, with top-50 concept probabilities;
+   features), keyed by URI, with top-50 concept probabilities; 2 % of the JPEGs are re-encoded or
+   cropped copies of the one before, and their embeddings near-copies of its, so the cluster step
+   finds near-duplicate groups;
 4. ``imagelake index``, ``cluster``, ``tag``, ``grid`` and the pipeline's ``suggest`` step on them;
 5. a second round with 1 % new images through the same steps (the incremental cost, step by step),
    its ``grid`` (new images placed into the layout's free cells) followed by ``grid --full`` on the
@@ -64,25 +66,44 @@ LATENCY_TARGETS = {"curation view": 1000.0, "browse page": 300.0, "facets": 300.
 WORKER_RSS_MB = 2048.0
 
 
+#: Every image whose index is 49 modulo this is a near-duplicate JPEG of the one before (2 %):
+#: re-encoded at quality 60, or (odd multiples) cropped by 3 px a side and resized back.
+DUP_EVERY = 50
+
+
+def is_planted_copy(i: int) -> bool:
+    return i % DUP_EVERY == DUP_EVERY - 1
+
+
 def write_images(folder: Path, n: int, start: int = 0, seed: int = 0) -> list[Path]:
-    """``n`` distinct JPEGs: a random 6×8 colour field upsampled to 96×72 plus a seed stripe."""
+    """``n`` JPEGs: a random 6×8 colour field upsampled to 96×72 plus a seed stripe; 2 % of them
+    (:func:`is_planted_copy`) real near-duplicates of the image before, so the cluster step's
+    groups are exercised (their embeddings are near-copies too: :func:`write_embeddings`)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed + start)
     paths = []
+    previous = None
     for i in range(start, start + n):
         sub = folder / f"d{i % 100:02d}"
         sub.mkdir(parents=True, exist_ok=True)
         small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
         p = sub / f"img_{i:08d}.jpg"
-        if p.exists():   # a --keep folder of an earlier run: the same bytes (drawn from the same seed)
-            paths.append(p)
-            continue
         im = Image.fromarray(small).resize((96, 72), Image.Resampling.BILINEAR)
         px = np.asarray(im).copy()
         px[0, :32] = np.unpackbits(np.array([i >> 24, i >> 16, i >> 8, i], np.uint32).astype(np.uint8))[:, None] * 255
+        copy_of, previous = previous, px
+        if p.exists():   # a --keep folder of an earlier run: the same bytes (drawn from the same seed)
+            paths.append(p)
+            continue
+        quality = 85
+        if is_planted_copy(i) and copy_of is not None:
+            if (i // DUP_EVERY) % 2:
+                px = np.asarray(Image.fromarray(copy_of[3:-3, 3:-3]).resize((96, 72), Image.Resampling.BILINEAR))
+            else:
+                px, quality = copy_of, 60
         buf = io.BytesIO()
-        Image.fromarray(px).save(buf, "JPEG", quality=85)
+        Image.fromarray(px).save(buf, "JPEG", quality=quality)
         tmp = p.with_suffix(".tmp")
         tmp.write_bytes(buf.getvalue())
         tmp.rename(p)
@@ -90,10 +111,15 @@ def write_images(folder: Path, n: int, start: int = 0, seed: int = 0) -> list[Pa
     return paths
 
 
+def _image_index(uri: str) -> int:
+    return int(uri.rsplit("img_", 1)[1].split(".", 1)[0])
+
+
 def write_embeddings(path: Path, uris: list[str], seed: int, chunk: int = 20_000) -> None:
     """Parquet keyed by uri: ``embedding`` from the real spectrum (one mixture for every round, fresh
     draws per ``seed``: before, each round had its own cluster centres and the +1 % round's drift
-    forced a full index rebuild), 2 % near-copies of the row before,
+    forced a full index rebuild), the planted JPEG copies' (:func:`is_planted_copy`) near-copies of
+    their original's,
     ``concept_probs`` a softmax over 1,000 classes of a fixed random projection (so tags vary)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -104,13 +130,18 @@ def write_embeddings(path: Path, uris: list[str], seed: int, chunk: int = 20_000
     proj = np.random.default_rng(7).standard_normal((D, 1000)).astype(np.float32) * 4  # the same concepts
     schema = pa.schema([("uri", pa.string()), ("embedding", pa.list_(pa.float32(), D)),
                         ("concept_probs", pa.list_(pa.float32(), 1000))])
+    uris = sorted(uris, key=_image_index)   # a planted copy's row right after its original's
+    last = None
     with pq.ParquetWriter(path, schema, compression="zstd") as w:
         for s in range(0, len(uris), chunk):
             x = mix.draw(min(chunk, len(uris) - s))
-            dup = np.flatnonzero(rng.random(len(x)) < 0.02)
-            dup = dup[dup > 0]
-            v = x[dup - 1] + 0.01 * rng.standard_normal((len(dup), D)).astype(np.float32)
+            index = np.array([_image_index(u) for u in uris[s:s + len(x)]])
+            prev = np.concatenate([[-1 if last is None else last[0]], index[:-1]])
+            dup = np.flatnonzero(np.array([is_planted_copy(int(i)) for i in index]) & (prev == index - 1))
+            before = np.vstack([last[1][None] if last is not None else x[:1], x])[dup]   # row dup - 1
+            v = before + 0.01 * rng.standard_normal((len(dup), D)).astype(np.float32)
             x[dup] = v / np.linalg.norm(v, axis=1, keepdims=True)
+            last = (int(index[-1]), x[-1].copy())
             logits = x @ proj
             logits -= logits.max(axis=1, keepdims=True)
             p = np.exp(logits)

@@ -48,6 +48,26 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     if (withPreviews) loadPreviews();
   }
 
+  // one bucket's row as a write answered it: the bar shows its new count at once
+  // (answers to two quick adds may come back out of order: the later event's row wins)
+  const rowSeq = {};
+  function setRow(row, seq) {
+    const i = row ? buckets.findIndex((b) => b.bucket_id === row.bucket_id) : -1;
+    if (i < 0) return false;
+    if (seq != null && seq < (rowSeq[row.bucket_id] ?? -1)) return true;
+    if (seq != null) rowSeq[row.bucket_id] = seq;
+    buckets[i] = row;
+    renderBar();
+    return true;
+  }
+
+  // the bar's typical members follow a run of placements once it pauses, not one request per key
+  let previewTimer = null;
+  function previewsSoon() {
+    clearTimeout(previewTimer);
+    previewTimer = setTimeout(loadPreviews, 1500);
+  }
+
   // The bar's thumbnails come after the suggestions: they are not on the path of the first page.
   async function loadPreviews() {
     try {
@@ -163,9 +183,12 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
     const json = before ? {image_ids: ids, from: before, mode: "move"} : {image_ids: ids};
     await track(imageId, (async () => {
       try {
-        await api(`/buckets/${bucketId}/images`, {method: "POST", json});
+        const body = await api(`/buckets/${bucketId}/images`, {method: "POST", json});
         if (tetris) mark(imageId, bucketId);
-        loadBuckets();
+        // an add changes one bucket: its count comes with the answer (no second request); a move
+        // changes two, and the bar is asked again
+        if (before || !setRow(body.bucket, body.event.seq)) loadBuckets(false);
+        previewsSoon();
       } catch (e) { unmark(imageId, before); failed.add(imageId); toast(e.message, "error"); }
     })());
   }
@@ -353,9 +376,12 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
       const accepted = page.filter((p) => p.placed === active).map((p) => p.image_id);
       const rejected = page.filter((p) => !p.placed && !failed.has(p.image_id)).map((p) => p.image_id);
       // the accepted ones are members already (each drop was an add); they are named again so the
-      // bucket's acceptance (which sets how much the suggester explores) counts them
+      // bucket's acceptance (which sets how much the suggester explores) counts them. (The next
+      // page in the feedback's own answer, one round trip, was tried and measured slower in the
+      // browser at 70k under load; see bench_dashboard in the README.)
       if (canWrite && (rejected.length || accepted.length)) {
-        await api(`/buckets/${active}/feedback`, {method: "POST", json: {accepted, rejected}});
+        const body = await api(`/buckets/${active}/feedback`, {method: "POST", json: {accepted, rejected}});
+        setRow(body.bucket, body.event.seq);
       }
       if (active !== startedOn) return;
       const shown = new Set(page.map((p) => p.image_id));
@@ -367,7 +393,6 @@ export function mountCurate(root, {thumbSmall, thumbLarge, openDetails, scope}) 
       renderGrid();
       if (page.length) performance.mark("curate-next-shown");  // read by tests/bench/bench_dashboard.py
       preload(prefetched);
-      await loadBuckets(false);
       say(`feedback sent: ${accepted.length} accepted, ${rejected.length} rejected · ${page.length} new suggestions · ${progress()}`);
     } catch (e) { toast(e.message, "error"); say("the feedback was not sent; press n to try again"); }
     finally { turning = false; }
